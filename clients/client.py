@@ -1,0 +1,149 @@
+"""A typed asyncio client for the admin API. Thin on purpose: it returns the generated
+protobuf messages, so everything the API offers is reachable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from engine.pb import (
+    connections_pb2,
+    connections_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    logs_pb2,
+    logs_pb2_grpc,
+    mappings_pb2,
+    mappings_pb2_grpc,
+)
+
+
+class TidegateClient:
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.connections = connections_pb2_grpc.ConnectionServiceStub(self.channel)
+        self.mappings = mappings_pb2_grpc.MappingServiceStub(self.channel)
+        self.logs = logs_pb2_grpc.LogServiceStub(self.channel)
+        self.ingest = ingest_pb2_grpc.IngestServiceStub(self.channel)
+
+    async def __aenter__(self) -> TidegateClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.channel.close()
+
+    async def create_connection(
+        self,
+        connection_id: str,
+        *,
+        api_key: str,
+        settings: Mapping[str, str],
+        connector: str = "insider",
+        display_name: str = "",
+        source_attribute: str = "customer_id",
+        target_identifier: str = "uuid",
+        custom_identifier: bool = False,
+    ) -> connections_pb2.Connection:
+        response = await self.connections.CreateConnection(
+            connections_pb2.CreateConnectionRequest(
+                connection=connections_pb2.Connection(
+                    id=connection_id,
+                    display_name=display_name,
+                    connector=connector,
+                    settings=dict(settings),
+                    api_key=api_key,
+                    customer_id_mapping=connections_pb2.CustomerIdMapping(
+                        source_attribute=source_attribute,
+                        target_identifier=target_identifier,
+                        custom=custom_identifier,
+                    ),
+                )
+            )
+        )
+        return response.connection
+
+    async def get_connection(self, connection_id: str) -> connections_pb2.Connection:
+        response = await self.connections.GetConnection(
+            connections_pb2.GetConnectionRequest(id=connection_id)
+        )
+        return response.connection
+
+    async def add_profile_mapping(
+        self, connection_id: str, source: str, target: str, *, custom: bool = False
+    ) -> mappings_pb2.ProfileMapping:
+        response = await self.mappings.AddProfileMapping(
+            mappings_pb2.AddProfileMappingRequest(
+                mapping=mappings_pb2.ProfileMapping(
+                    connection_id=connection_id, source_attribute=source, target_attribute=target, custom=custom
+                )
+            )
+        )
+        return response.mapping
+
+    async def add_event_mapping(
+        self,
+        connection_id: str,
+        source: str,
+        target: str,
+        parameters: Sequence[tuple[str, str, bool]] = (),
+    ) -> mappings_pb2.EventMapping:
+        """``parameters``: (antavo parameter, destination parameter, custom) triples."""
+        response = await self.mappings.AddEventMapping(
+            mappings_pb2.AddEventMappingRequest(
+                mapping=mappings_pb2.EventMapping(
+                    connection_id=connection_id,
+                    source_event=source,
+                    target_event=target,
+                    parameters=[
+                        mappings_pb2.ParameterMapping(source_parameter=s, target_parameter=t, custom=c)
+                        for s, t, c in parameters
+                    ],
+                )
+            )
+        )
+        return response.mapping
+
+    async def send_events(self, events: Sequence[Mapping[str, Any]]) -> ingest_pb2.IngestEventsResponse:
+        messages = []
+        for e in events:
+            data = struct_pb2.Struct()
+            data.update(dict(e.get("data", {})))
+            messages.append(
+                ingest_pb2.AntavoEvent(
+                    customer=e["customer"],
+                    action=e["action"],
+                    data=data,
+                    external_id=e.get("external_id", ""),
+                    account=e.get("account", ""),
+                    id=e.get("id", ""),
+                )
+            )
+        return await self.ingest.IngestEvents(ingest_pb2.IngestEventsRequest(events=messages))
+
+    async def list_logs(
+        self, page_size: int = 50, page_token: str = "", **filters: Any
+    ) -> logs_pb2.ListLogsResponse:
+        return await self.logs.ListLogs(
+            logs_pb2.ListLogsRequest(
+                filter=logs_pb2.LogFilter(**filters), page_size=page_size, page_token=page_token
+            )
+        )
+
+    async def get_log(self, log_id: str) -> logs_pb2.LogEntry:
+        return (await self.logs.GetLog(logs_pb2.GetLogRequest(id=log_id))).log
+
+    async def stream_logs(self, **filters: Any) -> AsyncIterator[logs_pb2.LogEntry]:
+        """Yields new log entries as they are written, until the caller stops iterating."""
+        call = self.logs.StreamLogs(logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(**filters)))
+        try:
+            async for response in call:
+                for entry in response.logs:
+                    yield entry
+        finally:
+            call.cancel()

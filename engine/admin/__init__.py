@@ -1,0 +1,1 @@
+"""gRPC admin API (package ``tidegate.admin.v1``): servicers and the server."""

@@ -1,0 +1,142 @@
+"""ConnectionService."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from engine.admin.errors import rpc
+from engine.connections import STATE_PAUSED, ConnectionRegistry, ConnectionUpdate, ConnectionView
+from engine.errors import InvalidInputError
+from engine.pb import connections_pb2 as pb
+from engine.pb import connections_pb2_grpc
+from engine.queue import DurableQueue
+from engine.records import CustomerIdMapping
+
+UPDATABLE_FIELDS = ("display_name", "settings", "api_key", "customer_id_mapping")
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.fromtimestamp(seconds, UTC))
+    return ts
+
+
+def id_mapping_from_pb(message: pb.CustomerIdMapping) -> CustomerIdMapping:
+    default = CustomerIdMapping()
+    return CustomerIdMapping(
+        source_attribute=message.source_attribute or default.source_attribute,
+        target_identifier=message.target_identifier or default.target_identifier,
+        custom=message.custom,
+    )
+
+
+class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
+    def __init__(self, registry: ConnectionRegistry, queue: DurableQueue) -> None:
+        self._registry = registry
+        self._queue = queue
+
+    async def _message(self, view: ConnectionView) -> pb.Connection:
+        stats = await self._queue.stats(view.id)
+        oldest = 0.0
+        if stats.oldest_enqueue_time is not None:
+            oldest = max(0.0, datetime.now(UTC).timestamp() - stats.oldest_enqueue_time)
+        m = view.customer_id_mapping
+        return pb.Connection(
+            id=view.id,
+            display_name=view.display_name,
+            connector=view.connector,
+            settings=dict(view.settings),
+            api_key_hint=view.api_key_hint,
+            customer_id_mapping=pb.CustomerIdMapping(
+                source_attribute=m.source_attribute, target_identifier=m.target_identifier, custom=m.custom
+            ),
+            state=pb.CONNECTION_STATE_PAUSED if view.state == STATE_PAUSED else pb.CONNECTION_STATE_ACTIVE,
+            state_reason=view.state_reason,
+            mapping_version=view.mapping_version,
+            queue_depth=stats.depth,
+            dead_letter_count=stats.dead_letters,
+            oldest_pending_age_seconds=oldest,
+            create_time=timestamp(view.create_time),
+            update_time=timestamp(view.update_time),
+        )
+
+    @rpc
+    async def CreateConnection(
+        self, request: pb.CreateConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateConnectionResponse:
+        c = request.connection
+        view = await self._registry.create(
+            connection_id=c.id,
+            display_name=c.display_name,
+            connector=c.connector,
+            settings=dict(c.settings),
+            api_key=c.api_key,
+            customer_id_mapping=id_mapping_from_pb(c.customer_id_mapping)
+            if c.HasField("customer_id_mapping")
+            else None,
+        )
+        return pb.CreateConnectionResponse(connection=await self._message(view))
+
+    @rpc
+    async def GetConnection(
+        self, request: pb.GetConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetConnectionResponse:
+        if not request.id:
+            raise InvalidInputError("id", "required")
+        return pb.GetConnectionResponse(connection=await self._message(self._registry.view(request.id)))
+
+    @rpc
+    async def ListConnections(
+        self, request: pb.ListConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConnectionsResponse:
+        size = request.page_size or 100
+        if size < 0:
+            raise InvalidInputError("page_size", "must not be negative")
+        views = [v for v in self._registry.views() if v.id > request.page_token]
+        page = views[:size]
+        token = page[-1].id if len(views) > size else ""
+        return pb.ListConnectionsResponse(
+            connections=[await self._message(v) for v in page], next_page_token=token
+        )
+
+    @rpc
+    async def UpdateConnection(
+        self, request: pb.UpdateConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateConnectionResponse:
+        c = request.connection
+        if not c.id:
+            raise InvalidInputError("connection.id", "required: the connection to update")
+        paths = list(request.update_mask.paths)
+        for path in paths:
+            if path not in UPDATABLE_FIELDS:
+                raise InvalidInputError(
+                    "update_mask", f"cannot update {path!r}; updatable: {', '.join(UPDATABLE_FIELDS)}"
+                )
+        if not paths:  # no mask: every field that carries a value
+            paths = [f for f in ("display_name", "api_key") if getattr(c, f)]
+            if c.settings:
+                paths.append("settings")
+            if c.HasField("customer_id_mapping"):
+                paths.append("customer_id_mapping")
+        update = ConnectionUpdate(
+            display_name=c.display_name if "display_name" in paths else None,
+            settings=dict(c.settings) if "settings" in paths else None,
+            api_key=c.api_key if "api_key" in paths else None,
+            customer_id_mapping=id_mapping_from_pb(c.customer_id_mapping)
+            if "customer_id_mapping" in paths
+            else None,
+        )
+        view = await self._registry.update(c.id, update)
+        return pb.UpdateConnectionResponse(connection=await self._message(view))
+
+    @rpc
+    async def DeleteConnection(
+        self, request: pb.DeleteConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteConnectionResponse:
+        if not request.id:
+            raise InvalidInputError("id", "required")
+        await self._registry.delete(request.id)
+        return pb.DeleteConnectionResponse()

@@ -1,0 +1,40 @@
+"""Maps Tidegate errors to gRPC status codes, so every RPC fails with a message a person
+can act on and never with a stack trace."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from engine.errors import InvalidInputError, NotFoundError, TidegateError
+
+log = structlog.get_logger("tidegate.admin")
+R = TypeVar("R")
+
+
+def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Wraps a unary servicer method: InvalidInputError -> INVALID_ARGUMENT naming the
+    field, NotFoundError -> NOT_FOUND, any other error -> INTERNAL with a short message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except InvalidInputError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except TidegateError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("rpc_failed", method=method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the engine log")
+        raise AssertionError("unreachable")
+
+    return wrapper

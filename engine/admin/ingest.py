@@ -1,0 +1,61 @@
+"""IngestService: the same records as POST /v1/events, over gRPC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from engine.admin.errors import rpc
+from engine.errors import InvalidInputError
+from engine.ingest import MAX_EVENTS_PER_REQUEST, Ingestor, parse_event
+from engine.pb import ingest_pb2 as pb
+from engine.pb import ingest_pb2_grpc
+
+
+def _whole_numbers(value: Any) -> Any:
+    """protobuf Struct carries every number as a double; integral ones become ints again so
+    points and quantities reach the destination as they left Antavo."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+def event_dict(message: pb.AntavoEvent) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "customer": message.customer,
+        "action": message.action,
+        "data": _whole_numbers(json_format.MessageToDict(message.data)),
+    }
+    for key in ("external_id", "account", "id"):
+        if getattr(message, key):
+            raw[key] = getattr(message, key)
+    if message.HasField("timestamp"):
+        raw["timestamp"] = message.timestamp.ToJsonString()
+    return raw
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self._ingestor = ingestor
+
+    @rpc
+    async def IngestEvents(
+        self, request: pb.IngestEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestEventsResponse:
+        if not request.events:
+            raise InvalidInputError("events", "expected at least one event")
+        if len(request.events) > MAX_EVENTS_PER_REQUEST:
+            raise InvalidInputError("events", f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+        events = [parse_event(event_dict(e), f"events[{i}]") for i, e in enumerate(request.events)]
+        result = await self._ingestor.ingest(events)
+        return pb.IngestEventsResponse(
+            accepted=result.accepted,
+            duplicates=result.duplicates,
+            deliveries_queued=result.deliveries_queued,
+        )

@@ -1,0 +1,103 @@
+"""LogService: list, open and tail the outbound log."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from engine.admin.errors import rpc
+from engine.errors import InvalidInputError, NotFoundError, TidegateError
+from engine.logstore import LogQuery, LogRow, LogStore
+from engine.pb import logs_pb2 as pb
+from engine.pb import logs_pb2_grpc
+
+MAX_PAGE_SIZE = 1000
+
+
+def query_from_pb(f: pb.LogFilter) -> LogQuery:
+    for i, code in enumerate(f.status_codes):
+        if not 0 <= code <= 599:
+            raise InvalidInputError(f"filter.status_codes[{i}]", "must be an HTTP status (0-599)")
+    start = f.start_time.ToDatetime(tzinfo=UTC) if f.HasField("start_time") else None
+    end = f.end_time.ToDatetime(tzinfo=UTC) if f.HasField("end_time") else None
+    if start and end and end <= start:
+        raise InvalidInputError("filter.end_time", "must be after filter.start_time")
+    return LogQuery(
+        identifier=f.identifier,
+        customer_id=f.customer_id,
+        error_contains=f.error_contains,
+        status_codes=tuple(f.status_codes),
+        start_time=start,
+        end_time=end,
+        connection_id=f.connection_id,
+        errors_only=f.errors_only,
+    )
+
+
+def entry_pb(row: LogRow) -> pb.LogEntry:
+    ts = Timestamp()
+    ts.FromDatetime(row.time)
+    return pb.LogEntry(
+        id=row.id,
+        time=ts,
+        connection_id=row.connection_id,
+        method=row.method,
+        url=row.url,
+        status_code=row.status_code,
+        response_time_seconds=row.response_time,
+        error=row.error,
+        customers=[
+            pb.LogCustomer(customer_id=c.customer_id, name=c.name, outcome=c.outcome, error=c.error)
+            for c in row.customers
+        ],
+        customer_count=row.customer_count,
+        mapping_version=row.mapping_version,
+        attempt=row.attempt,
+        ambiguous=row.ambiguous,
+        request_body=row.request_body,
+        response_body=row.response_body,
+    )
+
+
+class LogServicer(logs_pb2_grpc.LogServiceServicer):
+    def __init__(self, logs: LogStore) -> None:
+        self._logs = logs
+
+    @rpc
+    async def ListLogs(self, request: pb.ListLogsRequest, context: grpc.aio.ServicerContext) -> pb.ListLogsResponse:
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidInputError("page_size", f"must be between 0 and {MAX_PAGE_SIZE} (0 means 50)")
+        rows, token = await self._logs.list(
+            query_from_pb(request.filter), request.page_size or 50, request.page_token
+        )
+        return pb.ListLogsResponse(logs=[entry_pb(r) for r in rows], next_page_token=token)
+
+    @rpc
+    async def GetLog(self, request: pb.GetLogRequest, context: grpc.aio.ServicerContext) -> pb.GetLogResponse:
+        if not request.id:
+            raise InvalidInputError("id", "required: a request identifier")
+        row = await self._logs.get(request.id)
+        if row is None:
+            raise NotFoundError(f"no log entry with id {request.id!r}")
+        return pb.GetLogResponse(log=entry_pb(row))
+
+    async def StreamLogs(
+        self, request: pb.StreamLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamLogsResponse]:
+        try:
+            query = query_from_pb(request.filter)
+        except InvalidInputError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        subscription = self._logs.subscribe(query)
+        # Headers go out at once so a client knows the stream is live before rows arrive.
+        await context.send_initial_metadata(())
+        try:
+            async for rows in subscription:
+                yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in rows])
+        except TidegateError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            subscription.close()

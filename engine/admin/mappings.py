@@ -1,0 +1,151 @@
+"""MappingService."""
+
+from __future__ import annotations
+
+import grpc
+
+from engine.admin.errors import rpc
+from engine.connections import ConnectionRegistry
+from engine.errors import InvalidInputError
+from engine.pb import mappings_pb2 as pb
+from engine.pb import mappings_pb2_grpc
+from engine.records import EventMapping, ParameterMapping, ProfileMapping
+
+
+def profile_pb(connection_id: str, m: ProfileMapping) -> pb.ProfileMapping:
+    return pb.ProfileMapping(
+        id=m.id,
+        connection_id=connection_id,
+        source_attribute=m.source_attribute,
+        target_attribute=m.target_attribute,
+        custom=m.custom,
+    )
+
+
+def event_pb(connection_id: str, m: EventMapping) -> pb.EventMapping:
+    return pb.EventMapping(
+        id=m.id,
+        connection_id=connection_id,
+        source_event=m.source_event,
+        target_event=m.target_event,
+        parameters=[
+            pb.ParameterMapping(
+                source_parameter=p.source_parameter, target_parameter=p.target_parameter, custom=p.custom
+            )
+            for p in m.parameters
+        ],
+    )
+
+
+def parameters_from_pb(message: pb.EventMapping) -> tuple[ParameterMapping, ...]:
+    params = []
+    for i, p in enumerate(message.parameters):
+        if not p.source_parameter:
+            raise InvalidInputError(f"mapping.parameters[{i}].source_parameter", "required")
+        params.append(ParameterMapping(p.source_parameter, p.target_parameter, p.custom))
+    return tuple(params)
+
+
+def required(value: str, field: str) -> str:
+    if not value:
+        raise InvalidInputError(field, "required")
+    return value
+
+
+class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
+    def __init__(self, registry: ConnectionRegistry) -> None:
+        self._registry = registry
+
+    @rpc
+    async def AddProfileMapping(
+        self, request: pb.AddProfileMappingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AddProfileMappingResponse:
+        m = request.mapping
+        connection_id = required(m.connection_id, "mapping.connection_id")
+        self._registry.view(connection_id)
+        mapping, version = await self._registry.add_profile_mapping(
+            connection_id,
+            required(m.source_attribute, "mapping.source_attribute"),
+            required(m.target_attribute, "mapping.target_attribute"),
+            m.custom,
+        )
+        return pb.AddProfileMappingResponse(mapping=profile_pb(connection_id, mapping), mapping_version=version)
+
+    @rpc
+    async def ListProfileMappings(
+        self, request: pb.ListProfileMappingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListProfileMappingsResponse:
+        connection = self._registry.runtime(required(request.connection_id, "connection_id"))
+        return pb.ListProfileMappingsResponse(
+            mappings=[profile_pb(connection.id, m) for m in connection.profile_mappings],
+            mapping_version=connection.mapping_version,
+        )
+
+    @rpc
+    async def UpdateProfileMapping(
+        self, request: pb.UpdateProfileMappingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateProfileMappingResponse:
+        m = request.mapping
+        mapping, connection_id, version = await self._registry.update_profile_mapping(
+            required(m.id, "mapping.id"),
+            required(m.source_attribute, "mapping.source_attribute"),
+            required(m.target_attribute, "mapping.target_attribute"),
+            m.custom,
+        )
+        return pb.UpdateProfileMappingResponse(mapping=profile_pb(connection_id, mapping), mapping_version=version)
+
+    @rpc
+    async def RemoveProfileMapping(
+        self, request: pb.RemoveProfileMappingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveProfileMappingResponse:
+        mapping_id = required(request.id, "id")
+        if not mapping_id.startswith("pm-"):
+            raise InvalidInputError("id", "not a profile mapping id (they start with pm-)")
+        return pb.RemoveProfileMappingResponse(mapping_version=await self._registry.remove_mapping(mapping_id))
+
+    @rpc
+    async def AddEventMapping(
+        self, request: pb.AddEventMappingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AddEventMappingResponse:
+        m = request.mapping
+        connection_id = required(m.connection_id, "mapping.connection_id")
+        self._registry.view(connection_id)
+        mapping, version = await self._registry.add_event_mapping(
+            connection_id,
+            required(m.source_event, "mapping.source_event"),
+            required(m.target_event, "mapping.target_event"),
+            parameters_from_pb(m),
+        )
+        return pb.AddEventMappingResponse(mapping=event_pb(connection_id, mapping), mapping_version=version)
+
+    @rpc
+    async def ListEventMappings(
+        self, request: pb.ListEventMappingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEventMappingsResponse:
+        connection = self._registry.runtime(required(request.connection_id, "connection_id"))
+        return pb.ListEventMappingsResponse(
+            mappings=[event_pb(connection.id, m) for m in connection.event_mappings],
+            mapping_version=connection.mapping_version,
+        )
+
+    @rpc
+    async def UpdateEventMapping(
+        self, request: pb.UpdateEventMappingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateEventMappingResponse:
+        m = request.mapping
+        mapping, connection_id, version = await self._registry.update_event_mapping(
+            required(m.id, "mapping.id"),
+            required(m.source_event, "mapping.source_event"),
+            required(m.target_event, "mapping.target_event"),
+            parameters_from_pb(m),
+        )
+        return pb.UpdateEventMappingResponse(mapping=event_pb(connection_id, mapping), mapping_version=version)
+
+    @rpc
+    async def RemoveEventMapping(
+        self, request: pb.RemoveEventMappingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveEventMappingResponse:
+        mapping_id = required(request.id, "id")
+        if not mapping_id.startswith("em-"):
+            raise InvalidInputError("id", "not an event mapping id (they start with em-)")
+        return pb.RemoveEventMappingResponse(mapping_version=await self._registry.remove_mapping(mapping_id))

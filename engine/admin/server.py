@@ -1,0 +1,65 @@
+"""The gRPC server: admin services plus health and reflection, so ``grpcurl`` needs no
+proto files."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.admin.connections import ConnectionServicer
+from engine.admin.ingest import IngestServicer
+from engine.admin.logs import LogServicer
+from engine.admin.mappings import MappingServicer
+from engine.connections import ConnectionRegistry
+from engine.ingest import Ingestor
+from engine.logstore import LogStore
+from engine.pb import (
+    connections_pb2,
+    connections_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    logs_pb2,
+    logs_pb2_grpc,
+    mappings_pb2,
+    mappings_pb2_grpc,
+)
+from engine.queue import DurableQueue
+
+SERVICE_NAMES = (
+    connections_pb2.DESCRIPTOR.services_by_name["ConnectionService"].full_name,
+    mappings_pb2.DESCRIPTOR.services_by_name["MappingService"].full_name,
+    logs_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
+    ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+)
+
+
+async def start_grpc_server(
+    host: str,
+    port: int,
+    registry: ConnectionRegistry,
+    queue: DurableQueue,
+    logs: LogStore,
+    ingestor: Ingestor,
+) -> tuple[grpc.aio.Server, int]:
+    """Starts the server; returns it and the bound port (useful with port 0)."""
+    server = grpc.aio.server()
+    connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
+        ConnectionServicer(registry, queue), server
+    )
+    mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
+    logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (*SERVICE_NAMES, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    await server.start()
+    return server, bound

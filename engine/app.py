@@ -1,0 +1,91 @@
+"""The engine: state database, plugins, ingest, delivery, outbound log and admin API,
+started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from engine.admin.server import start_grpc_server
+from engine.connections import ConnectionRegistry
+from engine.database import Database
+from engine.delivery import Deliverer, DeliverySettings
+from engine.http_ingest import create_ingest_app
+from engine.ingest import Ingestor
+from engine.logstore import LogStore
+from engine.plugins import Connectors, plugin_manager
+from engine.queue import DurableQueue
+from engine.secrets import SecretBox
+
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_DATA_DIR = Path("tidegate-data")
+STATE_FILE = "state.sqlite3"
+LOG_FILE = "outbound-log.duckdb"
+
+
+@dataclass
+class EngineConfig:
+    data_dir: Path = DEFAULT_DATA_DIR
+    host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    ingest_token: str = ""
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    extra_plugins: Iterable[object] = ()
+
+
+class Engine:
+    """Call ``start`` then ``stop``; ``grpc_port``/``http_port`` are the bound ports."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(cfg.data_dir / STATE_FILE)
+        await self.db.start()
+        self.pm = plugin_manager(cfg.extra_plugins)
+        self.connectors = Connectors(self.pm)
+        self.registry = ConnectionRegistry(self.db, self.connectors, SecretBox.for_data_dir(cfg.data_dir))
+        await self.registry.load()
+        self.queue = DurableQueue(self.db)
+        self.logs = LogStore(cfg.data_dir / LOG_FILE)
+        await self.logs.start()
+        self.deliverer = Deliverer(
+            self.registry, self.queue, self.db, self.pm, self.connectors, self.logs, cfg.delivery
+        )
+        self.registry.on_change(self.deliverer.connection_changed)
+        self.ingestor = Ingestor(self.db, self.registry, self.deliverer.wake)
+        await self.deliverer.start()
+        self._http = web.AppRunner(create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, cfg.host, cfg.http_port)
+        await site.start()
+        self.http_port = self._http.addresses[0][1]
+        self._grpc, self.grpc_port = await start_grpc_server(
+            cfg.host, cfg.grpc_port, self.registry, self.queue, self.logs, self.ingestor
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.deliverer.stop(deadline=grace)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        await self.logs.close()
+        await self.db.close()
+
+    async def serve_forever(self) -> None:
+        await asyncio.Event().wait()

@@ -1,0 +1,104 @@
+"""The ``tidegate`` command. ``serve`` runs the engine; plugins add more commands
+(the Insider plugin adds ``sandbox`` and ``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from engine import __version__
+from engine.app import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    Engine,
+    EngineConfig,
+)
+from engine.errors import TidegateError
+from engine.logconfig import configure_logging
+from engine.plugins import plugin_manager
+
+INGEST_TOKEN_ENV = "TIDEGATE_INGEST_TOKEN"
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidegate", description="Outbound sync engine: Antavo to customer data platforms."
+    )
+    parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
+    parser.add_argument(
+        "--log-format", choices=("auto", "console", "json"), default="auto",
+        help="log lines as console text or JSON (default: console on a terminal)",
+    )
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the engine: ingest HTTP, delivery, gRPC admin API")
+    serve.add_argument("--grpc-port", type=port, default=DEFAULT_GRPC_PORT, help=f"admin API port (default {DEFAULT_GRPC_PORT})")
+    serve.add_argument("--http-port", type=port, default=DEFAULT_HTTP_PORT, help=f"ingest port (default {DEFAULT_HTTP_PORT})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"state, log and key files (default ./{DEFAULT_DATA_DIR})")
+    serve.set_defaults(func=run_serve)
+    plugin_manager().hook.register_commands(subparsers=sub)
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = EngineConfig(
+        data_dir=args.data_dir,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
+    )
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: EngineConfig) -> int:
+    engine = Engine(config)
+    try:
+        await engine.start()
+    except OSError as exc:
+        print(f"tidegate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
+        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("tidegate: stopping (finishing in-flight deliveries)", file=sys.stderr, flush=True)
+    await engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except TidegateError as exc:
+        print(f"tidegate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

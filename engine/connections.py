@@ -1,0 +1,400 @@
+"""Connections and their mappings: validated on write, kept in SQLite, served from memory.
+
+The registry holds a snapshot of every connection (with its decrypted API key and its
+mappings) so ingest routing and delivery never query SQLite for configuration. Each
+mapping change raises the connection's ``mapping_version``; log rows record it.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from engine.database import Database
+from engine.errors import InvalidInputError, NotFoundError
+from engine.plugins import Connectors
+from engine.records import (
+    Connection,
+    CustomerIdMapping,
+    EventMapping,
+    ParameterMapping,
+    ProfileMapping,
+)
+from engine.secrets import SecretBox, hint
+
+CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_CONNECTOR = "insider"
+STATE_ACTIVE = "active"
+STATE_PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class ConnectionView:
+    """A connection as the admin API shows it: no secret, only its hint."""
+
+    id: str
+    display_name: str
+    connector: str
+    settings: Mapping[str, str]
+    api_key_hint: str
+    customer_id_mapping: CustomerIdMapping
+    state: str
+    state_reason: str
+    mapping_version: int
+    create_time: float
+    update_time: float
+
+
+@dataclass(frozen=True)
+class ConnectionUpdate:
+    """New values for UpdateConnection; ``None`` leaves a field unchanged."""
+
+    display_name: str | None = None
+    settings: Mapping[str, str] | None = None
+    api_key: str | None = None
+    customer_id_mapping: CustomerIdMapping | None = None
+
+
+class ConnectionRegistry:
+    def __init__(self, db: Database, connectors: Connectors, secrets: SecretBox) -> None:
+        self._db = db
+        self._connectors = connectors
+        self._secrets = secrets
+        self._views: dict[str, ConnectionView] = {}
+        self._runtime: dict[str, Connection] = {}
+        self._listeners: list[Callable[[str], None]] = []
+
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(connection_id)`` after any change to that connection."""
+        self._listeners.append(listener)
+
+    def _changed(self, connection_id: str) -> None:
+        for listener in self._listeners:
+            listener(connection_id)
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        ids = await self._db.read(lambda c: [r[0] for r in c.execute("SELECT id FROM connections")])
+        for connection_id in ids:
+            await self._reload(connection_id)
+
+    def view(self, connection_id: str) -> ConnectionView:
+        try:
+            return self._views[connection_id]
+        except KeyError:
+            raise NotFoundError(f"connection {connection_id!r} does not exist") from None
+
+    def views(self) -> list[ConnectionView]:
+        return [self._views[k] for k in sorted(self._views)]
+
+    def runtime(self, connection_id: str) -> Connection:
+        """The connection as hooks see it, with decrypted key and current mappings."""
+        try:
+            return self._runtime[connection_id]
+        except KeyError:
+            raise NotFoundError(f"connection {connection_id!r} does not exist") from None
+
+    def runtimes(self) -> list[Connection]:
+        return list(self._runtime.values())
+
+    def is_paused(self, connection_id: str) -> bool:
+        view = self._views.get(connection_id)
+        return view is not None and view.state == STATE_PAUSED
+
+    # -- connection writes -------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        connection_id: str,
+        display_name: str,
+        connector: str,
+        settings: Mapping[str, str],
+        api_key: str,
+        customer_id_mapping: CustomerIdMapping | None,
+    ) -> ConnectionView:
+        connection_id = connection_id or f"conn-{uuid.uuid4().hex[:8]}"
+        if not CONNECTION_ID_RE.match(connection_id):
+            raise InvalidInputError(
+                "connection.id",
+                "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",
+            )
+        info = self._connectors.get(connector or DEFAULT_CONNECTOR)
+        info.validate_settings(settings)
+        if info.secret_required and not api_key:
+            raise InvalidInputError("connection.api_key", "required: the destination API key")
+        id_mapping = customer_id_mapping or CustomerIdMapping()
+        info.validate_customer_id_mapping(id_mapping)
+        now = time.time()
+
+        def insert(c: sqlite3.Connection) -> None:
+            if c.execute("SELECT 1 FROM connections WHERE id=?", (connection_id,)).fetchone():
+                raise InvalidInputError("connection.id", f"connection {connection_id!r} already exists")
+            c.execute(
+                "INSERT INTO connections (id, display_name, connector, settings, api_key_encrypted,"
+                " api_key_hint, id_source_attribute, id_target_identifier, id_custom,"
+                " create_time, update_time) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    connection_id,
+                    display_name,
+                    info.name,
+                    orjson.dumps(dict(settings)).decode(),
+                    self._secrets.encrypt(api_key),
+                    hint(api_key),
+                    id_mapping.source_attribute,
+                    id_mapping.target_identifier,
+                    int(id_mapping.custom),
+                    now,
+                    now,
+                ),
+            )
+
+        await self._db.write(insert)
+        await self._reload(connection_id)
+        self._changed(connection_id)
+        return self.view(connection_id)
+
+    async def update(self, connection_id: str, update: ConnectionUpdate) -> ConnectionView:
+        current = self.view(connection_id)
+        info = self._connectors.get(current.connector)
+        settings = current.settings if update.settings is None else update.settings
+        id_mapping = update.customer_id_mapping or current.customer_id_mapping
+        info.validate_settings(settings)
+        info.validate_customer_id_mapping(id_mapping)
+        if update.api_key is not None and info.secret_required and not update.api_key:
+            raise InvalidInputError("connection.api_key", "must not be empty")
+        credentials_changed = update.api_key is not None or update.settings is not None
+
+        def apply(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE connections SET display_name=?, settings=?, id_source_attribute=?,"
+                " id_target_identifier=?, id_custom=?, update_time=? WHERE id=?",
+                (
+                    current.display_name if update.display_name is None else update.display_name,
+                    orjson.dumps(dict(settings)).decode(),
+                    id_mapping.source_attribute,
+                    id_mapping.target_identifier,
+                    int(id_mapping.custom),
+                    time.time(),
+                    connection_id,
+                ),
+            )
+            if update.api_key is not None:
+                c.execute(
+                    "UPDATE connections SET api_key_encrypted=?, api_key_hint=? WHERE id=?",
+                    (self._secrets.encrypt(update.api_key), hint(update.api_key), connection_id),
+                )
+            if credentials_changed and current.state == STATE_PAUSED:
+                # New credentials deserve a new try: delivery resumes and probes with one request.
+                c.execute(
+                    "UPDATE connections SET state=?, state_reason='' WHERE id=?",
+                    (STATE_ACTIVE, connection_id),
+                )
+
+        await self._db.write(apply)
+        await self._reload(connection_id)
+        self._changed(connection_id)
+        return self.view(connection_id)
+
+    async def delete(self, connection_id: str) -> None:
+        self.view(connection_id)
+
+        def remove(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM queue WHERE connection_id=?", (connection_id,))
+            c.execute("DELETE FROM connections WHERE id=?", (connection_id,))
+
+        await self._db.write(remove)
+        self._views.pop(connection_id, None)
+        self._runtime.pop(connection_id, None)
+        self._changed(connection_id)
+
+    async def set_state(self, connection_id: str, state: str, reason: str) -> None:
+        await self._db.write(
+            lambda c: c.execute(
+                "UPDATE connections SET state=?, state_reason=?, update_time=? WHERE id=?",
+                (state, reason, time.time(), connection_id),
+            )
+        )
+        await self._reload(connection_id)
+        self._changed(connection_id)
+
+    # -- mapping writes ----------------------------------------------------------------
+
+    async def add_profile_mapping(
+        self, connection_id: str, source: str, target: str, custom: bool
+    ) -> tuple[ProfileMapping, int]:
+        mapping = ProfileMapping(f"pm-{uuid.uuid4().hex[:10]}", source, target, custom)
+        self._validate_profile(connection_id, mapping)
+        await self._mapping_write(
+            connection_id,
+            "INSERT INTO profile_mappings (id, connection_id, source_attribute, target_attribute,"
+            " custom) VALUES (?,?,?,?,?)",
+            (mapping.id, connection_id, source, target, int(custom)),
+        )
+        return mapping, self.view(connection_id).mapping_version
+
+    async def update_profile_mapping(
+        self, mapping_id: str, source: str, target: str, custom: bool
+    ) -> tuple[ProfileMapping, str, int]:
+        connection_id = self._owner_of(mapping_id, "profile")
+        mapping = ProfileMapping(mapping_id, source, target, custom)
+        self._validate_profile(connection_id, mapping)
+        await self._mapping_write(
+            connection_id,
+            "UPDATE profile_mappings SET source_attribute=?, target_attribute=?, custom=? WHERE id=?",
+            (source, target, int(custom), mapping_id),
+        )
+        return mapping, connection_id, self.view(connection_id).mapping_version
+
+    async def remove_mapping(self, mapping_id: str) -> int:
+        """Removes a profile or event mapping; returns the new mapping version."""
+        kind = "profile" if mapping_id.startswith("pm-") else "event"
+        connection_id = self._owner_of(mapping_id, kind)
+        table = "profile_mappings" if kind == "profile" else "event_mappings"
+        await self._mapping_write(connection_id, f"DELETE FROM {table} WHERE id=?", (mapping_id,))
+        return self.view(connection_id).mapping_version
+
+    async def add_event_mapping(
+        self, connection_id: str, source: str, target: str, parameters: tuple[ParameterMapping, ...]
+    ) -> tuple[EventMapping, int]:
+        mapping = EventMapping(f"em-{uuid.uuid4().hex[:10]}", source, target, parameters)
+        self._validate_event(connection_id, mapping)
+        await self._mapping_write(
+            connection_id,
+            "INSERT INTO event_mappings (id, connection_id, source_event, target_event, parameters)"
+            " VALUES (?,?,?,?,?)",
+            (mapping.id, connection_id, source, target, _params_json(parameters)),
+        )
+        return mapping, self.view(connection_id).mapping_version
+
+    async def update_event_mapping(
+        self, mapping_id: str, source: str, target: str, parameters: tuple[ParameterMapping, ...]
+    ) -> tuple[EventMapping, str, int]:
+        connection_id = self._owner_of(mapping_id, "event")
+        mapping = EventMapping(mapping_id, source, target, parameters)
+        self._validate_event(connection_id, mapping)
+        await self._mapping_write(
+            connection_id,
+            "UPDATE event_mappings SET source_event=?, target_event=?, parameters=? WHERE id=?",
+            (source, target, _params_json(parameters), mapping_id),
+        )
+        return mapping, connection_id, self.view(connection_id).mapping_version
+
+    def _validate_profile(self, connection_id: str, mapping: ProfileMapping) -> None:
+        connection = self.runtime(connection_id)
+        self._connectors.get(connection.connector).validate_profile_mapping(mapping)
+        for other in connection.profile_mappings:
+            if other.id != mapping.id and other.source_attribute == mapping.source_attribute:
+                raise InvalidInputError(
+                    "mapping.source_attribute",
+                    f"{mapping.source_attribute!r} is already mapped (mapping {other.id})",
+                )
+
+    def _validate_event(self, connection_id: str, mapping: EventMapping) -> None:
+        connection = self.runtime(connection_id)
+        if not mapping.source_event:
+            raise InvalidInputError("mapping.source_event", "required: the Antavo event action")
+        self._connectors.get(connection.connector).validate_event_mapping(mapping)
+        for other in connection.event_mappings:
+            if other.id != mapping.id and other.source_event == mapping.source_event:
+                raise InvalidInputError(
+                    "mapping.source_event",
+                    f"{mapping.source_event!r} is already mapped (mapping {other.id})",
+                )
+
+    def _owner_of(self, mapping_id: str, kind: str) -> str:
+        for connection in self._runtime.values():
+            mappings = connection.profile_mappings if kind == "profile" else connection.event_mappings
+            if any(m.id == mapping_id for m in mappings):
+                return connection.id
+        raise NotFoundError(f"{kind} mapping {mapping_id!r} does not exist")
+
+    async def _mapping_write(self, connection_id: str, sql: str, params: tuple[object, ...]) -> None:
+        def apply(c: sqlite3.Connection) -> None:
+            c.execute(sql, params)
+            c.execute(
+                "UPDATE connections SET mapping_version = mapping_version + 1, update_time=?"
+                " WHERE id=?",
+                (time.time(), connection_id),
+            )
+
+        await self._db.write(apply)
+        await self._reload(connection_id)
+        self._changed(connection_id)
+
+    # -- loading -----------------------------------------------------------------------
+
+    async def _reload(self, connection_id: str) -> None:
+        def fetch(c: sqlite3.Connection) -> tuple[tuple[object, ...], list[tuple[object, ...]], list[tuple[object, ...]]]:
+            row = c.execute(
+                "SELECT id, display_name, connector, settings, api_key_encrypted, api_key_hint,"
+                " id_source_attribute, id_target_identifier, id_custom, state, state_reason,"
+                " mapping_version, create_time, update_time FROM connections WHERE id=?",
+                (connection_id,),
+            ).fetchone()
+            profiles = c.execute(
+                "SELECT id, source_attribute, target_attribute, custom FROM profile_mappings"
+                " WHERE connection_id=? ORDER BY rowid",
+                (connection_id,),
+            ).fetchall()
+            events = c.execute(
+                "SELECT id, source_event, target_event, parameters FROM event_mappings"
+                " WHERE connection_id=? ORDER BY rowid",
+                (connection_id,),
+            ).fetchall()
+            return row, profiles, events
+
+        row, profiles, events = await self._db.read(fetch)
+        if row is None:
+            self._views.pop(connection_id, None)
+            self._runtime.pop(connection_id, None)
+            return
+        (cid, display_name, connector, settings_json, key_enc, key_hint, id_src, id_tgt, id_custom,
+         state, reason, version, created, updated) = row
+        settings = orjson.loads(str(settings_json))
+        id_mapping = CustomerIdMapping(str(id_src), str(id_tgt), bool(id_custom))
+        view = ConnectionView(
+            id=str(cid), display_name=str(display_name), connector=str(connector),
+            settings=settings, api_key_hint=str(key_hint), customer_id_mapping=id_mapping,
+            state=str(state), state_reason=str(reason), mapping_version=int(str(version)),
+            create_time=float(str(created)), update_time=float(str(updated)),
+        )
+        runtime = Connection(
+            id=view.id,
+            connector=view.connector,
+            settings=settings,
+            api_key=self._secrets.decrypt(bytes(key_enc)),  # type: ignore[arg-type]
+            customer_id_mapping=id_mapping,
+            profile_mappings=tuple(
+                ProfileMapping(str(i), str(s), str(t), bool(cu)) for i, s, t, cu in profiles
+            ),
+            event_mappings=tuple(
+                EventMapping(str(i), str(s), str(t), _params_from_json(str(p))) for i, s, t, p in events
+            ),
+            mapping_version=view.mapping_version,
+            display_name=view.display_name,
+        )
+        self._views[view.id] = view
+        self._runtime[view.id] = runtime
+
+
+def _params_json(parameters: tuple[ParameterMapping, ...]) -> str:
+    return orjson.dumps(
+        [
+            {"source": p.source_parameter, "target": p.target_parameter, "custom": p.custom}
+            for p in parameters
+        ]
+    ).decode()
+
+
+def _params_from_json(text: str) -> tuple[ParameterMapping, ...]:
+    return tuple(
+        ParameterMapping(p["source"], p["target"], bool(p["custom"])) for p in orjson.loads(text)
+    )

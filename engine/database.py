@@ -1,0 +1,196 @@
+"""SQLite (WAL) holding Tidegate's transactional state.
+
+One thread owns the connection, so SQLite never sees concurrent writers. Writes are
+*grouped*: jobs submitted while a commit is in flight are applied together in the next
+transaction, each inside its own savepoint, so one failing job does not undo the others
+and a burst of ingest requests pays one fsync, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_STOP: Any = object()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS connections (
+    id TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL DEFAULT '',
+    connector TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    api_key_encrypted BLOB NOT NULL,
+    api_key_hint TEXT NOT NULL,
+    id_source_attribute TEXT NOT NULL,
+    id_target_identifier TEXT NOT NULL,
+    id_custom INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active',
+    state_reason TEXT NOT NULL DEFAULT '',
+    mapping_version INTEGER NOT NULL DEFAULT 1,
+    create_time REAL NOT NULL,
+    update_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS profile_mappings (
+    id TEXT PRIMARY KEY,
+    connection_id TEXT NOT NULL REFERENCES connections(id) ON DELETE CASCADE,
+    source_attribute TEXT NOT NULL,
+    target_attribute TEXT NOT NULL,
+    custom INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_mappings (
+    id TEXT PRIMARY KEY,
+    connection_id TEXT NOT NULL REFERENCES connections(id) ON DELETE CASCADE,
+    source_event TEXT NOT NULL,
+    target_event TEXT NOT NULL,
+    parameters TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    customer_id TEXT PRIMARY KEY,
+    attributes TEXT NOT NULL,
+    update_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS external_ids (
+    attribute TEXT NOT NULL,
+    value TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    PRIMARY KEY (attribute, value)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen_events (
+    event_id TEXT PRIMARY KEY,
+    receive_time REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    connection_id TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    enqueue_time REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_time REAL NOT NULL,
+    first_attempt_time REAL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS queue_by_connection ON queue (connection_id, seq);
+CREATE INDEX IF NOT EXISTS queue_by_lane ON queue (connection_id, customer_id, next_attempt_time);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    connection_id TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    enqueue_time REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    error TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    fail_time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_connection ON dead_letters (connection_id, seq);
+"""
+
+
+class Database:
+    """The state database. ``read`` runs a function on the database thread; ``write``
+    runs it inside a grouped transaction and returns once that transaction is committed."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: asyncio.Queue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+        self._writer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._pending = asyncio.Queue()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: an acknowledged ingest survives power loss, not only a process crash.
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._conn is not None, "database not started"
+        return fn(self._conn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._pending.put((fn, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            batch = [await self._pending.get()]
+            while not self._pending.empty() and len(batch) < 1000:
+                batch.append(self._pending.get_nowait())
+            if any(job is _STOP for job in batch):
+                stopping = True
+            jobs = [job for job in batch if job is not _STOP]
+            if not jobs:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._apply, [j[0] for j in jobs])
+            except Exception as exc:  # the commit itself failed: every job failed
+                results = [(False, exc)] * len(jobs)
+            for (_, future), (ok, value) in zip(jobs, results, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    def _apply(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        assert conn is not None, "database not started"
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn in fns:
+                conn.execute("SAVEPOINT job")
+                try:
+                    results.append((True, fn(conn)))
+                    conn.execute("RELEASE job")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    async def close(self) -> None:
+        """Commits every job submitted before the call, then closes the database."""
+        if self._writer is not None:
+            await self._pending.put(_STOP)  # type: ignore[arg-type]
+            await self._writer
+            self._writer = None
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,377 @@
+"""The delivery loop: one worker per connection turns queued items into requests.
+
+A worker claims the oldest ready items of its connection (lanes held by a retry are
+skipped), renders them through the connector's ``identify``/``map_*`` hooks, packs them
+into one request within the connector's item and byte limits, calls ``send``, and settles
+every item in one transaction: delivered, retried later, or dead-lettered. Each request
+becomes one outbound-log row. Workers are independent, so a slow destination only slows
+its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import pluggy
+import structlog
+
+from engine.connections import STATE_PAUSED, ConnectionRegistry
+from engine.database import Database
+from engine.errors import AuthError, MappingError, PermanentError, RetryableError
+from engine.ingest import event_from_payload, load_profile
+from engine.logstore import LogCustomer, LogRow, LogStore
+from engine.plugins import Connectors
+from engine.queue import KIND_PROFILE, DeadLetter, DurableQueue, QueueItem, Retry
+from engine.records import Connection, Customer, Delivery, ItemOutcome, ProfileChange, SendResult
+from engine.transport import Exchange, RecordingTransport
+
+log = structlog.get_logger("tidegate.delivery")
+
+ENVELOPE_BYTES = 64
+"""Room kept in a request for the body's envelope around the per-customer parts."""
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    linger: float = 0.05
+    """How long a woken worker waits for more items before sending a small batch."""
+    request_timeout: float = 30.0
+    base_backoff: float = 1.0
+    max_backoff: float = 300.0
+    max_retry_after: float = 900.0
+    retry_window: float = 6 * 3600.0
+    """After this long since an item's first attempt, a transient failure dead-letters it."""
+
+
+@dataclass
+class _Batch:
+    connection: Connection
+    deliveries: list[Delivery] = field(default_factory=list)
+    items: dict[int, QueueItem] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class Deliverer:
+    def __init__(
+        self,
+        registry: ConnectionRegistry,
+        queue: DurableQueue,
+        db: Database,
+        pm: pluggy.PluginManager,
+        connectors: Connectors,
+        logs: LogStore,
+        settings: DeliverySettings | None = None,
+    ) -> None:
+        self._registry = registry
+        self._queue = queue
+        self._db = db
+        self._hook = pm.hook
+        self._connectors = connectors
+        self._logs = logs
+        self.settings = settings or DeliverySettings()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        for connection in self._registry.runtimes():
+            self._ensure_worker(connection.id)
+
+    def wake(self, connection_ids: Iterable[str]) -> None:
+        for connection_id in connection_ids:
+            self._ensure_worker(connection_id)
+            self._wakes[connection_id].set()
+
+    def connection_changed(self, connection_id: str) -> None:
+        if self._stopping:
+            return
+        try:
+            self._registry.runtime(connection_id)
+        except Exception:
+            task = self._workers.pop(connection_id, None)
+            self._wakes.pop(connection_id, None)
+            if task:
+                task.cancel()
+            return
+        self.wake([connection_id])
+
+    def _ensure_worker(self, connection_id: str) -> None:
+        if self._stopping or connection_id in self._workers:
+            return
+        self._wakes[connection_id] = asyncio.Event()
+        self._workers[connection_id] = asyncio.create_task(
+            self._run(connection_id), name=f"deliver-{connection_id}"
+        )
+
+    async def stop(self, deadline: float = 10.0) -> None:
+        """Lets in-flight batches finish (up to ``deadline`` seconds), then stops."""
+        self._stopping = True
+        self._stop_event.set()
+        for wake in self._wakes.values():
+            wake.set()
+        workers = list(self._workers.values())
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=deadline)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._workers.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- the worker --------------------------------------------------------------------
+
+    async def _run(self, connection_id: str) -> None:
+        wake = self._wakes[connection_id]
+        hold_until = 0.0
+        while not self._stopping:
+            wake.clear()
+            if self._registry.is_paused(connection_id):
+                await wake.wait()
+                continue
+            delay = hold_until - time.time()
+            if delay > 0:
+                # The whole connection backs off (429, outage): other connections go on.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
+                continue
+            try:
+                connection = self._registry.runtime(connection_id)
+            except Exception:
+                return
+            info = self._connectors.get(connection.connector)
+            items = await self._queue.claim(connection_id, info.max_batch_items * 2)
+            if not items:
+                due = await self._queue.next_due(connection_id)
+                timeout = None if due is None else max(0.0, due - time.time())
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout)
+                except TimeoutError:
+                    continue
+                if self.settings.linger and not self._stopping:
+                    await asyncio.sleep(self.settings.linger)
+                continue
+            try:
+                hold_until = await self._deliver(connection, items)
+            except Exception:
+                # A bug must not kill the worker; the items stay queued and are retried.
+                log.exception("delivery_failed_unexpectedly", connection=connection_id)
+                hold_until = time.time() + self.settings.base_backoff
+
+    async def _deliver(self, connection: Connection, items: list[QueueItem]) -> float:
+        """Sends one batch and settles it; returns until when the connection must wait."""
+        batch = await self._render(connection, items)
+        if not batch.deliveries:
+            await self._queue.settle(delivered=batch.skipped, dead=batch.dead)
+            return 0.0
+        assert self._session is not None
+        transport = RecordingTransport(self._session, self.settings.request_timeout)
+        now = time.time()
+        hold_until = 0.0
+        retries: list[Retry] = []
+        dead = list(batch.dead)
+        delivered = list(batch.skipped)
+        outcomes: dict[int, ItemOutcome] = {}
+        customer_outcome: dict[str, tuple[str, str]] = {}
+        error = ""
+        try:
+            pending = self._hook.send(
+                connection=connection, deliveries=batch.deliveries, transport=transport
+            )
+            if pending is None:
+                raise PermanentError(f"no installed plugin sends for connector {connection.connector!r}")
+            result: SendResult = await pending
+            outcomes = result.outcomes
+        except RetryableError as exc:
+            error = str(exc)
+            delay = self._backoff(batch.deliveries, exc.retry_after)
+            hold_until = now + delay
+            for d in batch.deliveries:
+                item = batch.items[d.item_id]
+                if self._expired(item, now):
+                    dead.append(DeadLetter(item, "send", f"gave up after {item.attempts + 1} attempts: {exc}"))
+                    customer_outcome[item.customer_id] = ("failed", error)
+                else:
+                    retries.append(Retry(d.item_id, now + delay, error))
+                    customer_outcome.setdefault(item.customer_id, ("retry", error))
+        except AuthError as exc:
+            error = str(exc)
+            await self._registry.set_state(connection.id, STATE_PAUSED, error)
+            for d in batch.deliveries:
+                customer_outcome[d.customer.id] = ("paused", error)
+        except PermanentError as exc:
+            error = str(exc)
+            for d in batch.deliveries:
+                dead.append(DeadLetter(batch.items[d.item_id], "send", error))
+                customer_outcome[d.customer.id] = ("failed", error)
+        else:
+            failed = 0
+            for d in batch.deliveries:
+                outcome = outcomes.get(d.item_id, ItemOutcome(delivered=True))
+                if outcome.delivered:
+                    delivered.append(d.item_id)
+                    customer_outcome.setdefault(d.customer.id, ("delivered", ""))
+                else:
+                    failed += 1
+                    dead.append(DeadLetter(batch.items[d.item_id], "destination", outcome.error))
+                    customer_outcome[d.customer.id] = ("failed", outcome.error)
+            if failed:
+                bad = [c for c, (state, _) in customer_outcome.items() if state == "failed"]
+                first = customer_outcome[bad[0]][1]
+                error = f"{len(bad)} of {len(customer_outcome)} customers rejected: {first}"
+        request_id = transport.exchanges[-1].request_id if transport.exchanges else ""
+        dead = [DeadLetter(d.item, d.stage, d.error, d.request_id or request_id) for d in dead]
+        await self._queue.settle(delivered=delivered, retries=retries, dead=dead, attempt_time=now)
+        names = {d.customer.id: d.customer.name for d in batch.deliveries}
+        attempt = max(d.attempt for d in batch.deliveries)
+        for exchange in transport.exchanges:
+            await self._logs.append(
+                self._log_row(connection, exchange, names, customer_outcome, error, attempt)
+            )
+        last = transport.exchanges[-1] if transport.exchanges else None
+        log.info(
+            "delivery",
+            connection=connection.id,
+            request_id=request_id,
+            status=last.status if last else None,
+            latency_ms=round(last.elapsed * 1000, 1) if last else None,
+            attempt=attempt,
+            customers=len(names),
+            items=len(batch.deliveries),
+            delivered=len(delivered) - len(batch.skipped),
+            retried=len(retries),
+            dead=len(dead),
+            error=error or None,
+        )
+        return hold_until
+
+    def _log_row(
+        self,
+        connection: Connection,
+        exchange: Exchange,
+        names: dict[str, str],
+        outcomes: dict[str, tuple[str, str]],
+        error: str,
+        attempt: int,
+    ) -> LogRow:
+        customers = tuple(
+            LogCustomer(customer_id=cid, name=names.get(cid, ""), outcome=state, error=err)
+            for cid, (state, err) in outcomes.items()
+        )
+        return LogRow(
+            id=exchange.request_id,
+            time=exchange.time,
+            connection_id=connection.id,
+            method=exchange.method,
+            url=exchange.url,
+            status_code=exchange.status,
+            response_time=exchange.elapsed,
+            error=exchange.error or error,
+            customers=customers,
+            mapping_version=connection.mapping_version,
+            attempt=attempt,
+            ambiguous=exchange.ambiguous,
+            request_body=exchange.request_body,
+            response_body=exchange.response_body,
+        )
+
+    def _backoff(self, deliveries: Sequence[Delivery], retry_after: float | None) -> float:
+        attempts = max(d.attempt for d in deliveries)
+        ceiling = min(self.settings.max_backoff, self.settings.base_backoff * 2 ** (attempts - 1))
+        delay = random.uniform(0, ceiling)  # full jitter: retries of many workers spread out
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.settings.max_retry_after))
+        return delay
+
+    def _expired(self, item: QueueItem, now: float) -> bool:
+        first = item.first_attempt_time or now
+        return now - first >= self.settings.retry_window
+
+    # -- rendering ---------------------------------------------------------------------
+
+    async def _render(self, connection: Connection, items: list[QueueItem]) -> _Batch:
+        info = self._connectors.get(connection.connector)
+        customer_ids = {item.customer_id for item in items}
+
+        def fetch(c: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            return {cid: load_profile(c, cid) for cid in customer_ids}
+
+        profiles = await self._db.read(fetch)
+        batch = _Batch(connection)
+        size = ENVELOPE_BYTES
+        customers: set[str] = set()
+        for item in items:
+            if item.customer_id not in customers and len(customers) >= info.max_batch_items:
+                break
+            customer = Customer(item.customer_id, profiles.get(item.customer_id, {}))
+            try:
+                delivery = self._render_item(connection, customer, item)
+            except MappingError as exc:
+                batch.dead.append(DeadLetter(item, exc.stage, exc.message))
+                continue
+            except Exception as exc:  # a plugin bug: dead-letter the item, keep the loop alive
+                batch.dead.append(DeadLetter(item, "map", f"{exc.__class__.__name__}: {exc}"))
+                continue
+            if delivery is None:
+                batch.skipped.append(item.seq)
+                continue
+            weight = len(
+                orjson.dumps([delivery.identifiers, delivery.attributes, delivery.events])
+            )
+            if weight + ENVELOPE_BYTES > info.max_batch_bytes:
+                batch.dead.append(
+                    DeadLetter(
+                        item, "batch",
+                        f"too large for one request: {weight} bytes, limit {info.max_batch_bytes}",
+                    )
+                )
+                continue
+            if size + weight > info.max_batch_bytes:
+                break  # the rest waits for the next request, in order
+            size += weight
+            customers.add(item.customer_id)
+            batch.deliveries.append(delivery)
+            batch.items[item.seq] = item
+        return batch
+
+    def _render_item(self, connection: Connection, customer: Customer, item: QueueItem) -> Delivery | None:
+        hook = self._hook
+        attributes: Any = None
+        events: Any = []
+        if item.kind == KIND_PROFILE:
+            change = ProfileChange(item.payload["changes"], datetime.fromisoformat(item.payload["timestamp"]))
+            attributes = hook.map_profile(connection=connection, customer=customer, change=change)
+            if attributes is None:
+                raise MappingError("map_profile", f"no installed plugin maps for {connection.connector!r}")
+        else:
+            event = event_from_payload(customer.id, item.payload)
+            events = hook.map_event(connection=connection, customer=customer, event=event)
+            if events is None:
+                raise MappingError("map_event", f"no installed plugin maps for {connection.connector!r}")
+        if not attributes and not events:
+            return None  # the mapping was removed after the item was queued
+        identifiers = hook.identify(connection=connection, customer=customer)
+        if identifiers is None:
+            raise MappingError("identify", f"no installed plugin identifies for {connection.connector!r}")
+        return Delivery(
+            item_id=item.seq,
+            customer=customer,
+            identifiers=identifiers,
+            attributes=attributes or None,
+            events=list(events),
+            attempt=item.attempts + 1,
+        )

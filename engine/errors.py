@@ -1,0 +1,62 @@
+"""Errors the engine and connector plugins raise.
+
+    TidegateError
+    ├── InvalidInputError        bad input from a user or Antavo; never retried
+    ├── NotFoundError            a named object does not exist; never retried
+    └── DeliveryError            raised by connector hooks while mapping or sending
+        ├── MappingError         a record cannot be identified or mapped; dead-lettered
+        ├── RetryableError       transient; retried with backoff (honours retry_after)
+        ├── PermanentError       the destination rejected the request; dead-lettered
+        └── AuthError            credentials refused; the connection pauses
+
+Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class TidegateError(Exception):
+    """Base class of every error Tidegate raises on purpose."""
+
+
+class InvalidInputError(TidegateError):
+    """Input failed validation. ``field`` names the offending field. Not retried."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NotFoundError(TidegateError):
+    """The object named by the caller does not exist. Not retried."""
+
+
+class DeliveryError(TidegateError):
+    """Base of errors raised by connector hooks."""
+
+
+class MappingError(DeliveryError):
+    """A record cannot be identified or mapped. The item is dead-lettered, not retried."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+
+class RetryableError(DeliveryError):
+    """A transient failure (429, 5xx, timeout). Retried after ``retry_after`` seconds or
+    after the engine's backoff, whichever is longer."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(DeliveryError):
+    """The destination rejected the request for good. Its items are dead-lettered."""
+
+
+class AuthError(DeliveryError):
+    """The destination refused the credentials. The connection pauses; nothing is lost."""

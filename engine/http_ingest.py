@@ -1,0 +1,68 @@
+"""The ingest HTTP endpoint: ``POST /v1/events`` takes one Antavo event or
+``{"events": [...]}`` and answers only after the records are committed."""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+from aiohttp import web
+
+from engine.errors import InvalidInputError
+from engine.ingest import Ingestor, parse_request
+
+MAX_BODY_BYTES = 10 * 1024 * 1024
+INGEST_PATH = "/v1/events"
+
+
+def _error(status: int, code: str, message: str, field: str = "") -> web.Response:
+    body: dict[str, object] = {"error": {"code": code, "message": message}}
+    if field:
+        body["error"]["field"] = field  # type: ignore[index]
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def create_ingest_app(ingestor: Ingestor, token: str = "") -> web.Application:
+    """The aiohttp application. With ``token`` set, requests need ``Authorization: Bearer``."""
+
+    async def post_events(request: web.Request) -> web.Response:
+        if token:
+            supplied = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+                return _error(401, "unauthenticated", "missing or wrong bearer token")
+        if request.content_type not in ("application/json", ""):
+            return _error(415, "unsupported_media_type", "send the events as application/json")
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes; split it")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes; split it")
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "invalid_json", f"body is not valid JSON: {exc}")
+        try:
+            events = parse_request(payload)
+        except InvalidInputError as exc:
+            return _error(400, "invalid_event", str(exc), exc.field)
+        result = await ingestor.ingest(events)
+        return web.Response(
+            status=202,
+            body=orjson.dumps(
+                {
+                    "accepted": result.accepted,
+                    "duplicates": result.duplicates,
+                    "deliveries_queued": result.deliveries_queued,
+                }
+            ),
+            content_type="application/json",
+        )
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.router.add_post(INGEST_PATH, post_events)
+    app.router.add_get("/healthz", health)
+    return app

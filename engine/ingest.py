@@ -1,0 +1,262 @@
+"""Ingest: validate Antavo records, drop re-sent duplicates, keep customer profiles, and
+queue one delivery per interested connection, all in one transaction per request.
+
+A request is validated as a whole before anything is stored, so a bad record never leaves
+its request half-stored. The caller acknowledges only after ``Ingestor.ingest`` returns,
+which is after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from engine.connections import ConnectionRegistry
+from engine.database import Database
+from engine.errors import InvalidInputError
+from engine.queue import KIND_EVENT, KIND_PROFILE, enqueue
+from engine.records import ANTAVO_CUSTOMER_ID, AntavoEvent
+
+PROFILE_ACTIONS = frozenset({"opt_in", "profile"})
+"""Antavo actions whose data are customer attributes."""
+MAX_EVENTS_PER_REQUEST = 10_000
+MAX_ID_LENGTH = 256
+CONTENT_DEDUP_WINDOW = 24 * 3600.0
+"""How long a record without an id counts as a re-send of identical content. Antavo
+re-sends a failed webhook within minutes; a day keeps genuine repeats (the same points
+grant next week) from being mistaken for re-sends."""
+ID_DEDUP_WINDOW = 30 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+    deliveries_queued: int
+
+
+def parse_request(payload: Any) -> list[AntavoEvent]:
+    """Validates a request body: one event object, or ``{"events": [...]}``."""
+    if not isinstance(payload, dict):
+        raise InvalidInputError("body", "expected a JSON object: one event or {\"events\": [...]}")
+    if "events" in payload:
+        events = payload["events"]
+        if not isinstance(events, list) or not events:
+            raise InvalidInputError("events", "expected a non-empty array of events")
+        if len(events) > MAX_EVENTS_PER_REQUEST:
+            raise InvalidInputError("events", f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+        return [parse_event(e, f"events[{i}]") for i, e in enumerate(events)]
+    return [parse_event(payload, "event")]
+
+
+def parse_event(raw: Any, where: str, received: datetime | None = None) -> AntavoEvent:
+    """Validates one Antavo event; errors name the field, e.g. ``events[2].action``."""
+    if not isinstance(raw, dict):
+        raise InvalidInputError(where, "expected an object")
+    customer = _required_str(raw, "customer", where)
+    action = _required_str(raw, "action", where)
+    data = raw.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{where}.data", "expected an object")
+    external_id = _optional_str(raw, "external_id", where)
+    account = _optional_str(raw, "account", where)
+    given_id = _optional_str(raw, "id", where)
+    timestamp = _timestamp(raw.get("timestamp"), f"{where}.timestamp")
+    event_id = given_id or "sha256:" + hashlib.sha256(
+        orjson.dumps(
+            [customer, action, data, external_id, account, raw.get("timestamp")],
+            option=orjson.OPT_SORT_KEYS,
+        )
+    ).hexdigest()
+    return AntavoEvent(
+        id=event_id,
+        customer=customer,
+        action=action,
+        data=data,
+        timestamp=timestamp or received or datetime.now(UTC),
+        external_id=external_id,
+        account=account,
+    )
+
+
+def _required_str(raw: Mapping[str, Any], key: str, where: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"{where}.{key}", "required: a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidInputError(f"{where}.{key}", f"at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _optional_str(raw: Mapping[str, Any], key: str, where: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{where}.{key}", "expected a string")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidInputError(f"{where}.{key}", f"at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _timestamp(value: Any, field: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidInputError(field, "expected an RFC 3339 string or Unix seconds")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed.astimezone(UTC)
+        raise InvalidInputError(field, f"not an RFC 3339 date-time with offset: {value!r}")
+    raise InvalidInputError(field, "expected an RFC 3339 string or Unix seconds")
+
+
+def event_payload(event: AntavoEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "action": event.action,
+        "data": dict(event.data),
+        "timestamp": event.timestamp.isoformat(),
+        "external_id": event.external_id,
+        "account": event.account,
+    }
+
+
+def event_from_payload(customer_id: str, payload: Mapping[str, Any]) -> AntavoEvent:
+    return AntavoEvent(
+        id=payload["id"],
+        customer=customer_id,
+        action=payload["action"],
+        data=payload["data"],
+        timestamp=datetime.fromisoformat(payload["timestamp"]),
+        external_id=payload.get("external_id", ""),
+        account=payload.get("account", ""),
+    )
+
+
+class Ingestor:
+    def __init__(
+        self,
+        db: Database,
+        registry: ConnectionRegistry,
+        on_enqueued: Callable[[set[str]], None] = lambda ids: None,
+    ) -> None:
+        self._db = db
+        self._registry = registry
+        self._on_enqueued = on_enqueued
+
+    async def ingest(self, events: Sequence[AntavoEvent]) -> IngestResult:
+        """Stores ``events`` durably; returns after the commit."""
+        touched: set[str] = set()
+        connections = self._registry.runtimes()
+        profile_routes = {
+            c.id: {m.source_attribute for m in c.profile_mappings} for c in connections
+        }
+        event_routes = {c.id: {m.source_event for m in c.event_mappings} for c in connections}
+        external_id_attributes = {
+            c.customer_id_mapping.source_attribute for c in connections
+        } - {ANTAVO_CUSTOMER_ID}
+
+        def store(c: sqlite3.Connection) -> IngestResult:
+            now = time.time()
+            accepted = duplicates = queued = 0
+            for event in events:
+                window = ID_DEDUP_WINDOW if not event.id.startswith("sha256:") else CONTENT_DEDUP_WINDOW
+                fresh = c.execute(
+                    "INSERT INTO seen_events (event_id, receive_time) VALUES (?, ?)"
+                    " ON CONFLICT (event_id) DO UPDATE SET receive_time = excluded.receive_time"
+                    " WHERE seen_events.receive_time < ?",
+                    (event.id, now, now - window),
+                ).rowcount
+                if not fresh:
+                    duplicates += 1
+                    continue
+                accepted += 1
+                customer_id = _resolve_customer(c, event, now)
+                if event.action in PROFILE_ACTIONS and event.data:
+                    changes = _update_profile(c, customer_id, event.data, now)
+                    for attribute in external_id_attributes & changes.keys():
+                        c.execute(
+                            "INSERT OR REPLACE INTO external_ids (attribute, value, customer_id)"
+                            " VALUES (?,?,?)",
+                            (attribute, str(changes[attribute]), customer_id),
+                        )
+                    if changes:
+                        payload = {"changes": changes, "timestamp": event.timestamp.isoformat()}
+                        for connection_id, attributes in profile_routes.items():
+                            if attributes & changes.keys():
+                                enqueue(c, connection_id, customer_id, KIND_PROFILE, event.id, payload, now)
+                                queued += 1
+                                touched.add(connection_id)
+                interested = [cid for cid, actions in event_routes.items() if event.action in actions]
+                if interested:
+                    payload = event_payload(event)
+                    for connection_id in interested:
+                        enqueue(c, connection_id, customer_id, KIND_EVENT, event.id, payload, now)
+                        queued += 1
+                        touched.add(connection_id)
+            return IngestResult(accepted, duplicates, queued)
+
+        result = await self._db.write(store)
+        if touched:
+            self._on_enqueued(touched)
+        return result
+
+
+def _resolve_customer(c: sqlite3.Connection, event: AntavoEvent, now: float) -> str:
+    """The Antavo customer ID of an event.
+
+    With ``external_id``, ``customer`` is a value of that external-ID attribute: it
+    resolves to the customer whose profile holds it. An unknown value keys a profile of
+    its own that holds the attribute, so identification by that attribute still works.
+    """
+    if not event.external_id:
+        return event.customer
+    row = c.execute(
+        "SELECT customer_id FROM external_ids WHERE attribute = ? AND value = ?",
+        (event.external_id, event.customer),
+    ).fetchone()
+    if row:
+        return str(row[0])
+    _update_profile(c, event.customer, {event.external_id: event.customer}, now)
+    c.execute(
+        "INSERT OR REPLACE INTO external_ids (attribute, value, customer_id) VALUES (?,?,?)",
+        (event.external_id, event.customer, event.customer),
+    )
+    return event.customer
+
+
+def _update_profile(
+    c: sqlite3.Connection, customer_id: str, data: Mapping[str, Any], now: float
+) -> dict[str, Any]:
+    """Merges ``data`` into the stored profile; returns the attributes whose value changed."""
+    row = c.execute("SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)).fetchone()
+    current: dict[str, Any] = orjson.loads(row[0]) if row else {}
+    changes = {k: v for k, v in data.items() if k not in current or current[k] != v}
+    if changes or row is None:
+        current.update(changes)
+        c.execute(
+            "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time) VALUES (?,?,?)",
+            (customer_id, orjson.dumps(current).decode(), now),
+        )
+    return changes
+
+
+def load_profile(c: sqlite3.Connection, customer_id: str) -> dict[str, Any]:
+    row = c.execute("SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)).fetchone()
+    return orjson.loads(row[0]) if row else {}

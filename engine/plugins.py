@@ -1,0 +1,43 @@
+"""Plugin loading: connector plugins come from the ``tidegate`` entry-point group."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pluggy
+
+from engine import hookspecs
+from engine.connectors import ConnectorInfo
+from engine.errors import InvalidInputError
+
+
+def plugin_manager(extra_plugins: Iterable[object] = (), load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A plugin manager with the hook specs, installed plugins and ``extra_plugins``."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    return pm
+
+
+class Connectors:
+    """Connector infos by name, as the installed plugins declare them."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._by_name: dict[str, ConnectorInfo] = {}
+        for info in pm.hook.connector_info():
+            if info.name in self._by_name:
+                raise RuntimeError(f"two plugins declare connector {info.name!r}")
+            self._by_name[info.name] = info
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def get(self, name: str) -> ConnectorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            allowed = ", ".join(self.names()) or "(no connector plugin installed)"
+            raise InvalidInputError("connector", f"unknown connector {name!r}; installed: {allowed}") from None

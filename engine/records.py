@@ -1,0 +1,161 @@
+"""Value types that cross the boundary between the engine and connector plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+ANTAVO_CUSTOMER_ID = "customer_id"
+"""CustomerIdMapping.source_attribute value that selects the Antavo customer ID."""
+
+
+@dataclass(frozen=True)
+class CustomerIdMapping:
+    source_attribute: str = ANTAVO_CUSTOMER_ID
+    target_identifier: str = "uuid"
+    custom: bool = False
+
+
+@dataclass(frozen=True)
+class ProfileMapping:
+    id: str
+    source_attribute: str
+    target_attribute: str
+    custom: bool = False
+
+
+@dataclass(frozen=True)
+class ParameterMapping:
+    source_parameter: str
+    target_parameter: str
+    custom: bool = False
+
+
+@dataclass(frozen=True)
+class EventMapping:
+    id: str
+    source_event: str
+    target_event: str
+    parameters: tuple[ParameterMapping, ...] = ()
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A configured destination account, with its mappings, as hooks see it.
+
+    ``api_key`` is the decrypted secret; hooks may put it in request headers and nowhere
+    else.
+    """
+
+    id: str
+    connector: str
+    settings: Mapping[str, str]
+    api_key: str
+    customer_id_mapping: CustomerIdMapping
+    profile_mappings: tuple[ProfileMapping, ...] = ()
+    event_mappings: tuple[EventMapping, ...] = ()
+    mapping_version: int = 0
+    display_name: str = ""
+
+    def event_mapping_for(self, action: str) -> EventMapping | None:
+        for mapping in self.event_mappings:
+            if mapping.source_event == action:
+                return mapping
+        return None
+
+
+@dataclass(frozen=True)
+class Customer:
+    """An Antavo customer as Tidegate knows it: id plus the latest profile attributes."""
+
+    id: str
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        parts = [self.attributes.get("first_name"), self.attributes.get("last_name")]
+        return " ".join(str(p) for p in parts if p)
+
+
+@dataclass(frozen=True)
+class AntavoEvent:
+    """One Antavo event after validation. ``id`` is Antavo's id or a content hash."""
+
+    id: str
+    customer: str
+    action: str
+    data: Mapping[str, Any]
+    timestamp: datetime
+    external_id: str = ""
+    account: str = ""
+
+
+@dataclass(frozen=True)
+class ProfileChange:
+    """Attributes of one customer that changed, with their new values."""
+
+    changes: Mapping[str, Any]
+    timestamp: datetime
+
+
+@dataclass
+class Delivery:
+    """One queued item rendered for a destination, ready to be put in a request.
+
+    ``identifiers`` come from ``identify``; ``attributes`` from ``map_profile``;
+    ``events`` from ``map_event``. Several deliveries of one customer may share a request.
+    """
+
+    item_id: int
+    customer: Customer
+    identifiers: Mapping[str, Any]
+    attributes: Mapping[str, Any] | None = None
+    events: list[Mapping[str, Any]] = field(default_factory=list)
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """Per-item result of a send. ``error`` is the destination's message when it failed."""
+
+    delivered: bool
+    error: str = ""
+
+
+@dataclass
+class SendResult:
+    """What ``send`` reports back: an outcome for every delivery item id it was given.
+
+    Items missing from ``outcomes`` count as delivered when the request succeeded.
+    """
+
+    outcomes: dict[int, ItemOutcome] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    elapsed: float
+
+
+class Transport(Protocol):
+    """HTTP client handed to ``send``: the engine owns the session, timeouts and logging.
+
+    Every call is one outbound request and becomes one outbound-log row. Values of the
+    headers named in ``secret_headers`` are redacted before anything is recorded.
+    Timeouts and connection errors raise ``RetryableError``; an HTTP status never raises.
+    """
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes,
+        secret_headers: Collection[str] = (),
+    ) -> HttpResponse: ...

@@ -1,0 +1,1 @@
+"""Connector plugins shipped with Tidegate, loaded through the ``tidegate`` entry points."""

@@ -1,0 +1,236 @@
+"""``tidegate demo``: the whole product in under a minute, with no external service.
+
+Starts the Insider sandbox and the engine, creates a connection with sample mappings
+over the admin API, sends realistic Antavo traffic to the ingest endpoint (some of which
+the sandbox rejects, as Insider would), and prints outbound-log rows as they stream in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from clients.client import TidegateClient
+from engine.app import Engine, EngineConfig
+from plugins.insider.sandbox import SandboxConfig, start_sandbox
+
+CONNECTION_ID = "insider-demo"
+PARTNER = "tidegate-demo"
+FIRST_NAMES = ["Ana", "Bence", "Chloe", "Dario", "Eszter", "Farid", "Greta", "Hiro", "Ines", "Jonas"]
+LAST_NAMES = ["Kovacs", "Lindqvist", "Moreau", "Nagy", "Okafor", "Petrov", "Quinn", "Rossi"]
+PROFILE_MAPPINGS = [
+    ("email", "email", False),
+    ("first_name", "name", False),
+    ("last_name", "surname", False),
+    ("birth_date", "birthday", False),
+    ("gender", "gender", False),
+    ("newsletter_optin", "email_optin", False),
+    ("tier", "loyalty_tier", True),
+    ("favourite_store", "favourite_store", True),
+]
+EVENT_MAPPINGS: list[tuple[str, str, list[tuple[str, str, bool]]]] = [
+    ("opt_in", "sign_up_confirmation", []),
+    (
+        "checkout",
+        "purchase",
+        [
+            ("transaction_id", "event_group_id", False),
+            ("total", "unit_sale_price", False),
+            ("currency", "currency", False),
+            ("total_quantity", "quantity", False),
+        ],
+    ),
+    ("point_add", "loyalty_points_earned", [("points", "points", True), ("reason", "reason", True)]),
+    ("coupon_redeem", "coupon_redeemed", [("code", "coupon_code", True), ("amount", "amount", True)]),
+]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(args))
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def traffic(customers: int, seed: int = 7) -> list[list[dict[str, Any]]]:
+    """Bulk requests in the order Antavo would send them: opt-ins, then activity."""
+    rng = random.Random(seed)
+    ids = [f"cust-{n:05d}" for n in range(1, customers + 1)]
+    opt_ins = []
+    for n, cid in enumerate(ids):
+        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        # Every tenth customer signs up with a malformed email: Insider rejects that user.
+        email = f"{first}.{last}{n}@example.com".lower() if n % 10 != 3 else f"{first}.{last}-at-example"
+        opt_ins.append(
+            {
+                "customer": cid,
+                "action": "opt_in",
+                "id": f"evt-optin-{cid}",
+                "data": {
+                    "email": email,
+                    "first_name": first,
+                    "last_name": last,
+                    "birth_date": f"19{rng.randint(60, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+                    "gender": rng.choice(["male", "female"]),
+                    "newsletter_optin": rng.random() < 0.7,
+                    "favourite_store": rng.choice(["BUD-01", "VIE-02", "BER-03"]),
+                },
+            }
+        )
+    activity = []
+    for n, cid in enumerate(ids):
+        activity.append({"customer": cid, "action": "profile", "data": {"tier": rng.choice(["silver", "gold"])}})
+        activity.append(
+            {"customer": cid, "action": "point_add", "data": {"points": rng.choice([50, 100, 250]), "reason": "welcome"}}
+        )
+        checkout: dict[str, Any] = {
+            "transaction_id": f"ORD-{10000 + n}",
+            "total": round(rng.uniform(10, 300), 2),
+            "currency": "EUR",
+            "total_quantity": rng.randint(1, 4),
+        }
+        if n % 10 == 6:
+            del checkout["currency"]  # Insider requires currency on purchase: this one fails
+        activity.append({"customer": cid, "action": "checkout", "data": checkout})
+        if n % 4 == 0:
+            activity.append({"customer": cid, "action": "coupon_redeem", "data": {"code": "WELCOME10", "amount": 10}})
+    half = len(activity) // 2
+    return [opt_ins, activity[:half], activity[half:]]
+
+
+def _row_line(entry: Any) -> str:
+    when = entry.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+    names = ", ".join(f"{c.customer_id}" for c in entry.customers[:3])
+    more = f" +{entry.customer_count - 3}" if entry.customer_count > 3 else ""
+    status = entry.status_code or "---"
+    line = (
+        f"  {when}  {status}  {entry.response_time_seconds:6.3f}s  req {entry.id[:13]}…  "
+        f"{entry.customer_count:3d} customers ({names}{more})"
+    )
+    if entry.error:
+        line += f"\n      error: {entry.error[:160]}"
+    return line
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    tmp = None
+    data_dir: Path = args.data_dir
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tidegate-demo-")
+        data_dir = Path(tmp.name)
+    api_key = "demo-" + secrets.token_hex(8)
+    sandbox = await start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=api_key))
+    engine = Engine(EngineConfig(data_dir=data_dir, grpc_port=args.grpc_port, http_port=args.http_port))
+    await engine.start()
+    _print("Tidegate demo")
+    _print(f"  Insider sandbox  {sandbox.url}")
+    _print(f"  ingest endpoint  http://127.0.0.1:{engine.http_port}/v1/events")
+    _print(f"  gRPC admin API   127.0.0.1:{engine.grpc_port}   (try: grpcurl -plaintext 127.0.0.1:{engine.grpc_port} list)")
+    _print(f"  data             {data_dir}")
+    try:
+        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+            await client.create_connection(
+                CONNECTION_ID,
+                display_name="Insider (sandbox)",
+                api_key=api_key,
+                settings={"partner_name": PARTNER, "base_url": sandbox.url},
+            )
+            for source, target, custom in PROFILE_MAPPINGS:
+                await client.add_profile_mapping(CONNECTION_ID, source, target, custom=custom)
+            for source, target, params in EVENT_MAPPINGS:
+                await client.add_event_mapping(CONNECTION_ID, source, target, params)
+            _print(
+                f"\nConnection {CONNECTION_ID!r}: Antavo customer ID -> Insider uuid, "
+                f"{len(PROFILE_MAPPINGS)} profile mappings, {len(EVENT_MAPPINGS)} event mappings"
+            )
+            _print("\nOutbound log, streamed live (StreamLogs):")
+            seen: list[Any] = []
+            stream_ready = asyncio.Event()
+
+            async def tail() -> None:
+                call = client.logs.StreamLogs(_stream_request())
+                await call.initial_metadata()
+                stream_ready.set()
+                async for response in call:
+                    for entry in response.logs:
+                        seen.append(entry)
+                        _print(_row_line(entry))
+
+            tail_task = asyncio.create_task(tail())
+            await asyncio.wait_for(stream_ready.wait(), 10)
+            requests = traffic(args.customers)
+            sent = 0
+            async with aiohttp.ClientSession() as http:
+                for events in requests:
+                    async with http.post(
+                        f"http://127.0.0.1:{engine.http_port}/v1/events", json={"events": events}
+                    ) as response:
+                        answer = await response.json()
+                        if response.status != 202:
+                            _print(f"ingest refused a request: {response.status} {answer}")
+                            return 1
+                    sent += len(events)
+                    await asyncio.sleep(0.3)  # traffic arrives over time, not all at once
+            connection = await _drained(client)
+            await asyncio.sleep(0.5)  # the last rows reach the stream
+            tail_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tail_task
+            users = list(sandbox.state.users)
+            failed = sum(1 for e in seen for c in e.customers if c.outcome == "failed")
+            _print(
+                f"\n{sent} Antavo events in, {len(seen)} requests to Insider, "
+                f"{len(users)} profiles now at the sandbox, {failed} customer deliveries rejected "
+                f"(dead letters: {connection.dead_letter_count}), queue depth {connection.queue_depth}. "
+                f"{time.monotonic() - started:.1f} s."
+            )
+            failing = next((e for e in seen if e.error), None)
+            if failing is not None:
+                detail = await client.get_log(failing.id)
+                _print(f"\nOne rejected request in full (GetLog {detail.id}):")
+                _print(f"  request:  {detail.request_body[:300]}…")
+                _print(f"  response: {detail.response_body[:300]}")
+            if args.keep_running:
+                _print(
+                    f"\nStill serving. Try: grpcurl -plaintext -d '{{\"filter\":{{\"errors_only\":true}}}}' "
+                    f"127.0.0.1:{engine.grpc_port} tidegate.admin.v1.LogService/ListLogs   (Ctrl-C to stop)"
+                )
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()
+    finally:
+        await engine.stop()
+        await sandbox.close()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+def _stream_request() -> Any:
+    from engine.pb import logs_pb2
+
+    return logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(connection_id=CONNECTION_ID))
+
+
+async def _drained(client: TidegateClient, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        connection = await client.get_connection(CONNECTION_ID)
+        if connection.queue_depth == 0 or time.monotonic() > deadline:
+            return connection
+        await asyncio.sleep(0.2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)

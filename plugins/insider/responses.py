@@ -1,0 +1,160 @@
+"""Insider upsert responses turned into per-item outcomes or engine errors.
+
+Insider answers 200 for every request it validated, with per-user failures listed in
+``data.fail.errors`` under keys ``users.<N>.<path>.<rule>`` (§5.1-5.2 of
+``insider-ucd-api.md``). Other statuses are request-level (§5.3): 401/403 mean the
+credentials were refused, 429 rate limiting, 5xx a transient fault, other 4xx a request
+Insider will never accept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+
+from engine.errors import AuthError, PermanentError, RetryableError
+from engine.records import HttpResponse, ItemOutcome, SendResult
+
+USER_ERROR_KEY = re.compile(r"^users\.(\d+)\.")
+PERMANENT_SERVER_STATUSES = frozenset({501, 505})
+"""5xx answers that will not change on retry: Not Implemented, HTTP Version Not Supported."""
+MAX_MESSAGE_CHARS = 200
+REDACTED = "[redacted]"
+
+
+def upsert_outcome(
+    response: HttpResponse,
+    item_ids: Sequence[Sequence[int]],
+    secrets: Collection[str] = (),
+    now: datetime | None = None,
+) -> SendResult:
+    """The outcome of one upsert whose user ``n`` carried the items ``item_ids[n]``.
+
+    A 2xx yields an outcome for every item: failed for the items of users named in
+    ``data.fail.errors``, delivered otherwise (also when the body is not the documented
+    shape, since 200 means Insider accepted the request). Any other status raises
+    ``AuthError``, ``RetryableError`` or ``PermanentError``. No message contains any of
+    ``secrets``.
+    """
+    status = response.status
+    if 200 <= status < 300:
+        return _per_user_outcomes(response.body, item_ids, secrets)
+    detail = _body_message(response.body, secrets)
+    if status in (401, 403):
+        raise AuthError(f"Insider refused the credentials (HTTP {status}): {detail}")
+    if status == 429:
+        raise RetryableError(
+            "rate limited by Insider (HTTP 429)",
+            retry_after=retry_after_seconds(_header(response.headers, "Retry-After"), now),
+        )
+    if status >= 500 and status not in PERMANENT_SERVER_STATUSES:
+        raise RetryableError(f"Insider answered HTTP {status}: {detail}")
+    if 400 <= status < 500:
+        raise PermanentError(f"Insider rejected the request (HTTP {status}): {detail}")
+    raise PermanentError(f"Insider answered HTTP {status}: {detail}")
+
+
+def _per_user_outcomes(
+    body: bytes, item_ids: Sequence[Sequence[int]], secrets: Collection[str]
+) -> SendResult:
+    errors_by_user: dict[int, list[str]] = {}
+    for key, messages in _fail_errors(body).items():
+        match = USER_ERROR_KEY.match(key)
+        if match is None:
+            continue
+        user = int(match.group(1))
+        if user < len(item_ids):
+            errors_by_user.setdefault(user, []).append(f"{key}: {_join_messages(messages)}")
+    outcomes: dict[int, ItemOutcome] = {}
+    for user, items in enumerate(item_ids):
+        errors = errors_by_user.get(user)
+        outcome = (
+            ItemOutcome(delivered=False, error=_redact(" | ".join(errors), secrets))
+            if errors
+            else ItemOutcome(delivered=True)
+        )
+        for item in items:
+            outcomes[item] = outcome
+    return SendResult(outcomes=outcomes)
+
+
+def _fail_errors(body: bytes) -> Mapping[str, Any]:
+    # Tolerant on purpose: a 200 whose body is not the documented shape is still accepted.
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    errors: Any = parsed
+    for key in ("data", "fail", "errors"):
+        if not isinstance(errors, Mapping):
+            return {}
+        errors = errors.get(key)
+    return errors if isinstance(errors, Mapping) else {}
+
+
+def _join_messages(messages: Any) -> str:
+    if isinstance(messages, list):
+        return "; ".join(str(message) for message in messages)
+    return str(messages)
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait per a ``Retry-After`` value (delay-seconds or HTTP-date).
+
+    ``None`` when the value is absent or invalid; a date in the past gives ``0.0``.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    # The transport may hand over a plain dict, so look up case-insensitively here.
+    wanted = name.lower()
+    for key, value in headers.items():
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def _body_message(body: bytes, secrets: Collection[str]) -> str:
+    """Insider's ``message`` or ``error`` field, else the start of the body as text."""
+    # Redact before shortening, so a cut cannot leave part of a secret behind.
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, Mapping):
+        for key in ("message", "error"):
+            text = parsed.get(key)
+            if isinstance(text, str) and text.strip():
+                return _shorten(_redact(text, secrets))
+    text = " ".join(body.decode("utf-8", errors="replace").split())
+    return _shorten(_redact(text, secrets)) if text else "(empty body)"
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _redact(text: str, secrets: Collection[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
