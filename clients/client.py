@@ -34,7 +34,10 @@ class TidegateClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.channel.close()
 
@@ -80,7 +83,10 @@ class TidegateClient:
         response = await self.mappings.AddProfileMapping(
             mappings_pb2.AddProfileMappingRequest(
                 mapping=mappings_pb2.ProfileMapping(
-                    connection_id=connection_id, source_attribute=source, target_attribute=target, custom=custom
+                    connection_id=connection_id,
+                    source_attribute=source,
+                    target_attribute=target,
+                    custom=custom,
                 )
             )
         )
@@ -101,7 +107,9 @@ class TidegateClient:
                     source_event=source,
                     target_event=target,
                     parameters=[
-                        mappings_pb2.ParameterMapping(source_parameter=s, target_parameter=t, custom=c)
+                        mappings_pb2.ParameterMapping(
+                            source_parameter=s, target_parameter=t, custom=c
+                        )
                         for s, t, c in parameters
                     ],
                 )
@@ -109,7 +117,9 @@ class TidegateClient:
         )
         return response.mapping
 
-    async def send_events(self, events: Sequence[Mapping[str, Any]]) -> ingest_pb2.IngestEventsResponse:
+    async def send_events(
+        self, events: Sequence[Mapping[str, Any]]
+    ) -> ingest_pb2.IngestEventsResponse:
         messages = []
         for e in events:
             data = struct_pb2.Struct()
@@ -140,7 +150,9 @@ class TidegateClient:
 
     async def stream_logs(self, **filters: Any) -> AsyncIterator[logs_pb2.LogEntry]:
         """Yields new log entries as they are written, until the caller stops iterating."""
-        call = self.logs.StreamLogs(logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(**filters)))
+        call = self.logs.StreamLogs(
+            logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(**filters))
+        )
         try:
             async for response in call:
                 for entry in response.logs:

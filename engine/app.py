@@ -49,26 +49,41 @@ class Engine:
         self.http_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self._db: Database | None = None
+        self._logs: LogStore | None = None
+        self._deliverer: Deliverer | None = None
 
     async def start(self) -> None:
+        """Starts every part; on failure (a busy port, say) stops what had started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0.5)
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(cfg.data_dir / STATE_FILE)
+        self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
         self.pm = plugin_manager(cfg.extra_plugins)
         self.connectors = Connectors(self.pm)
-        self.registry = ConnectionRegistry(self.db, self.connectors, SecretBox.for_data_dir(cfg.data_dir))
+        self.registry = ConnectionRegistry(
+            self.db, self.connectors, SecretBox.for_data_dir(cfg.data_dir)
+        )
         await self.registry.load()
         self.queue = DurableQueue(self.db)
-        self.logs = LogStore(cfg.data_dir / LOG_FILE)
+        self.logs = self._logs = LogStore(cfg.data_dir / LOG_FILE)
         await self.logs.start()
-        self.deliverer = Deliverer(
+        self.deliverer = self._deliverer = Deliverer(
             self.registry, self.queue, self.db, self.pm, self.connectors, self.logs, cfg.delivery
         )
         self.registry.on_change(self.deliverer.connection_changed)
         self.ingestor = Ingestor(self.db, self.registry, self.deliverer.wake)
         await self.deliverer.start()
-        self._http = web.AppRunner(create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None)
+        self._http = web.AppRunner(
+            create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None
+        )
         await self._http.setup()
         site = web.TCPSite(self._http, cfg.host, cfg.http_port)
         await site.start()
@@ -81,11 +96,19 @@ class Engine:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
         if self._http is not None:
             await self._http.cleanup()
-        await self.deliverer.stop(deadline=grace)
+            self._http = None
+        if self._deliverer is not None:
+            await self._deliverer.stop(deadline=grace)
+            self._deliverer = None
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        await self.logs.close()
-        await self.db.close()
+            self._grpc = None
+        if self._logs is not None:
+            await self._logs.close()
+            self._logs = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()

@@ -38,16 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
     parser.add_argument(
-        "--log-format", choices=("auto", "console", "json"), default="auto",
+        "--log-format",
+        choices=("auto", "console", "json"),
+        default="auto",
         help="log lines as console text or JSON (default: console on a terminal)",
     )
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the engine: ingest HTTP, delivery, gRPC admin API")
-    serve.add_argument("--grpc-port", type=port, default=DEFAULT_GRPC_PORT, help=f"admin API port (default {DEFAULT_GRPC_PORT})")
-    serve.add_argument("--http-port", type=port, default=DEFAULT_HTTP_PORT, help=f"ingest port (default {DEFAULT_HTTP_PORT})")
+    serve.add_argument(
+        "--grpc-port",
+        type=port,
+        default=DEFAULT_GRPC_PORT,
+        help=f"admin API port (default {DEFAULT_GRPC_PORT})",
+    )
+    serve.add_argument(
+        "--http-port",
+        type=port,
+        default=DEFAULT_HTTP_PORT,
+        help=f"ingest port (default {DEFAULT_HTTP_PORT})",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"state, log and key files (default ./{DEFAULT_DATA_DIR})")
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"state, log and key files (default ./{DEFAULT_DATA_DIR})",
+    )
     serve.set_defaults(func=run_serve)
     plugin_manager().hook.register_commands(subparsers=sub)
     return parser

@@ -7,11 +7,12 @@ mapping change raises the connection's ``mapping_version``; log rows record it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -29,6 +30,7 @@ from engine.records import (
 from engine.secrets import SecretBox, hint
 
 CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAPPING_ID_RE = CONNECTION_ID_RE
 DEFAULT_CONNECTOR = "insider"
 STATE_ACTIVE = "active"
 STATE_PAUSED = "paused"
@@ -59,6 +61,16 @@ class ConnectionUpdate:
     settings: Mapping[str, str] | None = None
     api_key: str | None = None
     customer_id_mapping: CustomerIdMapping | None = None
+
+
+@contextlib.contextmanager
+def field_prefix(prefix: str) -> Iterator[None]:
+    """Connector validators name fields relative to what they check; the API names them
+    from the request's root (``partner_name`` -> ``connection.settings.partner_name``)."""
+    try:
+        yield
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{prefix}.{exc.field}", exc.message) from None
 
 
 class ConnectionRegistry:
@@ -127,16 +139,20 @@ class ConnectionRegistry:
                 "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",
             )
         info = self._connectors.get(connector or DEFAULT_CONNECTOR)
-        info.validate_settings(settings)
+        with field_prefix("connection.settings"):
+            info.validate_settings(settings)
         if info.secret_required and not api_key:
             raise InvalidInputError("connection.api_key", "required: the destination API key")
         id_mapping = customer_id_mapping or CustomerIdMapping()
-        info.validate_customer_id_mapping(id_mapping)
+        with field_prefix("connection.customer_id_mapping"):
+            info.validate_customer_id_mapping(id_mapping)
         now = time.time()
 
         def insert(c: sqlite3.Connection) -> None:
             if c.execute("SELECT 1 FROM connections WHERE id=?", (connection_id,)).fetchone():
-                raise InvalidInputError("connection.id", f"connection {connection_id!r} already exists")
+                raise InvalidInputError(
+                    "connection.id", f"connection {connection_id!r} already exists"
+                )
             c.execute(
                 "INSERT INTO connections (id, display_name, connector, settings, api_key_encrypted,"
                 " api_key_hint, id_source_attribute, id_target_identifier, id_custom,"
@@ -166,8 +182,10 @@ class ConnectionRegistry:
         info = self._connectors.get(current.connector)
         settings = current.settings if update.settings is None else update.settings
         id_mapping = update.customer_id_mapping or current.customer_id_mapping
-        info.validate_settings(settings)
-        info.validate_customer_id_mapping(id_mapping)
+        with field_prefix("connection.settings"):
+            info.validate_settings(settings)
+        with field_prefix("connection.customer_id_mapping"):
+            info.validate_customer_id_mapping(id_mapping)
         if update.api_key is not None and info.secret_required and not update.api_key:
             raise InvalidInputError("connection.api_key", "must not be empty")
         credentials_changed = update.api_key is not None or update.settings is not None
@@ -228,9 +246,9 @@ class ConnectionRegistry:
     # -- mapping writes ----------------------------------------------------------------
 
     async def add_profile_mapping(
-        self, connection_id: str, source: str, target: str, custom: bool
+        self, connection_id: str, source: str, target: str, custom: bool, mapping_id: str = ""
     ) -> tuple[ProfileMapping, int]:
-        mapping = ProfileMapping(f"pm-{uuid.uuid4().hex[:10]}", source, target, custom)
+        mapping = ProfileMapping(self._new_mapping_id(mapping_id, "pm"), source, target, custom)
         self._validate_profile(connection_id, mapping)
         await self._mapping_write(
             connection_id,
@@ -248,23 +266,28 @@ class ConnectionRegistry:
         self._validate_profile(connection_id, mapping)
         await self._mapping_write(
             connection_id,
-            "UPDATE profile_mappings SET source_attribute=?, target_attribute=?, custom=? WHERE id=?",
+            "UPDATE profile_mappings SET source_attribute=?, target_attribute=?, custom=?"
+            " WHERE id=?",
             (source, target, int(custom), mapping_id),
         )
         return mapping, connection_id, self.view(connection_id).mapping_version
 
-    async def remove_mapping(self, mapping_id: str) -> int:
-        """Removes a profile or event mapping; returns the new mapping version."""
-        kind = "profile" if mapping_id.startswith("pm-") else "event"
+    async def remove_mapping(self, mapping_id: str, kind: str) -> int:
+        """Removes a "profile" or "event" mapping; returns the new mapping version."""
         connection_id = self._owner_of(mapping_id, kind)
         table = "profile_mappings" if kind == "profile" else "event_mappings"
         await self._mapping_write(connection_id, f"DELETE FROM {table} WHERE id=?", (mapping_id,))
         return self.view(connection_id).mapping_version
 
     async def add_event_mapping(
-        self, connection_id: str, source: str, target: str, parameters: tuple[ParameterMapping, ...]
+        self,
+        connection_id: str,
+        source: str,
+        target: str,
+        parameters: tuple[ParameterMapping, ...],
+        mapping_id: str = "",
     ) -> tuple[EventMapping, int]:
-        mapping = EventMapping(f"em-{uuid.uuid4().hex[:10]}", source, target, parameters)
+        mapping = EventMapping(self._new_mapping_id(mapping_id, "em"), source, target, parameters)
         self._validate_event(connection_id, mapping)
         await self._mapping_write(
             connection_id,
@@ -289,7 +312,8 @@ class ConnectionRegistry:
 
     def _validate_profile(self, connection_id: str, mapping: ProfileMapping) -> None:
         connection = self.runtime(connection_id)
-        self._connectors.get(connection.connector).validate_profile_mapping(mapping)
+        with field_prefix("mapping"):
+            self._connectors.get(connection.connector).validate_profile_mapping(mapping)
         for other in connection.profile_mappings:
             if other.id != mapping.id and other.source_attribute == mapping.source_attribute:
                 raise InvalidInputError(
@@ -301,7 +325,8 @@ class ConnectionRegistry:
         connection = self.runtime(connection_id)
         if not mapping.source_event:
             raise InvalidInputError("mapping.source_event", "required: the Antavo event action")
-        self._connectors.get(connection.connector).validate_event_mapping(mapping)
+        with field_prefix("mapping"):
+            self._connectors.get(connection.connector).validate_event_mapping(mapping)
         for other in connection.event_mappings:
             if other.id != mapping.id and other.source_event == mapping.source_event:
                 raise InvalidInputError(
@@ -309,14 +334,34 @@ class ConnectionRegistry:
                     f"{mapping.source_event!r} is already mapped (mapping {other.id})",
                 )
 
+    def _new_mapping_id(self, requested: str, prefix: str) -> str:
+        if not requested:
+            return f"{prefix}-{uuid.uuid4().hex[:10]}"
+        if not MAPPING_ID_RE.match(requested):
+            raise InvalidInputError(
+                "mapping.id",
+                "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",
+            )
+        for connection in self._runtime.values():
+            if any(
+                m.id == requested
+                for m in (*connection.profile_mappings, *connection.event_mappings)
+            ):
+                raise InvalidInputError("mapping.id", f"mapping {requested!r} already exists")
+        return requested
+
     def _owner_of(self, mapping_id: str, kind: str) -> str:
         for connection in self._runtime.values():
-            mappings = connection.profile_mappings if kind == "profile" else connection.event_mappings
+            mappings = (
+                connection.profile_mappings if kind == "profile" else connection.event_mappings
+            )
             if any(m.id == mapping_id for m in mappings):
                 return connection.id
         raise NotFoundError(f"{kind} mapping {mapping_id!r} does not exist")
 
-    async def _mapping_write(self, connection_id: str, sql: str, params: tuple[object, ...]) -> None:
+    async def _mapping_write(
+        self, connection_id: str, sql: str, params: tuple[object, ...]
+    ) -> None:
         def apply(c: sqlite3.Connection) -> None:
             c.execute(sql, params)
             c.execute(
@@ -332,7 +377,9 @@ class ConnectionRegistry:
     # -- loading -----------------------------------------------------------------------
 
     async def _reload(self, connection_id: str) -> None:
-        def fetch(c: sqlite3.Connection) -> tuple[tuple[object, ...], list[tuple[object, ...]], list[tuple[object, ...]]]:
+        def fetch(
+            c: sqlite3.Connection,
+        ) -> tuple[tuple[object, ...], list[tuple[object, ...]], list[tuple[object, ...]]]:
             row = c.execute(
                 "SELECT id, display_name, connector, settings, api_key_encrypted, api_key_hint,"
                 " id_source_attribute, id_target_identifier, id_custom, state, state_reason,"
@@ -356,15 +403,36 @@ class ConnectionRegistry:
             self._views.pop(connection_id, None)
             self._runtime.pop(connection_id, None)
             return
-        (cid, display_name, connector, settings_json, key_enc, key_hint, id_src, id_tgt, id_custom,
-         state, reason, version, created, updated) = row
+        (
+            cid,
+            display_name,
+            connector,
+            settings_json,
+            key_enc,
+            key_hint,
+            id_src,
+            id_tgt,
+            id_custom,
+            state,
+            reason,
+            version,
+            created,
+            updated,
+        ) = row
         settings = orjson.loads(str(settings_json))
         id_mapping = CustomerIdMapping(str(id_src), str(id_tgt), bool(id_custom))
         view = ConnectionView(
-            id=str(cid), display_name=str(display_name), connector=str(connector),
-            settings=settings, api_key_hint=str(key_hint), customer_id_mapping=id_mapping,
-            state=str(state), state_reason=str(reason), mapping_version=int(str(version)),
-            create_time=float(str(created)), update_time=float(str(updated)),
+            id=str(cid),
+            display_name=str(display_name),
+            connector=str(connector),
+            settings=settings,
+            api_key_hint=str(key_hint),
+            customer_id_mapping=id_mapping,
+            state=str(state),
+            state_reason=str(reason),
+            mapping_version=int(str(version)),
+            create_time=float(str(created)),
+            update_time=float(str(updated)),
         )
         runtime = Connection(
             id=view.id,
@@ -376,7 +444,8 @@ class ConnectionRegistry:
                 ProfileMapping(str(i), str(s), str(t), bool(cu)) for i, s, t, cu in profiles
             ),
             event_mappings=tuple(
-                EventMapping(str(i), str(s), str(t), _params_from_json(str(p))) for i, s, t, p in events
+                EventMapping(str(i), str(s), str(t), _params_from_json(str(p)))
+                for i, s, t, p in events
             ),
             mapping_version=view.mapping_version,
             display_name=view.display_name,

@@ -106,7 +106,9 @@ class Database:
         self._synchronous = synchronous
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._pending: asyncio.Queue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+        self._pending: asyncio.Queue[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
+        ]
         self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -151,7 +153,9 @@ class Database:
             if not jobs:
                 continue
             try:
-                results = await loop.run_in_executor(self._executor, self._apply, [j[0] for j in jobs])
+                results = await loop.run_in_executor(
+                    self._executor, self._apply, [j[0] for j in jobs]
+                )
             except Exception as exc:  # the commit itself failed: every job failed
                 results = [(False, exc)] * len(jobs)
             for (_, future), (ok, value) in zip(jobs, results, strict=True):

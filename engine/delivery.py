@@ -193,7 +193,9 @@ class Deliverer:
                 connection=connection, deliveries=batch.deliveries, transport=transport
             )
             if pending is None:
-                raise PermanentError(f"no installed plugin sends for connector {connection.connector!r}")
+                raise PermanentError(
+                    f"no installed plugin sends for connector {connection.connector!r}"
+                )
             result: SendResult = await pending
             outcomes = result.outcomes
         except RetryableError as exc:
@@ -203,7 +205,11 @@ class Deliverer:
             for d in batch.deliveries:
                 item = batch.items[d.item_id]
                 if self._expired(item, now):
-                    dead.append(DeadLetter(item, "send", f"gave up after {item.attempts + 1} attempts: {exc}"))
+                    dead.append(
+                        DeadLetter(
+                            item, "send", f"gave up after {item.attempts + 1} attempts: {exc}"
+                        )
+                    )
                     customer_outcome[item.customer_id] = ("failed", error)
                 else:
                     retries.append(Retry(d.item_id, now + delay, error))
@@ -329,13 +335,12 @@ class Deliverer:
             if delivery is None:
                 batch.skipped.append(item.seq)
                 continue
-            weight = len(
-                orjson.dumps([delivery.identifiers, delivery.attributes, delivery.events])
-            )
+            weight = len(orjson.dumps([delivery.identifiers, delivery.attributes, delivery.events]))
             if weight + ENVELOPE_BYTES > info.max_batch_bytes:
                 batch.dead.append(
                     DeadLetter(
-                        item, "batch",
+                        item,
+                        "batch",
                         f"too large for one request: {weight} bytes, limit {info.max_batch_bytes}",
                     )
                 )
@@ -348,25 +353,35 @@ class Deliverer:
             batch.items[item.seq] = item
         return batch
 
-    def _render_item(self, connection: Connection, customer: Customer, item: QueueItem) -> Delivery | None:
+    def _render_item(
+        self, connection: Connection, customer: Customer, item: QueueItem
+    ) -> Delivery | None:
         hook = self._hook
         attributes: Any = None
         events: Any = []
         if item.kind == KIND_PROFILE:
-            change = ProfileChange(item.payload["changes"], datetime.fromisoformat(item.payload["timestamp"]))
+            change = ProfileChange(
+                item.payload["changes"], datetime.fromisoformat(item.payload["timestamp"])
+            )
             attributes = hook.map_profile(connection=connection, customer=customer, change=change)
             if attributes is None:
-                raise MappingError("map_profile", f"no installed plugin maps for {connection.connector!r}")
+                raise MappingError(
+                    "map_profile", f"no installed plugin maps for {connection.connector!r}"
+                )
         else:
             event = event_from_payload(customer.id, item.payload)
             events = hook.map_event(connection=connection, customer=customer, event=event)
             if events is None:
-                raise MappingError("map_event", f"no installed plugin maps for {connection.connector!r}")
+                raise MappingError(
+                    "map_event", f"no installed plugin maps for {connection.connector!r}"
+                )
         if not attributes and not events:
             return None  # the mapping was removed after the item was queued
         identifiers = hook.identify(connection=connection, customer=customer)
         if identifiers is None:
-            raise MappingError("identify", f"no installed plugin identifies for {connection.connector!r}")
+            raise MappingError(
+                "identify", f"no installed plugin identifies for {connection.connector!r}"
+            )
         return Delivery(
             item_id=item.seq,
             customer=customer,

@@ -45,13 +45,15 @@ class IngestResult:
 def parse_request(payload: Any) -> list[AntavoEvent]:
     """Validates a request body: one event object, or ``{"events": [...]}``."""
     if not isinstance(payload, dict):
-        raise InvalidInputError("body", "expected a JSON object: one event or {\"events\": [...]}")
+        raise InvalidInputError("body", 'expected a JSON object: one event or {"events": [...]}')
     if "events" in payload:
         events = payload["events"]
         if not isinstance(events, list) or not events:
             raise InvalidInputError("events", "expected a non-empty array of events")
         if len(events) > MAX_EVENTS_PER_REQUEST:
-            raise InvalidInputError("events", f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+            raise InvalidInputError(
+                "events", f"at most {MAX_EVENTS_PER_REQUEST} events per request"
+            )
         return [parse_event(e, f"events[{i}]") for i, e in enumerate(events)]
     return [parse_event(payload, "event")]
 
@@ -71,12 +73,16 @@ def parse_event(raw: Any, where: str, received: datetime | None = None) -> Antav
     account = _optional_str(raw, "account", where)
     given_id = _optional_str(raw, "id", where)
     timestamp = _timestamp(raw.get("timestamp"), f"{where}.timestamp")
-    event_id = given_id or "sha256:" + hashlib.sha256(
-        orjson.dumps(
-            [customer, action, data, external_id, account, raw.get("timestamp")],
-            option=orjson.OPT_SORT_KEYS,
-        )
-    ).hexdigest()
+    event_id = (
+        given_id
+        or "sha256:"
+        + hashlib.sha256(
+            orjson.dumps(
+                [customer, action, data, external_id, account, raw.get("timestamp")],
+                option=orjson.OPT_SORT_KEYS,
+            )
+        ).hexdigest()
+    )
     return AntavoEvent(
         id=event_id,
         customer=customer,
@@ -168,15 +174,17 @@ class Ingestor:
             c.id: {m.source_attribute for m in c.profile_mappings} for c in connections
         }
         event_routes = {c.id: {m.source_event for m in c.event_mappings} for c in connections}
-        external_id_attributes = {
-            c.customer_id_mapping.source_attribute for c in connections
-        } - {ANTAVO_CUSTOMER_ID}
+        external_id_attributes = {c.customer_id_mapping.source_attribute for c in connections} - {
+            ANTAVO_CUSTOMER_ID
+        }
 
         def store(c: sqlite3.Connection) -> IngestResult:
             now = time.time()
             accepted = duplicates = queued = 0
             for event in events:
-                window = ID_DEDUP_WINDOW if not event.id.startswith("sha256:") else CONTENT_DEDUP_WINDOW
+                window = (
+                    ID_DEDUP_WINDOW if not event.id.startswith("sha256:") else CONTENT_DEDUP_WINDOW
+                )
                 fresh = c.execute(
                     "INSERT INTO seen_events (event_id, receive_time) VALUES (?, ?)"
                     " ON CONFLICT (event_id) DO UPDATE SET receive_time = excluded.receive_time"
@@ -200,10 +208,20 @@ class Ingestor:
                         payload = {"changes": changes, "timestamp": event.timestamp.isoformat()}
                         for connection_id, attributes in profile_routes.items():
                             if attributes & changes.keys():
-                                enqueue(c, connection_id, customer_id, KIND_PROFILE, event.id, payload, now)
+                                enqueue(
+                                    c,
+                                    connection_id,
+                                    customer_id,
+                                    KIND_PROFILE,
+                                    event.id,
+                                    payload,
+                                    now,
+                                )
                                 queued += 1
                                 touched.add(connection_id)
-                interested = [cid for cid, actions in event_routes.items() if event.action in actions]
+                interested = [
+                    cid for cid, actions in event_routes.items() if event.action in actions
+                ]
                 if interested:
                     payload = event_payload(event)
                     for connection_id in interested:
@@ -245,7 +263,9 @@ def _update_profile(
     c: sqlite3.Connection, customer_id: str, data: Mapping[str, Any], now: float
 ) -> dict[str, Any]:
     """Merges ``data`` into the stored profile; returns the attributes whose value changed."""
-    row = c.execute("SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)).fetchone()
+    row = c.execute(
+        "SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)
+    ).fetchone()
     current: dict[str, Any] = orjson.loads(row[0]) if row else {}
     changes = {k: v for k, v in data.items() if k not in current or current[k] != v}
     if changes or row is None:
@@ -258,5 +278,7 @@ def _update_profile(
 
 
 def load_profile(c: sqlite3.Connection, customer_id: str) -> dict[str, Any]:
-    row = c.execute("SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)).fetchone()
+    row = c.execute(
+        "SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)
+    ).fetchone()
     return orjson.loads(row[0]) if row else {}

@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import secrets
 import threading
 import time as monotime
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -80,7 +81,10 @@ CUSTOMER_FIELDS = {
     "customer_id": pa.string(), "name": pa.string(), "outcome": pa.string(), "error": pa.string(),
 }  # fmt: skip
 BODY_FIELDS = {
-    "id": pa.string(), "time": TIME_TYPE, "request_body": pa.string(), "response_body": pa.string()
+    "id": pa.string(),
+    "time": TIME_TYPE,
+    "request_body": pa.string(),
+    "response_body": pa.string(),
 }
 # epoch_us: fetching TIMESTAMPTZ as datetime would need pytz, and integers round-trip exactly.
 REQUEST_COLUMNS = ", ".join(
@@ -268,7 +272,6 @@ class LogStore:
         self._buffered_since = 0.0
         self._unsettled = 0  # appended, not yet committed: what max_buffer bounds
         self._appended = 0  # sequence number of the last appended row
-        self._taken = 0
         self._committed = 0
         self._flush_waiters: builtins.list[tuple[int, asyncio.Future[None]]] = []
         self._subscribers: set[LogSubscription] = set()
@@ -306,10 +309,10 @@ class LogStore:
 
     async def flush(self) -> None:
         """Returns once every row appended before the call is committed and published."""
-        assert self._loop is not None, "start() the log store first"
         with self._cond:
             if self._committed >= self._appended:
                 return
+            assert self._loop is not None  # rows were appended, so start() ran
             done = self._loop.create_future()
             self._flush_waiters.append((self._appended, done))
             self._cond.notify()
@@ -363,7 +366,10 @@ class LogStore:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:
             subscription._end()
-        await asyncio.to_thread(self._close_connections)
+        read_root, conn, self._read_root, self._conn = self._read_root, self._conn, None, None
+        for connection in (read_root, conn):
+            if connection is not None:
+                await asyncio.to_thread(connection.close)
 
     def _unsubscribe(self, subscription: LogSubscription) -> None:
         with self._cond:
@@ -379,12 +385,6 @@ class LogStore:
         conn.execute(SCHEMA)
         # A separate root for reader cursors, so creating one never waits on the writer.
         return conn, conn.cursor()
-
-    def _close_connections(self) -> None:
-        for conn in (self._read_root, self._conn):
-            if conn is not None:
-                conn.close()
-        self._read_root = self._conn = None
 
     def _run(self) -> None:
         while True:
@@ -413,13 +413,12 @@ class LogStore:
                         break
                     self._cond.wait(wait)
                 elif self._closing:
-                    return [], self._taken
+                    return [], self._appended
                 else:
                     self._cond.wait()
             batch = self._buffer[: self._flush_rows]
             del self._buffer[: self._flush_rows]
-            self._taken += len(batch)
-            return batch, self._taken
+            return batch, self._appended - len(self._buffer)
 
     def _write(self, batch: builtins.list[LogRow]) -> bool:
         # Sorting keeps each table in time order even when lanes append slightly out of order.
@@ -457,7 +456,8 @@ class LogStore:
                         conn.unregister("log_batch")
             conn.commit()
         except BaseException:
-            conn.rollback()
+            with contextlib.suppress(duckdb.Error):  # keep the original error, not the rollback's
+                conn.rollback()
             raise
 
     def _publish(
@@ -636,7 +636,9 @@ def _row(
     fields = dict(zip(REQUEST_FIELDS, rec, strict=True))
     fields["time"] = _from_micros(fields["time"])
     request_body, response_body = bodies
-    return LogRow(**fields, customers=customers, request_body=request_body, response_body=response_body)
+    return LogRow(
+        **fields, customers=customers, request_body=request_body, response_body=response_body
+    )
 
 
 def _arrow_tables(rows: builtins.list[LogRow]) -> dict[str, pa.Table]:
@@ -659,11 +661,10 @@ def _arrow_tables(rows: builtins.list[LogRow]) -> dict[str, pa.Table]:
     }
 
 
-def _arrow_table(fields: dict[str, pa.DataType], records: builtins.list[tuple[Any, ...]]) -> pa.Table:
-    columns = builtins.list(zip(*records, strict=True)) if records else [()] * len(fields)
-    return pa.table(
-        {name: pa.array(column, kind) for (name, kind), column in zip(fields.items(), columns, strict=True)}
-    )
+def _arrow_table(fields: dict[str, pa.DataType], records: Sequence[tuple[Any, ...]]) -> pa.Table:
+    columns = zip(*records, strict=True) if records else [()] * len(fields)
+    arrays = [pa.array(col, kind) for kind, col in zip(fields.values(), columns, strict=True)]
+    return pa.table(arrays, names=builtins.list(fields))
 
 
 def _check_row(row: LogRow) -> None:

@@ -11,7 +11,9 @@ from engine.connectors import ConnectorInfo
 from engine.errors import InvalidInputError
 
 
-def plugin_manager(extra_plugins: Iterable[object] = (), load_entry_points: bool = True) -> pluggy.PluginManager:
+def plugin_manager(
+    extra_plugins: Iterable[object] = (), load_entry_points: bool = True
+) -> pluggy.PluginManager:
     """A plugin manager with the hook specs, installed plugins and ``extra_plugins``."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
@@ -40,4 +42,6 @@ class Connectors:
             return self._by_name[name]
         except KeyError:
             allowed = ", ".join(self.names()) or "(no connector plugin installed)"
-            raise InvalidInputError("connector", f"unknown connector {name!r}; installed: {allowed}") from None
+            raise InvalidInputError(
+                "connector", f"unknown connector {name!r}; installed: {allowed}"
+            ) from None

@@ -78,7 +78,9 @@ class DurableQueue:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def claim(self, connection_id: str, limit: int, now: float | None = None) -> list[QueueItem]:
+    async def claim(
+        self, connection_id: str, limit: int, now: float | None = None
+    ) -> list[QueueItem]:
         """The oldest ready items of the connection, skipping lanes held by a pending retry."""
         at = time.time() if now is None else now
 
@@ -92,7 +94,9 @@ class DurableQueue:
                 (connection_id, at, limit),
             ).fetchall()
             return [
-                QueueItem(seq, connection_id, cust, kind, eid, orjson.loads(payload), enq, att, first)
+                QueueItem(
+                    seq, connection_id, cust, kind, eid, orjson.loads(payload), enq, att, first
+                )
                 for seq, cust, kind, eid, payload, enq, att, first in rows
             ]
 
@@ -117,14 +121,24 @@ class DurableQueue:
                 [(r.next_attempt_time, r.error, now, r.seq) for r in retries],
             )
             c.executemany(
-                "INSERT OR REPLACE INTO dead_letters (seq, connection_id, customer_id, kind, event_id,"
+                "INSERT OR REPLACE INTO dead_letters (seq, connection_id, customer_id, kind,"
+                " event_id,"
                 " payload, enqueue_time, attempts, stage, error, request_id, fail_time)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
-                        d.item.seq, d.item.connection_id, d.item.customer_id, d.item.kind,
-                        d.item.event_id, orjson.dumps(d.item.payload), d.item.enqueue_time,
-                        d.item.attempts + 1, d.stage, d.error, d.request_id, now,
+                        d.item.seq,
+                        d.item.connection_id,
+                        d.item.customer_id,
+                        d.item.kind,
+                        d.item.event_id,
+                        orjson.dumps(d.item.payload),
+                        d.item.enqueue_time,
+                        d.item.attempts + 1,
+                        d.stage,
+                        d.error,
+                        d.request_id,
+                        now,
                     )
                     for d in dead
                 ],

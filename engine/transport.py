@@ -67,8 +67,16 @@ class RecordingTransport:
         def record(status: int, response: bytes, error: str, ambiguous: bool) -> None:
             self.exchanges.append(
                 Exchange(
-                    request_id, sent_at, method, url, status, time.perf_counter() - started,
-                    _logged(body), _logged(response), error, ambiguous,
+                    request_id,
+                    sent_at,
+                    method,
+                    url,
+                    status,
+                    time.perf_counter() - started,
+                    _logged(body),
+                    _logged(response),
+                    error,
+                    ambiguous,
                 )
             )
 
@@ -81,7 +89,9 @@ class RecordingTransport:
                     response.status, dict(response.headers), payload, time.perf_counter() - started
                 )
         except TimeoutError:
-            message = f"no answer within {self._timeout.total:g} s (the request may have been applied)"
+            message = (
+                f"no answer within {self._timeout.total:g} s (the request may have been applied)"
+            )
             record(0, b"", message, True)
             raise RetryableError(message) from None
         except aiohttp.ClientConnectorError as exc:
@@ -89,7 +99,10 @@ class RecordingTransport:
             record(0, b"", message, False)
             raise RetryableError(message) from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            message = f"connection lost before the answer ({exc.__class__.__name__}; the request may have been applied)"
+            message = (
+                f"connection lost before the answer ({exc.__class__.__name__}; "
+                "the request may have been applied)"
+            )
             record(0, b"", message, True)
             raise RetryableError(message) from None
         record(answer.status, answer.body, "", False)
@@ -100,6 +113,14 @@ class RecordingTransport:
         if self.exchanges and not self.exchanges[-1].error:
             last = self.exchanges[-1]
             self.exchanges[-1] = Exchange(
-                last.request_id, last.time, last.method, last.url, last.status, last.elapsed,
-                last.request_body, last.response_body, error, last.ambiguous,
+                last.request_id,
+                last.time,
+                last.method,
+                last.url,
+                last.status,
+                last.elapsed,
+                last.request_body,
+                last.response_body,
+                error,
+                last.ambiguous,
             )

@@ -19,7 +19,9 @@ from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 
 PARTNER = "acme"
 API_KEY = "ucd-secret-key-0123456789"
-FAST_DELIVERY = DeliverySettings(linger=0.01, base_backoff=0.05, max_backoff=0.2, request_timeout=5.0)
+FAST_DELIVERY = DeliverySettings(
+    linger=0.01, base_backoff=0.05, max_backoff=0.2, request_timeout=5.0
+)
 
 
 @pytest.fixture
@@ -31,7 +33,9 @@ async def sandbox() -> AsyncIterator[RunningSandbox]:
 
 @pytest.fixture
 def engine_config(tmp_path: Path) -> EngineConfig:
-    return EngineConfig(data_dir=tmp_path / "data", grpc_port=0, http_port=0, delivery=FAST_DELIVERY)
+    return EngineConfig(
+        data_dir=tmp_path / "data", grpc_port=0, http_port=0, delivery=FAST_DELIVERY
+    )
 
 
 @pytest.fixture
@@ -57,21 +61,26 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def post_events(
     http: aiohttp.ClientSession, engine: Engine, body: Any, **kwargs: Any
 ) -> tuple[int, Any]:
-    async with http.post(f"http://127.0.0.1:{engine.http_port}/v1/events", json=body, **kwargs) as r:
+    async with http.post(
+        f"http://127.0.0.1:{engine.http_port}/v1/events", json=body, **kwargs
+    ) as r:
         return r.status, await r.json()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
     """Waits until ``check`` holds; fails the test with a clear message otherwise."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {check.__name__}")
+            raise AssertionError(f"condition not met within {within} s: {check.__name__}")
         await asyncio.sleep(0.02)
 
 
 async def insider_connection(
-    client: TidegateClient, sandbox: RunningSandbox, connection_id: str = "insider-main", **kwargs: Any
+    client: TidegateClient,
+    sandbox: RunningSandbox,
+    connection_id: str = "insider-main",
+    **kwargs: Any,
 ) -> None:
     """A connection to the sandbox mapping a typical set of attributes and events."""
     await client.create_connection(
@@ -98,4 +107,6 @@ async def insider_connection(
             ("channel", "sales_channel", True),
         ],
     )
-    await client.add_event_mapping(connection_id, "point_add", "loyalty_points_earned", [("points", "points", True)])
+    await client.add_event_mapping(
+        connection_id, "point_add", "loyalty_points_earned", [("points", "points", True)]
+    )

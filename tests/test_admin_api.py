@@ -39,7 +39,9 @@ async def test_created_connection_never_returns_the_api_key(client: TidegateClie
     assert fetched.state == cpb.CONNECTION_STATE_ACTIVE
 
 
-async def test_api_key_is_encrypted_in_the_state_database(client: TidegateClient, engine: Engine) -> None:
+async def test_api_key_is_encrypted_in_the_state_database(
+    client: TidegateClient, engine: Engine
+) -> None:
     await client.create_connection("shop-eu", api_key=API_KEY, settings=SETTINGS)
     raw = (engine.config.data_dir / "state.sqlite3").read_bytes()
     wal = engine.config.data_dir / "state.sqlite3-wal"
@@ -53,15 +55,23 @@ async def test_api_key_is_encrypted_in_the_state_database(client: TidegateClient
     [
         (cpb.Connection(id="Bad Id", api_key=API_KEY, settings=SETTINGS), "connection.id"),
         (cpb.Connection(id="x", api_key="", settings=SETTINGS), "connection.api_key"),
-        (cpb.Connection(id="x", api_key=API_KEY, settings={"partner_name": "ACME"}), "partner_name"),
-        (cpb.Connection(id="x", api_key=API_KEY, settings={}), "partner_name"),
-        (cpb.Connection(id="x", api_key=API_KEY, settings=SETTINGS, connector="braze"), "connector"),
+        (
+            cpb.Connection(id="x", api_key=API_KEY, settings={"partner_name": "ACME"}),
+            "connection.settings.partner_name",
+        ),
+        (cpb.Connection(id="x", api_key=API_KEY, settings={}), "connection.settings.partner_name"),
+        (
+            cpb.Connection(id="x", api_key=API_KEY, settings=SETTINGS, connector="braze"),
+            "connector",
+        ),
         (
             cpb.Connection(
-                id="x", api_key=API_KEY, settings=SETTINGS,
+                id="x",
+                api_key=API_KEY,
+                settings=SETTINGS,
                 customer_id_mapping=cpb.CustomerIdMapping(target_identifier="insider_id"),
             ),
-            "target_identifier",
+            "connection.customer_id_mapping.target_identifier",
         ),
     ],
 )
@@ -79,7 +89,9 @@ async def test_duplicate_connection_id_is_rejected(client: TidegateClient) -> No
     await client.create_connection("dup", api_key=API_KEY, settings=SETTINGS)
     await expect_error(
         client.connections.CreateConnection(
-            cpb.CreateConnectionRequest(connection=cpb.Connection(id="dup", api_key=API_KEY, settings=SETTINGS))
+            cpb.CreateConnectionRequest(
+                connection=cpb.Connection(id="dup", api_key=API_KEY, settings=SETTINGS)
+            )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "already exists",
@@ -133,57 +145,93 @@ async def test_mapping_changes_raise_the_mapping_version(client: TidegateClient)
     created = await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
     added = await client.mappings.AddProfileMapping(
         mpb.AddProfileMappingRequest(
-            mapping=mpb.ProfileMapping(connection_id="c1", source_attribute="first_name", target_attribute="name")
+            mapping=mpb.ProfileMapping(
+                connection_id="c1", source_attribute="first_name", target_attribute="name"
+            )
         )
     )
     assert added.mapping_version == created.mapping_version + 1
     updated = await client.mappings.UpdateProfileMapping(
         mpb.UpdateProfileMappingRequest(
-            mapping=mpb.ProfileMapping(id=added.mapping.id, source_attribute="handler", target_attribute="name")
+            mapping=mpb.ProfileMapping(
+                id=added.mapping.id, source_attribute="handler", target_attribute="name"
+            )
         )
     )
     assert updated.mapping.source_attribute == "handler"
-    listed = await client.mappings.ListProfileMappings(mpb.ListProfileMappingsRequest(connection_id="c1"))
-    assert [(m.source_attribute, m.target_attribute) for m in listed.mappings] == [("handler", "name")]
-    removed = await client.mappings.RemoveProfileMapping(mpb.RemoveProfileMappingRequest(id=added.mapping.id))
+    listed = await client.mappings.ListProfileMappings(
+        mpb.ListProfileMappingsRequest(connection_id="c1")
+    )
+    assert [(m.source_attribute, m.target_attribute) for m in listed.mappings] == [
+        ("handler", "name")
+    ]
+    removed = await client.mappings.RemoveProfileMapping(
+        mpb.RemoveProfileMappingRequest(id=added.mapping.id)
+    )
     assert removed.mapping_version == created.mapping_version + 3
-    listed = await client.mappings.ListProfileMappings(mpb.ListProfileMappingsRequest(connection_id="c1"))
+    listed = await client.mappings.ListProfileMappings(
+        mpb.ListProfileMappingsRequest(connection_id="c1")
+    )
     assert list(listed.mappings) == []
 
 
 async def test_event_mapping_keeps_parameters_and_custom_flags(client: TidegateClient) -> None:
     await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
     mapping = await client.add_event_mapping(
-        "c1", "checkout", "purchase", [("transaction_id", "event_group_id", False), ("store", "store_code", True)]
+        "c1",
+        "checkout",
+        "purchase",
+        [("transaction_id", "event_group_id", False), ("store", "store_code", True)],
     )
-    listed = await client.mappings.ListEventMappings(mpb.ListEventMappingsRequest(connection_id="c1"))
+    listed = await client.mappings.ListEventMappings(
+        mpb.ListEventMappingsRequest(connection_id="c1")
+    )
     assert listed.mappings[0].id == mapping.id
-    assert [(p.source_parameter, p.target_parameter, p.custom) for p in listed.mappings[0].parameters] == [
+    assert [
+        (p.source_parameter, p.target_parameter, p.custom) for p in listed.mappings[0].parameters
+    ] == [
         ("transaction_id", "event_group_id", False),
         ("store", "store_code", True),
     ]
     updated = await client.mappings.UpdateEventMapping(
         mpb.UpdateEventMappingRequest(
-            mapping=mpb.EventMapping(id=mapping.id, source_event="checkout", target_event="confirmation_page_view")
+            mapping=mpb.EventMapping(
+                id=mapping.id, source_event="checkout", target_event="confirmation_page_view"
+            )
         )
     )
     assert updated.mapping.target_event == "confirmation_page_view"
     assert list(updated.mapping.parameters) == []
     await client.mappings.RemoveEventMapping(mpb.RemoveEventMappingRequest(id=mapping.id))
-    listed = await client.mappings.ListEventMappings(mpb.ListEventMappingsRequest(connection_id="c1"))
+    listed = await client.mappings.ListEventMappings(
+        mpb.ListEventMappingsRequest(connection_id="c1")
+    )
     assert list(listed.mappings) == []
 
 
 @pytest.mark.parametrize(
     ("mapping", "field"),
     [
-        (mpb.ProfileMapping(connection_id="c1", source_attribute="", target_attribute="name"), "mapping.source_attribute"),
-        (mpb.ProfileMapping(connection_id="c1", source_attribute="tier", target_attribute="tier"), "target_attribute"),
         (
-            mpb.ProfileMapping(connection_id="c1", source_attribute="email", target_attribute="email", custom=True),
-            "target_attribute",
+            mpb.ProfileMapping(connection_id="c1", source_attribute="", target_attribute="name"),
+            "mapping.source_attribute",
         ),
-        (mpb.ProfileMapping(connection_id="", source_attribute="a", target_attribute="name"), "mapping.connection_id"),
+        (
+            mpb.ProfileMapping(
+                connection_id="c1", source_attribute="tier", target_attribute="tier"
+            ),
+            "mapping.target_attribute",
+        ),
+        (
+            mpb.ProfileMapping(
+                connection_id="c1", source_attribute="email", target_attribute="email", custom=True
+            ),
+            "mapping.target_attribute",
+        ),
+        (
+            mpb.ProfileMapping(connection_id="", source_attribute="a", target_attribute="name"),
+            "mapping.connection_id",
+        ),
     ],
 )
 async def test_invalid_profile_mapping_is_rejected_naming_the_field(
@@ -200,13 +248,20 @@ async def test_invalid_profile_mapping_is_rejected_naming_the_field(
 @pytest.mark.parametrize(
     ("mapping", "field"),
     [
-        (mpb.EventMapping(connection_id="c1", source_event="checkout", target_event="Purchase"), "target_event"),
+        (
+            mpb.EventMapping(connection_id="c1", source_event="checkout", target_event="Purchase"),
+            "mapping.target_event",
+        ),
         (
             mpb.EventMapping(
-                connection_id="c1", source_event="checkout", target_event="purchase",
-                parameters=[mpb.ParameterMapping(source_parameter="x", target_parameter="not_a_default")],
+                connection_id="c1",
+                source_event="checkout",
+                target_event="purchase",
+                parameters=[
+                    mpb.ParameterMapping(source_parameter="x", target_parameter="not_a_default")
+                ],
             ),
-            "parameters[0].target_parameter",
+            "mapping.parameters[0].target_parameter",
         ),
     ],
 )
@@ -239,4 +294,6 @@ async def test_mapping_for_unknown_connection_is_not_found(client: TidegateClien
 
 
 async def test_unknown_log_id_is_not_found(client: TidegateClient) -> None:
-    await expect_error(client.get_log("01a21bab-0000-7000-8000-000000000000"), grpc.StatusCode.NOT_FOUND)
+    await expect_error(
+        client.get_log("01a21bab-0000-7000-8000-000000000000"), grpc.StatusCode.NOT_FOUND
+    )

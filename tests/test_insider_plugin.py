@@ -266,9 +266,7 @@ def test_hook_connector_info_rejects_event_mapping(mapping: EventMapping, field:
 
 
 def test_hook_identify_sends_antavo_customer_id_as_uuid() -> None:
-    assert plugin.identify(connection=insider_connection(), customer=ANA) == {
-        "uuid": "cust-000123"
-    }
+    assert plugin.identify(connection=insider_connection(), customer=ANA) == {"uuid": "cust-000123"}
 
 
 def test_hook_identify_sends_a_numeric_attribute_as_a_string_uuid() -> None:
@@ -372,9 +370,7 @@ def test_hook_map_profile_sends_only_changed_attributes() -> None:
         ProfileMapping("m1", "first_name", "name"), ProfileMapping("m2", "city", "city")
     )
 
-    attributes = plugin.map_profile(
-        connection=connection, customer=ANA, change=change(city="Pécs")
-    )
+    attributes = plugin.map_profile(connection=connection, customer=ANA, change=change(city="Pécs"))
 
     assert attributes == {"city": "Pécs"}
 
@@ -926,9 +922,7 @@ async def test_hook_send_returns_none_for_another_connector(
 ) -> None:
     connection = dataclasses.replace(send_connection(insider), connector="other")
 
-    awaitable = plugin.send(
-        connection=connection, deliveries=one_delivery(), transport=transport
-    )
+    awaitable = plugin.send(connection=connection, deliveries=one_delivery(), transport=transport)
 
     assert awaitable is None
     assert insider.received == []

@@ -234,7 +234,9 @@ async def test_page_size_is_clamped(store: LogStore) -> None:
     assert len((await store.list(LogQuery(), page_size=5000))[0]) == 60
 
 
-@pytest.mark.parametrize("token", ["garbage!", "bm90IGpzb24", "eyJ0aW1lIjogMX0", "W10"])
+@pytest.mark.parametrize(
+    "token", ["garbage!", "bm90IGpzb24", "eyJ0aW1lIjogMX0", "W10", "eyJ0aW1lIjoxLjUsImlkIjo3fQ"]
+)
 async def test_invalid_page_token_raises_invalid_input_error(store: LogStore, token: str) -> None:
     with pytest.raises(InvalidInputError) as raised:
         await store.list(LogQuery(), page_token=token)

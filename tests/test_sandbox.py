@@ -218,9 +218,7 @@ async def test_upsert_over_max_body_bytes_is_400_not_413(
     big = {"users": [user(attributes={"name": "x" * 3_000})]}
     answer = await call(http, sandbox, UPSERT, big)
     assert answer.status == 400
-    assert answer.body == {
-        "error": "request body is bigger than maximum allowed size 2,000 bytes"
-    }
+    assert answer.body == {"error": "request body is bigger than maximum allowed size 2,000 bytes"}
 
 
 async def test_upsert_at_exactly_max_body_bytes_is_accepted(
@@ -280,18 +278,14 @@ async def test_numeric_uuid_fails_user_with_type_string_key(
 async def test_invalid_phone_identifier_fails_with_e164_regexp_key(
     sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
-    answer = await upsert(
-        http, sandbox, by({"phone_number": "12345"}, age=3)
-    )
+    answer = await upsert(http, sandbox, by({"phone_number": "12345"}, age=3))
     assert fail_errors(answer) == {PHONE_KEY: ["user has an invalid phone number: 12345"]}
 
 
 async def test_unknown_identifier_key_fails_with_defaults_column_key(
     sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
-    answer = await upsert(
-        http, sandbox, by({"uuid": "u-1", "loyalty_id": "L-1"}, age=3)
-    )
+    answer = await upsert(http, sandbox, by({"uuid": "u-1", "loyalty_id": "L-1"}, age=3))
     assert fail_errors(answer) == {
         "users.0.identifiers.*.in(defaults_column)": [
             "key must be one of phone_number(pn), email(em) or uuid"
@@ -566,9 +560,7 @@ async def test_user_matching_by_any_identifier_updates_the_same_profile(
     sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
     await upsert(http, sandbox, by({"email": "a@x.com"}, name="A"))
-    await upsert(
-        http, sandbox, by({"uuid": "u-1", "email": "a@x.com"}, age=9)
-    )
+    await upsert(http, sandbox, by({"uuid": "u-1", "email": "a@x.com"}, age=9))
     users = await stored_users(http, sandbox)
     assert len(users) == 1
     assert users[0]["attributes"] == {"name": "A", "age": 9}
@@ -897,7 +889,7 @@ async def test_delete_state_resets_users_requests_and_faults(
 
 
 async def test_run_sandbox_prints_url_and_serves_until_interrupted(
-    http: aiohttp.ClientSession
+    http: aiohttp.ClientSession,
 ) -> None:
     code = (
         "from plugins.insider.sandbox import SandboxConfig, run_sandbox\n"

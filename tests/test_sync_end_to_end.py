@@ -18,7 +18,12 @@ OPT_IN = {
     "customer": "cust-1",
     "action": "opt_in",
     "id": "evt-1",
-    "data": {"email": "ana@example.com", "first_name": "Ana", "last_name": "Kovacs", "tier": "gold"},
+    "data": {
+        "email": "ana@example.com",
+        "first_name": "Ana",
+        "last_name": "Kovacs",
+        "tier": "gold",
+    },
 }
 CHECKOUT = {
     "customer": "cust-1",
@@ -69,7 +74,9 @@ async def test_log_row_is_listed_and_streamed_to_an_open_stream(
     engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
     await insider_connection(client, sandbox)
-    call = client.logs.StreamLogs(logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(customer_id="cust-1")))
+    call = client.logs.StreamLogs(
+        logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(customer_id="cust-1"))
+    )
     await call.initial_metadata()
     await post_events(http, engine, {"events": [OPT_IN, CHECKOUT]})
     streamed = await asyncio.wait_for(call.read(), 10)
@@ -145,9 +152,13 @@ async def test_events_of_one_customer_arrive_in_order(
     engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
     await insider_connection(client, sandbox)
-    await post_events(http, engine, {"customer": "c", "action": "opt_in", "data": {"email": "c@example.com"}})
+    await post_events(
+        http, engine, {"customer": "c", "action": "opt_in", "data": {"email": "c@example.com"}}
+    )
     for n in range(30):
-        await post_events(http, engine, {"customer": "c", "action": "point_add", "data": {"points": n}})
+        await post_events(
+            http, engine, {"customer": "c", "action": "point_add", "data": {"points": n}}
+        )
 
     async def all_there() -> bool:
         user = sandbox.state.lookup("uuid", "c")
@@ -163,14 +174,16 @@ async def test_batches_stay_within_insiders_user_limit(
     engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
     await insider_connection(client, sandbox)
-    events = [{"customer": f"c{n}", "action": "point_add", "data": {"points": n}} for n in range(2500)]
+    events = [
+        {"customer": f"c{n}", "action": "point_add", "data": {"points": n}} for n in range(2500)
+    ]
     status, body = await post_events(http, engine, {"events": events})
     assert (status, body["deliveries_queued"]) == (202, 2500)
 
     async def delivered() -> bool:
         return len(sandbox.state.users) == 2500
 
-    await eventually(delivered, timeout=30)
+    await eventually(delivered, within=30)
     sizes = [len(r["body"]["users"]) for r in sandbox.state.requests]
     assert max(sizes) <= 1000
     assert sum(sizes) == 2500
@@ -192,7 +205,9 @@ async def test_refused_credentials_pause_the_connection_until_the_key_changes(
     assert connection.queue_depth == 1  # the backlog is kept
     assert sandbox.state.lookup("uuid", "cust-1") is None
     await client.connections.UpdateConnection(
-        connections_pb2.UpdateConnectionRequest(connection=connections_pb2.Connection(id="insider-main", api_key=API_KEY))
+        connections_pb2.UpdateConnectionRequest(
+            connection=connections_pb2.Connection(id="insider-main", api_key=API_KEY)
+        )
     )
 
     async def delivered() -> bool:
@@ -260,8 +275,12 @@ async def test_queued_items_survive_a_restart(
         await second.stop(grace=1.0)
 
 
-async def test_a_stream_with_a_bad_filter_is_refused(engine: Engine, client: TidegateClient) -> None:
-    call = client.logs.StreamLogs(logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(status_codes=[999])))
+async def test_a_stream_with_a_bad_filter_is_refused(
+    engine: Engine, client: TidegateClient
+) -> None:
+    call = client.logs.StreamLogs(
+        logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(status_codes=[999]))
+    )
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await call.read()
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT

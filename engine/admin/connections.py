@@ -51,9 +51,13 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             settings=dict(view.settings),
             api_key_hint=view.api_key_hint,
             customer_id_mapping=pb.CustomerIdMapping(
-                source_attribute=m.source_attribute, target_identifier=m.target_identifier, custom=m.custom
+                source_attribute=m.source_attribute,
+                target_identifier=m.target_identifier,
+                custom=m.custom,
             ),
-            state=pb.CONNECTION_STATE_PAUSED if view.state == STATE_PAUSED else pb.CONNECTION_STATE_ACTIVE,
+            state=pb.CONNECTION_STATE_PAUSED
+            if view.state == STATE_PAUSED
+            else pb.CONNECTION_STATE_ACTIVE,
             state_reason=view.state_reason,
             mapping_version=view.mapping_version,
             queue_depth=stats.depth,
@@ -86,7 +90,9 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     ) -> pb.GetConnectionResponse:
         if not request.id:
             raise InvalidInputError("id", "required")
-        return pb.GetConnectionResponse(connection=await self._message(self._registry.view(request.id)))
+        return pb.GetConnectionResponse(
+            connection=await self._message(self._registry.view(request.id))
+        )
 
     @rpc
     async def ListConnections(
@@ -113,7 +119,8 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         for path in paths:
             if path not in UPDATABLE_FIELDS:
                 raise InvalidInputError(
-                    "update_mask", f"cannot update {path!r}; updatable: {', '.join(UPDATABLE_FIELDS)}"
+                    "update_mask",
+                    f"cannot update {path!r}; updatable: {', '.join(UPDATABLE_FIELDS)}",
                 )
         if not paths:  # no mask: every field that carries a value
             paths = [f for f in ("display_name", "api_key") if getattr(c, f)]

@@ -51,7 +51,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if not request.events:
             raise InvalidInputError("events", "expected at least one event")
         if len(request.events) > MAX_EVENTS_PER_REQUEST:
-            raise InvalidInputError("events", f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+            raise InvalidInputError(
+                "events", f"at most {MAX_EVENTS_PER_REQUEST} events per request"
+            )
         events = [parse_event(event_dict(e), f"events[{i}]") for i, e in enumerate(request.events)]
         result = await self._ingestor.ingest(events)
         return pb.IngestEventsResponse(

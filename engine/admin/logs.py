@@ -67,16 +67,22 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
         self._logs = logs
 
     @rpc
-    async def ListLogs(self, request: pb.ListLogsRequest, context: grpc.aio.ServicerContext) -> pb.ListLogsResponse:
+    async def ListLogs(
+        self, request: pb.ListLogsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLogsResponse:
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
-            raise InvalidInputError("page_size", f"must be between 0 and {MAX_PAGE_SIZE} (0 means 50)")
+            raise InvalidInputError(
+                "page_size", f"must be between 0 and {MAX_PAGE_SIZE} (0 means 50)"
+            )
         rows, token = await self._logs.list(
             query_from_pb(request.filter), request.page_size or 50, request.page_token
         )
         return pb.ListLogsResponse(logs=[entry_pb(r) for r in rows], next_page_token=token)
 
     @rpc
-    async def GetLog(self, request: pb.GetLogRequest, context: grpc.aio.ServicerContext) -> pb.GetLogResponse:
+    async def GetLog(
+        self, request: pb.GetLogRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetLogResponse:
         if not request.id:
             raise InvalidInputError("id", "required: a request identifier")
         row = await self._logs.get(request.id)

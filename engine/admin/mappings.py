@@ -30,7 +30,9 @@ def event_pb(connection_id: str, m: EventMapping) -> pb.EventMapping:
         target_event=m.target_event,
         parameters=[
             pb.ParameterMapping(
-                source_parameter=p.source_parameter, target_parameter=p.target_parameter, custom=p.custom
+                source_parameter=p.source_parameter,
+                target_parameter=p.target_parameter,
+                custom=p.custom,
             )
             for p in m.parameters
         ],
@@ -68,8 +70,11 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             required(m.source_attribute, "mapping.source_attribute"),
             required(m.target_attribute, "mapping.target_attribute"),
             m.custom,
+            m.id,
         )
-        return pb.AddProfileMappingResponse(mapping=profile_pb(connection_id, mapping), mapping_version=version)
+        return pb.AddProfileMappingResponse(
+            mapping=profile_pb(connection_id, mapping), mapping_version=version
+        )
 
     @rpc
     async def ListProfileMappings(
@@ -92,16 +97,16 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             required(m.target_attribute, "mapping.target_attribute"),
             m.custom,
         )
-        return pb.UpdateProfileMappingResponse(mapping=profile_pb(connection_id, mapping), mapping_version=version)
+        return pb.UpdateProfileMappingResponse(
+            mapping=profile_pb(connection_id, mapping), mapping_version=version
+        )
 
     @rpc
     async def RemoveProfileMapping(
         self, request: pb.RemoveProfileMappingRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveProfileMappingResponse:
-        mapping_id = required(request.id, "id")
-        if not mapping_id.startswith("pm-"):
-            raise InvalidInputError("id", "not a profile mapping id (they start with pm-)")
-        return pb.RemoveProfileMappingResponse(mapping_version=await self._registry.remove_mapping(mapping_id))
+        version = await self._registry.remove_mapping(required(request.id, "id"), "profile")
+        return pb.RemoveProfileMappingResponse(mapping_version=version)
 
     @rpc
     async def AddEventMapping(
@@ -115,8 +120,11 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             required(m.source_event, "mapping.source_event"),
             required(m.target_event, "mapping.target_event"),
             parameters_from_pb(m),
+            m.id,
         )
-        return pb.AddEventMappingResponse(mapping=event_pb(connection_id, mapping), mapping_version=version)
+        return pb.AddEventMappingResponse(
+            mapping=event_pb(connection_id, mapping), mapping_version=version
+        )
 
     @rpc
     async def ListEventMappings(
@@ -139,13 +147,13 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             required(m.target_event, "mapping.target_event"),
             parameters_from_pb(m),
         )
-        return pb.UpdateEventMappingResponse(mapping=event_pb(connection_id, mapping), mapping_version=version)
+        return pb.UpdateEventMappingResponse(
+            mapping=event_pb(connection_id, mapping), mapping_version=version
+        )
 
     @rpc
     async def RemoveEventMapping(
         self, request: pb.RemoveEventMappingRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveEventMappingResponse:
-        mapping_id = required(request.id, "id")
-        if not mapping_id.startswith("em-"):
-            raise InvalidInputError("id", "not an event mapping id (they start with em-)")
-        return pb.RemoveEventMappingResponse(mapping_version=await self._registry.remove_mapping(mapping_id))
+        version = await self._registry.remove_mapping(required(request.id, "id"), "event")
+        return pb.RemoveEventMappingResponse(mapping_version=version)

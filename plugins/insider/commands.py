@@ -30,7 +30,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
         "demo", help="run the engine and the Insider sandbox with sample mappings and traffic"
     )
     demo.add_argument("--data-dir", type=Path, default=None, help="default: a temporary folder")
-    demo.add_argument("--grpc-port", type=_port, default=0, help="admin API port (default: any free)")
+    demo.add_argument(
+        "--grpc-port", type=_port, default=0, help="admin API port (default: any free)"
+    )
     demo.add_argument("--http-port", type=_port, default=0, help="ingest port (default: any free)")
     demo.add_argument("--customers", type=int, default=40, help="simulated customers (default 40)")
     demo.add_argument(

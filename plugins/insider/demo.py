@@ -26,7 +26,18 @@ from plugins.insider.sandbox import SandboxConfig, start_sandbox
 
 CONNECTION_ID = "insider-demo"
 PARTNER = "tidegate-demo"
-FIRST_NAMES = ["Ana", "Bence", "Chloe", "Dario", "Eszter", "Farid", "Greta", "Hiro", "Ines", "Jonas"]
+FIRST_NAMES = [
+    "Ana",
+    "Bence",
+    "Chloe",
+    "Dario",
+    "Eszter",
+    "Farid",
+    "Greta",
+    "Hiro",
+    "Ines",
+    "Jonas",
+]
 LAST_NAMES = ["Kovacs", "Lindqvist", "Moreau", "Nagy", "Okafor", "Petrov", "Quinn", "Rossi"]
 PROFILE_MAPPINGS = [
     ("email", "email", False),
@@ -50,8 +61,16 @@ EVENT_MAPPINGS: list[tuple[str, str, list[tuple[str, str, bool]]]] = [
             ("total_quantity", "quantity", False),
         ],
     ),
-    ("point_add", "loyalty_points_earned", [("points", "points", True), ("reason", "reason", True)]),
-    ("coupon_redeem", "coupon_redeemed", [("code", "coupon_code", True), ("amount", "amount", True)]),
+    (
+        "point_add",
+        "loyalty_points_earned",
+        [("points", "points", True), ("reason", "reason", True)],
+    ),
+    (
+        "coupon_redeem",
+        "coupon_redeemed",
+        [("code", "coupon_code", True), ("amount", "amount", True)],
+    ),
 ]
 
 
@@ -71,7 +90,11 @@ def traffic(customers: int, seed: int = 7) -> list[list[dict[str, Any]]]:
     for n, cid in enumerate(ids):
         first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
         # Every tenth customer signs up with a malformed email: Insider rejects that user.
-        email = f"{first}.{last}{n}@example.com".lower() if n % 10 != 3 else f"{first}.{last}-at-example"
+        email = (
+            f"{first}.{last}{n}@example.com".lower()
+            if n % 10 != 3
+            else f"{first}.{last}-at-example"
+        )
         opt_ins.append(
             {
                 "customer": cid,
@@ -81,7 +104,8 @@ def traffic(customers: int, seed: int = 7) -> list[list[dict[str, Any]]]:
                     "email": email,
                     "first_name": first,
                     "last_name": last,
-                    "birth_date": f"19{rng.randint(60, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+                    "birth_date": f"19{rng.randint(60, 99)}-0{rng.randint(1, 9)}-"
+                    f"{rng.randint(10, 28)}",
                     "gender": rng.choice(["male", "female"]),
                     "newsletter_optin": rng.random() < 0.7,
                     "favourite_store": rng.choice(["BUD-01", "VIE-02", "BER-03"]),
@@ -90,9 +114,15 @@ def traffic(customers: int, seed: int = 7) -> list[list[dict[str, Any]]]:
         )
     activity = []
     for n, cid in enumerate(ids):
-        activity.append({"customer": cid, "action": "profile", "data": {"tier": rng.choice(["silver", "gold"])}})
         activity.append(
-            {"customer": cid, "action": "point_add", "data": {"points": rng.choice([50, 100, 250]), "reason": "welcome"}}
+            {"customer": cid, "action": "profile", "data": {"tier": rng.choice(["silver", "gold"])}}
+        )
+        activity.append(
+            {
+                "customer": cid,
+                "action": "point_add",
+                "data": {"points": rng.choice([50, 100, 250]), "reason": "welcome"},
+            }
         )
         checkout: dict[str, Any] = {
             "transaction_id": f"ORD-{10000 + n}",
@@ -104,7 +134,13 @@ def traffic(customers: int, seed: int = 7) -> list[list[dict[str, Any]]]:
             del checkout["currency"]  # Insider requires currency on purchase: this one fails
         activity.append({"customer": cid, "action": "checkout", "data": checkout})
         if n % 4 == 0:
-            activity.append({"customer": cid, "action": "coupon_redeem", "data": {"code": "WELCOME10", "amount": 10}})
+            activity.append(
+                {
+                    "customer": cid,
+                    "action": "coupon_redeem",
+                    "data": {"code": "WELCOME10", "amount": 10},
+                }
+            )
     half = len(activity) // 2
     return [opt_ins, activity[:half], activity[half:]]
 
@@ -132,12 +168,17 @@ async def _demo(args: argparse.Namespace) -> int:
         data_dir = Path(tmp.name)
     api_key = "demo-" + secrets.token_hex(8)
     sandbox = await start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=api_key))
-    engine = Engine(EngineConfig(data_dir=data_dir, grpc_port=args.grpc_port, http_port=args.http_port))
+    engine = Engine(
+        EngineConfig(data_dir=data_dir, grpc_port=args.grpc_port, http_port=args.http_port)
+    )
     await engine.start()
     _print("Tidegate demo")
     _print(f"  Insider sandbox  {sandbox.url}")
     _print(f"  ingest endpoint  http://127.0.0.1:{engine.http_port}/v1/events")
-    _print(f"  gRPC admin API   127.0.0.1:{engine.grpc_port}   (try: grpcurl -plaintext 127.0.0.1:{engine.grpc_port} list)")
+    _print(
+        f"  gRPC admin API   127.0.0.1:{engine.grpc_port}"
+        f"   (try: grpcurl -plaintext 127.0.0.1:{engine.grpc_port} list)"
+    )
     _print(f"  data             {data_dir}")
     try:
         async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
@@ -193,7 +234,8 @@ async def _demo(args: argparse.Namespace) -> int:
             _print(
                 f"\n{sent} Antavo events in, {len(seen)} requests to Insider, "
                 f"{len(users)} profiles now at the sandbox, {failed} customer deliveries rejected "
-                f"(dead letters: {connection.dead_letter_count}), queue depth {connection.queue_depth}. "
+                f"(dead letters: {connection.dead_letter_count}), "
+                f"queue depth {connection.queue_depth}. "
                 f"{time.monotonic() - started:.1f} s."
             )
             failing = next((e for e in seen if e.error), None)
@@ -204,8 +246,10 @@ async def _demo(args: argparse.Namespace) -> int:
                 _print(f"  response: {detail.response_body[:300]}")
             if args.keep_running:
                 _print(
-                    f"\nStill serving. Try: grpcurl -plaintext -d '{{\"filter\":{{\"errors_only\":true}}}}' "
-                    f"127.0.0.1:{engine.grpc_port} tidegate.admin.v1.LogService/ListLogs   (Ctrl-C to stop)"
+                    "\nStill serving. Try: grpcurl -plaintext -d "
+                    """'{"filter":{"errors_only":true}}' """
+                    f"127.0.0.1:{engine.grpc_port} tidegate.admin.v1.LogService/ListLogs"
+                    "   (Ctrl-C to stop)"
                 )
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.Event().wait()
@@ -223,8 +267,8 @@ def _stream_request() -> Any:
     return logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(connection_id=CONNECTION_ID))
 
 
-async def _drained(client: TidegateClient, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
+async def _drained(client: TidegateClient, within: float = 30.0) -> Any:
+    deadline = time.monotonic() + within
     while True:
         connection = await client.get_connection(CONNECTION_ID)
         if connection.queue_depth == 0 or time.monotonic() > deadline:

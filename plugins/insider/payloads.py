@@ -277,8 +277,7 @@ def upsert_batch(deliveries: Sequence[Delivery]) -> UpsertBatch:
         batch.item_ids.append(user.item_ids)
     if len(batch.users) > MAX_USERS_PER_REQUEST:
         raise ValueError(
-            f"{len(batch.users)} users in one upsert; Insider takes at most "
-            f"{MAX_USERS_PER_REQUEST}"
+            f"{len(batch.users)} users in one upsert; Insider takes at most {MAX_USERS_PER_REQUEST}"
         )
     return batch
 

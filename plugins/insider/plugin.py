@@ -29,6 +29,7 @@ from engine.records import (
     SendResult,
     Transport,
 )
+from plugins.insider.commands import register_commands  # noqa: F401  (a hook implementation)
 from plugins.insider.payloads import (
     DEFAULT_ATTRIBUTES,
     DEFAULT_EVENT_PARAMS,
@@ -39,7 +40,6 @@ from plugins.insider.payloads import (
     profile_attributes,
     upsert_batch,
 )
-from plugins.insider.commands import register_commands  # noqa: F401  (a hook implementation)
 from plugins.insider.responses import upsert_outcome
 
 CONNECTOR = "insider"

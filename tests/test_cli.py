@@ -1,0 +1,74 @@
+"""The ``tidegate`` command: the demo a newcomer runs, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.cli import build_parser
+from engine.plugins import plugin_manager
+
+BIN = Path(sys.executable).parent
+
+
+def tidegate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "tidegate"), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_demo_runs_the_whole_product_and_shows_rejections(tmp_path: Path) -> None:
+    result = tidegate("demo", "--customers", "20", "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "Outbound log, streamed live" in out
+    assert "200" in out
+    # Two customers of twenty have a malformed email and two checkouts lack a currency.
+    assert "not a valid email address" in out
+    assert "currency parameter is required on purchase event" in out
+    assert "queue depth 0" in out
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "outbound-log.duckdb").exists()
+
+
+def test_hook_register_commands_adds_sandbox_and_demo() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    plugin_manager().hook.register_commands(subparsers=sub)
+    assert {"sandbox", "demo"} <= set(sub.choices)
+    args = parser.parse_args(["sandbox", "--port", "9999"])
+    assert args.port == 9999 and callable(args.func)
+
+
+def test_every_command_is_listed_in_help() -> None:
+    help_text = build_parser().format_help()
+    for command in ("serve", "sandbox", "demo"):
+        assert command in help_text
+
+
+def test_out_of_range_port_is_a_usage_error() -> None:
+    result = tidegate("serve", "--grpc-port", "70000")
+    assert result.returncode == 2
+    assert "70000 is not a TCP port" in result.stderr
+
+
+def test_busy_port_gives_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = tidegate(
+            "serve", "--http-port", str(port), "--grpc-port", "0", "--data-dir", str(tmp_path)
+        )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sandbox_refuses_an_uppercase_partner_name() -> None:
+    result = tidegate("sandbox", "--port", "0", "--partner-name", "ACME")
+    assert result.returncode != 0
+    assert "lowercase" in result.stderr
