@@ -611,7 +611,7 @@ def _page_customers(
     customers: dict[str, builtins.list[LogCustomer]] = {}
     for request_id, *fields, _rank in found:
         customers.setdefault(request_id, []).append(LogCustomer(*fields))
-    return {request_id: tuple(found) for request_id, found in customers.items()}
+    return {request_id: tuple(carried) for request_id, carried in customers.items()}
 
 
 def _listed(row: LogRow, customer_id: str) -> LogRow:
