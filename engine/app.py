@@ -80,6 +80,7 @@ class Engine:
         )
         self.registry.on_change(self.deliverer.connection_changed)
         self.ingestor = Ingestor(self.db, self.registry, self.deliverer.wake)
+        await self.ingestor.load()
         await self.deliverer.start()
         self._http = web.AppRunner(
             create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None

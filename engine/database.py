@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS external_ids (
     customer_id TEXT NOT NULL,
     PRIMARY KEY (attribute, value)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS source_catalog (
+    kind TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    name TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    PRIMARY KEY (kind, parent, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen_events (
     event_id TEXT PRIMARY KEY,
     receive_time REAL NOT NULL

@@ -32,7 +32,15 @@ from engine.ingest import event_from_payload, load_profile
 from engine.logstore import LogCustomer, LogRow, LogStore
 from engine.plugins import Connectors
 from engine.queue import KIND_PROFILE, DeadLetter, DurableQueue, QueueItem, Retry
-from engine.records import Connection, Customer, Delivery, ItemOutcome, ProfileChange, SendResult
+from engine.records import (
+    AntavoEvent,
+    Connection,
+    Customer,
+    Delivery,
+    ItemOutcome,
+    ProfileChange,
+    SendResult,
+)
 from engine.transport import Exchange, RecordingTransport
 
 log = structlog.get_logger("tidegate.delivery")
@@ -359,9 +367,13 @@ class Deliverer:
         hook = self._hook
         attributes: Any = None
         events: Any = []
+        change: ProfileChange | None = None
+        event: AntavoEvent | None = None
         if item.kind == KIND_PROFILE:
             change = ProfileChange(
-                item.payload["changes"], datetime.fromisoformat(item.payload["timestamp"])
+                item.payload["changes"],
+                datetime.fromisoformat(item.payload["timestamp"]),
+                item.payload.get("previous", {}),
             )
             attributes = hook.map_profile(connection=connection, customer=customer, change=change)
             if attributes is None:
@@ -375,8 +387,10 @@ class Deliverer:
                 raise MappingError(
                     "map_event", f"no installed plugin maps for {connection.connector!r}"
                 )
-        if not attributes and not events:
-            return None  # the mapping was removed after the item was queued
+        if change is None and not events:
+            return None  # the event's mapping was removed after the item was queued
+        # A profile change goes to send even when no attribute maps: the connector may
+        # still have work (a cleared attribute, a changed identifier) or report it done.
         identifiers = hook.identify(connection=connection, customer=customer)
         if identifiers is None:
             raise MappingError(
@@ -389,4 +403,6 @@ class Deliverer:
             attributes=attributes or None,
             events=list(events),
             attempt=item.attempts + 1,
+            change=change,
+            event=event,
         )

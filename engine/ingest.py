@@ -35,6 +35,22 @@ grant next week) from being mistaken for re-sends."""
 ID_DEDUP_WINDOW = 30 * 24 * 3600.0
 
 
+CATALOG_ATTRIBUTE = "attribute"
+CATALOG_EVENT = "event"
+CATALOG_PARAMETER = "parameter"
+
+
+@dataclass(frozen=True)
+class SeenName:
+    """A name seen in Antavo traffic: a customer attribute, an event action, or a
+    parameter (data key) of an event action (``parent``)."""
+
+    kind: str
+    parent: str
+    name: str
+    first_seen: float
+
+
 @dataclass(frozen=True)
 class IngestResult:
     accepted: int
@@ -165,22 +181,62 @@ class Ingestor:
         self._db = db
         self._registry = registry
         self._on_enqueued = on_enqueued
+        # Names already in source_catalog: traffic only writes the ones it sees first.
+        self._seen: set[tuple[str, str, str]] = set()
+
+    async def load(self) -> None:
+        rows = await self._db.read(
+            lambda c: c.execute("SELECT kind, parent, name FROM source_catalog").fetchall()
+        )
+        self._seen = {(str(k), str(p), str(n)) for k, p, n in rows}
+
+    async def seen_names(self) -> list[SeenName]:
+        """Every attribute, event and parameter name seen in traffic, sorted."""
+        return await self._db.read(
+            lambda c: [
+                SeenName(*row)
+                for row in c.execute(
+                    "SELECT kind, parent, name, first_seen FROM source_catalog"
+                    " ORDER BY kind, parent, name"
+                )
+            ]
+        )
+
+    def _new_names(self, events: Sequence[AntavoEvent]) -> set[tuple[str, str, str]]:
+        names: set[tuple[str, str, str]] = set()
+        for event in events:
+            names.add((CATALOG_EVENT, "", event.action))
+            if event.action in PROFILE_ACTIONS:
+                names.update((CATALOG_ATTRIBUTE, "", key) for key in event.data)
+            else:
+                names.update((CATALOG_PARAMETER, event.action, key) for key in event.data)
+        return names - self._seen
 
     async def ingest(self, events: Sequence[AntavoEvent]) -> IngestResult:
         """Stores ``events`` durably; returns after the commit."""
         touched: set[str] = set()
         connections = self._registry.runtimes()
         profile_routes = {
-            c.id: {m.source_attribute for m in c.profile_mappings} for c in connections
+            # The identifying attribute is routed too: when it changes, the connector may
+            # have to move the identifier at the destination.
+            c.id: {m.source_attribute for m in c.profile_mappings}
+            | ({c.customer_id_mapping.source_attribute} - {ANTAVO_CUSTOMER_ID})
+            for c in connections
         }
         event_routes = {c.id: {m.source_event for m in c.event_mappings} for c in connections}
         external_id_attributes = {c.customer_id_mapping.source_attribute for c in connections} - {
             ANTAVO_CUSTOMER_ID
         }
+        new_names = self._new_names(events)
 
         def store(c: sqlite3.Connection) -> IngestResult:
             now = time.time()
             accepted = duplicates = queued = 0
+            c.executemany(
+                "INSERT OR IGNORE INTO source_catalog (kind, parent, name, first_seen)"
+                " VALUES (?,?,?,?)",
+                [(*name, now) for name in new_names],
+            )
             for event in events:
                 window = (
                     ID_DEDUP_WINDOW if not event.id.startswith("sha256:") else CONTENT_DEDUP_WINDOW
@@ -197,15 +253,21 @@ class Ingestor:
                 accepted += 1
                 customer_id = _resolve_customer(c, event, now)
                 if event.action in PROFILE_ACTIONS and event.data:
-                    changes = _update_profile(c, customer_id, event.data, now)
+                    changes, previous = _update_profile(c, customer_id, event.data, now)
                     for attribute in external_id_attributes & changes.keys():
+                        if changes[attribute] is None:
+                            continue
                         c.execute(
                             "INSERT OR REPLACE INTO external_ids (attribute, value, customer_id)"
                             " VALUES (?,?,?)",
                             (attribute, str(changes[attribute]), customer_id),
                         )
                     if changes:
-                        payload = {"changes": changes, "timestamp": event.timestamp.isoformat()}
+                        payload = {
+                            "changes": changes,
+                            "previous": previous,
+                            "timestamp": event.timestamp.isoformat(),
+                        }
                         for connection_id, attributes in profile_routes.items():
                             if attributes & changes.keys():
                                 enqueue(
@@ -231,6 +293,7 @@ class Ingestor:
             return IngestResult(accepted, duplicates, queued)
 
         result = await self._db.write(store)
+        self._seen |= new_names
         if touched:
             self._on_enqueued(touched)
         return result
@@ -261,20 +324,35 @@ def _resolve_customer(c: sqlite3.Connection, event: AntavoEvent, now: float) -> 
 
 def _update_profile(
     c: sqlite3.Connection, customer_id: str, data: Mapping[str, Any], now: float
-) -> dict[str, Any]:
-    """Merges ``data`` into the stored profile; returns the attributes whose value changed."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merges ``data`` into the stored profile; ``None`` clears an attribute.
+
+    Returns (changes, previous): the attributes whose value changed with their new value
+    (``None`` when cleared), and the earlier values of those that had one.
+    """
     row = c.execute(
         "SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)
     ).fetchone()
     current: dict[str, Any] = orjson.loads(row[0]) if row else {}
-    changes = {k: v for k, v in data.items() if k not in current or current[k] != v}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if value is None:
+            if key in current:
+                changes[key] = None
+        elif key not in current or current[key] != value:
+            changes[key] = value
+    previous = {k: current[k] for k in changes if k in current}
     if changes or row is None:
-        current.update(changes)
+        for key, value in changes.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
         c.execute(
             "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time) VALUES (?,?,?)",
             (customer_id, orjson.dumps(current).decode(), now),
         )
-    return changes
+    return changes, previous
 
 
 def load_profile(c: sqlite3.Connection, customer_id: str) -> dict[str, Any]:

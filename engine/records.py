@@ -94,10 +94,15 @@ class AntavoEvent:
 
 @dataclass(frozen=True)
 class ProfileChange:
-    """Attributes of one customer that changed, with their new values."""
+    """Attributes of one customer that changed, with their new values.
+
+    A value of ``None`` means Antavo cleared the attribute. ``previous`` holds the values
+    before the change for attributes that had one (absent key: the attribute was new).
+    """
 
     changes: Mapping[str, Any]
     timestamp: datetime
+    previous: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,7 +110,10 @@ class Delivery:
     """One queued item rendered for a destination, ready to be put in a request.
 
     ``identifiers`` come from ``identify``; ``attributes`` from ``map_profile``;
-    ``events`` from ``map_event``. Several deliveries of one customer may share a request.
+    ``events`` from ``map_event``. ``change`` or ``event`` is the source record it was
+    rendered from, for connectors that need more than the mapped values (an identifier
+    that changed, an attribute that was cleared). Several deliveries of one customer may
+    share a request.
     """
 
     item_id: int
@@ -114,6 +122,8 @@ class Delivery:
     attributes: Mapping[str, Any] | None = None
     events: list[Mapping[str, Any]] = field(default_factory=list)
     attempt: int = 1
+    change: ProfileChange | None = None
+    event: AntavoEvent | None = None
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,83 @@ async def test_external_id_records_resolve_to_the_customer_holding_that_value(
         return bool((await client.list_logs(customer_id="cust-5")).logs)
 
     await eventually(logged_under_antavo_id)
+
+
+async def queued_payloads(engine: Engine) -> list[dict[str, object]]:
+    import orjson
+
+    rows = await engine.db.read(
+        lambda c: c.execute("SELECT payload FROM queue ORDER BY seq").fetchall()
+    )
+    return [orjson.loads(r[0]) for r in rows]
+
+
+async def test_cleared_attribute_is_queued_as_none_with_its_previous_value(
+    engine: Engine, client: TidegateClient, http: aiohttp.ClientSession
+) -> None:
+    await client.create_connection(
+        "paused",
+        api_key="k" * 12,
+        settings={"partner_name": "acme", "base_url": "http://127.0.0.1:9"},
+    )
+    await client.add_profile_mapping("paused", "tier", "loyalty_tier", custom=True)
+    await engine.registry.set_state("paused", "paused", "held for this test")
+    await post_events(
+        http, engine, {"customer": "c", "action": "profile", "data": {"tier": "gold"}}
+    )
+    await post_events(http, engine, {"customer": "c", "action": "profile", "data": {"tier": None}})
+    status, body = await post_events(
+        http, engine, {"customer": "c", "action": "profile", "data": {"tier": None}}
+    )
+    assert body["deliveries_queued"] == 0  # already cleared: nothing changed
+    payloads = await queued_payloads(engine)
+    assert [p["changes"] for p in payloads] == [{"tier": "gold"}, {"tier": None}]
+    assert [p["previous"] for p in payloads] == [{}, {"tier": "gold"}]
+
+
+async def test_change_of_the_identifying_attribute_is_queued(
+    engine: Engine, client: TidegateClient, http: aiohttp.ClientSession
+) -> None:
+    await client.create_connection(
+        "by-email",
+        api_key="k" * 12,
+        settings={"partner_name": "acme", "base_url": "http://127.0.0.1:9"},
+        source_attribute="email",
+        target_identifier="email",
+    )
+    await engine.registry.set_state("by-email", "paused", "held for this test")
+    await post_events(
+        http, engine, {"customer": "c", "action": "opt_in", "data": {"email": "a@x.io"}}
+    )
+    await post_events(
+        http, engine, {"customer": "c", "action": "profile", "data": {"email": "b@x.io"}}
+    )
+    payloads = await queued_payloads(engine)
+    assert [(p["changes"], p["previous"]) for p in payloads] == [
+        ({"email": "a@x.io"}, {}),
+        ({"email": "b@x.io"}, {"email": "a@x.io"}),
+    ]
+
+
+async def test_names_seen_in_traffic_are_recorded_once(
+    engine: Engine, http: aiohttp.ClientSession
+) -> None:
+    await post_events(
+        http,
+        engine,
+        {
+            "events": [
+                {"customer": "c", "action": "opt_in", "data": {"email": "a@x.io", "shoe_size": 42}},
+                {"customer": "c", "action": "checkout", "data": {"transaction_id": "T1"}},
+                {"customer": "d", "action": "checkout", "data": {"transaction_id": "T2"}},
+            ]
+        },
+    )
+    seen = {(n.kind, n.parent, n.name) for n in await engine.ingestor.seen_names()}
+    assert seen == {
+        ("event", "", "opt_in"),
+        ("event", "", "checkout"),
+        ("attribute", "", "email"),
+        ("attribute", "", "shoe_size"),
+        ("parameter", "checkout", "transaction_id"),
+    }
