@@ -301,6 +301,7 @@ class Deliverer:
             ambiguous=exchange.ambiguous,
             request_body=exchange.request_body,
             response_body=exchange.response_body,
+            tags=",".join(exchange.tags),
         )
 
     def _backoff(self, deliveries: Sequence[Delivery], retry_after: float | None) -> float:

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS log_requests (
     time TIMESTAMPTZ NOT NULL, id VARCHAR NOT NULL, connection_id VARCHAR NOT NULL,
     method VARCHAR NOT NULL, url VARCHAR NOT NULL, status_code INTEGER NOT NULL,
     response_time DOUBLE NOT NULL, error VARCHAR NOT NULL, customer_count INTEGER NOT NULL,
-    mapping_version BIGINT NOT NULL, attempt INTEGER NOT NULL, ambiguous BOOLEAN NOT NULL);
+    mapping_version BIGINT NOT NULL, attempt INTEGER NOT NULL, ambiguous BOOLEAN NOT NULL,
+    tags VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS log_bodies (
     id VARCHAR NOT NULL, time TIMESTAMPTZ NOT NULL,
     request_body VARCHAR NOT NULL, response_body VARCHAR NOT NULL);
@@ -74,7 +75,7 @@ REQUEST_FIELDS = {
     "time": TIME_TYPE, "id": pa.string(), "connection_id": pa.string(), "method": pa.string(),
     "url": pa.string(), "status_code": pa.int32(), "response_time": pa.float64(),
     "error": pa.string(), "customer_count": pa.int32(), "mapping_version": pa.int64(),
-    "attempt": pa.int32(), "ambiguous": pa.bool_(),
+    "attempt": pa.int32(), "ambiguous": pa.bool_(), "tags": pa.string(),
 }  # fmt: skip
 CUSTOMER_FIELDS = {
     "time": TIME_TYPE, "request_id": pa.string(), "position": pa.int32(),
@@ -119,6 +120,7 @@ class LogRow:
     request_body: str = ""
     response_body: str = ""
     customer_count: int = -1  # len(customers) unless given (lists cap customers)
+    tags: str = ""  # comma-separated labels, e.g. "backfill" or "replay"
 
     def __post_init__(self) -> None:
         if self.customer_count == -1:

@@ -155,8 +155,9 @@ class HttpResponse:
 class Transport(Protocol):
     """HTTP client handed to ``send``: the engine owns the session, timeouts and logging.
 
-    Every call is one outbound request and becomes one outbound-log row. Values of the
-    headers named in ``secret_headers`` are redacted before anything is recorded.
+    Every call is one outbound request and becomes one outbound-log row, labelled with
+    ``tags`` (e.g. "backfill"). Values of the headers named in ``secret_headers`` are
+    redacted before anything is recorded.
     Timeouts and connection errors raise ``RetryableError``; an HTTP status never raises.
     """
 
@@ -168,4 +169,5 @@ class Transport(Protocol):
         headers: Mapping[str, str],
         body: bytes,
         secret_headers: Collection[str] = (),
+        tags: Collection[str] = (),
     ) -> HttpResponse: ...

@@ -34,6 +34,7 @@ class Exchange:
     response_body: str
     error: str
     ambiguous: bool
+    tags: tuple[str, ...] = ()
 
 
 def _logged(body: bytes) -> str:
@@ -46,9 +47,12 @@ def _logged(body: bytes) -> str:
 class RecordingTransport:
     """Implements ``engine.records.Transport`` for one send; ``exchanges`` lists what went out."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeout: float) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout: float, tags: tuple[str, ...] = ()
+    ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self.tags = tags
         self.exchanges: list[Exchange] = []
 
     async def request(
@@ -59,6 +63,7 @@ class RecordingTransport:
         headers: Mapping[str, str],
         body: bytes,
         secret_headers: Collection[str] = (),
+        tags: Collection[str] = (),
     ) -> HttpResponse:
         request_id = new_request_id()
         sent_at = datetime.now(UTC)
@@ -77,6 +82,7 @@ class RecordingTransport:
                     _logged(response),
                     error,
                     ambiguous,
+                    tuple(tags) + self.tags,
                 )
             )
 
@@ -107,20 +113,3 @@ class RecordingTransport:
             raise RetryableError(message) from None
         record(answer.status, answer.body, "", False)
         return answer
-
-    def set_error(self, error: str) -> None:
-        """Attach the interpretation of the last answer (e.g. "HTTP 403: ...") to its record."""
-        if self.exchanges and not self.exchanges[-1].error:
-            last = self.exchanges[-1]
-            self.exchanges[-1] = Exchange(
-                last.request_id,
-                last.time,
-                last.method,
-                last.url,
-                last.status,
-                last.elapsed,
-                last.request_body,
-                last.response_body,
-                error,
-                last.ambiguous,
-            )

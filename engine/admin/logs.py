@@ -59,6 +59,7 @@ def entry_pb(row: LogRow) -> pb.LogEntry:
         ambiguous=row.ambiguous,
         request_body=row.request_body,
         response_body=row.response_body,
+        tags=[t for t in row.tags.split(",") if t],
     )
 
 

@@ -22,7 +22,7 @@ class LogCustomer(_message.Message):
     def __init__(self, customer_id: _Optional[str] = ..., name: _Optional[str] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LogEntry(_message.Message):
-    __slots__ = ("id", "time", "connection_id", "method", "url", "status_code", "response_time_seconds", "error", "customers", "customer_count", "mapping_version", "attempt", "ambiguous", "request_body", "response_body")
+    __slots__ = ("id", "time", "connection_id", "method", "url", "status_code", "response_time_seconds", "error", "customers", "customer_count", "mapping_version", "attempt", "ambiguous", "request_body", "response_body", "tags")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class LogEntry(_message.Message):
     AMBIGUOUS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_BODY_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_BODY_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     id: str
     time: _timestamp_pb2.Timestamp
     connection_id: str
@@ -53,7 +54,8 @@ class LogEntry(_message.Message):
     ambiguous: bool
     request_body: str
     response_body: str
-    def __init__(self, id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ..., method: _Optional[str] = ..., url: _Optional[str] = ..., status_code: _Optional[int] = ..., response_time_seconds: _Optional[float] = ..., error: _Optional[str] = ..., customers: _Optional[_Iterable[_Union[LogCustomer, _Mapping]]] = ..., customer_count: _Optional[int] = ..., mapping_version: _Optional[int] = ..., attempt: _Optional[int] = ..., ambiguous: _Optional[bool] = ..., request_body: _Optional[str] = ..., response_body: _Optional[str] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ..., method: _Optional[str] = ..., url: _Optional[str] = ..., status_code: _Optional[int] = ..., response_time_seconds: _Optional[float] = ..., error: _Optional[str] = ..., customers: _Optional[_Iterable[_Union[LogCustomer, _Mapping]]] = ..., customer_count: _Optional[int] = ..., mapping_version: _Optional[int] = ..., attempt: _Optional[int] = ..., ambiguous: _Optional[bool] = ..., request_body: _Optional[str] = ..., response_body: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LogFilter(_message.Message):
     __slots__ = ("identifier", "customer_id", "error_contains", "status_codes", "start_time", "end_time", "connection_id", "errors_only")
