@@ -16,7 +16,7 @@ from engine.connections import ConnectionRegistry
 from engine.database import Database
 from engine.delivery import Deliverer, DeliverySettings
 from engine.http_ingest import create_ingest_app
-from engine.ingest import Ingestor
+from engine.ingest import DEFAULT_MAX_BACKLOG, Ingestor
 from engine.logstore import LogStore
 from engine.plugins import Connectors, plugin_manager
 from engine.queue import DurableQueue
@@ -36,6 +36,7 @@ class EngineConfig:
     grpc_port: int = DEFAULT_GRPC_PORT
     http_port: int = DEFAULT_HTTP_PORT
     ingest_token: str = ""
+    max_backlog: int = DEFAULT_MAX_BACKLOG
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     extra_plugins: Iterable[object] = ()
 
@@ -79,7 +80,10 @@ class Engine:
             self.registry, self.queue, self.db, self.pm, self.connectors, self.logs, cfg.delivery
         )
         self.registry.on_change(self.deliverer.connection_changed)
-        self.ingestor = Ingestor(self.db, self.registry, self.deliverer.wake)
+        await self.queue.load()
+        self.ingestor = Ingestor(
+            self.db, self.registry, self.queue, self.deliverer.wake, cfg.max_backlog
+        )
         await self.ingestor.load()
         await self.deliverer.start()
         self._http = web.AppRunner(
@@ -90,7 +94,13 @@ class Engine:
         await site.start()
         self.http_port = self._http.addresses[0][1]
         self._grpc, self.grpc_port = await start_grpc_server(
-            cfg.host, cfg.grpc_port, self.registry, self.queue, self.logs, self.ingestor
+            cfg.host,
+            cfg.grpc_port,
+            self.registry,
+            self.queue,
+            self.logs,
+            self.ingestor,
+            self.deliverer.wake,
         )
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -32,6 +32,7 @@ from engine.secrets import SecretBox, hint
 CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAPPING_ID_RE = CONNECTION_ID_RE
 DEFAULT_CONNECTOR = "insider"
+MAX_RETRY_WINDOW = 7 * 24 * 3600.0
 STATE_ACTIVE = "active"
 STATE_PAUSED = "paused"
 
@@ -51,6 +52,7 @@ class ConnectionView:
     mapping_version: int
     create_time: float
     update_time: float
+    retry_window_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,16 @@ class ConnectionUpdate:
     settings: Mapping[str, str] | None = None
     api_key: str | None = None
     customer_id_mapping: CustomerIdMapping | None = None
+    retry_window_seconds: float | None = None
+
+
+def check_retry_window(seconds: float) -> float:
+    if seconds < 0 or seconds > MAX_RETRY_WINDOW:
+        raise InvalidInputError(
+            "connection.retry_window_seconds",
+            f"must be between 0 (the default, 6 hours) and {MAX_RETRY_WINDOW:.0f} (7 days)",
+        )
+    return seconds
 
 
 @contextlib.contextmanager
@@ -131,6 +143,7 @@ class ConnectionRegistry:
         settings: Mapping[str, str],
         api_key: str,
         customer_id_mapping: CustomerIdMapping | None,
+        retry_window_seconds: float = 0.0,
     ) -> ConnectionView:
         connection_id = connection_id or f"conn-{uuid.uuid4().hex[:8]}"
         if not CONNECTION_ID_RE.match(connection_id):
@@ -146,6 +159,7 @@ class ConnectionRegistry:
         id_mapping = customer_id_mapping or CustomerIdMapping()
         with field_prefix("connection.customer_id_mapping"):
             info.validate_customer_id_mapping(id_mapping)
+        check_retry_window(retry_window_seconds)
         now = time.time()
 
         def insert(c: sqlite3.Connection) -> None:
@@ -156,7 +170,8 @@ class ConnectionRegistry:
             c.execute(
                 "INSERT INTO connections (id, display_name, connector, settings, api_key_encrypted,"
                 " api_key_hint, id_source_attribute, id_target_identifier, id_custom,"
-                " create_time, update_time) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " create_time, update_time, retry_window_seconds)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     connection_id,
                     display_name,
@@ -169,6 +184,7 @@ class ConnectionRegistry:
                     int(id_mapping.custom),
                     now,
                     now,
+                    retry_window_seconds,
                 ),
             )
 
@@ -189,17 +205,22 @@ class ConnectionRegistry:
         if update.api_key is not None and info.secret_required and not update.api_key:
             raise InvalidInputError("connection.api_key", "must not be empty")
         credentials_changed = update.api_key is not None or update.settings is not None
+        retry_window = current.retry_window_seconds
+        if update.retry_window_seconds is not None:
+            retry_window = check_retry_window(update.retry_window_seconds)
 
         def apply(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE connections SET display_name=?, settings=?, id_source_attribute=?,"
-                " id_target_identifier=?, id_custom=?, update_time=? WHERE id=?",
+                " id_target_identifier=?, id_custom=?, retry_window_seconds=?, update_time=?"
+                " WHERE id=?",
                 (
                     current.display_name if update.display_name is None else update.display_name,
                     orjson.dumps(dict(settings)).decode(),
                     id_mapping.source_attribute,
                     id_mapping.target_identifier,
                     int(id_mapping.custom),
+                    retry_window,
                     time.time(),
                     connection_id,
                 ),
@@ -383,7 +404,8 @@ class ConnectionRegistry:
             row = c.execute(
                 "SELECT id, display_name, connector, settings, api_key_encrypted, api_key_hint,"
                 " id_source_attribute, id_target_identifier, id_custom, state, state_reason,"
-                " mapping_version, create_time, update_time FROM connections WHERE id=?",
+                " mapping_version, create_time, update_time, retry_window_seconds"
+                " FROM connections WHERE id=?",
                 (connection_id,),
             ).fetchone()
             profiles = c.execute(
@@ -418,6 +440,7 @@ class ConnectionRegistry:
             version,
             created,
             updated,
+            retry_window,
         ) = row
         settings = orjson.loads(str(settings_json))
         id_mapping = CustomerIdMapping(str(id_src), str(id_tgt), bool(id_custom))
@@ -433,6 +456,7 @@ class ConnectionRegistry:
             mapping_version=int(str(version)),
             create_time=float(str(created)),
             update_time=float(str(updated)),
+            retry_window_seconds=float(str(retry_window)),
         )
         runtime = Connection(
             id=view.id,
@@ -449,6 +473,7 @@ class ConnectionRegistry:
             ),
             mapping_version=view.mapping_version,
             display_name=view.display_name,
+            retry_window_seconds=view.retry_window_seconds,
         )
         self._views[view.id] = view
         self._runtime[view.id] = runtime

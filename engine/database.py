@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS connections (
     id_custom INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'active',
     state_reason TEXT NOT NULL DEFAULT '',
+    retry_window_seconds REAL NOT NULL DEFAULT 0,
     mapping_version INTEGER NOT NULL DEFAULT 1,
     create_time REAL NOT NULL,
     update_time REAL NOT NULL
@@ -82,7 +83,8 @@ CREATE TABLE IF NOT EXISTS queue (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_time REAL NOT NULL,
     first_attempt_time REAL,
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    origin TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS queue_by_connection ON queue (connection_id, seq);
 CREATE INDEX IF NOT EXISTS queue_by_lane ON queue (connection_id, customer_id, next_attempt_time);
@@ -98,7 +100,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     stage TEXT NOT NULL,
     error TEXT NOT NULL,
     request_id TEXT NOT NULL DEFAULT '',
-    fail_time REAL NOT NULL
+    fail_time REAL NOT NULL,
+    rendered BLOB,
+    origin TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_connection ON dead_letters (connection_id, seq);
 """

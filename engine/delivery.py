@@ -27,11 +27,25 @@ import structlog
 
 from engine.connections import STATE_PAUSED, ConnectionRegistry
 from engine.database import Database
-from engine.errors import AuthError, MappingError, PermanentError, RetryableError
+from engine.errors import (
+    AuthError,
+    MappingError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermanentError,
+    RetryableError,
+)
 from engine.ingest import event_from_payload, load_profile
 from engine.logstore import LogCustomer, LogRow, LogStore
 from engine.plugins import Connectors
-from engine.queue import KIND_PROFILE, DeadLetter, DurableQueue, QueueItem, Retry
+from engine.queue import (
+    KIND_PROFILE,
+    KIND_RENDERED,
+    DeadLetter,
+    DurableQueue,
+    QueueItem,
+    Retry,
+)
 from engine.records import (
     AntavoEvent,
     Connection,
@@ -59,6 +73,44 @@ class DeliverySettings:
     max_retry_after: float = 900.0
     retry_window: float = 6 * 3600.0
     """After this long since an item's first attempt, a transient failure dead-letters it."""
+
+
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 10.0
+
+
+@dataclass
+class _Pace:
+    """How fast one connection may send, learned from the destination's answers."""
+
+    hold_until: float = 0.0
+    """No request before this: the backoff after a transient failure."""
+    interval: float = 0.0
+    """Least time between requests: doubles on every 429, decays with each success."""
+    last_send: float = 0.0
+    item_cap: int | None = None
+    """Items per request after the destination refused a size; doubles back on success."""
+    probe: bool = False
+    """Send a single item first (after a pause), to test the credentials cheaply."""
+
+    def slow_down(self) -> None:
+        self.interval = min(MAX_INTERVAL, max(MIN_INTERVAL, self.interval * 2))
+
+    def succeeded(self, items: int, max_items: int) -> None:
+        self.probe = False
+        self.interval = self.interval * 0.9 if self.interval > MIN_INTERVAL / 2 else 0.0
+        if self.item_cap is not None:
+            self.item_cap = self.item_cap * 2 if self.item_cap * 2 < max_items else None
+
+
+def _dead(delivery: Delivery, item: QueueItem, stage: str, error: str) -> DeadLetter:
+    """A dead letter that keeps the rendered fragment, so it can be resent as it was."""
+    rendered = {
+        "identifiers": dict(delivery.identifiers),
+        "attributes": None if delivery.attributes is None else dict(delivery.attributes),
+        "events": [dict(e) for e in delivery.events],
+    }
+    return DeadLetter(item, stage, error, rendered=rendered)
 
 
 @dataclass
@@ -145,24 +197,31 @@ class Deliverer:
 
     async def _run(self, connection_id: str) -> None:
         wake = self._wakes[connection_id]
-        hold_until = 0.0
+        pace = _Pace()
+        was_paused = self._registry.is_paused(connection_id)
         while not self._stopping:
             wake.clear()
             if self._registry.is_paused(connection_id):
+                was_paused = True
                 await wake.wait()
                 continue
-            delay = hold_until - time.time()
+            if was_paused:
+                # Back from a pause (new credentials or an explicit resume): one probe
+                # request first, so a still-wrong key costs one request, not a backlog.
+                was_paused, pace.probe = False, True
+            delay = max(pace.hold_until, pace.last_send + pace.interval) - time.time()
             if delay > 0:
-                # The whole connection backs off (429, outage): other connections go on.
+                # The whole connection waits (backoff, adaptive rate): others go on.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), delay)
                 continue
             try:
                 connection = self._registry.runtime(connection_id)
-            except Exception:
+            except NotFoundError:
                 return
             info = self._connectors.get(connection.connector)
-            items = await self._queue.claim(connection_id, info.max_batch_items * 2)
+            limit = 1 if pace.probe else (pace.item_cap or info.max_batch_items * 2)
+            items = await self._queue.claim(connection_id, limit)
             if not items:
                 due = await self._queue.next_due(connection_id)
                 timeout = None if due is None else max(0.0, due - time.time())
@@ -174,26 +233,30 @@ class Deliverer:
                     await asyncio.sleep(self.settings.linger)
                 continue
             try:
-                hold_until = await self._deliver(connection, items)
+                await self._deliver(connection, items, pace, limit)
             except Exception:
                 # A bug must not kill the worker; the items stay queued and are retried.
                 log.exception("delivery_failed_unexpectedly", connection=connection_id)
-                hold_until = time.time() + self.settings.base_backoff
+                pace.hold_until = time.time() + self.settings.base_backoff
 
-    async def _deliver(self, connection: Connection, items: list[QueueItem]) -> float:
-        """Sends one batch and settles it; returns until when the connection must wait."""
-        batch = await self._render(connection, items)
+    async def _deliver(
+        self, connection: Connection, items: list[QueueItem], pace: _Pace, max_items: int
+    ) -> None:
+        """Sends one batch, settles its items, and adjusts the connection's pace."""
+        batch = await self._render(connection, items, max_items)
         if not batch.deliveries:
             await self._queue.settle(delivered=batch.skipped, dead=batch.dead)
-            return 0.0
+            return
         assert self._session is not None
-        transport = RecordingTransport(self._session, self.settings.request_timeout)
+        origins = sorted({batch.items[d.item_id].origin for d in batch.deliveries} - {""})
+        transport = RecordingTransport(
+            self._session, self.settings.request_timeout, tags=tuple(origins)
+        )
         now = time.time()
-        hold_until = 0.0
+        pace.last_send = now
         retries: list[Retry] = []
         dead = list(batch.dead)
         delivered = list(batch.skipped)
-        outcomes: dict[int, ItemOutcome] = {}
         customer_outcome: dict[str, tuple[str, str]] = {}
         error = ""
         try:
@@ -205,19 +268,18 @@ class Deliverer:
                     f"no installed plugin sends for connector {connection.connector!r}"
                 )
             result: SendResult = await pending
-            outcomes = result.outcomes
         except RetryableError as exc:
             error = str(exc)
             delay = self._backoff(batch.deliveries, exc.retry_after)
-            hold_until = now + delay
+            pace.hold_until = now + delay
+            if exc.retry_after is not None or "429" in error:
+                pace.slow_down()
+            window = connection.retry_window_seconds or self.settings.retry_window
             for d in batch.deliveries:
                 item = batch.items[d.item_id]
-                if self._expired(item, now):
-                    dead.append(
-                        DeadLetter(
-                            item, "send", f"gave up after {item.attempts + 1} attempts: {exc}"
-                        )
-                    )
+                if now - (item.first_attempt_time or now) >= window:
+                    reason = f"gave up after {item.attempts + 1} attempts over {window:.0f} s"
+                    dead.append(_dead(d, item, "send", f"{reason}: {exc}"))
                     customer_outcome[item.customer_id] = ("failed", error)
                 else:
                     retries.append(Retry(d.item_id, now + delay, error))
@@ -227,28 +289,43 @@ class Deliverer:
             await self._registry.set_state(connection.id, STATE_PAUSED, error)
             for d in batch.deliveries:
                 customer_outcome[d.customer.id] = ("paused", error)
+        except PayloadTooLargeError as exc:
+            error = str(exc)
+            if len(batch.deliveries) > 1:
+                # Resend in halves: the items stay queued untouched and go out smaller.
+                pace.item_cap = max(1, len(batch.deliveries) // 2)
+                for d in batch.deliveries:
+                    customer_outcome.setdefault(d.customer.id, ("retry", error))
+            else:
+                d = batch.deliveries[0]
+                dead.append(_dead(d, batch.items[d.item_id], "send", f"too large alone: {exc}"))
+                customer_outcome[d.customer.id] = ("failed", error)
         except PermanentError as exc:
             error = str(exc)
             for d in batch.deliveries:
-                dead.append(DeadLetter(batch.items[d.item_id], "send", error))
+                dead.append(_dead(d, batch.items[d.item_id], "send", error))
                 customer_outcome[d.customer.id] = ("failed", error)
         else:
-            failed = 0
+            pace.succeeded(
+                len(batch.deliveries), self._connectors.get(connection.connector).max_batch_items
+            )
             for d in batch.deliveries:
-                outcome = outcomes.get(d.item_id, ItemOutcome(delivered=True))
+                outcome = result.outcomes.get(d.item_id, ItemOutcome(delivered=True))
                 if outcome.delivered:
                     delivered.append(d.item_id)
                     customer_outcome.setdefault(d.customer.id, ("delivered", ""))
                 else:
-                    failed += 1
-                    dead.append(DeadLetter(batch.items[d.item_id], "destination", outcome.error))
+                    dead.append(_dead(d, batch.items[d.item_id], "destination", outcome.error))
                     customer_outcome[d.customer.id] = ("failed", outcome.error)
-            if failed:
-                bad = [c for c, (state, _) in customer_outcome.items() if state == "failed"]
+            bad = [c for c, (state, _) in customer_outcome.items() if state == "failed"]
+            if bad:
                 first = customer_outcome[bad[0]][1]
                 error = f"{len(bad)} of {len(customer_outcome)} customers rejected: {first}"
         request_id = transport.exchanges[-1].request_id if transport.exchanges else ""
-        dead = [DeadLetter(d.item, d.stage, d.error, d.request_id or request_id) for d in dead]
+        dead = [
+            DeadLetter(d.item, d.stage, d.error, d.request_id or request_id, d.rendered)
+            for d in dead
+        ]
         await self._queue.settle(delivered=delivered, retries=retries, dead=dead, attempt_time=now)
         names = {d.customer.id: d.customer.name for d in batch.deliveries}
         attempt = max(d.attempt for d in batch.deliveries)
@@ -271,7 +348,6 @@ class Deliverer:
             dead=len(dead),
             error=error or None,
         )
-        return hold_until
 
     def _log_row(
         self,
@@ -312,13 +388,11 @@ class Deliverer:
             delay = max(delay, min(retry_after, self.settings.max_retry_after))
         return delay
 
-    def _expired(self, item: QueueItem, now: float) -> bool:
-        first = item.first_attempt_time or now
-        return now - first >= self.settings.retry_window
-
     # -- rendering ---------------------------------------------------------------------
 
-    async def _render(self, connection: Connection, items: list[QueueItem]) -> _Batch:
+    async def _render(
+        self, connection: Connection, items: list[QueueItem], max_items: int
+    ) -> _Batch:
         info = self._connectors.get(connection.connector)
         customer_ids = {item.customer_id for item in items}
 
@@ -332,9 +406,11 @@ class Deliverer:
         for item in items:
             if item.customer_id not in customers and len(customers) >= info.max_batch_items:
                 break
+            if len(batch.deliveries) >= max_items:
+                break
             customer = Customer(item.customer_id, profiles.get(item.customer_id, {}))
             try:
-                delivery = self._render_item(connection, customer, item)
+                delivery = render_delivery(self._hook, connection, customer, item)
             except MappingError as exc:
                 batch.dead.append(DeadLetter(item, exc.stage, exc.message))
                 continue
@@ -362,48 +438,63 @@ class Deliverer:
             batch.items[item.seq] = item
         return batch
 
-    def _render_item(
-        self, connection: Connection, customer: Customer, item: QueueItem
-    ) -> Delivery | None:
-        hook = self._hook
-        attributes: Any = None
-        events: Any = []
-        change: ProfileChange | None = None
-        event: AntavoEvent | None = None
-        if item.kind == KIND_PROFILE:
-            change = ProfileChange(
-                item.payload["changes"],
-                datetime.fromisoformat(item.payload["timestamp"]),
-                item.payload.get("previous", {}),
-            )
-            attributes = hook.map_profile(connection=connection, customer=customer, change=change)
-            if attributes is None:
-                raise MappingError(
-                    "map_profile", f"no installed plugin maps for {connection.connector!r}"
-                )
-        else:
-            event = event_from_payload(customer.id, item.payload)
-            events = hook.map_event(connection=connection, customer=customer, event=event)
-            if events is None:
-                raise MappingError(
-                    "map_event", f"no installed plugin maps for {connection.connector!r}"
-                )
-        if change is None and not events:
-            return None  # the event's mapping was removed after the item was queued
-        # A profile change goes to send even when no attribute maps: the connector may
-        # still have work (a cleared attribute, a changed identifier) or report it done.
-        identifiers = hook.identify(connection=connection, customer=customer)
-        if identifiers is None:
-            raise MappingError(
-                "identify", f"no installed plugin identifies for {connection.connector!r}"
-            )
+
+def render_delivery(
+    hook: Any, connection: Connection, customer: Customer, item: QueueItem
+) -> Delivery | None:
+    """Renders one queued item through the connector's hooks, as delivery does.
+
+    Returns ``None`` for an event whose mapping was removed since it was queued; raises
+    ``MappingError`` when the customer cannot be identified or the record mapped. An item
+    replayed as a stored request is not rendered again: its fragment goes out as it was.
+    """
+    if item.kind == KIND_RENDERED:
         return Delivery(
             item_id=item.seq,
             customer=customer,
-            identifiers=identifiers,
-            attributes=attributes or None,
-            events=list(events),
+            identifiers=item.payload["identifiers"],
+            attributes=item.payload.get("attributes"),
+            events=list(item.payload.get("events") or []),
             attempt=item.attempts + 1,
-            change=change,
-            event=event,
         )
+    attributes: Any = None
+    events: Any = []
+    change: ProfileChange | None = None
+    event: AntavoEvent | None = None
+    if item.kind == KIND_PROFILE:
+        change = ProfileChange(
+            item.payload["changes"],
+            datetime.fromisoformat(item.payload["timestamp"]),
+            item.payload.get("previous", {}),
+        )
+        attributes = hook.map_profile(connection=connection, customer=customer, change=change)
+        if attributes is None:
+            raise MappingError(
+                "map_profile", f"no installed plugin maps for {connection.connector!r}"
+            )
+    else:
+        event = event_from_payload(customer.id, item.payload)
+        events = hook.map_event(connection=connection, customer=customer, event=event)
+        if events is None:
+            raise MappingError(
+                "map_event", f"no installed plugin maps for {connection.connector!r}"
+            )
+    if change is None and not events:
+        return None  # the event's mapping was removed after the item was queued
+    # A profile change goes to send even when no attribute maps: the connector may
+    # still have work (a cleared attribute, a changed identifier) or report it done.
+    identifiers = hook.identify(connection=connection, customer=customer)
+    if identifiers is None:
+        raise MappingError(
+            "identify", f"no installed plugin identifies for {connection.connector!r}"
+        )
+    return Delivery(
+        item_id=item.seq,
+        customer=customer,
+        identifiers=identifiers,
+        attributes=attributes or None,
+        events=list(events),
+        attempt=item.attempts + 1,
+        change=change,
+        event=event,
+    )

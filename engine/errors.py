@@ -3,10 +3,12 @@
     TidegateError
     ├── InvalidInputError        bad input from a user or Antavo; never retried
     ├── NotFoundError            a named object does not exist; never retried
+    ├── BacklogFullError         the queue is at its configured limit; ingest later
     └── DeliveryError            raised by connector hooks while mapping or sending
         ├── MappingError         a record cannot be identified or mapped; dead-lettered
         ├── RetryableError       transient; retried with backoff (honours retry_after)
         ├── PermanentError       the destination rejected the request; dead-lettered
+        │   └── PayloadTooLargeError  the request was too big; the batch is split
         └── AuthError            credentials refused; the connection pauses
 
 Messages never contain secrets.
@@ -30,6 +32,17 @@ class InvalidInputError(TidegateError):
 
 class NotFoundError(TidegateError):
     """The object named by the caller does not exist. Not retried."""
+
+
+class BacklogFullError(TidegateError):
+    """The delivery backlog reached its limit (the destination is down or slow). Ingest
+    answers 503 with Retry-After; the sender retries later. Nothing was stored."""
+
+    def __init__(self, depth: int, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"delivery backlog is full ({depth} items queued, limit {limit}); retry later"
+        )
+        self.retry_after = retry_after
 
 
 class DeliveryError(TidegateError):
@@ -56,6 +69,11 @@ class RetryableError(DeliveryError):
 
 class PermanentError(DeliveryError):
     """The destination rejected the request for good. Its items are dead-lettered."""
+
+
+class PayloadTooLargeError(PermanentError):
+    """The destination refused the request for its size. The engine resends the batch in
+    halves; an item too large on its own is dead-lettered."""
 
 
 class AuthError(DeliveryError):

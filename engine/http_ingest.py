@@ -8,7 +8,7 @@ import hmac
 import orjson
 from aiohttp import web
 
-from engine.errors import InvalidInputError
+from engine.errors import BacklogFullError, InvalidInputError
 from engine.ingest import Ingestor, parse_request
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -46,7 +46,12 @@ def create_ingest_app(ingestor: Ingestor, token: str = "") -> web.Application:
             events = parse_request(payload)
         except InvalidInputError as exc:
             return _error(400, "invalid_event", str(exc), exc.field)
-        result = await ingestor.ingest(events)
+        try:
+            result = await ingestor.ingest(events)
+        except BacklogFullError as exc:
+            response = _error(503, "backlog_full", str(exc))
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
         return web.Response(
             status=202,
             body=orjson.dumps(

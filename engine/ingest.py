@@ -20,8 +20,8 @@ import orjson
 
 from engine.connections import ConnectionRegistry
 from engine.database import Database
-from engine.errors import InvalidInputError
-from engine.queue import KIND_EVENT, KIND_PROFILE, enqueue
+from engine.errors import BacklogFullError, InvalidInputError
+from engine.queue import KIND_EVENT, KIND_PROFILE, DurableQueue, enqueue
 from engine.records import ANTAVO_CUSTOMER_ID, AntavoEvent
 
 PROFILE_ACTIONS = frozenset({"opt_in", "profile"})
@@ -33,6 +33,10 @@ CONTENT_DEDUP_WINDOW = 24 * 3600.0
 re-sends a failed webhook within minutes; a day keeps genuine repeats (the same points
 grant next week) from being mistaken for re-sends."""
 ID_DEDUP_WINDOW = 30 * 24 * 3600.0
+DEFAULT_MAX_BACKLOG = 5_000_000
+"""Queued items across connections past which ingest answers 503: the backlog lives on
+disk, but an unbounded one only postpones the failure and fills the disk."""
+BACKLOG_RETRY_AFTER = 30
 
 
 CATALOG_ATTRIBUTE = "attribute"
@@ -176,11 +180,15 @@ class Ingestor:
         self,
         db: Database,
         registry: ConnectionRegistry,
+        queue: DurableQueue,
         on_enqueued: Callable[[set[str]], None] = lambda ids: None,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
         self._db = db
         self._registry = registry
+        self._queue = queue
         self._on_enqueued = on_enqueued
+        self.max_backlog = max_backlog
         # Names already in source_catalog: traffic only writes the ones it sees first.
         self._seen: set[tuple[str, str, str]] = set()
 
@@ -213,7 +221,12 @@ class Ingestor:
         return names - self._seen
 
     async def ingest(self, events: Sequence[AntavoEvent]) -> IngestResult:
-        """Stores ``events`` durably; returns after the commit."""
+        """Stores ``events`` durably; returns after the commit.
+
+        Raises ``BacklogFullError`` (storing nothing) when the queue is at its limit.
+        """
+        if self._queue.depth >= self.max_backlog:
+            raise BacklogFullError(self._queue.depth, self.max_backlog, BACKLOG_RETRY_AFTER)
         touched: set[str] = set()
         connections = self._registry.runtimes()
         profile_routes = {
@@ -293,6 +306,7 @@ class Ingestor:
             return IngestResult(accepted, duplicates, queued)
 
         result = await self._db.write(store)
+        self._queue.added(result.deliveries_queued)
         self._seen |= new_names
         if touched:
             self._on_enqueued(touched)

@@ -3,7 +3,8 @@
 A lane whose head is waiting for a retry holds back that customer's later items (the
 ordering barrier) and nobody else's. Items leave the queue only when they are delivered
 or dead-lettered, in the same transaction that records why, so a crash at any moment
-leaves every acknowledged item either queued or settled.
+leaves every acknowledged item either queued or settled. Dead letters keep the source
+record (and, when it was rendered, the destination fragment) so they can be replayed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from engine.database import Database
 
 KIND_EVENT = "event"
 KIND_PROFILE = "profile"
+KIND_RENDERED = "rendered"
+"""A destination fragment kept from a dead letter, resent as it was ("stored request")."""
+ORIGIN_REPLAY = "replay"
+ORIGIN_REPLAY_STORED = "replay-stored"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class QueueItem:
     enqueue_time: float
     attempts: int
     first_attempt_time: float | None
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,69 @@ class Retry:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """An item that failed for good: at ``stage`` ("identify", "map_profile", "send",
+    "destination", ...) with ``error``. ``rendered`` is the destination fragment when
+    the item got that far."""
+
     item: QueueItem
     stage: str
     error: str
     request_id: str = ""
+    rendered: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    id: int
+    connection_id: str
+    customer_id: str
+    kind: str
+    event_id: str
+    payload: dict[str, Any]
+    enqueue_time: float
+    attempts: int
+    stage: str
+    error: str
+    request_id: str
+    fail_time: float
+    rendered: dict[str, Any] | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class DeadLetterQuery:
+    connection_id: str = ""
+    customer_id: str = ""
+    stage: str = ""
+    error_contains: str = ""
+    start_time: float | None = None
+    end_time: float | None = None
+    ids: tuple[int, ...] = ()
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("connection_id", self.connection_id),
+            ("customer_id", self.customer_id),
+            ("stage", self.stage),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.error_contains:
+            clauses.append("instr(lower(error), lower(?)) > 0")
+            params.append(self.error_contains)
+        if self.start_time is not None:
+            clauses.append("fail_time >= ?")
+            params.append(self.start_time)
+        if self.end_time is not None:
+            clauses.append("fail_time < ?")
+            params.append(self.end_time)
+        if self.ids:
+            clauses.append(f"seq IN ({','.join('?' * len(self.ids))})")
+            params.extend(self.ids)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
 @dataclass(frozen=True)
@@ -55,6 +120,14 @@ class QueueStats:
     depth: int
     oldest_enqueue_time: float | None
     dead_letters: int
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    matched: int
+    replayed: int
+    without_stored_request: int
+    connections: frozenset[str] = frozenset()
 
 
 def enqueue(
@@ -65,18 +138,31 @@ def enqueue(
     event_id: str,
     payload: dict[str, Any],
     now: float,
+    origin: str = "",
 ) -> None:
     """Adds an item inside the caller's transaction (ingest commits it with the dedupe row)."""
     c.execute(
         "INSERT INTO queue (connection_id, customer_id, kind, event_id, payload, enqueue_time,"
-        " next_attempt_time) VALUES (?,?,?,?,?,?,?)",
-        (connection_id, customer_id, kind, event_id, orjson.dumps(payload), now, now),
+        " next_attempt_time, origin) VALUES (?,?,?,?,?,?,?,?)",
+        (connection_id, customer_id, kind, event_id, orjson.dumps(payload), now, now, origin),
     )
 
 
 class DurableQueue:
+    """The queue. ``depth`` counts queued items across connections without a query, so
+    ingest can refuse work when the backlog is full."""
+
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.depth = 0
+
+    async def load(self) -> None:
+        self.depth = await self._db.read(
+            lambda c: c.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        )
+
+    def added(self, count: int) -> None:
+        self.depth += count
 
     async def claim(
         self, connection_id: str, limit: int, now: float | None = None
@@ -87,7 +173,7 @@ class DurableQueue:
         def fetch(c: sqlite3.Connection) -> list[QueueItem]:
             rows = c.execute(
                 "SELECT seq, customer_id, kind, event_id, payload, enqueue_time, attempts,"
-                " first_attempt_time FROM queue q WHERE connection_id = ? AND NOT EXISTS ("
+                " first_attempt_time, origin FROM queue q WHERE connection_id = ? AND NOT EXISTS ("
                 "  SELECT 1 FROM queue h WHERE h.connection_id = q.connection_id"
                 "  AND h.customer_id = q.customer_id AND h.next_attempt_time > ?)"
                 " ORDER BY seq LIMIT ?",
@@ -95,9 +181,9 @@ class DurableQueue:
             ).fetchall()
             return [
                 QueueItem(
-                    seq, connection_id, cust, kind, eid, orjson.loads(payload), enq, att, first
+                    seq, connection_id, cust, kind, eid, orjson.loads(payload), enq, att, first, org
                 )
-                for seq, cust, kind, eid, payload, enq, att, first in rows
+                for seq, cust, kind, eid, payload, enq, att, first, org in rows
             ]
 
         return await self._db.read(fetch)
@@ -113,8 +199,8 @@ class DurableQueue:
         now = time.time() if attempt_time is None else attempt_time
         done = [(seq,) for seq in delivered]
 
-        def apply(c: sqlite3.Connection) -> None:
-            c.executemany("DELETE FROM queue WHERE seq = ?", done)
+        def apply(c: sqlite3.Connection) -> int:
+            removed = c.executemany("DELETE FROM queue WHERE seq = ?", done).rowcount
             c.executemany(
                 "UPDATE queue SET attempts = attempts + 1, next_attempt_time = ?, last_error = ?,"
                 " first_attempt_time = COALESCE(first_attempt_time, ?) WHERE seq = ?",
@@ -122,9 +208,8 @@ class DurableQueue:
             )
             c.executemany(
                 "INSERT OR REPLACE INTO dead_letters (seq, connection_id, customer_id, kind,"
-                " event_id,"
-                " payload, enqueue_time, attempts, stage, error, request_id, fail_time)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " event_id, payload, enqueue_time, attempts, stage, error, request_id, fail_time,"
+                " rendered, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         d.item.seq,
@@ -139,13 +224,18 @@ class DurableQueue:
                         d.error,
                         d.request_id,
                         now,
+                        None if d.rendered is None else orjson.dumps(d.rendered),
+                        d.item.origin,
                     )
                     for d in dead
                 ],
             )
-            c.executemany("DELETE FROM queue WHERE seq = ?", [(d.item.seq,) for d in dead])
+            removed += c.executemany(
+                "DELETE FROM queue WHERE seq = ?", [(d.item.seq,) for d in dead]
+            ).rowcount
+            return max(removed, 0)
 
-        await self._db.write(apply)
+        self.depth -= await self._db.write(apply)
 
     async def next_due(self, connection_id: str, now: float | None = None) -> float | None:
         """When the earliest held item of the connection becomes ready, if any is held."""
@@ -171,15 +261,70 @@ class DurableQueue:
 
         return await self._db.read(fetch)
 
-    async def dead_letters(self, connection_id: str) -> list[tuple[str, str, str, str]]:
-        """(customer_id, event_id, stage, error) of every dead letter, oldest first."""
-        return await self._db.read(
-            lambda c: [
-                (str(a), str(b), str(s), str(e))
-                for a, b, s, e in c.execute(
-                    "SELECT customer_id, event_id, stage, error FROM dead_letters"
-                    " WHERE connection_id = ? ORDER BY seq",
-                    (connection_id,),
+    # -- dead letters ------------------------------------------------------------------
+
+    async def dead_letters(
+        self, query: DeadLetterQuery, limit: int, after_id: int = 0
+    ) -> list[StoredDeadLetter]:
+        """Dead letters matching ``query`` with id > ``after_id``, oldest first."""
+        where, params = query.where()
+        where += (" AND " if where else " WHERE ") + "seq > ?"
+
+        def fetch(c: sqlite3.Connection) -> list[StoredDeadLetter]:
+            rows = c.execute(
+                "SELECT seq, connection_id, customer_id, kind, event_id, payload, enqueue_time,"
+                " attempts, stage, error, request_id, fail_time, rendered, origin"
+                f" FROM dead_letters{where} ORDER BY seq LIMIT ?",
+                (*params, after_id, limit),
+            ).fetchall()
+            return [
+                StoredDeadLetter(
+                    *row[:5],
+                    orjson.loads(row[5]),
+                    *row[6:12],
+                    None if row[12] is None else orjson.loads(row[12]),
+                    row[13],
                 )
+                for row in rows
             ]
-        )
+
+        return await self._db.read(fetch)
+
+    async def replay(self, query: DeadLetterQuery, stored: bool, dry_run: bool) -> ReplayResult:
+        """Moves matching dead letters back to the end of their lanes.
+
+        By default the source record is queued again, so it is rendered with the current
+        mapping. With ``stored``, the destination fragment kept at failure time is resent
+        as it was; dead letters that never got rendered cannot be resent that way and are
+        left in place (counted in ``without_stored_request``).
+        """
+        where, params = query.where()
+
+        def apply(c: sqlite3.Connection) -> ReplayResult:
+            rows = c.execute(
+                "SELECT seq, connection_id, customer_id, kind, event_id, payload, rendered"
+                f" FROM dead_letters{where} ORDER BY seq",
+                params,
+            ).fetchall()
+            usable = [r for r in rows if not stored or r[6] is not None]
+            if not dry_run:
+                now = time.time()
+                for seq, connection_id, customer_id, kind, event_id, payload, rendered in usable:
+                    if stored:
+                        kind, payload, origin = KIND_RENDERED, rendered, ORIGIN_REPLAY_STORED
+                    else:
+                        origin = ORIGIN_REPLAY
+                    c.execute(
+                        "INSERT INTO queue (connection_id, customer_id, kind, event_id, payload,"
+                        " enqueue_time, next_attempt_time, origin) VALUES (?,?,?,?,?,?,?,?)",
+                        (connection_id, customer_id, kind, event_id, payload, now, now, origin),
+                    )
+                    c.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
+            return ReplayResult(
+                len(rows), len(usable), len(rows) - len(usable), frozenset(r[1] for r in usable)
+            )
+
+        result = await self._db.write(apply)
+        if not dry_run:
+            self.depth += result.replayed
+        return result

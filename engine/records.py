@@ -18,12 +18,20 @@ class CustomerIdMapping:
     custom: bool = False
 
 
+ARRAY_MODE_INHERIT = ""
+"""ProfileMapping.array_mode value: use the connection's array mode."""
+
+
 @dataclass(frozen=True)
 class ProfileMapping:
+    """One Antavo attribute synced to one destination attribute. ``array_mode`` is
+    ``append``, ``replace`` or ``""`` (the connection's setting decides)."""
+
     id: str
     source_attribute: str
     target_attribute: str
     custom: bool = False
+    array_mode: str = ARRAY_MODE_INHERIT
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class Connection:
     event_mappings: tuple[EventMapping, ...] = ()
     mapping_version: int = 0
     display_name: str = ""
+    retry_window_seconds: float = 0.0
+    """0: the engine's default."""
 
     def event_mapping_for(self, action: str) -> EventMapping | None:
         for mapping in self.event_mappings:

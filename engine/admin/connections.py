@@ -8,14 +8,26 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import rpc
-from engine.connections import STATE_PAUSED, ConnectionRegistry, ConnectionUpdate, ConnectionView
+from engine.connections import (
+    STATE_ACTIVE,
+    STATE_PAUSED,
+    ConnectionRegistry,
+    ConnectionUpdate,
+    ConnectionView,
+)
 from engine.errors import InvalidInputError
 from engine.pb import connections_pb2 as pb
 from engine.pb import connections_pb2_grpc
 from engine.queue import DurableQueue
 from engine.records import CustomerIdMapping
 
-UPDATABLE_FIELDS = ("display_name", "settings", "api_key", "customer_id_mapping")
+UPDATABLE_FIELDS = (
+    "display_name",
+    "settings",
+    "api_key",
+    "customer_id_mapping",
+    "retry_window_seconds",
+)
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -65,6 +77,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             oldest_pending_age_seconds=oldest,
             create_time=timestamp(view.create_time),
             update_time=timestamp(view.update_time),
+            retry_window_seconds=int(view.retry_window_seconds),
         )
 
     @rpc
@@ -81,6 +94,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
             customer_id_mapping=id_mapping_from_pb(c.customer_id_mapping)
             if c.HasField("customer_id_mapping")
             else None,
+            retry_window_seconds=float(c.retry_window_seconds),
         )
         return pb.CreateConnectionResponse(connection=await self._message(view))
 
@@ -128,12 +142,17 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
                 paths.append("settings")
             if c.HasField("customer_id_mapping"):
                 paths.append("customer_id_mapping")
+            if c.retry_window_seconds:
+                paths.append("retry_window_seconds")
         update = ConnectionUpdate(
             display_name=c.display_name if "display_name" in paths else None,
             settings=dict(c.settings) if "settings" in paths else None,
             api_key=c.api_key if "api_key" in paths else None,
             customer_id_mapping=id_mapping_from_pb(c.customer_id_mapping)
             if "customer_id_mapping" in paths
+            else None,
+            retry_window_seconds=float(c.retry_window_seconds)
+            if "retry_window_seconds" in paths
             else None,
         )
         view = await self._registry.update(c.id, update)
@@ -146,4 +165,18 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
         if not request.id:
             raise InvalidInputError("id", "required")
         await self._registry.delete(request.id)
+        await self._queue.load()  # its backlog went with it
         return pb.DeleteConnectionResponse()
+
+    @rpc
+    async def ResumeConnection(
+        self, request: pb.ResumeConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeConnectionResponse:
+        if not request.id:
+            raise InvalidInputError("id", "required")
+        view = self._registry.view(request.id)
+        if view.state == STATE_PAUSED:
+            await self._registry.set_state(request.id, STATE_ACTIVE, "")
+        return pb.ResumeConnectionResponse(
+            connection=await self._message(self._registry.view(request.id))
+        )

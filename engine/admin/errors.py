@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from engine.errors import InvalidInputError, NotFoundError, TidegateError
+from engine.errors import BacklogFullError, InvalidInputError, NotFoundError, TidegateError
 
 log = structlog.get_logger("tidegate.admin")
 R = TypeVar("R")
@@ -28,6 +28,8 @@ def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except NotFoundError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except BacklogFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TidegateError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except grpc.aio.AbortError:

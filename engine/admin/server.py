@@ -3,11 +3,14 @@ proto files."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.admin.connections import ConnectionServicer
+from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
@@ -17,6 +20,8 @@ from engine.logstore import LogStore
 from engine.pb import (
     connections_pb2,
     connections_pb2_grpc,
+    dead_letters_pb2,
+    dead_letters_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
     logs_pb2,
@@ -31,6 +36,7 @@ SERVICE_NAMES = (
     mappings_pb2.DESCRIPTOR.services_by_name["MappingService"].full_name,
     logs_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+    dead_letters_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
 )
 
 
@@ -41,6 +47,7 @@ async def start_grpc_server(
     queue: DurableQueue,
     logs: LogStore,
     ingestor: Ingestor,
+    on_replayed: Callable[[set[str]], None],
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (useful with port 0)."""
     server = grpc.aio.server()
@@ -50,6 +57,9 @@ async def start_grpc_server(
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
+    dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(
+        DeadLetterServicer(queue, on_replayed), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):

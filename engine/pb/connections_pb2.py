@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tidegate/admin/v1/connections.proto\x12\x11tidegate.admin.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x11\x43ustomerIdMapping\x12\x18\n\x10source_attribute\x18\x01 \x01(\t\x12\x19\n\x11target_identifier\x18\x02 \x01(\t\x12\x0e\n\x06\x63ustom\x18\x03 \x01(\x08\"\xb3\x04\n\nConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tconnector\x18\x03 \x01(\t\x12=\n\x08settings\x18\x04 \x03(\x0b\x32+.tidegate.admin.v1.Connection.SettingsEntry\x12\x0f\n\x07\x61pi_key\x18\x05 \x01(\t\x12\x14\n\x0c\x61pi_key_hint\x18\x06 \x01(\t\x12\x41\n\x13\x63ustomer_id_mapping\x18\x07 \x01(\x0b\x32$.tidegate.admin.v1.CustomerIdMapping\x12\x31\n\x05state\x18\x08 \x01(\x0e\x32\".tidegate.admin.v1.ConnectionState\x12\x14\n\x0cstate_reason\x18\t \x01(\t\x12\x17\n\x0fmapping_version\x18\n \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x03\x12\x19\n\x11\x64\x65\x61\x64_letter_count\x18\x0c \x01(\x03\x12\"\n\x1aoldest_pending_age_seconds\x18\r \x01(\x01\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x17\x43reateConnectionRequest\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"M\n\x18\x43reateConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"\"\n\x14GetConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x15GetConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"?\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x17ListConnectionsResponse\x12\x32\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1d.tidegate.admin.v1.Connection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x17UpdateConnectionRequest\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"M\n\x18UpdateConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"%\n\x17\x44\x65leteConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteConnectionResponse*m\n\x0f\x43onnectionState\x12 \n\x1c\x43ONNECTION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONNECTION_STATE_ACTIVE\x10\x01\x12\x1b\n\x17\x43ONNECTION_STATE_PAUSED\x10\x02\x32\xa8\x04\n\x11\x43onnectionService\x12k\n\x10\x43reateConnection\x12*.tidegate.admin.v1.CreateConnectionRequest\x1a+.tidegate.admin.v1.CreateConnectionResponse\x12\x62\n\rGetConnection\x12\'.tidegate.admin.v1.GetConnectionRequest\x1a(.tidegate.admin.v1.GetConnectionResponse\x12h\n\x0fListConnections\x12).tidegate.admin.v1.ListConnectionsRequest\x1a*.tidegate.admin.v1.ListConnectionsResponse\x12k\n\x10UpdateConnection\x12*.tidegate.admin.v1.UpdateConnectionRequest\x1a+.tidegate.admin.v1.UpdateConnectionResponse\x12k\n\x10\x44\x65leteConnection\x12*.tidegate.admin.v1.DeleteConnectionRequest\x1a+.tidegate.admin.v1.DeleteConnectionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tidegate/admin/v1/connections.proto\x12\x11tidegate.admin.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x11\x43ustomerIdMapping\x12\x18\n\x10source_attribute\x18\x01 \x01(\t\x12\x19\n\x11target_identifier\x18\x02 \x01(\t\x12\x0e\n\x06\x63ustom\x18\x03 \x01(\x08\"\xd1\x04\n\nConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x11\n\tconnector\x18\x03 \x01(\t\x12=\n\x08settings\x18\x04 \x03(\x0b\x32+.tidegate.admin.v1.Connection.SettingsEntry\x12\x0f\n\x07\x61pi_key\x18\x05 \x01(\t\x12\x14\n\x0c\x61pi_key_hint\x18\x06 \x01(\t\x12\x41\n\x13\x63ustomer_id_mapping\x18\x07 \x01(\x0b\x32$.tidegate.admin.v1.CustomerIdMapping\x12\x31\n\x05state\x18\x08 \x01(\x0e\x32\".tidegate.admin.v1.ConnectionState\x12\x14\n\x0cstate_reason\x18\t \x01(\t\x12\x17\n\x0fmapping_version\x18\n \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x03\x12\x19\n\x11\x64\x65\x61\x64_letter_count\x18\x0c \x01(\x03\x12\"\n\x1aoldest_pending_age_seconds\x18\r \x01(\x01\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14retry_window_seconds\x18\x10 \x01(\x03\x1a/\n\rSettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x17\x43reateConnectionRequest\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"M\n\x18\x43reateConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"\"\n\x14GetConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"J\n\x15GetConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"?\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"f\n\x17ListConnectionsResponse\x12\x32\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1d.tidegate.admin.v1.Connection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"}\n\x17UpdateConnectionRequest\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"M\n\x18UpdateConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection\"%\n\x17\x44\x65leteConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteConnectionResponse\"%\n\x17ResumeConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"M\n\x18ResumeConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.tidegate.admin.v1.Connection*m\n\x0f\x43onnectionState\x12 \n\x1c\x43ONNECTION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONNECTION_STATE_ACTIVE\x10\x01\x12\x1b\n\x17\x43ONNECTION_STATE_PAUSED\x10\x02\x32\x95\x05\n\x11\x43onnectionService\x12k\n\x10\x43reateConnection\x12*.tidegate.admin.v1.CreateConnectionRequest\x1a+.tidegate.admin.v1.CreateConnectionResponse\x12\x62\n\rGetConnection\x12\'.tidegate.admin.v1.GetConnectionRequest\x1a(.tidegate.admin.v1.GetConnectionResponse\x12h\n\x0fListConnections\x12).tidegate.admin.v1.ListConnectionsRequest\x1a*.tidegate.admin.v1.ListConnectionsResponse\x12k\n\x10UpdateConnection\x12*.tidegate.admin.v1.UpdateConnectionRequest\x1a+.tidegate.admin.v1.UpdateConnectionResponse\x12k\n\x10\x44\x65leteConnection\x12*.tidegate.admin.v1.DeleteConnectionRequest\x1a+.tidegate.admin.v1.DeleteConnectionResponse\x12k\n\x10ResumeConnection\x12*.tidegate.admin.v1.ResumeConnectionRequest\x1a+.tidegate.admin.v1.ResumeConnectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONNECTION_SETTINGSENTRY']._loaded_options = None
   _globals['_CONNECTION_SETTINGSENTRY']._serialized_options = b'8\001'
-  _globals['_CONNECTIONSTATE']._serialized_start=1492
-  _globals['_CONNECTIONSTATE']._serialized_end=1601
+  _globals['_CONNECTIONSTATE']._serialized_start=1640
+  _globals['_CONNECTIONSTATE']._serialized_end=1749
   _globals['_CUSTOMERIDMAPPING']._serialized_start=125
   _globals['_CUSTOMERIDMAPPING']._serialized_end=213
   _globals['_CONNECTION']._serialized_start=216
-  _globals['_CONNECTION']._serialized_end=779
-  _globals['_CONNECTION_SETTINGSENTRY']._serialized_start=732
-  _globals['_CONNECTION_SETTINGSENTRY']._serialized_end=779
-  _globals['_CREATECONNECTIONREQUEST']._serialized_start=781
-  _globals['_CREATECONNECTIONREQUEST']._serialized_end=857
-  _globals['_CREATECONNECTIONRESPONSE']._serialized_start=859
-  _globals['_CREATECONNECTIONRESPONSE']._serialized_end=936
-  _globals['_GETCONNECTIONREQUEST']._serialized_start=938
-  _globals['_GETCONNECTIONREQUEST']._serialized_end=972
-  _globals['_GETCONNECTIONRESPONSE']._serialized_start=974
-  _globals['_GETCONNECTIONRESPONSE']._serialized_end=1048
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1050
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1113
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1115
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1217
-  _globals['_UPDATECONNECTIONREQUEST']._serialized_start=1219
-  _globals['_UPDATECONNECTIONREQUEST']._serialized_end=1344
-  _globals['_UPDATECONNECTIONRESPONSE']._serialized_start=1346
-  _globals['_UPDATECONNECTIONRESPONSE']._serialized_end=1423
-  _globals['_DELETECONNECTIONREQUEST']._serialized_start=1425
-  _globals['_DELETECONNECTIONREQUEST']._serialized_end=1462
-  _globals['_DELETECONNECTIONRESPONSE']._serialized_start=1464
-  _globals['_DELETECONNECTIONRESPONSE']._serialized_end=1490
-  _globals['_CONNECTIONSERVICE']._serialized_start=1604
-  _globals['_CONNECTIONSERVICE']._serialized_end=2156
+  _globals['_CONNECTION']._serialized_end=809
+  _globals['_CONNECTION_SETTINGSENTRY']._serialized_start=762
+  _globals['_CONNECTION_SETTINGSENTRY']._serialized_end=809
+  _globals['_CREATECONNECTIONREQUEST']._serialized_start=811
+  _globals['_CREATECONNECTIONREQUEST']._serialized_end=887
+  _globals['_CREATECONNECTIONRESPONSE']._serialized_start=889
+  _globals['_CREATECONNECTIONRESPONSE']._serialized_end=966
+  _globals['_GETCONNECTIONREQUEST']._serialized_start=968
+  _globals['_GETCONNECTIONREQUEST']._serialized_end=1002
+  _globals['_GETCONNECTIONRESPONSE']._serialized_start=1004
+  _globals['_GETCONNECTIONRESPONSE']._serialized_end=1078
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1080
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1143
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1145
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1247
+  _globals['_UPDATECONNECTIONREQUEST']._serialized_start=1249
+  _globals['_UPDATECONNECTIONREQUEST']._serialized_end=1374
+  _globals['_UPDATECONNECTIONRESPONSE']._serialized_start=1376
+  _globals['_UPDATECONNECTIONRESPONSE']._serialized_end=1453
+  _globals['_DELETECONNECTIONREQUEST']._serialized_start=1455
+  _globals['_DELETECONNECTIONREQUEST']._serialized_end=1492
+  _globals['_DELETECONNECTIONRESPONSE']._serialized_start=1494
+  _globals['_DELETECONNECTIONRESPONSE']._serialized_end=1520
+  _globals['_RESUMECONNECTIONREQUEST']._serialized_start=1522
+  _globals['_RESUMECONNECTIONREQUEST']._serialized_end=1559
+  _globals['_RESUMECONNECTIONRESPONSE']._serialized_start=1561
+  _globals['_RESUMECONNECTIONRESPONSE']._serialized_end=1638
+  _globals['_CONNECTIONSERVICE']._serialized_start=1752
+  _globals['_CONNECTIONSERVICE']._serialized_end=2413
 # @@protoc_insertion_point(module_scope)

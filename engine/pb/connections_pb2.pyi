@@ -31,7 +31,7 @@ class CustomerIdMapping(_message.Message):
     def __init__(self, source_attribute: _Optional[str] = ..., target_identifier: _Optional[str] = ..., custom: _Optional[bool] = ...) -> None: ...
 
 class Connection(_message.Message):
-    __slots__ = ("id", "display_name", "connector", "settings", "api_key", "api_key_hint", "customer_id_mapping", "state", "state_reason", "mapping_version", "queue_depth", "dead_letter_count", "oldest_pending_age_seconds", "create_time", "update_time")
+    __slots__ = ("id", "display_name", "connector", "settings", "api_key", "api_key_hint", "customer_id_mapping", "state", "state_reason", "mapping_version", "queue_depth", "dead_letter_count", "oldest_pending_age_seconds", "create_time", "update_time", "retry_window_seconds")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Connection(_message.Message):
     OLDEST_PENDING_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RETRY_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     display_name: str
     connector: str
@@ -69,7 +70,8 @@ class Connection(_message.Message):
     oldest_pending_age_seconds: float
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., connector: _Optional[str] = ..., settings: _Optional[_Mapping[str, str]] = ..., api_key: _Optional[str] = ..., api_key_hint: _Optional[str] = ..., customer_id_mapping: _Optional[_Union[CustomerIdMapping, _Mapping]] = ..., state: _Optional[_Union[ConnectionState, str]] = ..., state_reason: _Optional[str] = ..., mapping_version: _Optional[int] = ..., queue_depth: _Optional[int] = ..., dead_letter_count: _Optional[int] = ..., oldest_pending_age_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retry_window_seconds: int
+    def __init__(self, id: _Optional[str] = ..., display_name: _Optional[str] = ..., connector: _Optional[str] = ..., settings: _Optional[_Mapping[str, str]] = ..., api_key: _Optional[str] = ..., api_key_hint: _Optional[str] = ..., customer_id_mapping: _Optional[_Union[CustomerIdMapping, _Mapping]] = ..., state: _Optional[_Union[ConnectionState, str]] = ..., state_reason: _Optional[str] = ..., mapping_version: _Optional[int] = ..., queue_depth: _Optional[int] = ..., dead_letter_count: _Optional[int] = ..., oldest_pending_age_seconds: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retry_window_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateConnectionRequest(_message.Message):
     __slots__ = ("connection",)
@@ -134,3 +136,15 @@ class DeleteConnectionRequest(_message.Message):
 class DeleteConnectionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ResumeConnectionRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ResumeConnectionResponse(_message.Message):
+    __slots__ = ("connection",)
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    connection: Connection
+    def __init__(self, connection: _Optional[_Union[Connection, _Mapping]] = ...) -> None: ...

@@ -61,6 +61,11 @@ class ConnectionServiceStub:
                 request_serializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.DeleteConnectionRequest.SerializeToString,
                 response_deserializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.DeleteConnectionResponse.FromString,
                 _registered_method=True)
+        self.ResumeConnection = channel.unary_unary(
+                '/tidegate.admin.v1.ConnectionService/ResumeConnection',
+                request_serializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.ResumeConnectionRequest.SerializeToString,
+                response_deserializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.ResumeConnectionResponse.FromString,
+                _registered_method=True)
 
 
 class ConnectionServiceServicer:
@@ -103,6 +108,14 @@ class ConnectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeConnection(self, request, context):
+        """Resumes a paused connection. Delivery restarts with one probe request; if the
+        destination refuses the credentials again, the connection pauses again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConnectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_ConnectionServiceServicer_to_server(servicer, server):
                     servicer.DeleteConnection,
                     request_deserializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.DeleteConnectionRequest.FromString,
                     response_serializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.DeleteConnectionResponse.SerializeToString,
+            ),
+            'ResumeConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeConnection,
+                    request_deserializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.ResumeConnectionRequest.FromString,
+                    response_serializer=tidegate_dot_admin_dot_v1_dot_connections__pb2.ResumeConnectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class ConnectionService:
             '/tidegate.admin.v1.ConnectionService/DeleteConnection',
             tidegate_dot_admin_dot_v1_dot_connections__pb2.DeleteConnectionRequest.SerializeToString,
             tidegate_dot_admin_dot_v1_dot_connections__pb2.DeleteConnectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidegate.admin.v1.ConnectionService/ResumeConnection',
+            tidegate_dot_admin_dot_v1_dot_connections__pb2.ResumeConnectionRequest.SerializeToString,
+            tidegate_dot_admin_dot_v1_dot_connections__pb2.ResumeConnectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

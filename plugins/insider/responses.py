@@ -17,8 +17,12 @@ from typing import Any
 
 import orjson
 
-from engine.errors import AuthError, PermanentError, RetryableError
+from engine.errors import AuthError, PayloadTooLargeError, PermanentError, RetryableError
 from engine.records import HttpResponse, ItemOutcome, SendResult
+
+# Insider's 400 for an oversize body reads "request body is bigger than maximum allowed
+# size 5,000,000 bytes" (reference §5.3); a 413 from the edge means the same.
+OVERSIZE_MARKER = "bigger than maximum allowed size"
 
 USER_ERROR_KEY = re.compile(r"^users\.(\d+)\.")
 PERMANENT_SERVER_STATUSES = frozenset({501, 505})
@@ -54,6 +58,8 @@ def upsert_outcome(
         )
     if status >= 500 and status not in PERMANENT_SERVER_STATUSES:
         raise RetryableError(f"Insider answered HTTP {status}: {detail}")
+    if status == 413 or (status == 400 and OVERSIZE_MARKER in detail):
+        raise PayloadTooLargeError(f"Insider refused the request size (HTTP {status}): {detail}")
     if 400 <= status < 500:
         raise PermanentError(f"Insider rejected the request (HTTP {status}): {detail}")
     raise PermanentError(f"Insider answered HTTP {status}: {detail}")
