@@ -137,7 +137,13 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
         streamed, _ = stream.communicate(timeout=10)
 
     out = walk.stdout + walk.stderr
-    for service in ("ConnectionService", "MappingService", "LogService", "IngestService"):
+    for service in (
+        "ConnectionService",
+        "MappingService",
+        "LogService",
+        "IngestService",
+        "DeadLetterService",
+    ):
         assert f"tidegate.admin.v1.{service}" in out
     assert "grpc.reflection" in out and "grpc.health.v1.Health" in out
     assert '"api_key_hint": "****' in out
@@ -146,6 +152,8 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
     assert '"status": "SERVING"' in out
     assert '{"accepted":2,"duplicates":0,"deliveries_queued":2}' in out  # the HTTP ingest answer
     assert '"request_body"' in out  # GetLog returns bodies
+    assert '"stage": "destination"' in out and "not a valid email address" in out
+    assert '"matched": 1' in out  # the dry run and the replay each found the dead letter
 
     assert "cust-1" in streamed, "StreamLogs opened before the traffic saw no row"
 
