@@ -272,7 +272,7 @@ class Deliverer:
             error = str(exc)
             delay = self._backoff(batch.deliveries, exc.retry_after)
             pace.hold_until = now + delay
-            if exc.retry_after is not None or "429" in error:
+            if exc.throttled:
                 pace.slow_down()
             window = connection.retry_window_seconds or self.settings.retry_window
             for d in batch.deliveries:

@@ -60,11 +60,15 @@ class MappingError(DeliveryError):
 
 class RetryableError(DeliveryError):
     """A transient failure (429, 5xx, timeout). Retried after ``retry_after`` seconds or
-    after the engine's backoff, whichever is longer."""
+    after the engine's backoff, whichever is longer. ``throttled`` (a 429) also slows the
+    connection's request rate."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, throttled: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.throttled = throttled
 
 
 class PermanentError(DeliveryError):

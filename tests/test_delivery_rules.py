@@ -370,3 +370,30 @@ async def test_stream_keeps_delivering_while_a_lane_waits(
     await drained(client)
     await asyncio.sleep(0)
     assert sandbox.state.lookup("uuid", "good") is not None
+
+
+def test_pace_slows_on_throttling_and_recovers_with_successes() -> None:
+    from engine.delivery import MAX_INTERVAL, MIN_INTERVAL, _Pace
+
+    pace = _Pace()
+    pace.slow_down()
+    assert pace.interval == MIN_INTERVAL
+    for _ in range(20):
+        pace.slow_down()
+    assert pace.interval == MAX_INTERVAL
+    for _ in range(200):
+        pace.succeeded(10, 1000)
+    assert pace.interval == 0.0
+
+
+def test_pace_item_cap_doubles_back_to_unlimited() -> None:
+    from engine.delivery import _Pace
+
+    pace = _Pace(item_cap=100, probe=True)
+    pace.succeeded(100, 1000)
+    assert (pace.item_cap, pace.probe) == (200, False)
+    pace.succeeded(200, 1000)
+    pace.succeeded(400, 1000)
+    assert pace.item_cap == 800
+    pace.succeeded(800, 1000)
+    assert pace.item_cap is None

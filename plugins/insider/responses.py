@@ -55,6 +55,7 @@ def upsert_outcome(
         raise RetryableError(
             "rate limited by Insider (HTTP 429)",
             retry_after=retry_after_seconds(_header(response.headers, "Retry-After"), now),
+            throttled=True,
         )
     if status >= 500 and status not in PERMANENT_SERVER_STATUSES:
         raise RetryableError(f"Insider answered HTTP {status}: {detail}")
