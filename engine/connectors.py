@@ -13,6 +13,23 @@ def _accept(_: object) -> None:
 
 
 @dataclass(frozen=True)
+class CatalogEntry:
+    """A name the destination knows, for people choosing mapping targets.
+
+    ``kind`` is ``identifier``, ``attribute``, ``event`` or ``event_parameter``;
+    ``type`` and ``format`` describe the value (e.g. ``string`` / ``E.164``);
+    ``required_for`` lists the events that need this parameter.
+    """
+
+    kind: str
+    name: str
+    type: str = ""
+    format: str = ""
+    description: str = ""
+    required_for: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ConnectorInfo:
     """A connector: its name, request limits and validators.
 
@@ -29,3 +46,5 @@ class ConnectorInfo:
     validate_customer_id_mapping: Callable[[CustomerIdMapping], None] = _accept
     validate_profile_mapping: Callable[[ProfileMapping], None] = _accept
     validate_event_mapping: Callable[[EventMapping], None] = _accept
+    catalog: tuple[CatalogEntry, ...] = ()
+    """Optional: the destination's default attributes, events and parameters."""

@@ -180,7 +180,7 @@ async def test_event_mapping_keeps_parameters_and_custom_flags(client: TidegateC
     mapping = await client.add_event_mapping(
         "c1",
         "checkout",
-        "purchase",
+        "confirmation_page_view",
         [("transaction_id", "event_group_id", False), ("store", "store_code", True)],
     )
     listed = await client.mappings.ListEventMappings(
@@ -196,11 +196,11 @@ async def test_event_mapping_keeps_parameters_and_custom_flags(client: TidegateC
     updated = await client.mappings.UpdateEventMapping(
         mpb.UpdateEventMappingRequest(
             mapping=mpb.EventMapping(
-                id=mapping.id, source_event="checkout", target_event="confirmation_page_view"
+                id=mapping.id, source_event="checkout", target_event="checkout_page_view"
             )
         )
     )
-    assert updated.mapping.target_event == "confirmation_page_view"
+    assert updated.mapping.target_event == "checkout_page_view"
     assert list(updated.mapping.parameters) == []
     await client.mappings.RemoveEventMapping(mpb.RemoveEventMappingRequest(id=mapping.id))
     listed = await client.mappings.ListEventMappings(
@@ -278,7 +278,7 @@ async def test_invalid_event_mapping_is_rejected_naming_the_field(
 
 async def test_same_antavo_event_cannot_be_mapped_twice(client: TidegateClient) -> None:
     await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
-    await client.add_event_mapping("c1", "checkout", "purchase")
+    await client.add_event_mapping("c1", "checkout", "confirmation_page_view")
     await expect_error(
         client.add_event_mapping("c1", "checkout", "confirmation_page_view"),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -205,6 +205,7 @@ def test_hook_connector_info_accepts_event_mapping() -> None:
         (
             ParameterMapping("transaction_id", "event_group_id"),
             ParameterMapping("currency", "currency"),
+            ParameterMapping("total", "unit_sale_price"),
             ParameterMapping("points_burned", "points_burned", custom=True),
         ),
     )
@@ -584,6 +585,7 @@ class AiohttpTransport:
         headers: Mapping[str, str],
         body: bytes,
         secret_headers: Collection[str] = (),
+        tags: Collection[str] = (),
     ) -> HttpResponse:
         self.secret_headers.append(secret_headers)
         started = time.perf_counter()

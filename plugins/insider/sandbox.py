@@ -33,6 +33,12 @@ Behaviours that are inferences, not documented Insider facts:
   has no user, fail (per-user fail and 404 respectively).
 * A top-level ``not_append`` (Segment Audiences) is ignored unless
   ``SandboxConfig.top_level_not_append`` is set.
+* Default attributes and event parameters of the wrong type (e.g. ``"age": "34"``,
+  ``"gender": "female"``, ``"country": "Hungary"``) fail the user unless ``strict_types``
+  is turned off; ``quantity`` is required on ``purchase`` only with
+  ``require_purchase_quantity``; identical events (same name, timestamp and parameters)
+  are all stored unless ``collapse_identical_events`` is set. All three are UNCONFIRMED
+  behaviours of Insider and can be changed at run time through ``POST /sandbox/config``.
 
 Sandbox-only behaviour: queued faults are served before any check (they stand for the
 edge or an outage, not the application), and ``latency_ms`` delays /api answers only, so
@@ -55,6 +61,7 @@ from aiohttp import web
 
 from plugins.insider.sandbox_rules import (
     ErrorMap,
+    Strictness,
     format_value,
     identifier_pairs,
     identifier_value_error,
@@ -100,6 +107,9 @@ class SandboxConfig:
     rate_limit_retry_after: str | None = None  # Retry-After sent with a rate-limit 429
     identity_rate_limit_per_minute: int = 2_000  # PATCH /identity; 0 disables
     top_level_not_append: bool = False  # honour a top-level not_append (UNCONFIRMED)
+    strict_types: bool = True  # reject default attributes/params of the wrong type
+    require_purchase_quantity: bool = False  # quantity required on purchase (UNCONFIRMED)
+    collapse_identical_events: bool = False  # store an identical event once (UNCONFIRMED)
 
     def __post_init__(self) -> None:
         if not self.partner_name or self.partner_name != self.partner_name.lower():
@@ -123,6 +133,9 @@ _CONFIG_TYPES: Mapping[str, tuple[type[Any], ...]] = {
     "rate_limit_retry_after": (str, type(None)),
     "identity_rate_limit_per_minute": (int,),
     "top_level_not_append": (bool,),
+    "strict_types": (bool,),
+    "require_purchase_quantity": (bool,),
+    "collapse_identical_events": (bool,),
 }
 
 
@@ -298,6 +311,10 @@ class Sandbox:
         if attributes.get("custom"):
             _merge(profile.attributes.setdefault("custom", {}), attributes["custom"], append)
         for event in user.get("events") or ():
+            if self.config.collapse_identical_events and any(
+                _same_event(event, stored) for stored in profile.events
+            ):
+                continue
             profile.events.append({**event, "skip_hook": skip_hook})
 
     def delete_attributes(self, profile: StoredUser, spec: Mapping[str, Any]) -> None:
@@ -308,6 +325,10 @@ class Sandbox:
 
 
 SANDBOX_KEY = web.AppKey("sandbox", Sandbox)
+
+
+def _same_event(event: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
+    return all(event.get(k) == stored.get(k) for k in ("event_name", "timestamp", "event_params"))
 
 
 def _delete(attributes: dict[str, Any], spec: Mapping[str, Any]) -> None:
@@ -396,10 +417,14 @@ def handle_upsert(sandbox: Sandbox, api: _ApiRequest) -> Reply:
     body, users = parsed
     skip_hook = body.get("skip_hook") is True
     default_append = not (sandbox.config.top_level_not_append and body.get("not_append") is True)
+    strictness = Strictness(
+        strict_types=sandbox.config.strict_types,
+        require_purchase_quantity=sandbox.config.require_purchase_quantity,
+    )
     successful, failed = 0, 0
     errors: ErrorMap = {}
     for index, user in enumerate(users):
-        user_errors = validate_upsert_user(index, user)
+        user_errors = validate_upsert_user(index, user, strictness)
         if not user_errors and not user.get("identifiers") and sandbox.target_of(user) is None:
             user_errors = {
                 f"users.{index}.insider_id.exists": [

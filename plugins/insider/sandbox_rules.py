@@ -8,7 +8,8 @@ verbatim, typos included. Every key not in §5.2 is an inference and is marked a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +37,76 @@ REQUIRED_EVENT_PARAMS: Mapping[str, tuple[str, ...]] = {
     "purchase": ("event_group_id", "unit_sale_price", "currency"),
     "cart_page_view": ("event_group_id", "unit_sale_price", "currency"),
 }
+
+# Types of default attributes (§3.4) and event parameters (§3.7), checked only with
+# strict_types. Inference: Insider may reject such a value or silently not reflect it
+# ("ensure that the data types match", §3.5); the sandbox rejects it, the stricter choice.
+# gender F/M comes from the web-SDK docs and is UNCONFIRMED for upsert.
+ATTRIBUTE_TYPES: Mapping[str, str] = {
+    "email_optin": "boolean",
+    "gdpr_optin": "boolean",
+    "sms_optin": "boolean",
+    "whatsapp_optin": "boolean",
+    "name": "string",
+    "surname": "string",
+    "gender": "gender",
+    "age": "number",
+    "language": "string",
+    "country": "country",
+    "city": "string",
+    "static_segment_id": "number_array",
+    "list_id": "number_array",
+    "lo": "string",
+    "uuid": "string",
+}
+EVENT_PARAM_TYPES: Mapping[str, str] = {
+    "event_group_id": "string",
+    "product_id": "string",
+    "name": "string",
+    "taxonomy": "string_array",
+    "url": "string",
+    "currency": "currency",
+    "quantity": "integer",
+    "unit_price": "number",
+    "unit_sale_price": "number",
+    "locale": "string",
+    "color": "string",
+    "size": "string",
+    "shipping_cost": "string",
+    "promotion_name": "string",
+    "promotion_discount": "number",
+}
+_COUNTRY = re.compile(r"[A-Z]{2}", re.ASCII)
+_CURRENCY = re.compile(r"[A-Z]{3}", re.ASCII)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS: Mapping[str, Callable[[object], bool]] = {
+    "boolean": lambda v: isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "number": _is_number,
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "gender": lambda v: v in ("F", "M"),
+    "country": lambda v: isinstance(v, str) and _COUNTRY.fullmatch(v) is not None,
+    "currency": lambda v: isinstance(v, str) and _CURRENCY.fullmatch(v) is not None,
+    "string_array": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+    "number_array": lambda v: isinstance(v, list) and all(_is_number(i) for i in v),
+}
+
+
+@dataclass(frozen=True)
+class Strictness:
+    """Choices the sandbox makes where Insider's behaviour is UNCONFIRMED."""
+
+    strict_types: bool = True
+    """Reject default attributes and parameters of the wrong type (else accept them)."""
+    require_purchase_quantity: bool = False
+    """Insider's table marks quantity required on purchase; its own example passed
+    without it (§3.7), so by default it is not required."""
+
 
 ErrorMap = dict[str, list[str]]
 
@@ -152,7 +223,17 @@ def _check_custom_identifiers(custom: object, errors: _Collector) -> None:
             )
 
 
-def _check_attributes(attributes: object, errors: _Collector) -> None:
+def _check_types(
+    values: Mapping[str, Any], types: Mapping[str, str], path: str, errors: _Collector
+) -> None:
+    for name, value in values.items():
+        expected = types.get(name)
+        if expected is not None and value is not None and not _TYPE_CHECKS[expected](value):
+            message = f"{name} must be {expected}: {format_value(value)}"  # inference
+            errors.add(f"{path}{name}.*.type({expected})", message)
+
+
+def _check_attributes(attributes: object, errors: _Collector, strictness: Strictness) -> None:
     if not isinstance(attributes, dict):
         errors.add("attributes.type(object)", "attributes must be an object")  # inference
         return
@@ -169,9 +250,11 @@ def _check_attributes(attributes: object, errors: _Collector) -> None:
     birthday = attributes.get("birthday")
     if birthday is not None and not is_rfc3339(birthday, utc_only=True):
         errors.add("attributes.birthday.*.rfc3339", f"invalid birthday: {format_value(birthday)}")
+    if strictness.strict_types:
+        _check_types(attributes, ATTRIBUTE_TYPES, "attributes.", errors)
 
 
-def _check_events(events: object, errors: _Collector) -> None:
+def _check_events(events: object, errors: _Collector, strictness: Strictness) -> None:
     if not isinstance(events, list):
         errors.add("events.type(array)", "events must be an array")  # inference
         return
@@ -203,7 +286,12 @@ def _check_events(events: object, errors: _Collector) -> None:
         if params is not None and not isinstance(params, dict):
             errors.add(path + "event_params.type(object)", "event_params must be an object")
             params = None
-        for param in REQUIRED_EVENT_PARAMS.get(name, ()) if isinstance(name, str) else ():
+        required = REQUIRED_EVENT_PARAMS.get(name, ()) if isinstance(name, str) else ()
+        if name == "purchase" and strictness.require_purchase_quantity:
+            required = (*required, "quantity")
+        if params is not None and strictness.strict_types:
+            _check_types(params, EVENT_PARAM_TYPES, path + "event_params.", errors)
+        for param in required:
             if params is None or params.get(param) in (None, ""):
                 errors.add(
                     path + "event_params.*.required",
@@ -211,7 +299,9 @@ def _check_events(events: object, errors: _Collector) -> None:
                 )
 
 
-def validate_upsert_user(index: int, user: object) -> ErrorMap:
+def validate_upsert_user(
+    index: int, user: object, strictness: Strictness = Strictness()
+) -> ErrorMap:
     """Errors of one upsert user object; empty when the user is acceptable."""
     errors = _Collector(index)
     if not isinstance(user, dict):
@@ -226,9 +316,9 @@ def validate_upsert_user(index: int, user: object) -> ErrorMap:
         errors.add("attributes.required", message)
         errors.add("events.required", message)
     if attributes is not None:
-        _check_attributes(attributes, errors)
+        _check_attributes(attributes, errors, strictness)
     if events is not None:
-        _check_events(events, errors)
+        _check_events(events, errors, strictness)
     return errors.errors
 
 

@@ -1,0 +1,307 @@
+"""Antavo values converted to the types and formats Insider documents.
+
+``convert`` takes a value kind from ``catalog`` and returns the value as Insider wants it,
+or raises ``ConversionError`` saying why it cannot be sent. A value Insider would drop or
+misread is refused here, where the item can fail with a clear message, rather than
+sent. Formats follow ``insider-ucd-api.md`` §3.3-3.8: E.164 phone numbers (through
+``phonenumbers``), RFC 3339 date-times in UTC ending in ``Z`` (birthday at UTC midnight),
+ISO 3166-1 alpha-2 countries and ISO 4217 currencies (through ``pycountry``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import phonenumbers
+import pycountry
+
+from plugins.insider import catalog
+
+E164_PATTERN = re.compile(r"^\+[1-9]\d{6,14}$", re.ASCII)
+ANTAVO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
+ANTAVO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?$", re.ASCII)
+INTEGER_TEXT = re.compile(r"^[+-]?\d+$", re.ASCII)
+NUMBER_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$", re.ASCII)
+
+TRUE_TEXTS = frozenset({"true", "yes", "y", "1", "on"})
+FALSE_TEXTS = frozenset({"false", "no", "n", "0", "off"})
+GENDERS: Mapping[str, str] = {"male": "M", "female": "F", "m": "M", "f": "F"}
+
+
+class ConversionError(ValueError):
+    """A value that cannot be sent as the kind asked for; the message says why."""
+
+
+def convert(kind: str, value: Any, *, phone_region: str = "") -> Any:
+    """``value`` converted to ``kind`` (a ``catalog`` value kind).
+
+    ``phone_region`` is the ISO 3166-1 alpha-2 region that phone numbers without a
+    country code belong to. Raises ``ConversionError``.
+    """
+    if kind == catalog.PHONE:
+        return phone_number(value, phone_region)
+    return _CONVERTERS[kind](value)
+
+
+def custom_value(value: Any) -> Any:
+    """A value for a custom attribute or parameter, whose Insider type Tidegate does not
+    know: scalars and arrays of scalars pass, Antavo dates and date-times become RFC 3339
+    (Insider's DateTime type), objects are refused."""
+    if isinstance(value, list):
+        return [_custom_scalar(item) for item in value]
+    return _custom_scalar(value)
+
+
+def _custom_scalar(value: Any) -> Any:
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, str):
+        if ANTAVO_DATE.match(value) or ANTAVO_DATETIME.match(value):
+            return datetime_utc(value)
+        return value
+    if isinstance(value, list | dict):
+        raise ConversionError(
+            "a nested array or object; Insider custom values are scalars or arrays of scalars"
+        )
+    raise ConversionError(f"a {type(value).__name__}, which JSON cannot carry")
+
+
+def string(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConversionError(f"a {_type_name(value)}, not text")
+    if isinstance(value, float):
+        value = _finite(value)
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
+
+
+def email(value: Any) -> str:
+    # Not checked against Insider's pattern here: Insider validates emails itself and
+    # rejects a bad one loudly, per user, with its own message (reference §5.2).
+    text = string(value).strip()
+    if not text:
+        raise ConversionError("an empty email address")
+    return text
+
+
+def phone_number(value: Any, region: str = "") -> str:
+    """E.164 form of a phone number; a national number needs ``region``."""
+    text = string(value).strip()
+    if not text:
+        raise ConversionError("an empty phone number")
+    try:
+        parsed = phonenumbers.parse(text, region.upper() or None)
+    except phonenumbers.NumberParseException as exc:
+        hint = "" if region else "; set default_phone_region for numbers without +country"
+        raise ConversionError(f"not a phone number ({exc}){hint}") from None
+    if not phonenumbers.is_possible_number(parsed):
+        raise ConversionError("not a possible phone number for its country")
+    formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if not E164_PATTERN.match(formatted):
+        raise ConversionError(f"not expressible in E.164 ({formatted})")
+    return formatted
+
+
+def uuid(value: Any) -> str:
+    text = string(value)
+    if not text.strip():
+        raise ConversionError("empty")
+    return text
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in TRUE_TEXTS:
+            return True
+        if text in FALSE_TEXTS:
+            return False
+    raise ConversionError("not a boolean (true/false, yes/no, 1/0)")
+
+
+def integer(value: Any) -> int:
+    number_value = number(value)
+    if isinstance(number_value, float):
+        if not number_value.is_integer():
+            raise ConversionError("not a whole number")
+        return int(number_value)
+    return number_value
+
+
+def number(value: Any) -> int | float:
+    if isinstance(value, bool):
+        raise ConversionError("a boolean, not a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if INTEGER_TEXT.match(text):
+            return int(text)
+        if NUMBER_TEXT.match(text):
+            return _finite(float(text))
+    raise ConversionError("not a number")
+
+
+def _finite(value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise ConversionError("not a finite number")
+    return value
+
+
+def birthday(value: Any) -> str:
+    """RFC 3339 at UTC midnight with Z, of the calendar date as Antavo wrote it."""
+    return f"{_calendar_date(value).isoformat()}T00:00:00Z"
+
+
+def _calendar_date(value: Any) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if ANTAVO_DATE.match(text):
+                return date.fromisoformat(text)
+            return _parse_datetime(text).date()
+        except (ValueError, ConversionError):
+            pass
+    raise ConversionError("not a date (YYYY-MM-DD)")
+
+
+def datetime_utc(value: Any) -> str:
+    """RFC 3339 in UTC ending in Z; an Antavo date is its UTC midnight, a date-time
+    without an offset is taken as UTC, a number as Unix seconds."""
+    if isinstance(value, bool):
+        raise ConversionError("a boolean, not a date-time")
+    if isinstance(value, int | float):
+        moment = datetime.fromtimestamp(_finite(float(value)), UTC)
+    elif isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    elif isinstance(value, str):
+        moment = _parse_datetime(value.strip())
+    else:
+        raise ConversionError("not a date-time")
+    return rfc3339_utc(moment)
+
+
+def _parse_datetime(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ConversionError("not a date-time (RFC 3339 or YYYY-MM-DD hh:mm:ss)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def rfc3339_utc(moment: datetime) -> str:
+    """``moment`` in UTC as RFC 3339 with Z; milliseconds only when nonzero. A naive
+    datetime is taken to be UTC already."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    millis = moment.microsecond // 1000
+    if millis:
+        text += f".{millis:03d}"
+    return text + "Z"
+
+
+def gender(value: Any) -> str:
+    insider = GENDERS.get(value.strip().lower()) if isinstance(value, str) else None
+    if insider is None:
+        raise ConversionError("not a gender Insider accepts (F or M; Antavo female or male)")
+    return insider
+
+
+def language(value: Any) -> str:
+    # Insider's samples write en_US; Antavo and browsers write en-US.
+    text = string(value).strip()
+    if not text:
+        raise ConversionError("empty")
+    return text.replace("-", "_")
+
+
+def country(value: Any) -> str:
+    text = string(value).strip().upper()
+    found = None
+    if len(text) == 2:
+        found = pycountry.countries.get(alpha_2=text)
+    elif len(text) == 3:
+        found = pycountry.countries.get(alpha_3=text)
+    if found is None:
+        raise ConversionError("not an ISO 3166-1 country code (e.g. SG)")
+    return str(found.alpha_2)
+
+
+def currency(value: Any) -> str:
+    text = string(value).strip().upper()
+    if len(text) != 3 or pycountry.currencies.get(alpha_3=text) is None:
+        raise ConversionError("not an ISO 4217 currency code (e.g. USD)")
+    return text
+
+
+def url(value: Any) -> str:
+    text = string(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConversionError("not an http(s) URL")
+    return text
+
+
+def string_array(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [string(item) for item in items]
+
+
+def number_array(value: Any) -> list[int | float]:
+    if isinstance(value, str):
+        # A comma-separated list, as contact-list IDs are often kept in a text field.
+        value = [part for part in value.split(",") if part.strip()]
+    items = value if isinstance(value, list) else [value]
+    return [number(item) for item in items]
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+_CONVERTERS: Mapping[str, Callable[[Any], Any]] = {
+    catalog.STRING: string,
+    catalog.EMAIL: email,
+    catalog.UUID: uuid,
+    catalog.BOOLEAN: boolean,
+    catalog.INTEGER: integer,
+    catalog.NUMBER: number,
+    catalog.BIRTHDAY: birthday,
+    catalog.DATETIME: datetime_utc,
+    catalog.GENDER: gender,
+    catalog.LANGUAGE: language,
+    catalog.COUNTRY: country,
+    catalog.CURRENCY: currency,
+    catalog.URL: url,
+    catalog.STRING_ARRAY: string_array,
+    catalog.NUMBER_ARRAY: number_array,
+}
