@@ -101,6 +101,8 @@ class Engine:
             self.logs,
             self.ingestor,
             self.deliverer.wake,
+            self.connectors,
+            self.pm.hook,
         )
 
     async def stop(self, grace: float = 5.0) -> None:

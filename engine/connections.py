@@ -267,29 +267,37 @@ class ConnectionRegistry:
     # -- mapping writes ----------------------------------------------------------------
 
     async def add_profile_mapping(
-        self, connection_id: str, source: str, target: str, custom: bool, mapping_id: str = ""
+        self,
+        connection_id: str,
+        source: str,
+        target: str,
+        custom: bool,
+        mapping_id: str = "",
+        array_mode: str = "",
     ) -> tuple[ProfileMapping, int]:
-        mapping = ProfileMapping(self._new_mapping_id(mapping_id, "pm"), source, target, custom)
+        mapping = ProfileMapping(
+            self._new_mapping_id(mapping_id, "pm"), source, target, custom, array_mode
+        )
         self._validate_profile(connection_id, mapping)
         await self._mapping_write(
             connection_id,
             "INSERT INTO profile_mappings (id, connection_id, source_attribute, target_attribute,"
-            " custom) VALUES (?,?,?,?,?)",
-            (mapping.id, connection_id, source, target, int(custom)),
+            " custom, array_mode) VALUES (?,?,?,?,?,?)",
+            (mapping.id, connection_id, source, target, int(custom), array_mode),
         )
         return mapping, self.view(connection_id).mapping_version
 
     async def update_profile_mapping(
-        self, mapping_id: str, source: str, target: str, custom: bool
+        self, mapping_id: str, source: str, target: str, custom: bool, array_mode: str = ""
     ) -> tuple[ProfileMapping, str, int]:
         connection_id = self._owner_of(mapping_id, "profile")
-        mapping = ProfileMapping(mapping_id, source, target, custom)
+        mapping = ProfileMapping(mapping_id, source, target, custom, array_mode)
         self._validate_profile(connection_id, mapping)
         await self._mapping_write(
             connection_id,
-            "UPDATE profile_mappings SET source_attribute=?, target_attribute=?, custom=?"
-            " WHERE id=?",
-            (source, target, int(custom), mapping_id),
+            "UPDATE profile_mappings SET source_attribute=?, target_attribute=?, custom=?,"
+            " array_mode=? WHERE id=?",
+            (source, target, int(custom), array_mode, mapping_id),
         )
         return mapping, connection_id, self.view(connection_id).mapping_version
 
@@ -409,7 +417,8 @@ class ConnectionRegistry:
                 (connection_id,),
             ).fetchone()
             profiles = c.execute(
-                "SELECT id, source_attribute, target_attribute, custom FROM profile_mappings"
+                "SELECT id, source_attribute, target_attribute, custom, array_mode"
+                " FROM profile_mappings"
                 " WHERE connection_id=? ORDER BY rowid",
                 (connection_id,),
             ).fetchall()
@@ -465,7 +474,8 @@ class ConnectionRegistry:
             api_key=self._secrets.decrypt(bytes(key_enc)),  # type: ignore[arg-type]
             customer_id_mapping=id_mapping,
             profile_mappings=tuple(
-                ProfileMapping(str(i), str(s), str(t), bool(cu)) for i, s, t, cu in profiles
+                ProfileMapping(str(i), str(s), str(t), bool(cu), str(am))
+                for i, s, t, cu, am in profiles
             ),
             event_mappings=tuple(
                 EventMapping(str(i), str(s), str(t), _params_from_json(str(p)))

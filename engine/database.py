@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS profile_mappings (
     connection_id TEXT NOT NULL REFERENCES connections(id) ON DELETE CASCADE,
     source_attribute TEXT NOT NULL,
     target_attribute TEXT NOT NULL,
-    custom INTEGER NOT NULL
+    custom INTEGER NOT NULL,
+    array_mode TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS event_mappings (
     id TEXT PRIMARY KEY,

@@ -11,6 +11,26 @@ from engine.pb import mappings_pb2 as pb
 from engine.pb import mappings_pb2_grpc
 from engine.records import EventMapping, ParameterMapping, ProfileMapping
 
+ARRAY_MODES = {pb.ARRAY_MODE_APPEND: "append", pb.ARRAY_MODE_REPLACE: "replace"}
+"""ArrayMode values as ProfileMapping.array_mode holds them (unspecified: "")."""
+
+
+def array_mode_from_pb(value: int) -> str:
+    if value == pb.ARRAY_MODE_UNSPECIFIED:
+        return ""
+    if value not in ARRAY_MODES:
+        raise InvalidInputError(
+            "mapping.array_mode", "use ARRAY_MODE_APPEND, ARRAY_MODE_REPLACE or leave it unset"
+        )
+    return ARRAY_MODES[value]
+
+
+def array_mode_pb(value: str) -> pb.ArrayMode:
+    for number, name in ARRAY_MODES.items():
+        if name == value:
+            return number
+    return pb.ARRAY_MODE_UNSPECIFIED
+
 
 def profile_pb(connection_id: str, m: ProfileMapping) -> pb.ProfileMapping:
     return pb.ProfileMapping(
@@ -19,6 +39,7 @@ def profile_pb(connection_id: str, m: ProfileMapping) -> pb.ProfileMapping:
         source_attribute=m.source_attribute,
         target_attribute=m.target_attribute,
         custom=m.custom,
+        array_mode=array_mode_pb(m.array_mode),
     )
 
 
@@ -71,6 +92,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             required(m.target_attribute, "mapping.target_attribute"),
             m.custom,
             m.id,
+            array_mode_from_pb(m.array_mode),
         )
         return pb.AddProfileMappingResponse(
             mapping=profile_pb(connection_id, mapping), mapping_version=version
@@ -96,6 +118,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             required(m.source_attribute, "mapping.source_attribute"),
             required(m.target_attribute, "mapping.target_attribute"),
             m.custom,
+            array_mode_from_pb(m.array_mode),
         )
         return pb.UpdateProfileMappingResponse(
             mapping=profile_pb(connection_id, mapping), mapping_version=version

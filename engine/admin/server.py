@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
+import pluggy
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.admin.catalog import CatalogServicer
 from engine.admin.connections import ConnectionServicer
 from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.ingest import IngestServicer
@@ -18,6 +20,8 @@ from engine.connections import ConnectionRegistry
 from engine.ingest import Ingestor
 from engine.logstore import LogStore
 from engine.pb import (
+    catalog_pb2,
+    catalog_pb2_grpc,
     connections_pb2,
     connections_pb2_grpc,
     dead_letters_pb2,
@@ -29,6 +33,7 @@ from engine.pb import (
     mappings_pb2,
     mappings_pb2_grpc,
 )
+from engine.plugins import Connectors
 from engine.queue import DurableQueue
 
 SERVICE_NAMES = (
@@ -37,6 +42,7 @@ SERVICE_NAMES = (
     logs_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
     dead_letters_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
 )
 
 
@@ -48,6 +54,8 @@ async def start_grpc_server(
     logs: LogStore,
     ingestor: Ingestor,
     on_replayed: Callable[[set[str]], None],
+    connectors: Connectors,
+    hook: pluggy.HookRelay,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (useful with port 0)."""
     server = grpc.aio.server()
@@ -59,6 +67,9 @@ async def start_grpc_server(
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
     dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(
         DeadLetterServicer(queue, on_replayed), server
+    )
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
+        CatalogServicer(registry, connectors, ingestor, hook), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

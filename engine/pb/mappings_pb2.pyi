@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,19 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ArrayMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARRAY_MODE_UNSPECIFIED: _ClassVar[ArrayMode]
+    ARRAY_MODE_APPEND: _ClassVar[ArrayMode]
+    ARRAY_MODE_REPLACE: _ClassVar[ArrayMode]
+ARRAY_MODE_UNSPECIFIED: ArrayMode
+ARRAY_MODE_APPEND: ArrayMode
+ARRAY_MODE_REPLACE: ArrayMode
+
 class ProfileMapping(_message.Message):
-    __slots__ = ("id", "connection_id", "source_attribute", "target_attribute", "custom")
+    __slots__ = ("id", "connection_id", "source_attribute", "target_attribute", "custom", "array_mode")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     TARGET_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_MODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     connection_id: str
     source_attribute: str
     target_attribute: str
     custom: bool
-    def __init__(self, id: _Optional[str] = ..., connection_id: _Optional[str] = ..., source_attribute: _Optional[str] = ..., target_attribute: _Optional[str] = ..., custom: _Optional[bool] = ...) -> None: ...
+    array_mode: ArrayMode
+    def __init__(self, id: _Optional[str] = ..., connection_id: _Optional[str] = ..., source_attribute: _Optional[str] = ..., target_attribute: _Optional[str] = ..., custom: _Optional[bool] = ..., array_mode: _Optional[_Union[ArrayMode, str]] = ...) -> None: ...
 
 class ParameterMapping(_message.Message):
     __slots__ = ("source_parameter", "target_parameter", "custom")

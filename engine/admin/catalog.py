@@ -1,0 +1,147 @@
+"""CatalogService: the Antavo names a mapping can read, the destination names it can
+write, and a preview of what a connection would send for a sample event."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import grpc
+import pluggy
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from engine.admin.errors import rpc
+from engine.admin.ingest import _whole_numbers, event_dict
+from engine.antavo_catalog import source_catalog
+from engine.connections import ConnectionRegistry
+from engine.errors import InvalidInputError
+from engine.ingest import CATALOG_ATTRIBUTE, CATALOG_EVENT, CATALOG_PARAMETER, Ingestor, parse_event
+from engine.pb import catalog_pb2 as pb
+from engine.pb import catalog_pb2_grpc
+from engine.plugins import Connectors
+from engine.preview import preview_delivery
+
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+
+SOURCE_KINDS = {
+    CATALOG_ATTRIBUTE: pb.CATALOG_KIND_ATTRIBUTE,
+    CATALOG_EVENT: pb.CATALOG_KIND_EVENT,
+    CATALOG_PARAMETER: pb.CATALOG_KIND_EVENT_PARAMETER,
+}
+DESTINATION_KINDS = {
+    "identifier": pb.CATALOG_KIND_IDENTIFIER,
+    "attribute": pb.CATALOG_KIND_ATTRIBUTE,
+    "event": pb.CATALOG_KIND_EVENT,
+    "event_parameter": pb.CATALOG_KIND_EVENT_PARAMETER,
+}
+
+T = TypeVar("T")
+
+
+def page(entries: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
+    """One page of ``entries`` and the token of the next (empty on the last page)."""
+    if page_size < 0:
+        raise InvalidInputError("page_size", "must not be negative")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    start = 0
+    if page_token:
+        if not page_token.isdigit() or int(page_token) > len(entries):
+            raise InvalidInputError("page_token", "not a token from a previous response")
+        start = int(page_token)
+    end = start + size
+    return entries[start:end], (str(end) if end < len(entries) else "")
+
+
+class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
+    def __init__(
+        self,
+        registry: ConnectionRegistry,
+        connectors: Connectors,
+        ingestor: Ingestor,
+        hook: pluggy.HookRelay,
+    ) -> None:
+        self._registry = registry
+        self._connectors = connectors
+        self._ingestor = ingestor
+        self._hook = hook
+
+    @rpc
+    async def ListSourceCatalog(
+        self, request: pb.ListSourceCatalogRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSourceCatalogResponse:
+        entries = [
+            e
+            for e in source_catalog(await self._ingestor.seen_names())
+            if request.kind in (pb.CATALOG_KIND_UNSPECIFIED, SOURCE_KINDS[e.kind])
+        ]
+        selected, next_token = page(entries, request.page_size, request.page_token)
+        messages = []
+        for e in selected:
+            message = pb.SourceCatalogEntry(
+                kind=SOURCE_KINDS[e.kind],
+                name=e.name,
+                event=e.event,
+                type=e.type,
+                description=e.description,
+                built_in=e.built_in,
+                read_only=e.read_only,
+                seen=e.seen,
+            )
+            if e.first_seen is not None:
+                first_seen = Timestamp()
+                first_seen.FromNanoseconds(int(e.first_seen * 1e9))
+                message.first_seen_time.CopyFrom(first_seen)
+            messages.append(message)
+        return pb.ListSourceCatalogResponse(entries=messages, next_page_token=next_token)
+
+    @rpc
+    async def ListDestinationCatalog(
+        self, request: pb.ListDestinationCatalogRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDestinationCatalogResponse:
+        if not request.connection_id:
+            raise InvalidInputError("connection_id", "required")
+        connector = self._registry.runtime(request.connection_id).connector
+        entries = [
+            e
+            for e in self._connectors.get(connector).catalog
+            if request.kind in (pb.CATALOG_KIND_UNSPECIFIED, DESTINATION_KINDS.get(e.kind))
+        ]
+        selected, next_token = page(entries, request.page_size, request.page_token)
+        return pb.ListDestinationCatalogResponse(
+            connector=connector,
+            entries=[
+                pb.DestinationCatalogEntry(
+                    kind=DESTINATION_KINDS.get(e.kind, pb.CATALOG_KIND_UNSPECIFIED),
+                    name=e.name,
+                    type=e.type,
+                    format=e.format,
+                    description=e.description,
+                    required_for_events=list(e.required_for),
+                )
+                for e in selected
+            ],
+            next_page_token=next_token,
+        )
+
+    @rpc
+    async def PreviewDelivery(
+        self, request: pb.PreviewDeliveryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PreviewDeliveryResponse:
+        if not request.connection_id:
+            raise InvalidInputError("connection_id", "required")
+        connection = self._registry.runtime(request.connection_id)
+        if not request.HasField("event"):
+            raise InvalidInputError("event", "required: a sample Antavo event")
+        event = parse_event(event_dict(request.event), "event")
+        profile = _whole_numbers(json_format.MessageToDict(request.profile))
+        result = await preview_delivery(self._hook, connection, event, profile)
+        return pb.PreviewDeliveryResponse(
+            requests=[
+                pb.PreviewedRequest(method=r.method, url=r.url, body=r.body, tags=list(r.tags))
+                for r in result.requests
+            ],
+            problems=[pb.PreviewProblem(stage=p.stage, message=p.message) for p in result.problems],
+            mapping_version=connection.mapping_version,
+        )
