@@ -152,6 +152,12 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
     assert '"status": "SERVING"' in out
     assert '{"accepted":2,"duplicates":0,"deliveries_queued":2}' in out  # the HTTP ingest answer
     assert '"request_body"' in out  # GetLog returns bodies
+    assert "tidegate.admin.v1.CatalogService" in out
+    assert '"built_in": true' in out and '"required_for_events"' in out  # the two catalogs
+    # The previews: a purchase with the currency converted, and an attribute delete.
+    assert '\\"currency\\":\\"EUR\\"' in out
+    assert "/api/user/v1/attribute/delete" in out
+    assert "mapping.parameters" in out  # the refused cart_page_view mapping
     assert '"stage": "destination"' in out and "not a valid email address" in out
     assert '"matched": 1' in out  # the dry run and the replay each found the dead letter
 
