@@ -1,0 +1,165 @@
+"""Generated outbound logs for the log-search benchmark, cached under ``bench/.cache/``.
+
+Rows are written by DuckDB itself (``INSERT ... SELECT`` over ``range()``) into the
+tables that ``engine.logstore.SCHEMA`` creates: this is about 50 times faster than
+building the same rows in Python, which keeps a first run of the 10M-row file within the
+harness's time budget. Everything is derived from the row number by ``hash()``, so a
+file is the same on every machine. The shape:
+
+- rows spread evenly over ``SPAN``, ending when the file was made, in time order; ids
+  are UUIDv7 carrying the row's millisecond, as ``new_request_id`` makes them;
+- two connections (80% / 20%); 1 to 4 customers per request (2.5 on average) drawn from
+  a million customer ids, so one customer is in about 25 requests per 10M rows;
+- 94% delivered (200), 3% a 200 with one customer rejected (an email error), 1.5% 429,
+  1% 500, 0.3% no answer, 0.2% 400 -- with the engine's error texts;
+- a request body of about 250 bytes per customer, and Insider's response body.
+
+The cache key covers the schema text, so a schema change makes a new file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from engine.logstore import SCHEMA
+
+GENERATOR_VERSION = "2"
+CHUNK = 1_000_000
+SPAN_SECONDS = 30 * 24 * 3600
+CUSTOMER_POOL = 1_000_000
+LOG_FILE = "outbound-log.duckdb"  # engine.app.LOG_FILE
+SAMPLES_FILE = "samples.json"
+EMAIL_ERROR = "users.0.attributes.email.email: The email must be a valid email address."
+
+# Per row number ``i``: k decides the outcome, n the customer count, c<pos> the customers.
+_BASE = """
+SELECT i,
+       $start_ms + (i * $step_us) // 1000 AS ms,
+       (hash(i, 1) % 1000)::BIGINT AS k,
+       (1 + hash(i, 2) % 4)::BIGINT AS n
+FROM range($first, $last) t(i)
+"""
+_STATUS = "CASE WHEN k < 970 THEN 200 WHEN k < 985 THEN 429 WHEN k < 995 THEN 500"
+_STATUS += " WHEN k < 998 THEN 0 ELSE 400 END"
+_ERROR = f"""CASE
+  WHEN k < 940 THEN ''
+  WHEN k < 970 THEN '1 of ' || n || ' customers rejected: {EMAIL_ERROR}'
+  WHEN k < 985 THEN 'rate limited by Insider (HTTP 429)'
+  WHEN k < 995 THEN 'Insider answered HTTP 500: The request processing has failed because of an unknown error.'
+  WHEN k < 998 THEN 'cannot connect: Connection refused'
+  ELSE 'Insider rejected the request (HTTP 400): users must be at most 1000: bad request' END"""  # noqa: E501
+_TIME = "make_timestamptz(ms * 1000)"
+_ID = (
+    "printf('%08x-%04x-7%03x-%04x-%012x', ms // 65536, ms % 65536, hash(i, 5) % 4096,"
+    " 32768 + hash(i, 6) % 16384, hash(i, 7) % 281474976710656)"
+)
+_CUSTOMER = f"'cust-' || (hash(i, 10 + pos) % {CUSTOMER_POOL})"
+
+REQUESTS_SQL = f"""
+INSERT INTO log_requests BY NAME
+SELECT {_TIME} AS time, {_ID} AS id,
+       CASE WHEN hash(i, 3) % 5 = 0 THEN 'insider-eu' ELSE 'insider-main' END AS connection_id,
+       'POST' AS method, 'https://unification.useinsider.com/api/user/v1/upsert' AS url,
+       {_STATUS} AS status_code, 0.02 + (hash(i, 4) % 400) / 1000.0 AS response_time,
+       {_ERROR} AS error, n AS customer_count, 3 AS mapping_version,
+       CASE WHEN k >= 970 AND k < 998 THEN 1 + hash(i, 8) % 3 ELSE 1 END AS attempt,
+       k >= 995 AND k < 998 AS ambiguous, '' AS tags
+FROM ({_BASE})
+"""
+CUSTOMERS_SQL = f"""
+INSERT INTO log_customers BY NAME
+SELECT {_TIME} AS time, {_ID} AS request_id, pos AS position, {_CUSTOMER} AS customer_id,
+       'Customer ' || (hash(i, 10 + pos) % {CUSTOMER_POOL}) AS name,
+       CASE WHEN k < 940 THEN 'delivered'
+            WHEN k < 970 THEN CASE WHEN pos = 0 THEN 'failed' ELSE 'delivered' END
+            WHEN k < 998 THEN 'retry' ELSE 'failed' END AS outcome,
+       CASE WHEN k < 940 THEN ''
+            WHEN k < 970 THEN CASE WHEN pos = 0 THEN '{EMAIL_ERROR}' ELSE '' END
+            ELSE {_ERROR} END AS error
+FROM (SELECT *, unnest(range(n)) AS pos FROM ({_BASE}))
+"""
+_USER = (
+    'printf(\'{"identifiers":{"uuid":"cust-%d"},"events":[{"event_name":"purchase",'
+    '"timestamp":"%s","event_params":{"event_group_id":"ORD-%d","unit_sale_price":'
+    '%d.%02d,"currency":"EUR","custom":{"store_code":"BUD-%02d"}}}]}\','
+    " hash(i, 10 + x) % 1000000, strftime(make_timestamptz(ms * 1000), '%Y-%m-%dT%H:%M:%SZ'),"
+    " i * 4 + x, hash(i, 20 + x) % 500, hash(i, 30 + x) % 100, hash(i, 40 + x) % 40)"
+)
+BODIES_SQL = f"""
+INSERT INTO log_bodies BY NAME
+SELECT {_ID} AS id, {_TIME} AS time,
+       '{{"users":[' || array_to_string(list_transform(range(n), lambda x: {_USER}), ',')
+           || ']}}' AS request_body,
+       CASE WHEN {_STATUS} = 200 AND k < 940
+                THEN '{{"data":{{"successful":{{"count":' || n || '}},"fail":{{}}}}}}'
+            WHEN {_STATUS} = 200
+                THEN '{{"data":{{"successful":{{"count":' || (n - 1)
+                     || '}},"fail":{{"count":1,"errors":{{"users.0.attributes.email.email":'
+                     || '["The email must be a valid email address."]}}}}}}}}'
+            WHEN {_STATUS} = 0 THEN ''
+            ELSE '{{"error":"rejected"}}' END AS response_body
+FROM ({_BASE})
+"""
+
+
+def cache_key(rows: int) -> str:
+    digest = hashlib.sha256(f"{GENERATOR_VERSION}\n{rows}\n{SCHEMA}".encode()).hexdigest()
+    return digest[:12]
+
+
+def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
+    """A data dir holding an outbound log of ``rows`` requests (made once, then reused),
+    with ``samples.json`` beside it (ids, customers and the time range to query)."""
+    data_dir = cache_dir / f"log-{rows}-{cache_key(rows)}"
+    if (data_dir / SAMPLES_FILE).exists():
+        return data_dir
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # an interrupted earlier run
+    building = data_dir.with_name(data_dir.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    started = time.monotonic()
+    conn = duckdb.connect(str(building / LOG_FILE))
+    try:
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute("SET enable_progress_bar = false")
+        conn.execute(SCHEMA)
+        end_ms = int(time.time() * 1000)
+        step_us = SPAN_SECONDS * 1_000_000 // rows
+        start_ms = end_ms - SPAN_SECONDS * 1000
+        for first in range(0, rows, CHUNK):
+            last = min(rows, first + CHUNK)
+            params = {"first": first, "last": last, "start_ms": start_ms, "step_us": step_us}
+            conn.begin()
+            for sql in (REQUESTS_SQL, CUSTOMERS_SQL, BODIES_SQL):
+                conn.execute(sql, params)
+            conn.commit()
+            log(f"  log rows generated: {last:,} of {rows:,}")
+        conn.execute("CHECKPOINT")
+        samples = _samples(conn)
+    finally:
+        conn.close()
+    samples["seconds_to_generate"] = round(time.monotonic() - started, 1)
+    (building / SAMPLES_FILE).write_text(json.dumps(samples, indent=1))
+    building.rename(data_dir)
+    return data_dir
+
+
+def _samples(conn: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    ids = [r[0] for r in conn.execute("SELECT id FROM log_requests USING SAMPLE 200").fetchall()]
+    customers = [
+        r[0]
+        for r in conn.execute("SELECT customer_id FROM log_customers USING SAMPLE 200").fetchall()
+    ]
+    first, last = conn.execute(
+        "SELECT epoch_ms(min(time)), epoch_ms(max(time)) FROM log_requests"
+    ).fetchone() or (0, 0)
+    (rows,) = conn.execute("SELECT count(*) FROM log_requests").fetchone() or (0,)
+    return {"rows": rows, "ids": ids, "customers": customers, "first_ms": first, "last_ms": last}

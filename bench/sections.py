@@ -1,0 +1,291 @@
+"""The six sections of ``python -m bench``: each runs its measurement and adds its rows
+(and the ratios against baselines measured earlier in the same run) to the report."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import ceiling as ceiling_bench
+from bench.latency import run_latency
+from bench.loggen import ensure_log
+from bench.logsearch import found_rows, run_search
+from bench.memory import run_memory
+from bench.pipeline import run_pipeline
+from bench.processes import start_sink
+from bench.report import Report, ms, percentile, rate, ratio
+
+GOAL_EVENTS_PER_S = 20_000
+GOAL_VS_NAIVE = 20.0
+GOAL_CPU_US = 50.0
+GOAL_ACK_P99 = 0.020
+GOAL_DELIVERED_P50, GOAL_DELIVERED_P99 = 0.250, 1.0
+GOAL_VISIBLE_P99 = 0.500
+GOAL_SEARCH_P50 = 0.050
+GOAL_SEARCH_ROWS = 10_000_000
+GOAL_RSS_MB = 300.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how big each section runs; ``QUICK`` is the smoke-test version."""
+
+    ceiling_seconds: float = 3.0
+    warmup_seconds: float = 0.5
+    e2e_seconds: float = 20.0
+    e2e_drain_timeout: float = 120.0
+    latency_rate: float = 2000.0
+    latency_shapes: tuple[int, ...] = (1, 20)  # events per ingest request
+    latency_seconds: float = 10.0
+    search_rows: tuple[int, ...] = (1_000_000, 10_000_000)
+    search_calls: int = 30
+    memory_events: int = 1_000_000
+
+
+FULL = Settings()
+QUICK = Settings(
+    ceiling_seconds=0.3,
+    warmup_seconds=0.1,
+    e2e_seconds=2.0,
+    e2e_drain_timeout=30.0,
+    latency_seconds=1.0,
+    search_rows=(20_000,),
+    search_calls=3,
+    memory_events=10_000,
+)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    report: Report
+    workdir: Path  # scratch space for this run's data dirs
+    cache_dir: Path  # generated logs, kept between runs
+    profile_dir: Path | None = None  # set with --profile: where py-spy output goes
+
+    def scratch(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remember(self, key: str, value: Any) -> None:
+        self.report.raw[key] = value
+
+
+def _cores(value: float) -> str:
+    return f"{value:.2f}"
+
+
+async def run_ceiling(ctx: Context) -> None:
+    s = ctx.settings
+    with start_sink(ctx.scratch("ceiling") / "sink.log") as sink:
+        for users in ceiling_bench.BATCH_SIZES:
+            for in_flight in ceiling_bench.IN_FLIGHT:
+                t = await ceiling_bench.ceiling(
+                    sink, users, in_flight, s.ceiling_seconds, s.warmup_seconds
+                )
+                ctx.remember(f"ceiling.{users}.{in_flight}", t.__dict__)
+                ctx.report.add(
+                    "ceiling",
+                    f"{users:,} users/request, {in_flight} in flight",
+                    f"{rate(t.requests_per_s, 'req')} = {rate(t.users_per_s, 'users')} "
+                    f"(client {_cores(t.client_cpu)} cores, sink {_cores(t.sink_cpu)})",
+                )
+
+
+async def run_naive(ctx: Context) -> None:
+    s = ctx.settings
+    with start_sink(ctx.scratch("naive") / "sink.log") as sink:
+        t = await ceiling_bench.naive(sink, s.ceiling_seconds, s.warmup_seconds)
+    ctx.remember("naive", t.__dict__)
+    ctx.report.add(
+        "naive",
+        "one request per event, built when the event comes, 1 in flight",
+        f"{rate(t.users_per_s, 'events')} (client {_cores(t.client_cpu)} cores)",
+    )
+
+
+async def run_e2e(ctx: Context) -> None:
+    s = ctx.settings
+    work = ctx.scratch("e2e")
+    r = await run_pipeline(work, s.e2e_seconds, drain_timeout=s.e2e_drain_timeout)
+    shutil.rmtree(work / "data", ignore_errors=True)
+    raw = {k: v for k, v in r.__dict__.items() if k != "samples"}
+    ctx.remember("e2e", raw)
+    add = ctx.report.add
+    add(
+        "e2e",
+        "sustained delivery (steady state, bulk ingest of 1,000 events/request)",
+        rate(r.steady_rate, "events"),
+        f">= {GOAL_EVENTS_PER_S:,} events/s",
+        r.steady_rate >= GOAL_EVENTS_PER_S,
+    )
+    add(
+        "e2e",
+        "first ingest post -> last event at the sink (includes draining)",
+        f"{r.delivered:,} events in {r.total_seconds:.1f} s = {rate(r.events_per_s, 'events')}"
+        + ("" if r.drained else f" (NOT drained: {r.accepted - r.delivered:,} left)"),
+    )
+    add(
+        "e2e",
+        "engine CPU per delivered event (ingest + delivery + log)",
+        f"{r.cpu_us_per_event:,.0f} us ({r.engine_cpu:.1f} CPU s; "
+        f"{r.engine_cpu / r.total_seconds:.2f} cores)"
+        if r.total_seconds
+        else "n/a",
+        f"<= {GOAL_CPU_US:.0f} us",
+        r.cpu_us_per_event <= GOAL_CPU_US if r.delivered else False,
+    )
+    add(
+        "e2e",
+        "batch size Tidegate used",
+        f"{r.users_per_request:,.0f} users/request ({r.requests:,} requests)",
+    )
+    add(
+        "e2e",
+        "logged (outbound log, read after the engine stopped)",
+        f"{r.logged_requests:,} requests, {r.logged_customers:,} customers "
+        + ("(= delivered)" if (r.logged_requests, r.logged_customers) == (r.requests, r.users)
+           else f"(sink saw {r.requests:,} requests, {r.users:,} users)"),
+    )  # fmt: skip
+    naive = ctx.report.raw.get("naive")
+    if naive:
+        naive_rate = naive["requests"] * naive["users"] / naive["seconds"]
+        add(
+            "e2e",
+            "sustained vs naive baseline (2)",
+            ratio(r.steady_rate, naive_rate),
+            f">= {GOAL_VS_NAIVE:.0f}x",
+            r.steady_rate >= GOAL_VS_NAIVE * naive_rate,
+        )
+    batch = max(1, round(r.users_per_request))
+    with start_sink(work / "sink-ceiling.log") as sink:
+        for in_flight in ceiling_bench.IN_FLIGHT:
+            t = await ceiling_bench.ceiling(
+                sink, batch, in_flight, s.ceiling_seconds, s.warmup_seconds
+            )
+            ctx.remember(f"e2e.ceiling.{batch}.{in_flight}", t.__dict__)
+            add(
+                "e2e",
+                f"sustained vs HTTP ceiling at Tidegate's batch ({batch:,} users, "
+                f"{in_flight} in flight: {rate(t.users_per_s, 'users')})",
+                ratio(r.steady_rate, t.users_per_s),
+            )
+    if ctx.profile_dir is not None:
+        profiled = await run_pipeline(
+            ctx.scratch("e2e-profiled"),
+            s.e2e_seconds,
+            drain_timeout=s.e2e_drain_timeout,
+            profile_to=ctx.profile_dir / "e2e.txt",
+        )
+        ctx.remember("e2e.profiled", {"steady_rate": profiled.steady_rate,
+                                      "cpu_us_per_event": profiled.cpu_us_per_event})  # fmt: skip
+
+
+async def run_latency_section(ctx: Context) -> None:
+    s = ctx.settings
+    add = ctx.report.add
+    for shape in s.latency_shapes:
+        work = ctx.scratch(f"latency-{shape}")
+        profile_to = None
+        if ctx.profile_dir is not None and shape == s.latency_shapes[0]:
+            profile_to = ctx.profile_dir / f"latency-{shape}.txt"
+        r = await run_latency(work, s.latency_rate, shape, s.latency_seconds, profile_to=profile_to)
+        shutil.rmtree(work / "data", ignore_errors=True)
+        label = f"{shape} event/request" if shape == 1 else f"{shape} events/request"
+        ctx.remember(
+            f"latency.{shape}",
+            {k: v for k, v in r.__dict__.items() if k not in ("ack", "delivered", "visible")},
+        )
+        ack50, ack99 = percentile(r.ack, 50), percentile(r.ack, 99)
+        del50, del99 = percentile(r.delivered, 50), percentile(r.delivered, 99)
+        vis50, vis99 = percentile(r.visible, 50), percentile(r.visible, 99)
+        add(
+            "latency",
+            f"offered {rate(r.rate, 'events')} as {label} ({r.seconds:g} s, open loop)",
+            f"achieved {rate(r.achieved_rate, 'events')}; engine {_cores(r.engine_cores)} cores, "
+            f"generator {_cores(r.client_cores)} cores",
+        )
+        add(
+            "latency",
+            f"[{label}] ingest acknowledgement p50 / p99",
+            f"{ms(ack50)} / {ms(ack99)}",
+            f"p99 < {ms(GOAL_ACK_P99)}",
+            ack99 < GOAL_ACK_P99,
+        )
+        missing = f" ({r.missing_delivered:,} never arrived)" if r.missing_delivered else ""
+        add(
+            "latency",
+            f"[{label}] event -> delivered at the sink p50 / p99",
+            f"{ms(del50)} / {ms(del99)}{missing}",
+            f"p50 < {ms(GOAL_DELIVERED_P50)}, p99 < {ms(GOAL_DELIVERED_P99)}",
+            del50 < GOAL_DELIVERED_P50 and del99 < GOAL_DELIVERED_P99 and not r.missing_delivered,
+        )
+        missing = f" ({r.missing_visible:,} never seen)" if r.missing_visible else ""
+        add(
+            "latency",
+            f"[{label}] event -> visible on StreamLogs p50 / p99",
+            f"{ms(vis50)} / {ms(vis99)}{missing}",
+            f"p99 < {ms(GOAL_VISIBLE_P99)}",
+            vis99 < GOAL_VISIBLE_P99 and not r.missing_visible,
+        )
+
+
+async def run_logsearch(ctx: Context) -> None:
+    s = ctx.settings
+    for rows in s.search_rows:
+        data_dir = ensure_log(ctx.cache_dir, rows, log=lambda line: print(line, flush=True))
+        r = await run_search(data_dir, ctx.scratch(f"logsearch-{rows}"), s.search_calls)
+        ctx.remember(
+            f"logsearch.{rows}",
+            {"file_bytes": r.file_bytes, **{t.name: t.seconds for t in r.timings}},
+        )
+        has_goal = rows >= GOAL_SEARCH_ROWS
+        for t in r.timings:
+            p50, p99 = percentile(t.seconds, 50), percentile(t.seconds, 99)
+            ctx.report.add(
+                "logsearch",
+                f"{rows:,} rows: {t.description}",
+                f"{ms(p50)} / {ms(p99)} ({found_rows(t)})",
+                f"p50 < {ms(GOAL_SEARCH_P50)}" if has_goal else "",
+                p50 < GOAL_SEARCH_P50 if has_goal else None,
+            )
+        ctx.report.add(
+            "logsearch",
+            f"{rows:,} rows: DuckDB file size",
+            f"{r.mb_per_million:,.0f} MB per million rows ({r.file_bytes / 1e9:.2f} GB)",
+        )
+
+
+async def run_memory_section(ctx: Context) -> None:
+    s = ctx.settings
+    work = ctx.scratch("memory")
+    r = await run_memory(work, s.memory_events)
+    shutil.rmtree(work / "data", ignore_errors=True)
+    ctx.remember("memory", r.__dict__)
+    peak_mb = r.peak_kib / 1024
+    ctx.report.add(
+        "memory",
+        f"engine peak RSS (VmHWM), destination down, {r.queued:,} events queued",
+        f"{peak_mb:,.0f} MB (at start {r.rss_start_kib / 1024:,.0f} MB)",
+        f"< {GOAL_RSS_MB:.0f} MB",
+        peak_mb < GOAL_RSS_MB and r.queued >= r.events,
+    )
+    ctx.report.add(
+        "memory",
+        "ingest alone (delivery backing off), bulk 1,000 events/request",
+        f"{rate(r.ingest_rate, 'events')}, {r.ingest_cpu_us_per_event:,.0f} us engine CPU "
+        f"per event; state DB {r.state_bytes / 1e6:,.0f} MB",
+    )
+
+
+SECTION_RUNNERS = {
+    "ceiling": run_ceiling,
+    "naive": run_naive,
+    "e2e": run_e2e,
+    "latency": run_latency_section,
+    "logsearch": run_logsearch,
+    "memory": run_memory_section,
+}

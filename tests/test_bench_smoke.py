@@ -1,0 +1,47 @@
+"""The benchmark harness runs from end to end in its quick form. No timing is asserted:
+speed is what the full harness reports, not what a unit test decides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = (
+    "1. HTTP ceiling",
+    "2. Naive baseline",
+    "3. End to end",
+    "4. Latency",
+    "5. Log search",
+    "6. Memory",
+)
+
+
+def test_quick_bench_completes_and_writes_a_table_with_every_section(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--results-dir",
+            str(results),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (table_file,) = results.glob("*-quick.md")
+    table = table_file.read_text()
+    assert "| Section | Measure | Result | Goal | Met |" in table
+    for section in SECTIONS:
+        rows = [line for line in table.splitlines() if line.startswith(f"| {section} |")]
+        assert rows, f"no rows for {section}"
+        assert not any("section failed" in row for row in rows), rows
+    assert "Machine:" in table and "Python:" in table and "Date:" in table
