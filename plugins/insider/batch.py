@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from engine.records import Delivery
 from plugins.insider.payloads import CUSTOM_KEY
 
@@ -148,12 +146,6 @@ class UpsertBatch:
     users: list[dict[str, Any]] = field(default_factory=list)
     owners: list[str] = field(default_factory=list)
     skip_hook: bool = False
-
-    def body(self) -> bytes:
-        payload: dict[str, Any] = {"users": self.users}
-        if self.skip_hook:
-            payload["skip_hook"] = True
-        return orjson.dumps(payload)
 
 
 def upsert_batch(
