@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultload import Harness, check_load, wait_drained
+from tests.faultload import Harness, check_load, list_logs, wait_drained
 
 EXIT_DEADLINE = 8.0
 
@@ -51,7 +51,9 @@ def deliveries_logged(harness: Harness) -> list[dict[str, object]]:
     return rows
 
 
-async def test_sigterm_finishes_in_flight_batches_and_restart_resumes(harness: Harness) -> None:
+async def test_sigterm_finishes_in_flight_batches_and_restart_resumes(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
     await harness.create_connection()
     control = harness.control
     await control.configure(latency_ms=200)  # every send is in flight for 200 ms
@@ -76,7 +78,8 @@ async def test_sigterm_finishes_in_flight_batches_and_restart_resumes(harness: H
         f"requests_before_restart={sent_before_restart} logged={logged_before_restart} "
         f"{report.summary()} load={dict(load.stats.outcomes)}"
     )
-    print(summary)
+    with capsys.disabled():  # shown in CI logs even when the test passes
+        print(f"\n{summary}")
     output = harness.engine.tail(20_000)
     assert code == 0, f"{summary}\n{output[-3000:]}"
     assert took < EXIT_DEADLINE, summary
@@ -89,7 +92,9 @@ async def test_sigterm_finishes_in_flight_batches_and_restart_resumes(harness: H
     assert connection.dead_letter_count == 0, summary
 
 
-async def test_sigterm_parks_a_batch_slower_than_the_deadline(harness: Harness) -> None:
+async def test_sigterm_parks_a_batch_slower_than_the_deadline(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
     await harness.create_connection()
     control = harness.control
     load = harness.load(customers=8, workers=2, batch=50, pause=0.05, run_id="slow")
@@ -112,9 +117,55 @@ async def test_sigterm_parks_a_batch_slower_than_the_deadline(harness: Harness) 
         f"graceful_shutdown_slow exit={code} in {took:.2f}s {report.summary()} "
         f"load={dict(load.stats.outcomes)}"
     )
-    print(summary)
+    with capsys.disabled():  # shown in CI logs even when the test passes
+        print(f"\n{summary}")
     output = harness.engine.tail(20_000)
     assert code == 0, f"{summary}\n{output[-3000:]}"
     assert took < EXIT_DEADLINE, summary
     assert report.ok, f"{summary}\n{report.details()}\n{output[-3000:]}"
     assert connection.dead_letter_count == 0, summary
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug, reported: a send cut by the SIGTERM deadline gets no outbound-log"
+    " row, and its re-send after restart is logged as attempt 1, not ambiguous, so the"
+    " duplicate it causes is invisible in the log",
+)
+async def test_sigterm_cut_send_is_logged_as_ambiguous(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await harness.create_connection()
+    control = harness.control
+    target = harness.engine.target
+    await control.configure(latency_ms=9000)  # Insider applies it, answers too late
+    load = harness.load(customers=4, workers=1, batch=50, run_id="cut")
+    load.start()
+    try:
+        await load.wait_acknowledged(50)
+    finally:
+        await load.stop()
+    await wait_in_flight(harness)
+    code, took = await asyncio.to_thread(harness.engine.terminate, EXIT_DEADLINE + 5)
+    await control.configure(latency_ms=0)
+    await harness.restart_engine()
+    await wait_drained(target, 30, control)
+    report = await check_load(load, control)
+    requests = await control.requests()
+    deadline = time.monotonic() + 5  # the log writer is batched: give it time
+    logs = await list_logs(target)
+    while len(logs) < len(requests) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        logs = await list_logs(target)
+    summary = (
+        f"graceful_shutdown_cut exit={code} in {took:.2f}s {report.summary()} "
+        f"sandbox_requests={len(requests)} log_rows={len(logs)} "
+        f"log=[{' '.join(f'{e.status_code}/a{e.attempt}/amb={e.ambiguous}' for e in logs)}]"
+    )
+    with capsys.disabled():  # shown in CI logs even when the test passes
+        print(f"\n{summary}")
+    assert code == 0 and report.ok, summary
+    # Every request that reached Insider is in the log, and the one the shutdown cut
+    # (applied by Insider, so its events now arrive twice) is marked ambiguous.
+    assert len(logs) == len(requests), summary
+    assert report.duplicates > 0 and any(e.ambiguous for e in logs), summary
