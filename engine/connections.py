@@ -230,10 +230,13 @@ class ConnectionRegistry:
                     "UPDATE connections SET api_key_encrypted=?, api_key_hint=? WHERE id=?",
                     (self._secrets.encrypt(update.api_key), hint(update.api_key), connection_id),
                 )
-            if credentials_changed and current.state == STATE_PAUSED:
-                # New credentials deserve a new try: delivery resumes and probes with one request.
+            if credentials_changed:
+                # New credentials deserve a new try: delivery resumes and probes with one
+                # request. Decided here, inside the write, not on the view read above: a
+                # pause may have landed in between.
                 c.execute(
-                    "UPDATE connections SET state=?, state_reason='' WHERE id=?",
+                    "UPDATE connections SET credentials_version = credentials_version + 1,"
+                    " state = ?, state_reason = '' WHERE id = ?",
                     (STATE_ACTIVE, connection_id),
                 )
 
@@ -253,6 +256,28 @@ class ConnectionRegistry:
         self._views.pop(connection_id, None)
         self._runtime.pop(connection_id, None)
         self._changed(connection_id)
+
+    async def pause(self, connection: Connection, reason: str) -> bool:
+        """Pauses ``connection`` unless its credentials changed since that snapshot was
+        taken (a refusal of the old key says nothing about the new one)."""
+        paused = await self._db.write(
+            lambda c: (
+                c.execute(
+                    "UPDATE connections SET state=?, state_reason=?, update_time=?"
+                    " WHERE id=? AND credentials_version=?",
+                    (
+                        STATE_PAUSED,
+                        reason,
+                        time.time(),
+                        connection.id,
+                        connection.credentials_version,
+                    ),
+                ).rowcount
+            )
+        )
+        await self._reload(connection.id)
+        self._changed(connection.id)
+        return bool(paused)
 
     async def set_state(self, connection_id: str, state: str, reason: str) -> None:
         await self._db.write(
@@ -412,8 +437,8 @@ class ConnectionRegistry:
             row = c.execute(
                 "SELECT id, display_name, connector, settings, api_key_encrypted, api_key_hint,"
                 " id_source_attribute, id_target_identifier, id_custom, state, state_reason,"
-                " mapping_version, create_time, update_time, retry_window_seconds"
-                " FROM connections WHERE id=?",
+                " mapping_version, create_time, update_time, retry_window_seconds,"
+                " credentials_version FROM connections WHERE id=?",
                 (connection_id,),
             ).fetchone()
             profiles = c.execute(
@@ -450,6 +475,7 @@ class ConnectionRegistry:
             created,
             updated,
             retry_window,
+            credentials_version,
         ) = row
         settings = orjson.loads(str(settings_json))
         id_mapping = CustomerIdMapping(str(id_src), str(id_tgt), bool(id_custom))
@@ -484,6 +510,7 @@ class ConnectionRegistry:
             mapping_version=view.mapping_version,
             display_name=view.display_name,
             retry_window_seconds=view.retry_window_seconds,
+            credentials_version=int(str(credentials_version)),
         )
         self._views[view.id] = view
         self._runtime[view.id] = runtime

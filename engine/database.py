@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS connections (
     state TEXT NOT NULL DEFAULT 'active',
     state_reason TEXT NOT NULL DEFAULT '',
     retry_window_seconds REAL NOT NULL DEFAULT 0,
+    credentials_version INTEGER NOT NULL DEFAULT 1,
     mapping_version INTEGER NOT NULL DEFAULT 1,
     create_time REAL NOT NULL,
     update_time REAL NOT NULL

@@ -25,7 +25,7 @@ import orjson
 import pluggy
 import structlog
 
-from engine.connections import STATE_PAUSED, ConnectionRegistry
+from engine.connections import ConnectionRegistry
 from engine.database import Database
 from engine.errors import (
     AuthError,
@@ -268,6 +268,11 @@ class Deliverer:
                     f"no installed plugin sends for connector {connection.connector!r}"
                 )
             result: SendResult = await pending
+        except asyncio.CancelledError:
+            # Shutdown's deadline cut the send. The items stay queued for the next start;
+            # count the attempt and log what went out, so a duplicate is visible.
+            await self._interrupted(connection, batch, transport, now)
+            raise
         except RetryableError as exc:
             error = str(exc)
             delay = self._backoff(batch.deliveries, exc.retry_after)
@@ -286,7 +291,8 @@ class Deliverer:
                     customer_outcome.setdefault(item.customer_id, ("retry", error))
         except AuthError as exc:
             error = str(exc)
-            await self._registry.set_state(connection.id, STATE_PAUSED, error)
+            # No pause if the credentials changed while this request was out.
+            await self._registry.pause(connection, error)
             for d in batch.deliveries:
                 customer_outcome[d.customer.id] = ("paused", error)
         except PayloadTooLargeError as exc:
@@ -349,6 +355,20 @@ class Deliverer:
             error=error or None,
         )
 
+    async def _interrupted(
+        self, connection: Connection, batch: _Batch, transport: RecordingTransport, now: float
+    ) -> None:
+        error = "interrupted by shutdown; sent again after restart"
+        retries = [Retry(d.item_id, now, error) for d in batch.deliveries]
+        await self._queue.settle(retries=retries, attempt_time=now)
+        names = {d.customer.id: d.customer.name for d in batch.deliveries}
+        outcomes = {d.customer.id: ("retry", error) for d in batch.deliveries}
+        attempt = max(d.attempt for d in batch.deliveries)
+        for exchange in transport.exchanges:
+            await self._logs.append(
+                self._log_row(connection, exchange, names, outcomes, error, attempt)
+            )
+
     def _log_row(
         self,
         connection: Connection,
@@ -408,7 +428,9 @@ class Deliverer:
                 break
             if len(batch.deliveries) >= max_items:
                 break
-            customer = Customer(item.customer_id, profiles.get(item.customer_id, {}))
+            # Identifying attributes as they were at ingest (see ingest._identity).
+            attributes = {**profiles.get(item.customer_id, {}), **item.payload.get("identity", {})}
+            customer = Customer(item.customer_id, attributes)
             try:
                 delivery = render_delivery(self._hook, connection, customer, item)
             except MappingError as exc:

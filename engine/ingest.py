@@ -265,8 +265,9 @@ class Ingestor:
                     continue
                 accepted += 1
                 customer_id = _resolve_customer(c, event, now)
+                profile: dict[str, Any] | None = None
                 if event.action in PROFILE_ACTIONS and event.data:
-                    changes, previous = _update_profile(c, customer_id, event.data, now)
+                    changes, previous, profile = _update_profile(c, customer_id, event.data, now)
                     for attribute in external_id_attributes & changes.keys():
                         if changes[attribute] is None:
                             continue
@@ -280,6 +281,7 @@ class Ingestor:
                             "changes": changes,
                             "previous": previous,
                             "timestamp": event.timestamp.isoformat(),
+                            **_identity(profile, external_id_attributes),
                         }
                         for connection_id, attributes in profile_routes.items():
                             if attributes & changes.keys():
@@ -298,7 +300,9 @@ class Ingestor:
                     cid for cid, actions in event_routes.items() if event.action in actions
                 ]
                 if interested:
-                    payload = event_payload(event)
+                    if profile is None and external_id_attributes:
+                        profile = load_profile(c, customer_id)
+                    payload = {**event_payload(event), **_identity(profile, external_id_attributes)}
                     for connection_id in interested:
                         enqueue(c, connection_id, customer_id, KIND_EVENT, event.id, payload, now)
                         queued += 1
@@ -311,6 +315,19 @@ class Ingestor:
         if touched:
             self._on_enqueued(touched)
         return result
+
+
+def _identity(profile: Mapping[str, Any] | None, attributes: set[str]) -> dict[str, Any]:
+    """The identifying attributes as they are when a record is ingested.
+
+    A record is identified at the destination as its customer was identified when it
+    happened: an event queued before an identifier change goes out under the old
+    identifier, and the change itself moves the identifier in order.
+    """
+    if not profile:
+        return {}
+    held = {a: profile[a] for a in attributes if a in profile}
+    return {"identity": held} if held else {}
 
 
 def _resolve_customer(c: sqlite3.Connection, event: AntavoEvent, now: float) -> str:
@@ -338,11 +355,12 @@ def _resolve_customer(c: sqlite3.Connection, event: AntavoEvent, now: float) -> 
 
 def _update_profile(
     c: sqlite3.Connection, customer_id: str, data: Mapping[str, Any], now: float
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Merges ``data`` into the stored profile; ``None`` clears an attribute.
 
-    Returns (changes, previous): the attributes whose value changed with their new value
-    (``None`` when cleared), and the earlier values of those that had one.
+    Returns (changes, previous, profile): the attributes whose value changed with their
+    new value (``None`` when cleared), the earlier values of those that had one, and the
+    whole profile after the merge.
     """
     row = c.execute(
         "SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)
@@ -366,7 +384,7 @@ def _update_profile(
             "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time) VALUES (?,?,?)",
             (customer_id, orjson.dumps(current).decode(), now),
         )
-    return changes, previous
+    return changes, previous, current
 
 
 def load_profile(c: sqlite3.Connection, customer_id: str) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class Connection:
     display_name: str = ""
     retry_window_seconds: float = 0.0
     """0: the engine's default."""
+    credentials_version: int = 1
+    """Raised whenever the API key or settings change."""
 
     def event_mapping_for(self, action: str) -> EventMapping | None:
         for mapping in self.event_mappings:

@@ -94,6 +94,15 @@ class RecordingTransport:
                 answer = HttpResponse(
                     response.status, dict(response.headers), payload, time.perf_counter() - started
                 )
+        except asyncio.CancelledError:
+            # Shutdown cut the request: it may have been applied, and the log must say so.
+            record(
+                0,
+                b"",
+                "cut by shutdown before the answer (the request may have been applied)",
+                True,
+            )
+            raise
         except TimeoutError:
             message = (
                 f"no answer within {self._timeout.total:g} s (the request may have been applied)"

@@ -397,3 +397,54 @@ def test_pace_item_cap_doubles_back_to_unlimited() -> None:
     assert pace.item_cap == 800
     pace.succeeded(800, 1000)
     assert pace.item_cap is None
+
+
+async def test_events_queued_before_an_identifier_change_keep_the_old_identifier(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(
+        client,
+        sandbox,
+        api_key="wrong-key-0000000",  # held back: everything below queues up first
+        source_attribute="email",
+        target_identifier="email",
+    )
+    await post_events(
+        http, engine, {"customer": "a", "action": "opt_in", "data": {"email": "old@x.io"}}
+    )
+
+    async def paused() -> bool:
+        return (await client.get_connection(CONNECTION)).state == cpb.CONNECTION_STATE_PAUSED
+
+    await eventually(paused)
+    await post_events(http, engine, point("a", 1))
+    await post_events(
+        http, engine, {"customer": "a", "action": "profile", "data": {"email": "new@x.io"}}
+    )
+    await post_events(http, engine, point("a", 2))
+    await client.connections.UpdateConnection(
+        cpb.UpdateConnectionRequest(connection=cpb.Connection(id=CONNECTION, api_key=API_KEY))
+    )
+    await drained(client)
+    assert sandbox.state.lookup("email", "old@x.io") is None
+    user = sandbox.state.lookup("email", "new@x.io")
+    assert user is not None, [u.identifiers for u in sandbox.state.users]
+    assert len(sandbox.state.users) == 1  # one person at Insider, moved, not duplicated
+    assert [e["event_params"]["custom"]["points"] for e in user.events] == [1, 2]
+
+
+async def test_a_refusal_of_the_old_key_does_not_pause_after_the_key_was_replaced(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox, api_key="wrong-key-0000000")
+    await configure(http, sandbox, latency_ms=600)
+    await post_events(http, engine, point("a", 1))
+    await asyncio.sleep(0.3)  # the request with the old key is out, its 403 not yet back
+    await client.connections.UpdateConnection(
+        cpb.UpdateConnectionRequest(connection=cpb.Connection(id=CONNECTION, api_key=API_KEY))
+    )
+    await configure(http, sandbox, latency_ms=0)
+    connection = await drained(client)
+    assert connection.state == cpb.CONNECTION_STATE_ACTIVE
+    assert sandbox.state.lookup("uuid", "a") is not None
+    assert [r["status"] for r in sandbox.state.requests] == [403, 200]

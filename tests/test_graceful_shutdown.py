@@ -126,12 +126,6 @@ async def test_sigterm_parks_a_batch_slower_than_the_deadline(
     assert connection.dead_letter_count == 0, summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug, reported: a send cut by the SIGTERM deadline gets no outbound-log"
-    " row, and its re-send after restart is logged as attempt 1, not ambiguous, so the"
-    " duplicate it causes is invisible in the log",
-)
 async def test_sigterm_cut_send_is_logged_as_ambiguous(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:

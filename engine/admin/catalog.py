@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import rpc
-from engine.admin.ingest import _whole_numbers, event_dict
+from engine.admin.ingest import event_dict, whole_numbers
 from engine.antavo_catalog import source_catalog
 from engine.connections import ConnectionRegistry
 from engine.errors import InvalidInputError
@@ -135,7 +135,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         if not request.HasField("event"):
             raise InvalidInputError("event", "required: a sample Antavo event")
         event = parse_event(event_dict(request.event), "event")
-        profile = _whole_numbers(json_format.MessageToDict(request.profile))
+        profile = whole_numbers(json_format.MessageToDict(request.profile))
         result = await preview_delivery(self._hook, connection, event, profile)
         return pb.PreviewDeliveryResponse(
             requests=[

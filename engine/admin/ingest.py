@@ -14,15 +14,15 @@ from engine.pb import ingest_pb2 as pb
 from engine.pb import ingest_pb2_grpc
 
 
-def _whole_numbers(value: Any) -> Any:
+def whole_numbers(value: Any) -> Any:
     """protobuf Struct carries every number as a double; integral ones become ints again so
     points and quantities reach the destination as they left Antavo."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
+        return {k: whole_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
+        return [whole_numbers(v) for v in value]
     return value
 
 
@@ -30,7 +30,7 @@ def event_dict(message: pb.AntavoEvent) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "customer": message.customer,
         "action": message.action,
-        "data": _whole_numbers(json_format.MessageToDict(message.data)),
+        "data": whole_numbers(json_format.MessageToDict(message.data)),
     }
     for key in ("external_id", "account", "id"):
         if getattr(message, key):

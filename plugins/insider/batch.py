@@ -126,8 +126,12 @@ def customer_parts(
     cleared: Callable[[Delivery], Sequence[tuple[bool, str]]],
     replace: ReplaceRule,
 ) -> list[CustomerPart]:
-    """One part per distinct customer, in first-seen order; identifiers come from the
-    customer's first delivery."""
+    """One part per distinct customer, in first-seen order.
+
+    Identifiers come from the customer's last delivery: a batch that changes a
+    customer's identifier moves it (PATCH /identity) before the upsert, so every part of
+    that customer must go under the identifier it has after the move.
+    """
     parts: dict[str, CustomerPart] = {}
     for delivery in deliveries:
         part = parts.get(delivery.customer.id)
@@ -135,6 +139,7 @@ def customer_parts(
             part = parts[delivery.customer.id] = CustomerPart(
                 delivery.customer.id, dict(delivery.identifiers)
             )
+        part.identifiers = dict(delivery.identifiers)
         part.add(delivery, cleared(delivery), replace)
     return list(parts.values())
 
