@@ -18,7 +18,9 @@ from engine.app import (
     Engine,
     EngineConfig,
 )
+from engine.delivery import DeliverySettings
 from engine.errors import TidegateError
+from engine.ingest import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
 from engine.plugins import plugin_manager
 
@@ -29,6 +31,13 @@ def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
+    return value
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
@@ -67,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DATA_DIR,
         help=f"state, log and key files (default ./{DEFAULT_DATA_DIR})",
     )
+    defaults = DeliverySettings()
+    serve.add_argument(
+        "--retry-base-seconds",
+        type=positive,
+        default=defaults.base_backoff,
+        help=f"first retry delay ceiling, doubled per attempt (default {defaults.base_backoff:g})",
+    )
+    serve.add_argument(
+        "--retry-max-seconds",
+        type=positive,
+        default=defaults.max_backoff,
+        help=f"longest retry delay (default {defaults.max_backoff:g})",
+    )
+    serve.add_argument(
+        "--max-backlog",
+        type=int,
+        default=DEFAULT_MAX_BACKLOG,
+        help=f"queued items past which ingest answers 503 (default {DEFAULT_MAX_BACKLOG})",
+    )
     serve.set_defaults(func=run_serve)
     plugin_manager().hook.register_commands(subparsers=sub)
     return parser
@@ -79,6 +107,11 @@ def run_serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
+        max_backlog=args.max_backlog,
+        delivery=DeliverySettings(
+            base_backoff=args.retry_base_seconds,
+            max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),
+        ),
     )
     return asyncio.run(_serve(config))
 

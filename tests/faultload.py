@@ -209,6 +209,12 @@ class EngineProcess(_Process):
             str(self.http_port),
             "--data-dir",
             str(self.data_dir),
+            # Short retries: an outage of seconds then sees dozens of attempts, as a long
+            # outage does with the production defaults, and recovery shows at once.
+            "--retry-base-seconds",
+            "0.05",
+            "--retry-max-seconds",
+            "0.25",
         ]
 
 

@@ -72,3 +72,9 @@ def test_sandbox_refuses_an_uppercase_partner_name() -> None:
     result = tidegate("sandbox", "--port", "0", "--partner-name", "ACME")
     assert result.returncode != 0
     assert "lowercase" in result.stderr
+
+
+def test_non_positive_retry_delay_is_a_usage_error() -> None:
+    result = tidegate("serve", "--retry-base-seconds", "0")
+    assert result.returncode == 2
+    assert "0 is not a positive number" in result.stderr

@@ -94,7 +94,7 @@ async def test_long_503_outage_then_everything_delivered_in_order(
         print(f"\n{summary}")
     assert acked_during > 0, f"ingest stopped acknowledging during the outage: {summary}"
     assert during.queue_depth > 0, summary
-    assert answered_503 >= 3, f"too few attempts during the outage: {summary}"
+    assert answered_503 >= 20, f"too few attempts during the outage: {summary}"
     assert report.acknowledged > 0
     assert report.ok, f"{summary}\n{report.details()}\n{harness.engine.tail(3000)}"
     assert connection.dead_letter_count == 0, summary
