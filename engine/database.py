@@ -1,9 +1,11 @@
 """SQLite (WAL) holding Tidegate's transactional state.
 
-One thread owns the connection, so SQLite never sees concurrent writers. Writes are
-*grouped*: jobs submitted while a commit is in flight are applied together in the next
-transaction, each inside its own savepoint, so one failing job does not undo the others
-and a burst of ingest requests pays one fsync, not one per request.
+One thread owns the write connection, so SQLite never sees concurrent writers; reads
+run on a second thread with a connection of their own (WAL lets them proceed while a
+write commits, and sqlite3 releases the GIL while it works). Writes are *grouped*: jobs
+submitted while a commit is in flight are applied together in the next transaction,
+each inside its own savepoint, so one failing job does not undo the others and a burst
+of ingest requests pays one fsync, not one per request.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE INDEX IF NOT EXISTS queue_by_connection ON queue (connection_id, seq);
 CREATE INDEX IF NOT EXISTS queue_by_lane ON queue (connection_id, customer_id, next_attempt_time);
+CREATE INDEX IF NOT EXISTS queue_by_due ON queue (connection_id, next_attempt_time);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
     connection_id TEXT NOT NULL,
@@ -118,7 +121,11 @@ class Database:
         self.path = path
         self._synchronous = synchronous
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-sqlite")
+        self._read_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tidegate-sqlite-read"
+        )
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._pending: asyncio.Queue[
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
         ]
@@ -126,7 +133,9 @@ class Database:
 
     async def start(self) -> None:
         self._pending = asyncio.Queue()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open)
+        await loop.run_in_executor(self._read_executor, self._open_reader)
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
 
     def _open(self) -> None:
@@ -140,13 +149,20 @@ class Database:
         conn.executescript(SCHEMA)
         self._conn = conn
 
+    def _open_reader(self) -> None:
+        reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        reader.execute("PRAGMA busy_timeout=5000")
+        reader.execute("PRAGMA query_only=ON")
+        self._reader = reader
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs ``fn`` on the read connection; it sees every write committed before."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+        return await loop.run_in_executor(self._read_executor, self._call, fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._conn is not None, "database not started"
-        return fn(self._conn)
+        assert self._reader is not None, "database not started"
+        return fn(self._reader)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -207,7 +223,12 @@ class Database:
             await self._pending.put(_STOP)  # type: ignore[arg-type]
             await self._writer
             self._writer = None
+        loop = asyncio.get_running_loop()
+        if self._reader is not None:
+            await loop.run_in_executor(self._read_executor, self._reader.close)
+            self._reader = None
         if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            await loop.run_in_executor(self._executor, self._conn.close)
             self._conn = None
         self._executor.shutdown(wait=True)
+        self._read_executor.shutdown(wait=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from engine.errors import (
     PermanentError,
     RetryableError,
 )
-from engine.ingest import event_from_payload, load_profile
+from engine.ingest import event_from_payload, load_profiles
 from engine.logstore import LogCustomer, LogRow, LogStore
 from engine.plugins import Connectors
 from engine.queue import (
@@ -238,6 +237,11 @@ class Deliverer:
                 # A bug must not kill the worker; the items stay queued and are retried.
                 log.exception("delivery_failed_unexpectedly", connection=connection_id)
                 pace.hold_until = time.time() + self.settings.base_backoff
+            if len(items) < info.max_batch_items and self.settings.linger:
+                # The queue held less than a full request: let more arrive before the next
+                # one, so a trickle of events goes out in batches, not one request each.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), self.settings.linger)
 
     async def _deliver(
         self, connection: Connection, items: list[QueueItem], pace: _Pace, max_items: int
@@ -416,10 +420,7 @@ class Deliverer:
         info = self._connectors.get(connection.connector)
         customer_ids = {item.customer_id for item in items}
 
-        def fetch(c: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-            return {cid: load_profile(c, cid) for cid in customer_ids}
-
-        profiles = await self._db.read(fetch)
+        profiles = await self._db.read(lambda c: load_profiles(c, customer_ids))
         batch = _Batch(connection)
         size = ENVELOPE_BYTES
         customers: set[str] = set()

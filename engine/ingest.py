@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +21,7 @@ import orjson
 from engine.connections import ConnectionRegistry
 from engine.database import Database
 from engine.errors import BacklogFullError, InvalidInputError
-from engine.queue import KIND_EVENT, KIND_PROFILE, DurableQueue, enqueue
+from engine.queue import KIND_EVENT, KIND_PROFILE, DurableQueue, enqueue_rows
 from engine.records import ANTAVO_CUSTOMER_ID, AntavoEvent
 
 PROFILE_ACTIONS = frozenset({"opt_in", "profile"})
@@ -244,7 +244,8 @@ class Ingestor:
 
         def store(c: sqlite3.Connection) -> IngestResult:
             now = time.time()
-            accepted = duplicates = queued = 0
+            accepted = duplicates = 0
+            items: list[tuple[Any, ...]] = []
             c.executemany(
                 "INSERT OR IGNORE INTO source_catalog (kind, parent, name, first_seen)"
                 " VALUES (?,?,?,?)",
@@ -276,38 +277,57 @@ class Ingestor:
                             " VALUES (?,?,?)",
                             (attribute, str(changes[attribute]), customer_id),
                         )
-                    if changes:
-                        payload = {
-                            "changes": changes,
-                            "previous": previous,
-                            "timestamp": event.timestamp.isoformat(),
-                            **_identity(profile, external_id_attributes),
-                        }
-                        for connection_id, attributes in profile_routes.items():
-                            if attributes & changes.keys():
-                                enqueue(
-                                    c,
+                    routed = [
+                        cid for cid, attrs in profile_routes.items() if attrs & changes.keys()
+                    ]
+                    if routed:
+                        payload = orjson.dumps(
+                            {
+                                "changes": changes,
+                                "previous": previous,
+                                "timestamp": event.timestamp.isoformat(),
+                                **_identity(profile, external_id_attributes),
+                            }
+                        )
+                        for connection_id in routed:
+                            items.append(
+                                (
                                     connection_id,
                                     customer_id,
                                     KIND_PROFILE,
                                     event.id,
                                     payload,
                                     now,
+                                    now,
+                                    "",
                                 )
-                                queued += 1
-                                touched.add(connection_id)
+                            )
+                        touched.update(routed)
                 interested = [
                     cid for cid, actions in event_routes.items() if event.action in actions
                 ]
                 if interested:
                     if profile is None and external_id_attributes:
                         profile = load_profile(c, customer_id)
-                    payload = {**event_payload(event), **_identity(profile, external_id_attributes)}
+                    payload = orjson.dumps(
+                        {**event_payload(event), **_identity(profile, external_id_attributes)}
+                    )
                     for connection_id in interested:
-                        enqueue(c, connection_id, customer_id, KIND_EVENT, event.id, payload, now)
-                        queued += 1
-                        touched.add(connection_id)
-            return IngestResult(accepted, duplicates, queued)
+                        items.append(
+                            (
+                                connection_id,
+                                customer_id,
+                                KIND_EVENT,
+                                event.id,
+                                payload,
+                                now,
+                                now,
+                                "",
+                            )
+                        )
+                    touched.update(interested)
+            enqueue_rows(c, items)
+            return IngestResult(accepted, duplicates, len(items))
 
         result = await self._db.write(store)
         self._queue.added(result.deliveries_queued)
@@ -392,3 +412,19 @@ def load_profile(c: sqlite3.Connection, customer_id: str) -> dict[str, Any]:
         "SELECT attributes FROM profiles WHERE customer_id = ?", (customer_id,)
     ).fetchone()
     return orjson.loads(row[0]) if row else {}
+
+
+def load_profiles(
+    c: sqlite3.Connection, customer_ids: Collection[str]
+) -> dict[str, dict[str, Any]]:
+    """Profiles of ``customer_ids`` (absent customers are left out), in a few queries."""
+    ids = list(customer_ids)
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for customer_id, attributes in c.execute(
+            f"SELECT customer_id, attributes FROM profiles WHERE customer_id IN ({marks})", chunk
+        ):
+            found[customer_id] = orjson.loads(attributes)
+    return found

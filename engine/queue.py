@@ -19,6 +19,9 @@ import orjson
 
 from engine.database import Database
 
+CLAIM_COLUMNS = (
+    "seq, customer_id, kind, event_id, payload, enqueue_time, attempts, first_attempt_time, origin"
+)
 KIND_EVENT = "event"
 KIND_PROFILE = "profile"
 KIND_RENDERED = "rendered"
@@ -130,6 +133,19 @@ class ReplayResult:
     connections: frozenset[str] = frozenset()
 
 
+INSERT_ITEM = (
+    "INSERT INTO queue (connection_id, customer_id, kind, event_id, payload, enqueue_time,"
+    " next_attempt_time, origin) VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+def enqueue_rows(c: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Adds items, in order, inside the caller's transaction. A row is (connection_id,
+    customer_id, kind, event_id, payload JSON bytes, enqueue_time, next_attempt_time,
+    origin)."""
+    c.executemany(INSERT_ITEM, rows)
+
+
 def enqueue(
     c: sqlite3.Connection,
     connection_id: str,
@@ -142,8 +158,7 @@ def enqueue(
 ) -> None:
     """Adds an item inside the caller's transaction (ingest commits it with the dedupe row)."""
     c.execute(
-        "INSERT INTO queue (connection_id, customer_id, kind, event_id, payload, enqueue_time,"
-        " next_attempt_time, origin) VALUES (?,?,?,?,?,?,?,?)",
+        INSERT_ITEM,
         (connection_id, customer_id, kind, event_id, orjson.dumps(payload), now, now, origin),
     )
 
@@ -171,14 +186,24 @@ class DurableQueue:
         at = time.time() if now is None else now
 
         def fetch(c: sqlite3.Connection) -> list[QueueItem]:
-            rows = c.execute(
-                "SELECT seq, customer_id, kind, event_id, payload, enqueue_time, attempts,"
-                " first_attempt_time, origin FROM queue q WHERE connection_id = ? AND NOT EXISTS ("
-                "  SELECT 1 FROM queue h WHERE h.connection_id = q.connection_id"
-                "  AND h.customer_id = q.customer_id AND h.next_attempt_time > ?)"
-                " ORDER BY seq LIMIT ?",
-                (connection_id, at, limit),
-            ).fetchall()
+            held = c.execute(
+                "SELECT 1 FROM queue WHERE connection_id = ? AND next_attempt_time > ? LIMIT 1",
+                (connection_id, at),
+            ).fetchone()
+            if held:
+                rows = c.execute(
+                    f"SELECT {CLAIM_COLUMNS} FROM queue q WHERE connection_id = ? AND NOT EXISTS ("
+                    "  SELECT 1 FROM queue h WHERE h.connection_id = q.connection_id"
+                    "  AND h.customer_id = q.customer_id AND h.next_attempt_time > ?)"
+                    " ORDER BY seq LIMIT ?",
+                    (connection_id, at, limit),
+                ).fetchall()
+            else:  # no lane is held: the oldest items, straight off the index
+                rows = c.execute(
+                    f"SELECT {CLAIM_COLUMNS} FROM queue WHERE connection_id = ?"
+                    " ORDER BY seq LIMIT ?",
+                    (connection_id, limit),
+                ).fetchall()
             return [
                 QueueItem(
                     seq, connection_id, cust, kind, eid, orjson.loads(payload), enq, att, first, org
