@@ -3,7 +3,8 @@
 The load is open-loop: request ``k`` is due at ``start + k * interval`` whether or not
 earlier requests were answered, and every latency is measured from that due time, so a
 stalled engine shows up as latency instead of silently lowering the load. The generator
-keeps up to ``MAX_CONNECTIONS`` requests in flight, like a webhook sender's pool.
+keeps up to ``MAX_CONNECTIONS`` requests in flight, like a webhook sender's pool, and
+the first ``WARMUP_SECONDS`` are not counted.
 
 Each event carries a ``bench_id`` parameter that the connection maps to a custom Insider
 event parameter, and has a customer of its own (``lat-<bench_id>``). The sink records
@@ -32,6 +33,9 @@ from engine.pb import logs_pb2, logs_pb2_grpc
 
 CUSTOMER_PREFIX = "lat-"
 MAX_CONNECTIONS = 256
+WARMUP_SECONDS = 1.0
+"""Events due in the first second (a fifth of a short run) are sent but not counted: the
+generator is still opening its connections."""
 
 
 @dataclass
@@ -46,6 +50,7 @@ class LatencyResult:
     visible: list[float] = field(default_factory=list)
     missing_delivered: int = 0
     missing_visible: int = 0
+    measured_from: float = 0.0  # due times before this are warm-up and not counted
     engine_cores: float = 0.0  # CPU the engine used while the load ran, in cores
     client_cores: float = 0.0
 
@@ -106,6 +111,8 @@ async def run_latency(
             visible = await _visible(tail.seen, arrivals, settle)
             await tail.close()
     for bench_id, at in due.items():
+        if at < result.measured_from:
+            continue
         arrival = arrivals.get(bench_id)
         if arrival is None:
             result.missing_delivered += 1
@@ -120,6 +127,25 @@ async def run_latency(
     return result
 
 
+async def run_ack_only(
+    workdir: Path, rate: float, events_per_request: int, seconds: float
+) -> LatencyResult:
+    """The same load into a paused connection: the sink refuses the API key, the engine
+    pauses the connection after the first request and keeps queueing, so the
+    acknowledgement latency is that of ingest with no delivery work beside it. The
+    difference to ``run_latency`` is what delivery costs ingest."""
+    result = LatencyResult(rate, events_per_request, seconds)
+    with (
+        start_sink(workdir / "sink.log") as sink,
+        start_engine(workdir / "data", workdir / "engine.log") as engine,
+    ):
+        await create_connection(engine.extra["grpc"], sink.extra["url"], api_key="refused")
+        connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await _offer(session, engine, result)
+    return result
+
+
 async def _offer(
     session: aiohttp.ClientSession, engine: Process, result: LatencyResult
 ) -> dict[str, float]:
@@ -129,12 +155,14 @@ async def _offer(
 
     async def send(body: bytes, at: float) -> None:
         await post_ingest(session, engine.extra["ingest"], body)
-        result.ack.append(time.monotonic() - at)
+        if at >= result.measured_from:
+            result.ack.append(time.monotonic() - at)
 
     per_request = result.events_per_request
     interval = per_request / result.rate
     cpu0, client0 = engine.cpu(), time.process_time()
     start = time.monotonic() + 0.05
+    result.measured_from = start + min(WARMUP_SECONDS, result.seconds / 5)
     number = 0
     for k in range(max(1, round(result.seconds / interval))):
         at = start + k * interval

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import duckdb
 
 from engine.logstore import SCHEMA
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 CHUNK = 1_000_000
 SPAN_SECONDS = 30 * 24 * 3600
 CUSTOMER_POOL = 1_000_000
@@ -55,6 +56,10 @@ _ERROR = f"""CASE
   WHEN k < 995 THEN 'Insider answered HTTP 500: The request processing has failed because of an unknown error.'
   WHEN k < 998 THEN 'cannot connect: Connection refused'
   ELSE 'Insider rejected the request (HTTP 400): users must be at most 1000: bad request' END"""  # noqa: E501
+# As engine.logstore._error_text: the request's and its customers' distinct errors, lowercased.
+_ERROR_TEXT = f"""CASE WHEN k < 940 THEN ''
+  WHEN k < 970 THEN lower(({_ERROR}) || chr(10) || '{EMAIL_ERROR}')
+  ELSE lower({_ERROR}) END"""
 _TIME = "make_timestamptz(ms * 1000)"
 _ID = (
     "printf('%08x-%04x-7%03x-%04x-%012x', ms // 65536, ms % 65536, hash(i, 5) % 4096,"
@@ -70,7 +75,8 @@ SELECT {_TIME} AS time, {_ID} AS id,
        {_STATUS} AS status_code, 0.02 + (hash(i, 4) % 400) / 1000.0 AS response_time,
        {_ERROR} AS error, n AS customer_count, 3 AS mapping_version,
        CASE WHEN k >= 970 AND k < 998 THEN 1 + hash(i, 8) % 3 ELSE 1 END AS attempt,
-       k >= 995 AND k < 998 AS ambiguous, '' AS tags
+       k >= 995 AND k < 998 AS ambiguous, '' AS tags,
+       {_ERROR_TEXT} AS error_text
 FROM ({_BASE})
 """
 CUSTOMERS_SQL = f"""
@@ -131,6 +137,7 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute("SET enable_progress_bar = false")
         conn.execute(SCHEMA)
+        _check_columns(conn)
         end_ms = int(time.time() * 1000)
         step_us = SPAN_SECONDS * 1_000_000 // rows
         start_ms = end_ms - SPAN_SECONDS * 1000
@@ -138,7 +145,7 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
             last = min(rows, first + CHUNK)
             params = {"first": first, "last": last, "start_ms": start_ms, "step_us": step_us}
             conn.begin()
-            for sql in (REQUESTS_SQL, CUSTOMERS_SQL, BODIES_SQL):
+            for sql in GENERATED.values():
                 conn.execute(sql, params)
             conn.commit()
             log(f"  log rows generated: {last:,} of {rows:,}")
@@ -150,6 +157,26 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
     (building / SAMPLES_FILE).write_text(json.dumps(samples, indent=1))
     building.rename(data_dir)
     return data_dir
+
+
+GENERATED = {
+    "log_requests": REQUESTS_SQL,
+    "log_customers": CUSTOMERS_SQL,
+    "log_bodies": BODIES_SQL,
+}
+
+
+def _check_columns(conn: duckdb.DuckDBPyConnection) -> None:
+    """Fails clearly when engine.logstore's schema has a column this generator does not
+    fill, instead of with a NOT NULL error halfway through."""
+    for table, sql in GENERATED.items():
+        names = [r[0] for r in conn.execute(f"DESCRIBE {table}").fetchall()]
+        missing = [n for n in names if not re.search(rf"\bAS {n}\b", sql)]
+        if missing:
+            raise RuntimeError(
+                f"engine.logstore's {table} has columns bench/loggen.py does not generate: "
+                f"{', '.join(missing)}; add them to its {table} SELECT"
+            )
 
 
 def _samples(conn: duckdb.DuckDBPyConnection) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from bench.processes import REPO
 RATE = 100  # samples per second
 FRAME = re.compile(r"^(?P<function>.*) \((?P<path>.*?)(?::(?P<line>\d+))?\)$")
 PROJECT_DIRS = ("engine/", "plugins/")
+ENTRY = "engine/cli.py"  # on every main-thread stack: it says nothing about where time goes
 
 
 def py_spy() -> str | None:
@@ -109,10 +110,11 @@ def summarise(raw: Path) -> Summary:
             continue
         function, path = parsed[-1]
         leaf[f"{function} ({path})"] += count
-        project = [f"{fn} ({p})" for fn, p in parsed if p.startswith(PROJECT_DIRS)]
+        project = [f"{fn} ({p})" for fn, p in parsed if p.startswith(PROJECT_DIRS) and p != ENTRY]
         for name in set(project):
             inclusive[name] += count
-        nearest[project[-1] if project else f"(outside Tidegate code) [{thread}]"] += count
+        outside = f"(no Tidegate frame: event loop, aiohttp, grpc) [{thread}]"
+        nearest[project[-1] if project else outside] += count
     return Summary(total, threads, leaf, inclusive, nearest)
 
 
@@ -122,7 +124,12 @@ def markdown(summary: Summary, top: int = 15) -> str:
         lines += [f"| {summary.share(n)} | `{name}` |" for name, n in counter.most_common(top)]
         return [*lines, ""]
 
-    lines = [f"{summary.samples:,} samples at {RATE}/s across all threads.", ""]
+    lines = [
+        f"{summary.samples:,} samples at {RATE}/s of threads py-spy saw as active (on CPU or"
+        " in a blocking call such as a commit), across all threads. Shares are of those"
+        " samples, not of CPU time.",
+        "",
+    ]
     lines += table("By thread", summary.threads, "Thread")
     lines += table(
         "Self time charged to the innermost Tidegate frame (includes the libraries it calls)",

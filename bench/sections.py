@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ceiling as ceiling_bench
-from bench.latency import run_latency
+from bench.latency import run_ack_only, run_latency
 from bench.loggen import ensure_log
 from bench.logsearch import found_rows, run_search
 from bench.memory import run_memory
@@ -78,6 +78,10 @@ def _cores(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _us_per_event(cores: float, events_per_s: float) -> str:
+    return f"{cores / events_per_s * 1e6:,.0f} us" if events_per_s else "n/a"
+
+
 async def run_ceiling(ctx: Context) -> None:
     s = ctx.settings
     with start_sink(ctx.scratch("ceiling") / "sink.log") as sink:
@@ -132,7 +136,9 @@ async def run_e2e(ctx: Context) -> None:
         "e2e",
         "engine CPU per delivered event (ingest + delivery + log)",
         f"{r.cpu_us_per_event:,.0f} us ({r.engine_cpu:.1f} CPU s; "
-        f"{r.engine_cpu / r.total_seconds:.2f} cores)"
+        f"{r.engine_cpu / r.total_seconds:.2f} cores; beside it the sink used "
+        f"{r.sink_cpu / r.total_seconds:.2f} and the generator "
+        f"{r.client_cpu / r.total_seconds:.2f})"
         if r.total_seconds
         else "n/a",
         f"<= {GOAL_CPU_US:.0f} us",
@@ -189,10 +195,7 @@ async def run_latency_section(ctx: Context) -> None:
     add = ctx.report.add
     for shape in s.latency_shapes:
         work = ctx.scratch(f"latency-{shape}")
-        profile_to = None
-        if ctx.profile_dir is not None and shape == s.latency_shapes[0]:
-            profile_to = ctx.profile_dir / f"latency-{shape}.txt"
-        r = await run_latency(work, s.latency_rate, shape, s.latency_seconds, profile_to=profile_to)
+        r = await run_latency(work, s.latency_rate, shape, s.latency_seconds)
         shutil.rmtree(work / "data", ignore_errors=True)
         label = f"{shape} event/request" if shape == 1 else f"{shape} events/request"
         ctx.remember(
@@ -205,8 +208,9 @@ async def run_latency_section(ctx: Context) -> None:
         add(
             "latency",
             f"offered {rate(r.rate, 'events')} as {label} ({r.seconds:g} s, open loop)",
-            f"achieved {rate(r.achieved_rate, 'events')}; engine {_cores(r.engine_cores)} cores, "
-            f"generator {_cores(r.client_cores)} cores",
+            f"achieved {rate(r.achieved_rate, 'events')}; engine {_cores(r.engine_cores)} cores"
+            f" = {_us_per_event(r.engine_cores, r.achieved_rate)}/event, generator "
+            f"{_cores(r.client_cores)} cores",
         )
         add(
             "latency",
@@ -230,6 +234,28 @@ async def run_latency_section(ctx: Context) -> None:
             f"{ms(vis50)} / {ms(vis99)}{missing}",
             f"p99 < {ms(GOAL_VISIBLE_P99)}",
             vis99 < GOAL_VISIBLE_P99 and not r.missing_visible,
+        )
+    for shape in s.latency_shapes:
+        work = ctx.scratch(f"latency-{shape}-paused")
+        r = await run_ack_only(work, s.latency_rate, shape, s.latency_seconds)
+        shutil.rmtree(work / "data", ignore_errors=True)
+        label = f"{shape} event/request" if shape == 1 else f"{shape} events/request"
+        add(
+            "latency",
+            f"[{label}] baseline: ingest acknowledgement p50 / p99 into a paused connection"
+            " (items queued, no delivery work)",
+            f"{ms(percentile(r.ack, 50))} / {ms(percentile(r.ack, 99))}; "
+            f"engine {_cores(r.engine_cores)} cores = "
+            f"{_us_per_event(r.engine_cores, r.achieved_rate)}/event",
+        )
+    if ctx.profile_dir is not None:  # a separate run, so the profiler never skews the figures
+        shape = s.latency_shapes[0]
+        await run_latency(
+            ctx.scratch("latency-profiled"),
+            s.latency_rate,
+            shape,
+            s.latency_seconds,
+            profile_to=ctx.profile_dir / f"latency-{shape}-per-request.txt",
         )
 
 

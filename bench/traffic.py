@@ -30,12 +30,13 @@ PARAMETERS = [
 ]
 
 
-async def create_connection(grpc_target: str, base_url: str) -> None:
-    """The bench connection: Antavo customer ID -> Insider ``uuid``, ``checkout`` mapped."""
+async def create_connection(grpc_target: str, base_url: str, api_key: str = API_KEY) -> None:
+    """The bench connection: Antavo customer ID -> Insider ``uuid``, ``checkout`` mapped.
+    With another ``api_key`` the sink answers 403 and the engine pauses the connection."""
     async with TidegateClient(grpc_target) as client:
         await client.create_connection(
             CONNECTION_ID,
-            api_key=API_KEY,
+            api_key=api_key,
             settings={"partner_name": PARTNER_NAME, "base_url": base_url},
         )
         await client.add_event_mapping(CONNECTION_ID, SOURCE_EVENT, TARGET_EVENT, PARAMETERS)
