@@ -91,8 +91,12 @@ CREATE TABLE IF NOT EXISTS queue (
     origin TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS queue_by_connection ON queue (connection_id, seq);
-CREATE INDEX IF NOT EXISTS queue_by_lane ON queue (connection_id, customer_id, next_attempt_time);
-CREATE INDEX IF NOT EXISTS queue_by_due ON queue (connection_id, next_attempt_time);
+-- Only an item that failed before (attempts > 0) can hold its lane: indexing just those
+-- keeps inserts and deletes of fresh items cheap.
+CREATE INDEX IF NOT EXISTS queue_held_lanes ON queue (connection_id, customer_id, next_attempt_time)
+    WHERE attempts > 0;
+CREATE INDEX IF NOT EXISTS queue_held_due ON queue (connection_id, next_attempt_time)
+    WHERE attempts > 0;
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
     connection_id TEXT NOT NULL,
@@ -199,6 +203,18 @@ class Database:
         conn = self._conn
         assert conn is not None, "database not started"
         results: list[tuple[bool, Any]] = []
+        if len(fns) == 1:  # nothing to isolate it from: no savepoint
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results.append((True, fns[0](conn)))
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                return [(False, exc)]
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return results
         conn.execute("BEGIN IMMEDIATE")
         try:
             for fn in fns:

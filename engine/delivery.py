@@ -219,7 +219,7 @@ class Deliverer:
             except NotFoundError:
                 return
             info = self._connectors.get(connection.connector)
-            limit = 1 if pace.probe else (pace.item_cap or info.max_batch_items * 2)
+            limit = 1 if pace.probe else (pace.item_cap or info.max_batch_items)
             items = await self._queue.claim(connection_id, limit)
             if not items:
                 due = await self._queue.next_due(connection_id)

@@ -187,14 +187,16 @@ class DurableQueue:
 
         def fetch(c: sqlite3.Connection) -> list[QueueItem]:
             held = c.execute(
-                "SELECT 1 FROM queue WHERE connection_id = ? AND next_attempt_time > ? LIMIT 1",
+                "SELECT 1 FROM queue WHERE connection_id = ? AND attempts > 0"
+                " AND next_attempt_time > ? LIMIT 1",
                 (connection_id, at),
             ).fetchone()
             if held:
                 rows = c.execute(
                     f"SELECT {CLAIM_COLUMNS} FROM queue q WHERE connection_id = ? AND NOT EXISTS ("
                     "  SELECT 1 FROM queue h WHERE h.connection_id = q.connection_id"
-                    "  AND h.customer_id = q.customer_id AND h.next_attempt_time > ?)"
+                    "  AND h.customer_id = q.customer_id AND h.attempts > 0"
+                    "  AND h.next_attempt_time > ?)"
                     " ORDER BY seq LIMIT ?",
                     (connection_id, at, limit),
                 ).fetchall()
@@ -268,7 +270,7 @@ class DurableQueue:
         return await self._db.read(
             lambda c: c.execute(
                 "SELECT MIN(next_attempt_time) FROM queue WHERE connection_id = ?"
-                " AND next_attempt_time > ?",
+                " AND attempts > 0 AND next_attempt_time > ?",
                 (connection_id, at),
             ).fetchone()[0]
         )

@@ -374,3 +374,35 @@ async def test_query_matches_agrees_with_list_filtering(store: LogStore) -> None
         expected_ids = {rows[i].id for i in expected}
         assert {r.id for r in rows if query.matches(r)} == expected_ids, query
         assert {r.id for r in await list_all(store, query)} == expected_ids, query
+
+
+async def test_customer_pages_are_exact_across_weeks_of_history(store: LogStore) -> None:
+    """Customer lookups search the newest day first and widen: the pages must still be
+    the exact newest-first sequence, whatever the spacing of the customer's requests."""
+    now = datetime.now(UTC)
+    ages_in_days = [0.01, 0.5, 0.9, 2, 3, 6, 8, 20, 29, 31, 45, 90, 200]
+    rows = []
+    for n, age in enumerate(ages_in_days):
+        at = now - timedelta(days=age)
+        rows.append(
+            make_row(0, id=new_request_id(at=at), time=at, customers=(LogCustomer("busy"),))
+        )
+        other = at - timedelta(seconds=1)
+        rows.append(
+            make_row(0, id=new_request_id(at=other), time=other, customers=(LogCustomer(f"x{n}"),))
+        )
+    await append_all(store, sorted(rows, key=lambda r: r.time))
+    expected = [
+        r.id
+        for r in sorted(rows, key=lambda r: r.time, reverse=True)
+        if r.customers[0].customer_id == "busy"
+    ]
+    for size in (1, 2, 3, 5):
+        seen: list[str] = []
+        token = ""
+        while True:
+            page, token = await store.list(LogQuery(customer_id="busy"), size, token)
+            seen += [r.id for r in page]
+            if not token:
+                break
+        assert seen == expected, f"page size {size}"
