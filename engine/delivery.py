@@ -295,8 +295,10 @@ class Deliverer:
                     customer_outcome.setdefault(item.customer_id, ("retry", error))
         except AuthError as exc:
             error = str(exc)
-            # No pause if the credentials changed while this request was out.
+            # No pause if the credentials changed while this request was out. Either way
+            # the next request is a single-item probe.
             await self._registry.pause(connection, error)
+            pace.probe = True
             for d in batch.deliveries:
                 customer_outcome[d.customer.id] = ("paused", error)
         except PayloadTooLargeError as exc:
