@@ -46,7 +46,6 @@ T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-CUSTOMER_WINDOWS = (timedelta(days=1), timedelta(days=7), timedelta(days=30))
 LIST_CUSTOMERS = 100  # customers shown per row in lists and streams
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
 # A row's time must lie this close to the time embedded in its id, so that an id lookup
@@ -502,25 +501,6 @@ class LogStore:
         return await asyncio.to_thread(run)
 
     def _list(
-        self,
-        cur: duckdb.DuckDBPyConnection,
-        query: LogQuery,
-        size: int,
-        after: tuple[datetime, str] | None,
-    ) -> tuple[builtins.list[LogRow], str]:
-        if query.customer_id and query.start_time is None and not query.identifier:
-            # A customer lookup scans log_customers; most lookups are for customers active
-            # lately, so search the newest day first and widen only while the page is not
-            # full. A window that yields more than a page holds the true newest page.
-            newest = after[0] if after is not None else datetime.now(UTC)
-            for window in CUSTOMER_WINDOWS:
-                narrowed = replace(query, start_time=newest - window)
-                rows, token = self._list_once(cur, narrowed, size, after)
-                if token:
-                    return rows, token
-        return self._list_once(cur, query, size, after)
-
-    def _list_once(
         self,
         cur: duckdb.DuckDBPyConnection,
         query: LogQuery,
