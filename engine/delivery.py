@@ -36,7 +36,7 @@ from engine.errors import (
 )
 from engine.ingest import event_from_payload, load_profiles
 from engine.logstore import LogCustomer, LogRow, LogStore
-from engine.plugins import Connectors
+from engine.plugins import Connectors, PipelineHooks
 from engine.queue import (
     KIND_PROFILE,
     KIND_RENDERED,
@@ -136,6 +136,7 @@ class Deliverer:
         self._queue = queue
         self._db = db
         self._hook = pm.hook
+        self._pipeline = PipelineHooks(pm)
         self._connectors = connectors
         self._logs = logs
         self.settings = settings or DeliverySettings()
@@ -435,7 +436,7 @@ class Deliverer:
             attributes = {**profiles.get(item.customer_id, {}), **item.payload.get("identity", {})}
             customer = Customer(item.customer_id, attributes)
             try:
-                delivery = render_delivery(self._hook, connection, customer, item)
+                delivery = render_delivery(self._pipeline, connection, customer, item)
             except MappingError as exc:
                 batch.dead.append(DeadLetter(item, exc.stage, exc.message))
                 continue

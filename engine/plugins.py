@@ -45,3 +45,39 @@ class Connectors:
             raise InvalidInputError(
                 "connector", f"unknown connector {name!r}; installed: {allowed}"
             ) from None
+
+
+class FirstResultCaller:
+    """Calls a ``firstresult`` hook's implementations directly, in pluggy's order, and
+    returns the first answer that is not ``None``.
+
+    Delivery calls three hooks per item; pluggy's general machinery (wrappers, result
+    objects) costs more per call than the mapping itself. Implementations are resolved
+    once, when the engine starts, after every plugin is registered.
+    """
+
+    def __init__(self, caller: pluggy.HookCaller) -> None:
+        impls = list(reversed(caller.get_hookimpls()))  # pluggy calls the last added first
+        if any(i.hookwrapper or i.wrapper for i in impls):
+            raise ValueError(f"{caller.name}: hook wrappers need pluggy's own call path")
+        self._impls = [(i.function, tuple(i.argnames)) for i in impls]
+
+    def __call__(self, **kwargs: object) -> object:
+        for function, argnames in self._impls:
+            result = function(*[kwargs[name] for name in argnames])
+            if result is not None:
+                return result
+        return None
+
+
+class PipelineHooks:
+    """``identify``, ``map_profile`` and ``map_event`` as direct callers; falls back to
+    pluggy's own call path when a plugin wraps one of them."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        for name in ("identify", "map_profile", "map_event"):
+            caller = getattr(pm.hook, name)
+            try:
+                setattr(self, name, FirstResultCaller(caller))
+            except ValueError:
+                setattr(self, name, caller)
