@@ -33,7 +33,9 @@ class SourceEntry:
         return self.first_seen is not None
 
 
-def _attribute(name: str, type_: str, description: str = "", read_only: bool = False):
+def _attribute(
+    name: str, type_: str, description: str = "", read_only: bool = False
+) -> SourceEntry:
     return SourceEntry(CATALOG_ATTRIBUTE, name, "", type_, description, True, read_only)
 
 

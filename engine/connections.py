@@ -397,10 +397,9 @@ class ConnectionRegistry:
                 "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",
             )
         for connection in self._runtime.values():
-            if any(
-                m.id == requested
-                for m in (*connection.profile_mappings, *connection.event_mappings)
-            ):
+            ids = [m.id for m in connection.profile_mappings]
+            ids += [m.id for m in connection.event_mappings]
+            if requested in ids:
                 raise InvalidInputError("mapping.id", f"mapping {requested!r} already exists")
         return requested
 
@@ -497,7 +496,7 @@ class ConnectionRegistry:
             id=view.id,
             connector=view.connector,
             settings=settings,
-            api_key=self._secrets.decrypt(bytes(key_enc)),  # type: ignore[arg-type]
+            api_key=self._secrets.decrypt(bytes(key_enc)),  # type: ignore[call-overload]
             customer_id_mapping=id_mapping,
             profile_mappings=tuple(
                 ProfileMapping(str(i), str(s), str(t), bool(cu), str(am))

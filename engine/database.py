@@ -236,7 +236,7 @@ class Database:
     async def close(self) -> None:
         """Commits every job submitted before the call, then closes the database."""
         if self._writer is not None:
-            await self._pending.put(_STOP)  # type: ignore[arg-type]
+            await self._pending.put(_STOP)
             await self._writer
             self._writer = None
         loop = asyncio.get_running_loop()

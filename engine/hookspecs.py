@@ -32,7 +32,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def connector_info() -> ConnectorInfo:
+def connector_info() -> ConnectorInfo:  # type: ignore[empty-body]
     """Describe the connector this plugin provides: name, batch limits, validation."""
 
 

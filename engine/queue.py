@@ -306,11 +306,20 @@ class DurableQueue:
             ).fetchall()
             return [
                 StoredDeadLetter(
-                    *row[:5],
-                    orjson.loads(row[5]),
-                    *row[6:12],
-                    None if row[12] is None else orjson.loads(row[12]),
-                    row[13],
+                    id=row[0],
+                    connection_id=row[1],
+                    customer_id=row[2],
+                    kind=row[3],
+                    event_id=row[4],
+                    payload=orjson.loads(row[5]),
+                    enqueue_time=row[6],
+                    attempts=row[7],
+                    stage=row[8],
+                    error=row[9],
+                    request_id=row[10],
+                    fail_time=row[11],
+                    rendered=None if row[12] is None else orjson.loads(row[12]),
+                    origin=row[13],
                 )
                 for row in rows
             ]

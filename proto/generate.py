@@ -1,4 +1,5 @@
-"""Generates the Python gRPC code for the admin API into engine/pb/.
+"""Generates the Python gRPC code for the admin API, with typed stubs (mypy-protobuf),
+into engine/pb/.
 
     python proto/generate.py          # write engine/pb/
     python proto/generate.py --check  # exit 1 when engine/pb/ differs from proto/
@@ -31,14 +32,18 @@ def generate(out_dir: Path) -> None:
         raw_dir = Path(raw)
         protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PACKAGE_DIR.glob("*.proto"))
         include = Path(protoc.__file__).parent / "_proto"
+        bin_dir = Path(sys.executable).parent  # mypy-protobuf's protoc plugins
         code = protoc.main(
             [
                 "protoc",
                 f"-I{PROTO_ROOT}",
                 f"-I{include}",
+                f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+                f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
                 f"--python_out={raw_dir}",
-                f"--pyi_out={raw_dir}",
+                f"--mypy_out=quiet:{raw_dir}",
                 f"--grpc_python_out={raw_dir}",
+                f"--mypy_grpc_out=quiet:{raw_dir}",
                 *protos,
             ]
         )

@@ -30,3 +30,8 @@ def test_buf_lint_passes() -> None:
 def test_ruff_finds_nothing() -> None:
     result = run(BIN / "ruff", "check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_finds_nothing() -> None:
+    result = run(BIN / "mypy")  # strict, on engine/, plugins/ and clients/ (pyproject.toml)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-import grpc
 import pluggy
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engine.admin.errors import rpc
+from engine.admin.errors import Context, rpc
 from engine.admin.ingest import event_dict, whole_numbers
 from engine.antavo_catalog import source_catalog
 from engine.connections import ConnectionRegistry
@@ -69,7 +68,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     @rpc
     async def ListSourceCatalog(
-        self, request: pb.ListSourceCatalogRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListSourceCatalogRequest, context: Context
     ) -> pb.ListSourceCatalogResponse:
         entries = [
             e
@@ -98,7 +97,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     @rpc
     async def ListDestinationCatalog(
-        self, request: pb.ListDestinationCatalogRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListDestinationCatalogRequest, context: Context
     ) -> pb.ListDestinationCatalogResponse:
         if not request.connection_id:
             raise InvalidInputError("connection_id", "required")
@@ -127,7 +126,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     @rpc
     async def PreviewDelivery(
-        self, request: pb.PreviewDeliveryRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PreviewDeliveryRequest, context: Context
     ) -> pb.PreviewDeliveryResponse:
         if not request.connection_id:
             raise InvalidInputError("connection_id", "required")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engine.admin.errors import rpc
+from engine.admin.errors import Context, rpc
 from engine.connections import (
     STATE_ACTIVE,
     STATE_PAUSED,
@@ -82,7 +81,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     @rpc
     async def CreateConnection(
-        self, request: pb.CreateConnectionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateConnectionRequest, context: Context
     ) -> pb.CreateConnectionResponse:
         c = request.connection
         view = await self._registry.create(
@@ -100,7 +99,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     @rpc
     async def GetConnection(
-        self, request: pb.GetConnectionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetConnectionRequest, context: Context
     ) -> pb.GetConnectionResponse:
         if not request.id:
             raise InvalidInputError("id", "required")
@@ -110,7 +109,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     @rpc
     async def ListConnections(
-        self, request: pb.ListConnectionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListConnectionsRequest, context: Context
     ) -> pb.ListConnectionsResponse:
         size = request.page_size or 100
         if size < 0:
@@ -124,7 +123,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     @rpc
     async def UpdateConnection(
-        self, request: pb.UpdateConnectionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateConnectionRequest, context: Context
     ) -> pb.UpdateConnectionResponse:
         c = request.connection
         if not c.id:
@@ -160,7 +159,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     @rpc
     async def DeleteConnection(
-        self, request: pb.DeleteConnectionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteConnectionRequest, context: Context
     ) -> pb.DeleteConnectionResponse:
         if not request.id:
             raise InvalidInputError("id", "required")
@@ -170,7 +169,7 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
 
     @rpc
     async def ResumeConnection(
-        self, request: pb.ResumeConnectionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ResumeConnectionRequest, context: Context
     ) -> pb.ResumeConnectionResponse:
         if not request.id:
             raise InvalidInputError("id", "required")

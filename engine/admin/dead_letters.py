@@ -7,12 +7,11 @@ import binascii
 from collections.abc import Callable
 from datetime import UTC
 
-import grpc
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.connections import timestamp
-from engine.admin.errors import rpc
+from engine.admin.errors import Context, rpc
 from engine.errors import InvalidInputError
 from engine.pb import dead_letters_pb2 as pb
 from engine.pb import dead_letters_pb2_grpc
@@ -78,7 +77,7 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
 
     @rpc
     async def ListDeadLetters(
-        self, request: pb.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidInputError("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
@@ -94,7 +93,7 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
 
     @rpc
     async def ReplayDeadLetters(
-        self, request: pb.ReplayDeadLettersRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReplayDeadLettersRequest, context: Context
     ) -> pb.ReplayDeadLettersResponse:
         query = query_from_pb(request.filter, tuple(request.ids))
         if query == DeadLetterQuery():

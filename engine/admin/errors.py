@@ -13,6 +13,8 @@ import structlog
 from engine.errors import BacklogFullError, InvalidInputError, NotFoundError, TidegateError
 
 log = structlog.get_logger("tidegate.admin")
+Context = grpc.aio.ServicerContext[Any, Any]
+"""The servicer context of any admin RPC."""
 R = TypeVar("R")
 
 
@@ -21,7 +23,7 @@ def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     field, NotFoundError -> NOT_FOUND, any other error -> INTERNAL with a short message."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+    async def wrapper(self: Any, request: Any, context: Context) -> R:
         try:
             return await method(self, request, context)
         except InvalidInputError as exc:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
-from engine.admin.errors import rpc
+from engine.admin.errors import Context, rpc
 from engine.errors import InvalidInputError
 from engine.ingest import MAX_EVENTS_PER_REQUEST, Ingestor, parse_event
 from engine.pb import ingest_pb2 as pb
@@ -46,7 +45,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     @rpc
     async def IngestEvents(
-        self, request: pb.IngestEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.IngestEventsRequest, context: Context
     ) -> pb.IngestEventsResponse:
         if not request.events:
             raise InvalidInputError("events", "expected at least one event")

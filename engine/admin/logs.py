@@ -8,7 +8,7 @@ from datetime import UTC
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engine.admin.errors import rpc
+from engine.admin.errors import Context, rpc
 from engine.errors import InvalidInputError, NotFoundError, TidegateError
 from engine.logstore import LogQuery, LogRow, LogStore
 from engine.pb import logs_pb2 as pb
@@ -68,9 +68,7 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
         self._logs = logs
 
     @rpc
-    async def ListLogs(
-        self, request: pb.ListLogsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListLogsResponse:
+    async def ListLogs(self, request: pb.ListLogsRequest, context: Context) -> pb.ListLogsResponse:
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise InvalidInputError(
                 "page_size", f"must be between 0 and {MAX_PAGE_SIZE} (0 means 50)"
@@ -81,9 +79,7 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
         return pb.ListLogsResponse(logs=[entry_pb(r) for r in rows], next_page_token=token)
 
     @rpc
-    async def GetLog(
-        self, request: pb.GetLogRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetLogResponse:
+    async def GetLog(self, request: pb.GetLogRequest, context: Context) -> pb.GetLogResponse:
         if not request.id:
             raise InvalidInputError("id", "required: a request identifier")
         row = await self._logs.get(request.id)
@@ -92,7 +88,7 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
         return pb.GetLogResponse(log=entry_pb(row))
 
     async def StreamLogs(
-        self, request: pb.StreamLogsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StreamLogsRequest, context: Context
     ) -> AsyncIterator[pb.StreamLogsResponse]:
         try:
             query = query_from_pb(request.filter)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
-
-from engine.admin.errors import rpc
+from engine.admin.errors import Context, rpc
 from engine.connections import ConnectionRegistry
 from engine.errors import InvalidInputError
 from engine.pb import mappings_pb2 as pb
 from engine.pb import mappings_pb2_grpc
 from engine.records import EventMapping, ParameterMapping, ProfileMapping
 
-ARRAY_MODES = {pb.ARRAY_MODE_APPEND: "append", pb.ARRAY_MODE_REPLACE: "replace"}
+ARRAY_MODES: dict[int, str] = {pb.ARRAY_MODE_APPEND: "append", pb.ARRAY_MODE_REPLACE: "replace"}
 """ArrayMode values as ProfileMapping.array_mode holds them (unspecified: "")."""
 
 
@@ -25,10 +23,10 @@ def array_mode_from_pb(value: int) -> str:
     return ARRAY_MODES[value]
 
 
-def array_mode_pb(value: str) -> pb.ArrayMode:
+def array_mode_pb(value: str) -> pb.ArrayMode.ValueType:
     for number, name in ARRAY_MODES.items():
         if name == value:
-            return number
+            return pb.ArrayMode.ValueType(number)
     return pb.ARRAY_MODE_UNSPECIFIED
 
 
@@ -81,7 +79,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def AddProfileMapping(
-        self, request: pb.AddProfileMappingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AddProfileMappingRequest, context: Context
     ) -> pb.AddProfileMappingResponse:
         m = request.mapping
         connection_id = required(m.connection_id, "mapping.connection_id")
@@ -100,7 +98,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def ListProfileMappings(
-        self, request: pb.ListProfileMappingsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListProfileMappingsRequest, context: Context
     ) -> pb.ListProfileMappingsResponse:
         connection = self._registry.runtime(required(request.connection_id, "connection_id"))
         return pb.ListProfileMappingsResponse(
@@ -110,7 +108,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def UpdateProfileMapping(
-        self, request: pb.UpdateProfileMappingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateProfileMappingRequest, context: Context
     ) -> pb.UpdateProfileMappingResponse:
         m = request.mapping
         mapping, connection_id, version = await self._registry.update_profile_mapping(
@@ -126,14 +124,14 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def RemoveProfileMapping(
-        self, request: pb.RemoveProfileMappingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RemoveProfileMappingRequest, context: Context
     ) -> pb.RemoveProfileMappingResponse:
         version = await self._registry.remove_mapping(required(request.id, "id"), "profile")
         return pb.RemoveProfileMappingResponse(mapping_version=version)
 
     @rpc
     async def AddEventMapping(
-        self, request: pb.AddEventMappingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AddEventMappingRequest, context: Context
     ) -> pb.AddEventMappingResponse:
         m = request.mapping
         connection_id = required(m.connection_id, "mapping.connection_id")
@@ -151,7 +149,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def ListEventMappings(
-        self, request: pb.ListEventMappingsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListEventMappingsRequest, context: Context
     ) -> pb.ListEventMappingsResponse:
         connection = self._registry.runtime(required(request.connection_id, "connection_id"))
         return pb.ListEventMappingsResponse(
@@ -161,7 +159,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def UpdateEventMapping(
-        self, request: pb.UpdateEventMappingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateEventMappingRequest, context: Context
     ) -> pb.UpdateEventMappingResponse:
         m = request.mapping
         mapping, connection_id, version = await self._registry.update_event_mapping(
@@ -176,7 +174,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
 
     @rpc
     async def RemoveEventMapping(
-        self, request: pb.RemoveEventMappingRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RemoveEventMappingRequest, context: Context
     ) -> pb.RemoveEventMappingResponse:
         version = await self._registry.remove_mapping(required(request.id, "id"), "event")
         return pb.RemoveEventMappingResponse(mapping_version=version)

@@ -38,7 +38,9 @@ class CustomerPart:
     cleared: dict[tuple[bool, str], None] = field(default_factory=dict)
     events: list[Mapping[str, Any]] = field(default_factory=list)
 
-    def add(self, delivery: Delivery, cleared: Sequence[tuple[bool, str]], replace: ReplaceRule):
+    def add(
+        self, delivery: Delivery, cleared: Sequence[tuple[bool, str]], replace: ReplaceRule
+    ) -> None:
         self.item_ids.append(delivery.item_id)
         for key, value in (delivery.attributes or {}).items():
             if key == CUSTOM_KEY and isinstance(value, Mapping):
@@ -76,7 +78,10 @@ class CustomerPart:
 
     def users(self, replace: ReplaceRule) -> list[dict[str, Any]]:
         """This customer's upsert user objects: none, one, or two (see module doc)."""
-        main, main_custom, replaced, replaced_custom = {}, {}, {}, {}
+        main: dict[str, Any] = {}
+        main_custom: dict[str, Any] = {}
+        replaced: dict[str, Any] = {}
+        replaced_custom: dict[str, Any] = {}
         for into, custom, values in (
             ((main, replaced), False, self.attributes),
             ((main_custom, replaced_custom), True, self.custom),
