@@ -233,10 +233,11 @@ async def _demo(args: argparse.Namespace) -> int:
             failed = sum(1 for e in seen for c in e.customers if c.outcome == "failed")
             _print(
                 f"\n{sent} Antavo events in, {len(seen)} requests to Insider, "
-                f"{len(users)} profiles now at the sandbox, {failed} customer deliveries rejected "
-                f"(dead letters: {connection.dead_letter_count}), "
-                f"queue depth {connection.queue_depth}. "
-                f"{time.monotonic() - started:.1f} s."
+                f"{len(users)} profiles now at the sandbox, queue depth "
+                f"{connection.queue_depth}, {time.monotonic() - started:.1f} s.\n"
+                f"Insider rejected a customer {failed} times; the "
+                f"{connection.dead_letter_count} queued items those rejections covered are "
+                "dead letters (ListDeadLetters shows them, ReplayDeadLetters resends them)."
             )
             failing = next((e for e in seen if e.error), None)
             if failing is not None:
