@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from engine import __version__
 from engine.app import (
     DEFAULT_DATA_DIR,
@@ -113,7 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
             max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),
         ),
     )
-    return asyncio.run(_serve(config))
+    # uvloop: the libuv event loop serves aiohttp and grpc.aio with less CPU per request.
+    return uvloop.run(_serve(config))
 
 
 async def _serve(config: EngineConfig) -> int:
