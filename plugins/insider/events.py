@@ -23,7 +23,7 @@ from typing import Any
 from engine.errors import MappingError
 from engine.records import AntavoEvent, EventMapping, ParameterMapping
 from plugins.insider import catalog
-from plugins.insider.values import ConversionError, convert, custom_value, rfc3339_utc
+from plugins.insider.values import ConversionError, rfc3339_utc, value_for
 
 LINE_PATH = re.compile(r"^([A-Za-z0-9_]+)\[\]\.([A-Za-z0-9_]+)$")
 LINE_SPACING = timedelta(seconds=1)
@@ -110,9 +110,7 @@ def _parameter_value(
 ) -> Any:
     field = None if parameter.custom else catalog.EVENT_PARAMETERS.get(parameter.target_parameter)
     try:
-        if field is None:
-            return custom_value(raw)
-        return convert(field.kind, raw, phone_region=phone_region)
+        return value_for(field.kind if field else None, raw, phone_region)
     except ConversionError as exc:
         raise MappingError(
             "map_event",

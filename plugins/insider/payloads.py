@@ -21,7 +21,7 @@ from engine.records import (
     ProfileMapping,
 )
 from plugins.insider import catalog
-from plugins.insider.values import ConversionError, convert, custom_value
+from plugins.insider.values import ConversionError, convert, value_for
 
 CUSTOM_KEY = "custom"
 
@@ -144,9 +144,7 @@ def _attribute_value(
 ) -> Any:
     field = None if mapping.custom else catalog.ATTRIBUTES.get(mapping.target_attribute)
     try:
-        if field is None:
-            return custom_value(value)
-        return convert(field.kind, value, phone_region=phone_region)
+        return value_for(field.kind if field else None, value, phone_region)
     except ConversionError as exc:
         raise MappingError(
             "map_profile",

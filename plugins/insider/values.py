@@ -305,3 +305,11 @@ _CONVERTERS: Mapping[str, Callable[[Any], Any]] = {
     catalog.STRING_ARRAY: string_array,
     catalog.NUMBER_ARRAY: number_array,
 }
+
+
+def value_for(kind: str | None, value: Any, phone_region: str = "") -> Any:
+    """``value`` as Insider takes it: converted to ``kind`` for a default attribute or
+    parameter, or checked as a custom value (``kind`` None). Raises ``ConversionError``."""
+    if kind is None:
+        return custom_value(value)
+    return convert(kind, value, phone_region=phone_region)
