@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import structlog
 from aiohttp import web
 
 from engine.admin.server import start_grpc_server
@@ -17,10 +18,13 @@ from engine.database import Database
 from engine.delivery import Deliverer, DeliverySettings
 from engine.http_ingest import create_ingest_app
 from engine.ingest import DEFAULT_MAX_BACKLOG, Ingestor
+from engine.log_outbox import LogOutbox
 from engine.logstore import LogStore
 from engine.plugins import Connectors, plugin_manager
 from engine.queue import DurableQueue
 from engine.secrets import SecretBox
+
+log = structlog.get_logger("tidegate.engine")
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
@@ -74,8 +78,12 @@ class Engine:
         )
         await self.registry.load()
         self.queue = DurableQueue(self.db)
-        self.logs = self._logs = LogStore(cfg.data_dir / LOG_FILE)
+        self.outbox = LogOutbox(self.db)
+        self.logs = self._logs = LogStore(cfg.data_dir / LOG_FILE, on_committed=self.outbox.forget)
         await self.logs.start()
+        recovered = await self.outbox.recover(self.logs)
+        if recovered:
+            log.info("log_rows_recovered", rows=recovered)
         self.deliverer = self._deliverer = Deliverer(
             self.registry, self.queue, self.db, self.pm, self.connectors, self.logs, cfg.delivery
         )
@@ -118,6 +126,7 @@ class Engine:
             self._grpc = None
         if self._logs is not None:
             await self._logs.close()
+            await self.outbox.drain()
             self._logs = None
         if self._db is not None:
             await self._db.close()

@@ -65,6 +65,10 @@ CREATE TABLE IF NOT EXISTS external_ids (
     customer_id TEXT NOT NULL,
     PRIMARY KEY (attribute, value)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_outbox (
+    request_id TEXT PRIMARY KEY,
+    row BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS source_catalog (
     kind TEXT NOT NULL,
     parent TEXT NOT NULL,

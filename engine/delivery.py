@@ -24,6 +24,7 @@ import orjson
 import pluggy
 import structlog
 
+from engine import log_outbox
 from engine.connections import ConnectionRegistry
 from engine.database import Database
 from engine.errors import (
@@ -339,13 +340,21 @@ class Deliverer:
             DeadLetter(d.item, d.stage, d.error, d.request_id or request_id, d.rendered)
             for d in dead
         ]
-        await self._queue.settle(delivered=delivered, retries=retries, dead=dead, attempt_time=now)
         names = {d.customer.id: d.customer.name for d in batch.deliveries}
         attempt = max(d.attempt for d in batch.deliveries)
-        for exchange in transport.exchanges:
-            await self._logs.append(
-                self._log_row(connection, exchange, names, customer_outcome, error, attempt)
-            )
+        rows = [
+            self._log_row(connection, exchange, names, customer_outcome, error, attempt)
+            for exchange in transport.exchanges
+        ]
+        await self._queue.settle(
+            delivered=delivered,
+            retries=retries,
+            dead=dead,
+            attempt_time=now,
+            log_rows=[log_outbox.encode(row) for row in rows],
+        )
+        for row in rows:
+            await self._logs.append(row)
         last = transport.exchanges[-1] if transport.exchanges else None
         log.info(
             "delivery",
@@ -367,14 +376,18 @@ class Deliverer:
     ) -> None:
         error = "interrupted by shutdown; sent again after restart"
         retries = [Retry(d.item_id, now, error) for d in batch.deliveries]
-        await self._queue.settle(retries=retries, attempt_time=now)
         names = {d.customer.id: d.customer.name for d in batch.deliveries}
         outcomes = {d.customer.id: ("retry", error) for d in batch.deliveries}
         attempt = max(d.attempt for d in batch.deliveries)
-        for exchange in transport.exchanges:
-            await self._logs.append(
-                self._log_row(connection, exchange, names, outcomes, error, attempt)
-            )
+        rows = [
+            self._log_row(connection, exchange, names, outcomes, error, attempt)
+            for exchange in transport.exchanges
+        ]
+        await self._queue.settle(
+            retries=retries, attempt_time=now, log_rows=[log_outbox.encode(r) for r in rows]
+        )
+        for row in rows:
+            await self._logs.append(row)
 
     def _log_row(
         self,

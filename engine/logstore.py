@@ -262,8 +262,11 @@ class LogStore:
         flush_interval: float = 0.1,
         flush_rows: int = 5_000,
         max_buffer: int = 200_000,
+        on_committed: Callable[[builtins.list[str]], None] | None = None,
     ) -> None:
         self._path = path
+        # Called on the event loop with the ids of every batch DuckDB committed.
+        self._on_committed = on_committed
         self._flush_interval = flush_interval
         self._flush_rows = flush_rows
         self._max_buffer = max_buffer
@@ -402,6 +405,8 @@ class LogStore:
                 subscribers = builtins.list(self._subscribers)
             if stored:
                 self._publish(batch, subscribers)
+                if self._on_committed is not None:
+                    self._call_soon(self._on_committed, [row.id for row in batch])
             # Queued after the publish callbacks, so flush() returns after subscribers have rows.
             self._call_soon(self._settled, done)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from engine import log_outbox
 from engine.database import Database
 
 CLAIM_COLUMNS = (
@@ -221,12 +222,15 @@ class DurableQueue:
         retries: Sequence[Retry] = (),
         dead: Sequence[DeadLetter] = (),
         attempt_time: float | None = None,
+        log_rows: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Records the outcome of one send in one transaction."""
+        """Records the outcome of one send, and its outbound-log rows (see
+        ``engine.log_outbox``), in one transaction."""
         now = time.time() if attempt_time is None else attempt_time
         done = [(seq,) for seq in delivered]
 
         def apply(c: sqlite3.Connection) -> int:
+            log_outbox.stage(c, log_rows)
             removed = c.executemany("DELETE FROM queue WHERE seq = ?", done).rowcount
             c.executemany(
                 "UPDATE queue SET attempts = attempts + 1, next_attempt_time = ?, last_error = ?,"
