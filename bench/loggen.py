@@ -1,7 +1,7 @@
 """Generated outbound logs for the log-search benchmark, cached under ``bench/.cache/``.
 
 Rows are written by DuckDB itself (``INSERT ... SELECT`` over ``range()``) into the
-tables that ``engine.logstore.SCHEMA`` creates: this is about 50 times faster than
+tables that ``engine.logsql.SCHEMA`` creates: this is about 50 times faster than
 building the same rows in Python, which keeps a first run of the 10M-row file within the
 harness's time budget. Everything is derived from the row number by ``hash()``, so a
 file is the same on every machine. The shape:
@@ -29,7 +29,7 @@ from typing import Any
 
 import duckdb
 
-from engine.logstore import SCHEMA
+from engine.logsql import SCHEMA
 
 GENERATOR_VERSION = "3"
 CHUNK = 1_000_000
@@ -56,7 +56,7 @@ _ERROR = f"""CASE
   WHEN k < 995 THEN 'Insider answered HTTP 500: The request processing has failed because of an unknown error.'
   WHEN k < 998 THEN 'cannot connect: Connection refused'
   ELSE 'Insider rejected the request (HTTP 400): users must be at most 1000: bad request' END"""  # noqa: E501
-# As engine.logstore._error_text: the request's and its customers' distinct errors, lowercased.
+# As engine.logsql.error_text: the request's and its customers' distinct errors, lowercased.
 _ERROR_TEXT = f"""CASE WHEN k < 940 THEN ''
   WHEN k < 970 THEN lower(({_ERROR}) || chr(10) || '{EMAIL_ERROR}')
   ELSE lower({_ERROR}) END"""
@@ -167,7 +167,7 @@ GENERATED = {
 
 
 def _check_columns(conn: duckdb.DuckDBPyConnection) -> None:
-    """Fails clearly when engine.logstore's schema has a column this generator does not
+    """Fails clearly when engine.logsql.s schema has a column this generator does not
     fill, instead of with a NOT NULL error halfway through."""
     for table, sql in GENERATED.items():
         names = [r[0] for r in conn.execute(f"DESCRIBE {table}").fetchall()]

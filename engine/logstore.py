@@ -15,179 +15,54 @@ Layout, and why:
   cursors.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
+
+The row types live in ``engine.logrows``, the schema, Arrow conversion and SQL in
+``engine.logsql``; this module is the store that runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
-import secrets
 import threading
 import time as monotime
-import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import duckdb
-import orjson
 import pyarrow as pa
 import structlog
 
-from engine.errors import InvalidInputError, TidegateError
+from engine.errors import TidegateError
+from engine.logrows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
+from engine.logsql import (
+    REQUEST_COLUMNS,
+    SCHEMA,
+    arrow_tables,
+    check_query,
+    check_row,
+    decode_token,
+    encode_token,
+    id_window,
+    listed,
+    page_customers,
+    row_from_record,
+    where_clause,
+)
+
+__all__ = ["LogCustomer", "LogQuery", "LogRow", "LogStore", "LogSubscription", "new_request_id"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-LIST_CUSTOMERS = 100  # customers shown per row in lists and streams
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
-# A row's time must lie this close to the time embedded in its id, so that an id lookup
-# scanning only this window around the id cannot miss the row.
-ID_TIME_SLACK = timedelta(minutes=10)
 WRITE_RETRY_MAX_DELAY = 5.0
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS log_requests (
-    time TIMESTAMPTZ NOT NULL, id VARCHAR NOT NULL, connection_id VARCHAR NOT NULL,
-    method VARCHAR NOT NULL, url VARCHAR NOT NULL, status_code INTEGER NOT NULL,
-    response_time DOUBLE NOT NULL, error VARCHAR NOT NULL, customer_count INTEGER NOT NULL,
-    mapping_version BIGINT NOT NULL, attempt INTEGER NOT NULL, ambiguous BOOLEAN NOT NULL,
-    tags VARCHAR NOT NULL, error_text VARCHAR NOT NULL);
-CREATE TABLE IF NOT EXISTS log_bodies (
-    id VARCHAR NOT NULL, time TIMESTAMPTZ NOT NULL,
-    request_body VARCHAR NOT NULL, response_body VARCHAR NOT NULL);
-CREATE TABLE IF NOT EXISTS log_customers (
-    time TIMESTAMPTZ NOT NULL, request_id VARCHAR NOT NULL, position INTEGER NOT NULL,
-    customer_id VARCHAR NOT NULL, name VARCHAR NOT NULL, outcome VARCHAR NOT NULL,
-    error VARCHAR NOT NULL);
-"""
-TIME_TYPE = pa.timestamp("us", tz="UTC")
-# log_requests columns, named as LogRow fields, with their Arrow types.
-REQUEST_FIELDS = {
-    "time": TIME_TYPE, "id": pa.string(), "connection_id": pa.string(), "method": pa.string(),
-    "url": pa.string(), "status_code": pa.int32(), "response_time": pa.float64(),
-    "error": pa.string(), "customer_count": pa.int32(), "mapping_version": pa.int64(),
-    "attempt": pa.int32(), "ambiguous": pa.bool_(), "tags": pa.string(),
-}  # fmt: skip
-CUSTOMER_FIELDS = {
-    "time": TIME_TYPE, "request_id": pa.string(), "position": pa.int32(),
-    "customer_id": pa.string(), "name": pa.string(), "outcome": pa.string(), "error": pa.string(),
-}  # fmt: skip
-BODY_FIELDS = {
-    "id": pa.string(),
-    "time": TIME_TYPE,
-    "request_body": pa.string(),
-    "response_body": pa.string(),
-}
-# epoch_us: fetching TIMESTAMPTZ as datetime would need pytz, and integers round-trip exactly.
-REQUEST_COLUMNS = ", ".join(
-    "epoch_us(r.time)" if name == "time" else f"r.{name}" for name in REQUEST_FIELDS
-)
-
-
-@dataclass(frozen=True)
-class LogCustomer:
-    customer_id: str
-    name: str = ""
-    outcome: str = "delivered"  # "delivered" | "failed" | "retry" | "paused"
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class LogRow:
-    """One outbound request. ``time`` is tz-aware and close to the time in ``id``."""
-
-    id: str
-    time: datetime
-    connection_id: str
-    method: str
-    url: str
-    status_code: int  # 0 when no response arrived
-    response_time: float  # seconds
-    error: str  # "" when fully successful
-    customers: tuple[LogCustomer, ...]
-    mapping_version: int
-    attempt: int = 1
-    ambiguous: bool = False
-    request_body: str = ""
-    response_body: str = ""
-    customer_count: int = -1  # len(customers) unless given (lists cap customers)
-    tags: str = ""  # comma-separated labels, e.g. "backfill" or "replay"
-
-    def __post_init__(self) -> None:
-        if self.customer_count == -1:
-            object.__setattr__(self, "customer_count", len(self.customers))
-
-
-@dataclass(frozen=True)
-class LogQuery:
-    """A row matches when it satisfies every field that is set."""
-
-    identifier: str = ""
-    customer_id: str = ""
-    error_contains: str = ""  # case-insensitive, in the row's or a carried customer's error
-    status_codes: tuple[int, ...] = ()
-    start_time: datetime | None = None  # inclusive
-    end_time: datetime | None = None  # exclusive
-    connection_id: str = ""
-    errors_only: bool = False
-
-    def matches(self, row: LogRow) -> bool:
-        """The same test ``LogStore.list`` applies in SQL. Use it on full rows."""
-        needle = self.error_contains.lower()
-        return (
-            (not self.identifier or row.id == self.identifier)
-            and (
-                not self.customer_id
-                or any(c.customer_id == self.customer_id for c in row.customers)
-            )
-            and (
-                not needle
-                or needle in row.error.lower()
-                or any(needle in c.error.lower() for c in row.customers)
-            )
-            and (not self.status_codes or row.status_code in self.status_codes)
-            and (self.start_time is None or row.time >= self.start_time)
-            and (self.end_time is None or row.time < self.end_time)
-            and (not self.connection_id or row.connection_id == self.connection_id)
-            and (not self.errors_only or row.error != "")
-        )
-
-
-_id_lock = threading.Lock()
-_id_last_ms = 0
-_id_counter = 0
-
-
-def new_request_id(at: datetime | None = None) -> str:
-    """A UUIDv7. Ids made without ``at`` sort lexically in the order they were made.
-
-    ``at`` stamps the id with that time instead of now (to the millisecond).
-    """
-    global _id_last_ms, _id_counter
-    if at is not None:
-        ms, counter = _micros(at) // 1000, secrets.randbits(12)
-    else:
-        with _id_lock:
-            now_ms = monotime.time_ns() // 1_000_000
-            if now_ms > _id_last_ms:
-                # Seeding at most 2**11 leaves room for 2,048 more ids in the same millisecond.
-                _id_last_ms, _id_counter = now_ms, secrets.randbits(11)
-            elif _id_counter < 0xFFF:
-                _id_counter += 1
-            else:  # counter spent: borrow the next millisecond rather than break the order
-                _id_last_ms, _id_counter = _id_last_ms + 1, secrets.randbits(11)
-            ms, counter = _id_last_ms, _id_counter
-    value = ms << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | secrets.randbits(62)
-    return str(uuid.UUID(int=value))
 
 
 class LogSubscription:
@@ -295,7 +170,7 @@ class LogStore:
 
     async def append(self, row: LogRow) -> None:
         """Buffers ``row``; waits only while ``max_buffer`` rows are not yet committed."""
-        _check_row(row)
+        check_row(row)
         while True:
             with self._cond:
                 if self._thread is None or self._closing:
@@ -328,9 +203,9 @@ class LogStore:
     ) -> tuple[builtins.list[LogRow], str]:
         """Newest first, without bodies, at most ``LIST_CUSTOMERS`` customers per row (the
         filtered customer first). Returns the rows and the next page token, "" at the end."""
-        _check_query(query)
+        check_query(query)
         size = DEFAULT_PAGE_SIZE if page_size == 0 else min(max(page_size, 1), MAX_PAGE_SIZE)
-        after = _decode_token(page_token) if page_token else None
+        after = decode_token(page_token) if page_token else None
         return await self._read(self._list, query, size, after)
 
     async def get(self, request_id: str) -> LogRow | None:
@@ -348,7 +223,7 @@ class LogStore:
         self, query: LogQuery, *, max_pending: int = STREAM_MAX_PENDING
     ) -> LogSubscription:
         """Streams rows matching ``query`` that are committed after this returns."""
-        _check_query(query)
+        check_query(query)
         subscription = LogSubscription(self, query, max_pending)
         with self._cond:
             if self._thread is None or self._closing:
@@ -431,7 +306,7 @@ class LogStore:
         # Sorting keeps each table in time order even when lanes append slightly out of order.
         batch.sort(key=lambda row: (row.time, row.id))
         try:
-            tables = _arrow_tables(batch)
+            tables = arrow_tables(batch)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             log.exception("log_rows_dropped", rows=len(batch), reason="cannot encode")
             return False
@@ -472,7 +347,7 @@ class LogStore:
     ) -> None:
         for subscription in subscribers:
             query = subscription.query
-            rows = [_listed(row, query.customer_id) for row in batch if query.matches(row)]
+            rows = [listed(row, query.customer_id) for row in batch if query.matches(row)]
             if rows:
                 self._call_soon(subscription._offer, rows)
 
@@ -512,19 +387,19 @@ class LogStore:
         size: int,
         after: tuple[datetime, str] | None,
     ) -> tuple[builtins.list[LogRow], str]:
-        where, params = _where(query, after)
+        where, params = where_clause(query, after)
         recs = cur.execute(
             f"SELECT {REQUEST_COLUMNS} FROM log_requests r WHERE {where}"
             " ORDER BY r.time DESC, r.id DESC LIMIT ?",
             [*params, size + 1],
         ).fetchall()
         more, recs = len(recs) > size, recs[:size]
-        customers = _page_customers(cur, recs, query.customer_id)
-        rows = [_row(rec, customers.get(rec[1], ())) for rec in recs]
-        return rows, _encode_token(recs[-1][0], recs[-1][1]) if more else ""
+        customers = page_customers(cur, recs, query.customer_id)
+        rows = [row_from_record(rec, customers.get(rec[1], ())) for rec in recs]
+        return rows, encode_token(recs[-1][0], recs[-1][1]) if more else ""
 
     def _get(self, cur: duckdb.DuckDBPyConnection, request_id: str) -> LogRow | None:
-        window = _id_window(request_id)
+        window = id_window(request_id)
         if window is None:
             return None
         rec = cur.execute(
@@ -534,7 +409,7 @@ class LogStore:
         ).fetchone()
         if rec is None:
             return None
-        at = [request_id, _from_micros(rec[0])]
+        at = [request_id, from_micros(rec[0])]
         bodies = cur.execute(
             "SELECT request_body, response_body FROM log_bodies WHERE id = ? AND time = ?", at
         ).fetchone()
@@ -543,190 +418,4 @@ class LogStore:
             " WHERE request_id = ? AND time = ? ORDER BY position",
             at,
         ).fetchall()
-        return _row(rec, tuple(LogCustomer(*c) for c in customers), bodies or ("", ""))
-
-
-def _where(query: LogQuery, after: tuple[datetime, str] | None) -> tuple[str, builtins.list[Any]]:
-    """SQL conditions on ``log_requests r`` equivalent to ``query.matches``."""
-    bounds: builtins.list[tuple[str, datetime]] = []
-    if query.start_time is not None:
-        bounds.append((">=", query.start_time))
-    if query.end_time is not None:
-        bounds.append(("<", query.end_time))
-    if after is not None:
-        bounds.append(("<=", after[0]))  # lets zone maps prune; the tuple test below decides
-    conds: builtins.list[str] = []
-    params: builtins.list[Any] = []
-    if query.identifier:
-        window = _id_window(query.identifier)
-        if window is None:
-            return "FALSE", []
-        bounds += [(">=", window[0]), ("<=", window[1])]
-        conds.append("r.id = ?")
-        params.append(query.identifier)
-
-    # Customer subqueries get the same time bounds, so they prune log_customers too.
-    def within(alias: str) -> tuple[builtins.list[str], builtins.list[Any]]:
-        return [f"{alias}.time {op} ?" for op, _ in bounds], [value for _, value in bounds]
-
-    time_conds, time_params = within("r")
-    conds += time_conds
-    params += time_params
-    if after is not None:
-        conds.append("(r.time, r.id) < (?, ?)")
-        params += after
-    if query.connection_id:
-        conds.append("r.connection_id = ?")
-        params.append(query.connection_id)
-    if query.status_codes:
-        conds.append("list_contains(?::INTEGER[], r.status_code)")
-        params.append(builtins.list(query.status_codes))
-    if query.errors_only:
-        conds.append("r.error <> ''")
-    if query.customer_id:
-        time_conds, time_params = within("c")
-        subquery = " AND ".join(["c.customer_id = ?", *time_conds])
-        conds.append(f"r.id IN (SELECT c.request_id FROM log_customers c WHERE {subquery})")
-        params += [query.customer_id, *time_params]
-    if query.error_contains:
-        conds.append("r.error_text <> '' AND contains(r.error_text, ?)")
-        params.append(query.error_contains.lower())
-    return " AND ".join(conds) or "TRUE", params
-
-
-def _page_customers(
-    cur: duckdb.DuckDBPyConnection, recs: builtins.list[tuple[Any, ...]], customer_id: str
-) -> dict[str, tuple[LogCustomer, ...]]:
-    if not recs:
-        return {}
-    # An IN list of constant times prunes row groups even when the page spans months.
-    times = sorted({_from_micros(rec[0]) for rec in recs})
-    found = cur.execute(
-        "SELECT request_id, customer_id, name, outcome, error, row_number() OVER"
-        " (PARTITION BY request_id ORDER BY customer_id = ? DESC, position) AS rank"
-        f" FROM log_customers WHERE time IN ({', '.join('?' * len(times))})"
-        " AND request_id IN (SELECT unnest(?::VARCHAR[]))"
-        " QUALIFY rank <= ? ORDER BY request_id, rank",
-        [customer_id, *times, [rec[1] for rec in recs], LIST_CUSTOMERS],
-    ).fetchall()
-    customers: dict[str, builtins.list[LogCustomer]] = {}
-    for request_id, *fields, _rank in found:
-        customers.setdefault(request_id, []).append(LogCustomer(*fields))
-    return {request_id: tuple(carried) for request_id, carried in customers.items()}
-
-
-def _listed(row: LogRow, customer_id: str) -> LogRow:
-    """``row`` as lists and streams show it: no bodies, the filtered customer first."""
-    customers = row.customers
-    if customer_id:
-        customers = tuple(c for c in customers if c.customer_id == customer_id) + tuple(
-            c for c in customers if c.customer_id != customer_id
-        )
-    return replace(
-        row,
-        request_body="",
-        response_body="",
-        customers=customers[:LIST_CUSTOMERS],
-        customer_count=row.customer_count,
-    )
-
-
-def _row(
-    rec: tuple[Any, ...], customers: tuple[LogCustomer, ...], bodies: tuple[str, str] = ("", "")
-) -> LogRow:
-    fields = dict(zip(REQUEST_FIELDS, rec, strict=True))
-    fields["time"] = _from_micros(fields["time"])
-    request_body, response_body = bodies
-    return LogRow(
-        **fields, customers=customers, request_body=request_body, response_body=response_body
-    )
-
-
-def _arrow_tables(rows: builtins.list[LogRow]) -> dict[str, pa.Table]:
-    """One Arrow table per log table; pyarrow converts any tz-aware time to UTC."""
-    bodies = [
-        (r.id, r.time, r.request_body, r.response_body)
-        for r in rows
-        if r.request_body or r.response_body  # most successful requests need no body row
-    ]
-    customers = [
-        (r.time, r.id, i, c.customer_id, c.name, c.outcome, c.error)
-        for r in rows
-        for i, c in enumerate(r.customers)
-    ]
-    requests = [tuple(getattr(r, name) for name in REQUEST_FIELDS) for r in rows]
-    return {
-        # error_text: the request's and its customers' errors, lowercased, in one column,
-        # so an error search is one scan of log_requests, not a join with log_customers.
-        "log_requests": _arrow_table(REQUEST_FIELDS, requests).append_column(
-            "error_text", pa.array([_error_text(r) for r in rows], pa.string())
-        ),
-        "log_bodies": _arrow_table(BODY_FIELDS, bodies),
-        "log_customers": _arrow_table(CUSTOMER_FIELDS, customers),
-    }
-
-
-def _error_text(row: LogRow) -> str:
-    errors = dict.fromkeys([row.error, *(c.error for c in row.customers)])
-    return "\n".join(e for e in errors if e).lower()
-
-
-def _arrow_table(fields: dict[str, pa.DataType], records: Sequence[tuple[Any, ...]]) -> pa.Table:
-    columns = zip(*records, strict=True) if records else [()] * len(fields)
-    arrays = [pa.array(col, kind) for kind, col in zip(fields.values(), columns, strict=True)]
-    return pa.table(arrays, names=builtins.list(fields))
-
-
-def _check_row(row: LogRow) -> None:
-    if row.time.utcoffset() is None:
-        raise InvalidInputError("time", "must be timezone-aware")
-    window = _id_window(row.id)
-    if window is None or not window[0] <= row.time <= window[1]:
-        raise InvalidInputError(
-            "id", f"{row.id!r} is not a new_request_id() within {ID_TIME_SLACK} of the row's time"
-        )
-
-
-def _check_query(query: LogQuery) -> None:
-    for field in ("start_time", "end_time"):
-        value = getattr(query, field)
-        if value is not None and value.utcoffset() is None:
-            raise InvalidInputError(field, "must be timezone-aware")
-
-
-def _id_window(request_id: str) -> tuple[datetime, datetime] | None:
-    """The times a row with this id may have, or None if it is not a canonical UUIDv7."""
-    try:
-        parsed = uuid.UUID(request_id)
-    except ValueError:
-        return None
-    if parsed.version != 7 or str(parsed) != request_id:
-        return None
-    stamped = _from_micros((parsed.int >> 80) * 1000)
-    return stamped - ID_TIME_SLACK, stamped + ID_TIME_SLACK + timedelta(milliseconds=1)
-
-
-def _encode_token(micros: int, request_id: str) -> str:
-    raw = orjson.dumps({"time": micros, "id": request_id})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        micros, request_id = data["time"], data["id"]
-        if type(micros) is not int or type(request_id) is not str:
-            raise TypeError("malformed token")
-        return _from_micros(micros), request_id
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise InvalidInputError(
-            "page_token", "is not a next_page_token from a previous ListLogs response"
-        ) from exc
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-def _from_micros(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
+        return row_from_record(rec, tuple(LogCustomer(*c) for c in customers), bodies or ("", ""))
