@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,24 @@ from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.delivery import DeliverySettings
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
+from tests.faultload import Harness
 
 PARTNER = "acme"
 API_KEY = "ucd-secret-key-0123456789"
 FAST_DELIVERY = DeliverySettings(
     linger=0.01, base_backoff=0.05, max_backoff=0.2, request_timeout=5.0
 )
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """Real ``tidegate sandbox`` and ``tidegate serve`` processes for the fault tests."""
+    h = Harness(tmp_path)
+    try:
+        h.start()
+        yield h
+    finally:
+        h.close()
 
 
 @pytest.fixture

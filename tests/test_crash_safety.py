@@ -12,8 +12,6 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -66,16 +64,6 @@ def test_checker_repeat_of_an_earlier_batch_is_a_duplicate_not_a_reorder() -> No
 
 
 # -- SIGKILL under load ----------------------------------------------------------------
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    try:
-        h.start()
-        yield h
-    finally:
-        h.close()
 
 
 async def inject(harness: Harness, rng: random.Random, kind: str) -> str:

@@ -11,24 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.faultload import Harness, check_load, list_logs, wait_drained
 
 EXIT_DEADLINE = 8.0
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    try:
-        h.start()
-        yield h
-    finally:
-        h.close()
 
 
 async def wait_in_flight(harness: Harness, within: float = 10.0) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -36,16 +34,6 @@ OUTAGE_SECONDS = 8.0
 ROTATED_KEY = "faultload-key-0002"
 PAUSED = connections_pb2.CONNECTION_STATE_PAUSED
 ACTIVE = connections_pb2.CONNECTION_STATE_ACTIVE
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    try:
-        h.start()
-        yield h
-    finally:
-        h.close()
 
 
 async def wait_for_users(harness: Harness, within: float = 10.0) -> None:
