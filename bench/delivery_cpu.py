@@ -1,0 +1,256 @@
+"""CPU per delivered item of the delivery path alone: ``python -m bench.delivery_cpu``.
+
+The end-to-end bench (``python -m bench``) measures the whole engine, ingest included, on
+a shared machine where wall-clock figures drift. This one isolates delivery: it builds
+the engine's parts in this process (state database, plugins, connection registry, queue,
+outbound log, deliverer), ingests ``--items`` Antavo records of mixed kinds *before* any
+timing starts, then starts the deliverer against the bench sink (``bench/sink.py``, its
+own process on 127.0.0.1) and measures this process's CPU time until the queue is empty
+and every log row is committed. That covers claim, render (the connector's hooks),
+send, settle, the log outbox and the outbound log's writer thread. It repeats the run
+and reports the median.
+
+The mix: checkouts as ``bench.traffic`` sends them (mapped to Insider ``purchase``),
+``point_add`` events (a custom-parameter event) and ``profile`` updates (default and
+custom attributes), for customers drawn from a pool. Timestamps are fixed, so two
+runs of the same code send byte-identical requests: ``--digest`` prints a hash of every
+request body and log row, to check that a change kept the behaviour.
+
+``--engine-src DIR`` measures the engine of another checkout (say, the commit before a
+change, from ``git worktree add``): the run re-executes this file with ``DIR`` first
+on the import path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import structlog
+
+import engine
+from bench.processes import start_sink
+from bench.sink import API_KEY, PARTNER_NAME
+from bench.traffic import antavo_event
+from engine.connections import ConnectionRegistry
+from engine.database import Database
+from engine.delivery import Deliverer, DeliverySettings
+from engine.ingest import Ingestor, parse_request
+from engine.log_outbox import LogOutbox
+from engine.logstore import LogStore
+from engine.plugins import Connectors, plugin_manager
+from engine.queue import DurableQueue
+from engine.records import ParameterMapping
+from engine.secrets import SecretBox
+
+BASE_TIME = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
+PARAMETERS = [
+    ("transaction_id", "event_group_id", False),
+    ("total", "unit_sale_price", False),
+    ("currency", "currency", False),
+    ("store", "store_code", True),
+    ("bench_id", "bench_id", True),
+]
+
+
+def mixed_events(count: int, customers: int, seed: int = 1) -> list[dict[str, Any]]:
+    """``count`` Antavo records: 70% checkouts, 15% point_add, 15% profile updates."""
+    rng = random.Random(seed)
+    events = []
+    for number in range(count):
+        customer = f"cust-{rng.randrange(customers)}"
+        # Fixed, distinct timestamps with milliseconds, so requests are reproducible.
+        stamp = (BASE_TIME + timedelta(microseconds=number * 1_237)).isoformat()
+        roll = rng.random()
+        if roll < 0.70:
+            event = antavo_event(number, customer)
+        elif roll < 0.85:
+            event = {
+                "id": f"evt-{number}",
+                "customer": customer,
+                "action": "point_add",
+                "data": {"points": rng.randrange(1, 500), "reason": "purchase"},
+            }
+        else:
+            event = {
+                "id": f"evt-{number}",
+                "customer": customer,
+                "action": "profile",
+                "data": {
+                    "email": f"{customer}.{number}@example.com",
+                    "first_name": rng.choice(["Anna", "Bence", "Csilla", "Dávid"]),
+                    "last_name": "Kovács",
+                    "tier": rng.choice(["bronze", "silver", "gold"]),
+                },
+            }
+        event["timestamp"] = stamp
+        events.append(event)
+    return events
+
+
+async def run_once(
+    workdir: Path, sink_url: str, events: list[dict[str, Any]], digest: bool
+) -> dict[str, Any]:
+    db = Database(workdir / "state.sqlite3")
+    await db.start()
+    pm = plugin_manager()
+    connectors = Connectors(pm)
+    registry = ConnectionRegistry(db, connectors, SecretBox.for_data_dir(workdir))
+    await registry.load()
+    await registry.create(
+        connection_id="bench",
+        display_name="bench",
+        connector="insider",
+        settings={"partner_name": PARTNER_NAME, "base_url": sink_url},
+        api_key=API_KEY,
+        customer_id_mapping=None,
+    )
+    for source, target, custom in [
+        ("email", "email", False),
+        ("first_name", "name", False),
+        ("last_name", "surname", False),
+        ("tier", "loyalty_tier", True),
+    ]:
+        await registry.add_profile_mapping("bench", source, target, custom)
+    await registry.add_event_mapping(
+        "bench", "checkout", "purchase", tuple(ParameterMapping(*p) for p in PARAMETERS)
+    )
+    await registry.add_event_mapping(
+        "bench",
+        "point_add",
+        "loyalty_points_earned",
+        (ParameterMapping("points", "points", True), ParameterMapping("reason", "reason", True)),
+    )
+    queue = DurableQueue(db)
+    outbox = LogOutbox(db)
+    logs = LogStore(workdir / "outbound-log.duckdb", on_committed=outbox.forget)
+    await logs.start()
+    ingestor = Ingestor(db, registry, queue)
+    await ingestor.load()
+    for start in range(0, len(events), 1000):
+        await ingestor.ingest(parse_request({"events": events[start : start + 1000]}))
+    queued = queue.depth
+
+    deliverer = Deliverer(registry, queue, db, pm, connectors, logs, DeliverySettings())
+    cpu0, thread0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
+    await deliverer.start()
+    while queue.depth > 0:  # noqa: ASYNC110  (the queue offers no event to wait on)
+        await asyncio.sleep(0.02)
+    await logs.flush()
+    cpu = time.process_time() - cpu0
+    main_thread = time.thread_time() - thread0
+    wall = time.perf_counter() - wall0
+    await deliverer.stop()
+    dead = (await queue.stats("bench")).dead_letters
+    await logs.close()
+    await outbox.drain()
+    await db.close()
+    result = {
+        "items": queued,
+        "dead": dead,
+        "cpu_us": cpu / queued * 1e6,
+        "main_thread_us": main_thread / queued * 1e6,
+        "wall_s": wall,
+    }
+    if digest:
+        result["digest"] = _log_digest(workdir / "outbound-log.duckdb")
+    return result
+
+
+def _log_digest(path: Path) -> str:
+    """A hash of every request body and each row's customers and outcomes, in order."""
+    conn = duckdb.connect(str(path), read_only=True)
+    try:
+        rows = conn.execute(
+            "SELECT r.status_code, r.error, r.customer_count, r.attempt, r.method,"
+            " regexp_replace(r.url, '^http://[^/]*', ''), r.tags, b.request_body, b.response_body"
+            " FROM log_requests r JOIN log_bodies b ON b.id = r.id ORDER BY r.id"
+        ).fetchall()
+        customers = conn.execute(
+            "SELECT request_id, customer_id, name, outcome, error FROM log_customers"
+            " ORDER BY request_id, position"
+        ).fetchall()
+    finally:
+        conn.close()
+    hasher = hashlib.sha256()
+    for row in rows:
+        hasher.update(repr(row).encode())
+    # Request ids differ between runs; each row's customers are hashed by position.
+    by_request: dict[str, list[tuple[Any, ...]]] = {}
+    for request_id, *rest in customers:
+        by_request.setdefault(request_id, []).append(tuple(rest))
+    for request_id in sorted(by_request):
+        hasher.update(repr(by_request[request_id]).encode())
+    return f"{hasher.hexdigest()[:16]} ({len(rows)} requests, {len(customers)} customer rows)"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    events = mixed_events(args.items, args.customers)
+    print(f"engine from {Path(engine.__file__).parent.parent}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="delivery-cpu-") as tmp:
+        with start_sink(Path(tmp) / "sink.log") as sink:
+            # A short unmeasured run first: imports, caches and the sink's connections warm up.
+            warm = Path(tmp) / "warm-up"
+            warm.mkdir()
+            await run_once(warm, sink.extra["url"], events[:5000], False)
+            for n in range(args.repeats):
+                workdir = Path(tmp) / f"run-{n}"
+                workdir.mkdir()
+                result = await run_once(workdir, sink.extra["url"], events, args.digest)
+                results.append(result)
+                print(
+                    f"run {n + 1}: {result['items']} items, {result['dead']} dead, "
+                    f"{result['cpu_us']:.1f} us CPU per item "
+                    f"(main thread {result['main_thread_us']:.1f}), {result['wall_s']:.1f} s"
+                    + (f", digest {result['digest']}" if args.digest else ""),
+                    flush=True,
+                )
+    cpu = statistics.median(r["cpu_us"] for r in results)
+    main = statistics.median(r["main_thread_us"] for r in results)
+    print(f"median: {cpu:.1f} us process CPU per delivered item (main thread {main:.1f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.delivery_cpu", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--items", type=int, default=100_000, help="records ingested per run")
+    parser.add_argument("--customers", type=int, default=100_000, help="customer pool size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--digest", action="store_true", help="hash requests and log rows")
+    parser.add_argument("--engine-src", type=Path, help="checkout whose engine to measure")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.engine_src is not None:
+        # Run this file again as a script with the other checkout first on the import
+        # path, ahead of the editable install; that checkout's bench.sink and
+        # bench.traffic serve as well as this one's.
+        src = args.engine_src.resolve()
+        argv = [a for a in sys.argv[1:] if a != "--engine-src" and a != str(args.engine_src)]
+        path = os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p)
+        command = [sys.executable, str(Path(__file__).resolve()), *argv]
+        raise SystemExit(subprocess.call(command, cwd=src, env={**os.environ, "PYTHONPATH": path}))
+    # One log line per request is the engine's; here it would only bury the figures.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
