@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -45,17 +46,65 @@ def line_array(mapping: EventMapping) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ParameterPlan:
+    """One parameter mapping, resolved: where its value is read and which Insider type
+    it is converted to."""
+
+    mapping: ParameterMapping
+    source: str
+    line_key: str | None
+    """For a per-line source (``items[].price``): the key read from each line."""
+    target: str
+    custom: bool
+    kind: str | None
+    """The catalog kind of a default parameter; ``None`` for a custom one."""
+
+
+@dataclass(frozen=True)
+class EventPlan:
+    """An event mapping with its per-line array and its parameters resolved once, so
+    rendering an event does no pattern matching or catalog lookups."""
+
+    mapping: EventMapping
+    line_array: str | None
+    parameters: tuple[ParameterPlan, ...]
+
+    @classmethod
+    def of(cls, mapping: EventMapping) -> EventPlan:
+        parameters = []
+        for parameter in mapping.parameters:
+            path = line_path(parameter.source_parameter)
+            field = (
+                None
+                if parameter.custom
+                else catalog.EVENT_PARAMETERS.get(parameter.target_parameter)
+            )
+            parameters.append(
+                ParameterPlan(
+                    parameter,
+                    parameter.source_parameter,
+                    path[1] if path else None,
+                    parameter.target_parameter,
+                    parameter.custom,
+                    field.kind if field else None,
+                )
+            )
+        return cls(mapping, line_array(mapping), tuple(parameters))
+
+
 def insider_events(
-    mapping: EventMapping, event: AntavoEvent, phone_region: str = ""
+    plan: EventPlan, event: AntavoEvent, phone_region: str = ""
 ) -> list[dict[str, Any]]:
-    """The Insider events for ``event`` under ``mapping``: one, or one per line.
+    """The Insider events for ``event`` under ``plan``'s mapping: one, or one per line.
 
     Raises ``MappingError`` when a value cannot be converted, or when a per-line mapping
     meets an event without a non-empty list of line objects.
     """
-    array = line_array(mapping)
+    array = plan.line_array
     if array is None:
-        return [_insider_event(mapping, event, {}, 0, phone_region)]
+        return [_insider_event(plan, event, {}, 0, phone_region)]
+    mapping = plan.mapping
     lines = event.data.get(array)
     if not isinstance(lines, list) or not lines:
         raise MappingError(
@@ -71,12 +120,12 @@ def insider_events(
                 f"customer {event.customer}: {event.action} event {event.id} "
                 f"{array}[{index}] is not an object",
             )
-        events.append(_insider_event(mapping, event, line, index, phone_region))
+        events.append(_insider_event(plan, event, line, index, phone_region))
     return events
 
 
 def _insider_event(
-    mapping: EventMapping,
+    plan: EventPlan,
     event: AntavoEvent,
     line: Mapping[str, Any],
     index: int,
@@ -84,21 +133,23 @@ def _insider_event(
 ) -> dict[str, Any]:
     params: dict[str, Any] = {}
     custom: dict[str, Any] = {}
-    for parameter in mapping.parameters:
-        path = line_path(parameter.source_parameter)
-        raw = line.get(path[1]) if path else event.data.get(parameter.source_parameter)
+    data = event.data
+    for parameter in plan.parameters:
+        key = parameter.line_key
+        raw = data.get(parameter.source) if key is None else line.get(key)
         if raw is None:
             continue
         value = _parameter_value(parameter, raw, event, phone_region)
         if parameter.custom:
-            custom[parameter.target_parameter] = value
+            custom[parameter.target] = value
         else:
-            params[parameter.target_parameter] = value
+            params[parameter.target] = value
     if custom:
         params[CUSTOM_KEY] = custom
+    moment = event.timestamp if index == 0 else event.timestamp + index * LINE_SPACING
     payload: dict[str, Any] = {
-        "event_name": mapping.target_event,
-        "timestamp": rfc3339_utc(event.timestamp + index * LINE_SPACING),
+        "event_name": plan.mapping.target_event,
+        "timestamp": rfc3339_utc(moment),
     }
     if params:
         payload["event_params"] = params
@@ -106,15 +157,14 @@ def _insider_event(
 
 
 def _parameter_value(
-    parameter: ParameterMapping, raw: Any, event: AntavoEvent, phone_region: str
+    parameter: ParameterPlan, raw: Any, event: AntavoEvent, phone_region: str
 ) -> Any:
-    field = None if parameter.custom else catalog.EVENT_PARAMETERS.get(parameter.target_parameter)
     try:
-        return value_for(field.kind if field else None, raw, phone_region)
+        return value_for(parameter.kind, raw, phone_region)
     except ConversionError as exc:
         raise MappingError(
             "map_event",
-            f"customer {event.customer}: {event.action} parameter {parameter.source_parameter} "
+            f"customer {event.customer}: {event.action} parameter {parameter.source} "
             f"value {raw!r} is {exc}, so it cannot be sent as the Insider event parameter "
-            f"{parameter.target_parameter}",
+            f"{parameter.target}",
         ) from None

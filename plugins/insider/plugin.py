@@ -5,7 +5,8 @@ hook that receives a connection answers only for connections whose connector is
 ``CONNECTOR`` and returns ``None`` for any other, so other connector plugins can coexist.
 Names and types come from ``catalog``, conversions from ``values``, identifiers and
 attributes from ``payloads``, events from ``events``, requests from ``sending``, mapping
-checks from ``validation`` and connection settings from ``settings``.
+checks from ``validation``, connection settings from ``settings``, and each connection's
+settings and event mappings, resolved once, from ``plans``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from plugins.insider.catalog import catalog_entries
 from plugins.insider.commands import register_commands  # noqa: F401  (a hook implementation)
 from plugins.insider.events import insider_events
 from plugins.insider.payloads import identifiers_for, profile_attributes
+from plugins.insider.plans import plan_for
 from plugins.insider.sending import send_batch
 from plugins.insider.settings import (
     BASE_URL,
     DEFAULT_BASE_URL,
     SCOPE_ALL,
-    parse_settings,
     validate_settings,
 )
 from plugins.insider.validation import (
@@ -76,7 +77,7 @@ def identify(connection: Connection, customer: Customer) -> Mapping[str, Any] | 
     """
     if connection.connector != CONNECTOR:
         return None
-    region = parse_settings(connection.settings).default_phone_region
+    region = plan_for(connection).settings.default_phone_region
     return identifiers_for(connection.customer_id_mapping, customer, region)
 
 
@@ -94,7 +95,7 @@ def map_profile(
     """
     if connection.connector != CONNECTOR:
         return None
-    settings = parse_settings(connection.settings)
+    settings = plan_for(connection).settings
     values: Mapping[str, Any] = change.changes
     if settings.profile_scope == SCOPE_ALL:
         values = {**customer.attributes, **change.changes}
@@ -116,11 +117,11 @@ def map_event(
     """
     if connection.connector != CONNECTOR:
         return None
-    mapping = connection.event_mapping_for(event.action)
+    plan = plan_for(connection)
+    mapping = plan.events.get(event.action)
     if mapping is None:
         return []
-    region = parse_settings(connection.settings).default_phone_region
-    return insider_events(mapping, event, region)
+    return insider_events(mapping, event, plan.settings.default_phone_region)
 
 
 @hookimpl

@@ -37,8 +37,9 @@ from plugins.insider.batch import (
     upsert_batch,
 )
 from plugins.insider.payloads import IdentityChange, cleared_attributes, identity_change
+from plugins.insider.plans import plan_for
 from plugins.insider.responses import upsert_outcome
-from plugins.insider.settings import ARRAY_REPLACE, InsiderSettings, parse_settings
+from plugins.insider.settings import ARRAY_REPLACE, InsiderSettings
 
 log = structlog.get_logger("tidegate.insider")
 
@@ -122,7 +123,7 @@ async def send_batch(
 ) -> SendResult:
     """Sends ``deliveries`` (identity moves, attribute deletes, upsert) and returns an
     outcome for every item. See the module docstring for the order and failure rules."""
-    settings = parse_settings(connection.settings)
+    settings = plan_for(connection).settings
     if not settings.partner_name:
         raise AuthError(f"connection {connection.id} has no Insider partner name")
     client = InsiderClient(connection, settings, transport)
