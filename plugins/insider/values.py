@@ -10,6 +10,7 @@ ISO 3166-1 alpha-2 countries and ISO 4217 currencies (through ``pycountry``).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -216,7 +217,16 @@ def rfc3339_utc(moment: datetime) -> str:
     datetime is taken to be UTC already."""
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    # The text of strftime("%Y-%m-%dT%H:%M:%S") (whose %Y is unpadded below year 1000,
+    # hence %d), in a third of its time: every event carries a timestamp.
+    text = "%d-%02d-%02dT%02d:%02d:%02d" % (  # noqa: UP031  (the fastest way to format)
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+    )
     millis = moment.microsecond // 1000
     if millis:
         text += f".{millis:03d}"
@@ -240,21 +250,33 @@ def language(value: Any) -> str:
 
 def country(value: Any) -> str:
     text = string(value).strip().upper()
-    found = None
-    if len(text) == 2:
-        found = pycountry.countries.get(alpha_2=text)
-    elif len(text) == 3:
-        found = pycountry.countries.get(alpha_3=text)
+    found = _country_alpha_2(text) if len(text) in (2, 3) else None
     if found is None:
         raise ConversionError("not an ISO 3166-1 country code (e.g. SG)")
-    return str(found.alpha_2)
+    return found
 
 
 def currency(value: Any) -> str:
     text = string(value).strip().upper()
-    if len(text) != 3 or pycountry.currencies.get(alpha_3=text) is None:
+    if len(text) != 3 or not _is_currency(text):
         raise ConversionError("not an ISO 4217 currency code (e.g. USD)")
     return text
+
+
+# pycountry's lookups cost more than the rest of a conversion. Their answers never
+# change, and only 2- and 3-letter codes are looked up, so the caches stay small.
+@functools.cache
+def _country_alpha_2(code: str) -> str | None:
+    if len(code) == 2:
+        found = pycountry.countries.get(alpha_2=code)
+    else:
+        found = pycountry.countries.get(alpha_3=code)
+    return None if found is None else str(found.alpha_2)
+
+
+@functools.cache
+def _is_currency(code: str) -> bool:
+    return pycountry.currencies.get(alpha_3=code) is not None
 
 
 def url(value: Any) -> str:
