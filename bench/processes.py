@@ -3,6 +3,7 @@ each in its own process, plus what /proc says about them (CPU time, memory)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -21,21 +22,48 @@ SERVING = re.compile(
 SINK_LISTENING = re.compile(r"sink listening on (http://\S+)")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process has used so far (10 ms resolution)."""
+def _stat(pid: int) -> list[str]:
+    """Fields 3 on of /proc/<pid>/stat (after the command name, which may hold spaces)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # Fields 14 and 15 of proc(5), counted from 1; ``fields`` starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its live child processes: ``tidegate serve`` runs its ingest worker as
+    a child, and the engine's cost is both processes' cost."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:  # field 4: the parent's pid
+                    children.append(int(entry.name))
+            except (OSError, ValueError, IndexError):  # it exited meanwhile
+                continue
+    return [pid, *sorted(children)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process and its live children have used so far (10 ms
+    resolution)."""
+    total = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            fields = _stat(member)
+            # Fields 14 and 15 of proc(5), counted from 1; ``fields`` starts at field 3.
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak resident set) in KiB."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0])
+    """VmRSS (now) and VmHWM (peak resident set) in KiB, summed over the process and its
+    live children (a sum of peaks: at most what was ever resident at once)."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                name, _, rest = line.partition(":")
+                if name in values:
+                    values[name] += int(rest.split()[0])
     return values
 
 
@@ -116,12 +144,17 @@ ENGINE_SRC = REPO
 """The checkout whose engine is measured; ``python -m bench --engine-src`` changes it."""
 
 
+ENGINE_ARGS: list[str] = []
+"""Extra ``tidegate serve`` arguments for every engine the bench starts."""
+
+
 def start_engine(data_dir: Path, log_path: Path) -> Process:
     """``tidegate serve`` from ``ENGINE_SRC`` on free loopback ports with JSON logs (the
     production format); ``extra`` holds ``grpc`` ("host:port") and ``ingest`` (the URL)."""
     argv = [
         sys.executable, "-m", "engine.cli", "--log-format", "json",
         "serve", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(data_dir),
+        *ENGINE_ARGS,
     ]  # fmt: skip
     process = _spawn("engine", argv, log_path, ENGINE_SRC)
     match = _wait_for(process, SERVING)

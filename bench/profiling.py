@@ -1,8 +1,9 @@
 """Sampling the engine with py-spy (the ``bench`` extra) and summarising where its CPU
 time goes.
 
-py-spy attaches to the running ``tidegate serve`` process from outside (``--nonblocking``:
-it never pauses the engine), records collapsed stacks per thread, and the summary ranks
+py-spy attaches to the running ``tidegate serve`` process and its ingest worker from
+outside (``--subprocesses``; ``--nonblocking``: it never pauses the engine), records
+collapsed stacks per process and thread, and the summary ranks
 functions by the share of samples they were on CPU in.
 """
 
@@ -44,7 +45,7 @@ class Profiler:
         argv = [
             binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
             "--rate", str(RATE), "--format", "raw", "--threads", "--nonblocking",
-            "--full-filenames", "--output", str(out),
+            "--full-filenames", "--subprocesses", "--output", str(out),
         ]  # fmt: skip
         log = out.with_suffix(".log").open("wb")
         return cls(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), out)
@@ -101,9 +102,12 @@ def summarise(raw: Path) -> Summary:
         count = int(count_text)
         total += count
         frames = stack.split(";")
+        process = ""
+        if frames[0].startswith("process "):  # --subprocesses: which process, by command
+            process = "ingest worker " if "engine.ingest_worker" in frames.pop(0) else ""
         thread = "?"
-        if frames[0].startswith("thread ("):
-            thread = frames.pop(0).partition(": ")[2] or "?"
+        if frames and frames[0].startswith("thread ("):
+            thread = process + (frames.pop(0).partition(": ")[2] or "?")
         threads[thread] += count
         parsed = [_frame(f) for f in frames]
         if not parsed:

@@ -4,6 +4,7 @@ started and stopped together."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from engine.database import Database
 from engine.delivery import Deliverer, DeliverySettings
 from engine.http_ingest import create_ingest_app
 from engine.ingest import DEFAULT_MAX_BACKLOG, Ingestor
+from engine.ingest_worker import IngestWorker
 from engine.log_outbox import LogOutbox
 from engine.logstore import LogStore
 from engine.plugins import Connectors, plugin_manager
@@ -43,6 +45,13 @@ class EngineConfig:
     max_backlog: int = DEFAULT_MAX_BACKLOG
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     extra_plugins: Iterable[object] = ()
+    ingest_worker: bool = False
+    """Serve ingest HTTP from a worker process of its own (``tidegate serve`` does, unless
+    ``--ingest-in-process``): ingest and delivery then run on two cores. The worker loads
+    installed plugins only, not ``extra_plugins``."""
+    log_format: str = "json"
+    log_level: str = "info"
+    """How the ingest worker logs (``tidegate serve`` passes its own settings)."""
 
 
 class Engine:
@@ -54,6 +63,8 @@ class Engine:
         self.http_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self._worker: IngestWorker | None = None
+        self._listener: socket.socket | None = None
         self._db: Database | None = None
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
@@ -94,13 +105,16 @@ class Engine:
         )
         await self.ingestor.load()
         await self.deliverer.start()
-        self._http = web.AppRunner(
-            create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None
-        )
-        await self._http.setup()
-        site = web.TCPSite(self._http, cfg.host, cfg.http_port)
-        await site.start()
-        self.http_port = self._http.addresses[0][1]
+        if cfg.ingest_worker:
+            await self._start_worker()
+        else:
+            self._http = web.AppRunner(
+                create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None
+            )
+            await self._http.setup()
+            site = web.TCPSite(self._http, cfg.host, cfg.http_port)
+            await site.start()
+            self.http_port = self._http.addresses[0][1]
         self._grpc, self.grpc_port = await start_grpc_server(
             cfg.host,
             cfg.grpc_port,
@@ -113,8 +127,38 @@ class Engine:
             self.pm.hook,
         )
 
+    async def _start_worker(self) -> None:
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        # The engine keeps the listening socket: a restarted worker serves the same one.
+        self._listener = socket.create_server((cfg.host, cfg.http_port), family=family)
+        self.http_port = self._listener.getsockname()[1]
+        self._worker = IngestWorker(
+            data_dir=cfg.data_dir,
+            listener=self._listener,
+            token=cfg.ingest_token,
+            max_backlog=cfg.max_backlog,
+            queue=self.queue,
+            wake=self.deliverer.wake,
+            every_connection=lambda: [c.id for c in self.registry.runtimes()],
+            log_format=cfg.log_format,
+            log_level=cfg.log_level,
+        )
+        await self._worker.start()
+        self.registry.on_change(self._worker.refresh)
+
+    @property
+    def ingest_worker_pid(self) -> int | None:
+        return None if self._worker is None else self._worker.pid
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._http is not None:
             await self._http.cleanup()
             self._http = None

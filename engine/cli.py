@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BACKLOG,
         help=f"queued items past which ingest answers 503 (default {DEFAULT_MAX_BACKLOG})",
     )
+    serve.add_argument(
+        "--ingest-in-process",
+        action="store_true",
+        help="serve ingest HTTP from the engine process instead of a worker process of its"
+        " own (uses one core instead of two)",
+    )
     serve.set_defaults(func=run_serve)
     plugin_manager().hook.register_commands(subparsers=sub)
     return parser
@@ -110,6 +116,9 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
         max_backlog=args.max_backlog,
+        ingest_worker=not args.ingest_in_process,
+        log_format=args.log_format,
+        log_level=args.log_level,
         delivery=DeliverySettings(
             base_backoff=args.retry_base_seconds,
             max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),
@@ -123,7 +132,7 @@ async def _serve(config: EngineConfig) -> int:
     engine = Engine(config)
     try:
         await engine.start()
-    except OSError as exc:
+    except (OSError, TidegateError) as exc:
         print(f"tidegate: cannot start: {exc}", file=sys.stderr)
         return 1
     print(

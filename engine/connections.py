@@ -12,7 +12,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -92,15 +92,19 @@ class ConnectionRegistry:
         self._secrets = secrets
         self._views: dict[str, ConnectionView] = {}
         self._runtime: dict[str, Connection] = {}
-        self._listeners: list[Callable[[str], None]] = []
+        self._listeners: list[Callable[[str], Awaitable[None] | None]] = []
 
-    def on_change(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener(connection_id)`` after any change to that connection."""
+    def on_change(self, listener: Callable[[str], Awaitable[None] | None]) -> None:
+        """Call ``listener(connection_id)`` after any change to that connection. The
+        write that made the change returns once every listener did, awaiting those that
+        return an awaitable (the ingest worker reloading its copy of the connection)."""
         self._listeners.append(listener)
 
-    def _changed(self, connection_id: str) -> None:
+    async def _changed(self, connection_id: str) -> None:
         for listener in self._listeners:
-            listener(connection_id)
+            pending = listener(connection_id)
+            if pending is not None:
+                await pending
 
     # -- reads -------------------------------------------------------------------------
 
@@ -190,7 +194,7 @@ class ConnectionRegistry:
 
         await self._db.write(insert)
         await self._reload(connection_id)
-        self._changed(connection_id)
+        await self._changed(connection_id)
         return self.view(connection_id)
 
     async def update(self, connection_id: str, update: ConnectionUpdate) -> ConnectionView:
@@ -242,7 +246,7 @@ class ConnectionRegistry:
 
         await self._db.write(apply)
         await self._reload(connection_id)
-        self._changed(connection_id)
+        await self._changed(connection_id)
         return self.view(connection_id)
 
     async def delete(self, connection_id: str) -> None:
@@ -255,7 +259,7 @@ class ConnectionRegistry:
         await self._db.write(remove)
         self._views.pop(connection_id, None)
         self._runtime.pop(connection_id, None)
-        self._changed(connection_id)
+        await self._changed(connection_id)
 
     async def pause(self, connection: Connection, reason: str) -> bool:
         """Pauses ``connection`` unless its credentials changed since that snapshot was
@@ -276,7 +280,7 @@ class ConnectionRegistry:
             )
         )
         await self._reload(connection.id)
-        self._changed(connection.id)
+        await self._changed(connection.id)
         return bool(paused)
 
     async def set_state(self, connection_id: str, state: str, reason: str) -> None:
@@ -287,7 +291,7 @@ class ConnectionRegistry:
             )
         )
         await self._reload(connection_id)
-        self._changed(connection_id)
+        await self._changed(connection_id)
 
     # -- mapping writes ----------------------------------------------------------------
 
@@ -425,9 +429,13 @@ class ConnectionRegistry:
 
         await self._db.write(apply)
         await self._reload(connection_id)
-        self._changed(connection_id)
+        await self._changed(connection_id)
 
     # -- loading -----------------------------------------------------------------------
+
+    async def refresh(self, connection_id: str) -> None:
+        """Reloads one connection from the database, after another process changed it."""
+        await self._reload(connection_id)
 
     async def _reload(self, connection_id: str) -> None:
         def fetch(

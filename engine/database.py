@@ -1,7 +1,11 @@
 """SQLite (WAL) holding Tidegate's transactional state.
 
-One thread owns the write connection, so SQLite never sees concurrent writers; reads
-run on a second thread with a connection of their own (WAL lets them proceed while a
+In a process, one thread owns the write connection. The ingest worker, a process of its
+own, has a ``Database`` of its own: the two processes take turns through an exclusive
+``flock`` on ``<database>-writer.lock`` around each transaction, which the kernel hands
+over the moment it is released (SQLite's own busy handler would sleep and retry, idling
+both processes for milliseconds at a time). Reads run on a second thread with a
+connection of their own (WAL lets them proceed while a
 write commits, and sqlite3 releases the GIL while it works). Writes are *grouped*: jobs
 submitted while a commit is in flight are applied together in the next transaction,
 each inside its own savepoint, so one failing job does not undo the others and a burst
@@ -11,6 +15,8 @@ of ingest requests pays one fsync, not one per request.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +139,7 @@ class Database:
             max_workers=1, thread_name_prefix="tidegate-sqlite-read"
         )
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd = -1
         self._reader: sqlite3.Connection | None = None
         self._pending: asyncio.Queue[
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
@@ -154,8 +161,13 @@ class Database:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
+        self._lock_fd = os.open(f"{self.path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with self._turn():
+            conn.executescript(SCHEMA)
         self._conn = conn
+
+    def _turn(self) -> _WriterTurn:
+        return _WriterTurn(self._lock_fd)
 
     def _open_reader(self) -> None:
         reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -206,6 +218,13 @@ class Database:
     def _apply(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None, "database not started"
+        with self._turn():
+            return self._transaction(conn, fns)
+
+    @staticmethod
+    def _transaction(
+        conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+    ) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         if len(fns) == 1:  # nothing to isolate it from: no savepoint
             conn.execute("BEGIN IMMEDIATE")
@@ -250,5 +269,22 @@ class Database:
         if self._conn is not None:
             await loop.run_in_executor(self._executor, self._conn.close)
             self._conn = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         self._executor.shutdown(wait=True)
         self._read_executor.shutdown(wait=True)
+
+
+class _WriterTurn:
+    """Holds the cross-process writer lock for one transaction (a blocking ``flock``; the
+    writer thread waits in the kernel with the GIL released)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)

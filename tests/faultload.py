@@ -196,6 +196,7 @@ class EngineProcess(_Process):
         self.data_dir = data_dir
         self.target = f"{HOST}:{self.grpc_port}"
         self.ingest_url = f"http://{HOST}:{self.http_port}/v1/events"
+        self.extra_args: list[str] = []  # more ``serve`` options, from the next start on
 
     def command(self) -> list[str]:
         return [
@@ -215,6 +216,7 @@ class EngineProcess(_Process):
             "0.05",
             "--retry-max-seconds",
             "0.25",
+            *self.extra_args,
         ]
 
 

@@ -1,0 +1,132 @@
+"""The ingest worker process of a real ``tidegate serve``: it dies with the engine, is
+restarted when it dies alone (losing nothing acknowledged), sees every connection change
+before the admin call returns, and shares the backlog limit with the engine process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bench.processes import family
+from clients.client import TidegateClient
+from tests.faultload import CONNECTION_ID, Harness, check_load, listening, wait_drained
+
+
+def worker_pid(engine_pid: int, within: float = 10.0) -> int:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        children = family(engine_pid)[1:]
+        if children:
+            assert len(children) == 1, children
+            return children[0]
+        time.sleep(0.05)
+    raise AssertionError("the engine has no ingest worker")
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie has exited
+
+
+def gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+def engine_pid(harness: Harness) -> int:
+    assert harness.engine.process is not None
+    return harness.engine.process.pid
+
+
+async def post(url: str, body: object) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+        return response.status, await response.json()
+
+
+async def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await harness.create_connection()
+    engine = engine_pid(harness)
+    first = worker_pid(engine)
+    load = harness.load(customers=16, workers=4, batch=50, pause=0.01, run_id="worker")
+    load.start()
+    try:
+        await load.wait_acknowledged(1000)
+        os.kill(first, signal.SIGKILL)
+        acked_at_kill = load.acknowledged_events
+        await load.wait_acknowledged(acked_at_kill + 1000, within=30)  # served again
+    finally:
+        await load.stop()
+    second = worker_pid(engine)
+    connection = await wait_drained(harness.engine.target, 30, harness.control)
+    report = await check_load(load, harness.control)
+    output = harness.engine.tail(20_000)
+    with capsys.disabled():
+        print(f"\ningest_worker_kill acked_at_kill={acked_at_kill} {report.summary()}")
+    assert harness.engine.running and engine_pid(harness) == engine  # the engine lived on
+    assert second != first
+    assert '"ingest_worker_exited"' in output and '"ingest_worker_restarted"' in output
+    assert report.ok, f"{report.summary()}\n{report.details()}\n{output[-3000:]}"
+    assert connection.dead_letter_count == 0
+
+
+async def test_the_worker_dies_with_the_engine_and_frees_the_port(harness: Harness) -> None:
+    worker = worker_pid(engine_pid(harness))
+    await harness.kill_engine()
+    assert gone(worker, within=5), "the ingest worker outlived a kill -9 of the engine"
+    assert not listening(harness.engine.http_port)
+    await harness.restart_engine()  # the same ports bind again at once
+    assert listening(harness.engine.http_port)
+
+
+async def test_a_mapping_is_in_force_for_the_next_event_the_worker_acknowledges(
+    harness: Harness,
+) -> None:
+    """The admin call returns only after the worker reloaded the connection, so an event
+    posted right after it is routed by the new mapping, every time."""
+    await harness.create_connection()
+    queued = []
+    async with TidegateClient(harness.engine.target) as client:
+        for n in range(20):
+            action = f"custom_action_{n}"
+            await client.add_event_mapping(CONNECTION_ID, action, f"custom_event_{n}")
+            status, answer = await post(
+                harness.engine.ingest_url, {"customer": f"c{n}", "action": action}
+            )
+            assert status == 202, answer
+            queued.append(answer["deliveries_queued"])
+    assert queued == [1] * 20
+
+
+async def test_the_backlog_limit_holds_across_both_processes(harness: Harness) -> None:
+    harness.engine.close()
+    harness.engine.extra_args = ["--max-backlog", "100"]
+    harness.engine.start()
+    await harness.create_connection(api_key="refused-key")  # paused at the first send
+    statuses = []
+    for n in range(130):
+        status, _ = await post(
+            harness.engine.ingest_url,
+            {"customer": f"c{n % 7}", "action": "point_add", "data": {"points": 1, "seq": n}},
+        )
+        statuses.append(status)
+    accepted = statuses.count(202)
+    # The refused send keeps its items queued, so the limit is reached at exactly 100.
+    assert accepted == 100, f"{statuses}\n{harness.engine.tail(3000)}"
+    assert set(statuses[accepted:]) == {503}, statuses
+    await asyncio.sleep(0.5)  # the engine process learns of the worker's items too
+    async with TidegateClient(harness.engine.target) as client:
+        with pytest.raises(Exception, match="backlog"):
+            await client.send_events([{"customer": "x", "action": "point_add"}])
