@@ -153,11 +153,12 @@ def _timestamp(value: Any, field: str) -> datetime | None:
 
 
 def event_payload(event: AntavoEvent) -> dict[str, Any]:
+    """The queued form of an event; orjson writes the timestamp as ``isoformat()`` does."""
     return {
         "id": event.id,
         "action": event.action,
-        "data": dict(event.data),
-        "timestamp": event.timestamp.isoformat(),
+        "data": event.data,
+        "timestamp": event.timestamp,
         "external_id": event.external_id,
         "account": event.account,
     }
@@ -211,13 +212,15 @@ class Ingestor:
         )
 
     def _new_names(self, events: Sequence[AntavoEvent]) -> set[tuple[str, str, str]]:
+        # Events of one action mostly carry the same keys: each shape is looked at once.
+        shapes = {(event.action, tuple(event.data)) for event in events}
         names: set[tuple[str, str, str]] = set()
-        for event in events:
-            names.add((CATALOG_EVENT, "", event.action))
-            if event.action in PROFILE_ACTIONS:
-                names.update((CATALOG_ATTRIBUTE, "", key) for key in event.data)
+        for action, keys in shapes:
+            names.add((CATALOG_EVENT, "", action))
+            if action in PROFILE_ACTIONS:
+                names.update((CATALOG_ATTRIBUTE, "", key) for key in keys)
             else:
-                names.update((CATALOG_PARAMETER, event.action, key) for key in event.data)
+                names.update((CATALOG_PARAMETER, action, key) for key in keys)
         return names - self._seen
 
     async def ingest(self, events: Sequence[AntavoEvent]) -> IngestResult:
@@ -251,19 +254,18 @@ class Ingestor:
                 " VALUES (?,?,?,?)",
                 [(*name, now) for name in new_names],
             )
+            received = _received(c, [event.id for event in events])
+            fresh_ids: dict[str, None] = {}
             for event in events:
+                # A re-send: an id seen within its window, or earlier in this request.
                 window = (
                     ID_DEDUP_WINDOW if not event.id.startswith("sha256:") else CONTENT_DEDUP_WINDOW
                 )
-                fresh = c.execute(
-                    "INSERT INTO seen_events (event_id, receive_time) VALUES (?, ?)"
-                    " ON CONFLICT (event_id) DO UPDATE SET receive_time = excluded.receive_time"
-                    " WHERE seen_events.receive_time < ?",
-                    (event.id, now, now - window),
-                ).rowcount
-                if not fresh:
+                last = received.get(event.id)
+                if event.id in fresh_ids or (last is not None and last >= now - window):
                     duplicates += 1
                     continue
+                fresh_ids[event.id] = None
                 accepted += 1
                 customer_id = _resolve_customer(c, event, now)
                 profile: dict[str, Any] | None = None
@@ -285,7 +287,7 @@ class Ingestor:
                             {
                                 "changes": changes,
                                 "previous": previous,
-                                "timestamp": event.timestamp.isoformat(),
+                                "timestamp": event.timestamp,
                                 **_identity(profile, external_id_attributes),
                             }
                         )
@@ -326,6 +328,10 @@ class Ingestor:
                             )
                         )
                     touched.update(interested)
+            c.executemany(
+                "INSERT OR REPLACE INTO seen_events (event_id, receive_time) VALUES (?, ?)",
+                [(event_id, now) for event_id in fresh_ids],
+            )
             enqueue_rows(c, items)
             return IngestResult(accepted, duplicates, len(items))
 
@@ -335,6 +341,21 @@ class Ingestor:
         if touched:
             self._on_enqueued(touched)
         return result
+
+
+def _received(c: sqlite3.Connection, event_ids: Sequence[str]) -> dict[str, float]:
+    """When each of ``event_ids`` that was seen before was last accepted."""
+    found: dict[str, float] = {}
+    for start in range(0, len(event_ids), 500):
+        chunk = event_ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            c.execute(
+                f"SELECT event_id, receive_time FROM seen_events WHERE event_id IN ({marks})",
+                chunk,
+            ).fetchall()
+        )
+    return found
 
 
 def _identity(profile: Mapping[str, Any] | None, attributes: set[str]) -> dict[str, Any]:

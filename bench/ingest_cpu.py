@@ -1,0 +1,97 @@
+"""CPU per event of ingest alone: ``python -m bench.ingest_cpu``.
+
+Runs what the ingest worker does for each ``POST /v1/events`` body, without the HTTP
+server: ``orjson.loads``, ``parse_request`` and ``Ingestor.ingest`` (dedupe, profiles,
+routing, enqueue, commit) on a real SQLite file, with the bench connection (one mapped
+``checkout`` event, as in section 3). It reports the process CPU time per event (all
+threads: the commit runs on the database thread), the median of ``--repeats`` runs, each
+on a fresh data dir. CPU time rather than wall time: the machine is shared, and CPU time
+moves much less with the neighbours' load.
+
+To compare two checkouts, run it with ``PYTHONPATH=<checkout>`` for each, one after the
+other, and compare the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.traffic import PARAMETERS, SOURCE_EVENT, TARGET_EVENT, ingest_bodies
+from engine.connections import ConnectionRegistry
+from engine.database import Database
+from engine.ingest import Ingestor, parse_request
+from engine.plugins import Connectors, plugin_manager
+from engine.queue import DurableQueue
+from engine.records import ParameterMapping
+from engine.secrets import SecretBox
+
+
+async def one_run(data_dir: Path, events: int, batch: int, customers: int) -> float:
+    """Process CPU microseconds per event for ingesting ``events`` events."""
+    db = Database(data_dir / "state.sqlite3")
+    await db.start()
+    try:
+        registry = ConnectionRegistry(
+            db, Connectors(plugin_manager()), SecretBox.for_data_dir(data_dir)
+        )
+        await registry.load()
+        await registry.create(
+            connection_id="bench",
+            display_name="",
+            connector="insider",
+            settings={"partner_name": "bench", "base_url": "http://127.0.0.1:9"},
+            api_key="bench-key",
+            customer_id_mapping=None,
+            retry_window_seconds=0,
+        )
+        await registry.add_event_mapping(
+            "bench",
+            SOURCE_EVENT,
+            TARGET_EVENT,
+            tuple(ParameterMapping(s, t, c) for s, t, c in PARAMETERS),
+        )
+        queue = DurableQueue(db)
+        ingestor = Ingestor(db, registry, queue)
+        await ingestor.load()
+        bodies = ingest_bodies(batch, customers)
+        prepared = [next(bodies)[0] for _ in range(events // batch)]
+        started = time.process_time()
+        for body in prepared:
+            await ingestor.ingest(parse_request(orjson.loads(body)))
+        used = time.process_time() - started
+        assert queue.depth == len(prepared) * batch, (queue.depth, len(prepared) * batch)
+        return used / (len(prepared) * batch) * 1e6
+    finally:
+        await db.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    results = []
+    for run in range(args.repeats):
+        data_dir = Path(tempfile.mkdtemp(prefix="tidegate-ingest-cpu-"))
+        try:
+            results.append(await one_run(data_dir, args.events, args.batch, args.customers))
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        print(f"run {run + 1}: {results[-1]:.1f} us/event", flush=True)
+    print(
+        f"ingest CPU per event, median of {args.repeats}: {statistics.median(results):.1f} us"
+        f" ({args.events:,} events in requests of {args.batch:,})"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest_cpu", description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1000, help="events per request")
+    parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    asyncio.run(main(parser.parse_args()))
