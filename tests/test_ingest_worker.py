@@ -130,3 +130,18 @@ async def test_the_backlog_limit_holds_across_both_processes(harness: Harness) -
     async with TidegateClient(harness.engine.target) as client:
         with pytest.raises(Exception, match="backlog"):
             await client.send_events([{"customer": "x", "action": "point_add"}])
+
+
+async def test_ingest_in_process_runs_without_a_worker(harness: Harness) -> None:
+    harness.engine.close()
+    harness.engine.extra_args = ["--ingest-in-process"]
+    harness.engine.start()
+    await harness.create_connection()
+    status, answer = await post(
+        harness.engine.ingest_url,
+        {"customer": "c1", "action": "point_add", "data": {"points": 5, "seq": 1}},
+    )
+    assert (status, answer["deliveries_queued"]) == (202, 1)
+    assert family(engine_pid(harness)) == [engine_pid(harness)]
+    await wait_drained(harness.engine.target, 30, harness.control)
+    assert await harness.control.delivered() == {"c1": [1]}
