@@ -12,11 +12,15 @@ import asyncio
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import orjson
 
 from engine.database import Database
-from engine.logstore import LogCustomer, LogRow, LogStore
+from engine.logrows import LogCustomer, LogRow
+
+if TYPE_CHECKING:  # the ingest worker stages no log rows: it need not load DuckDB
+    from engine.logstore import LogStore
 
 
 def encode(row: LogRow) -> tuple[str, bytes]:
