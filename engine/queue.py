@@ -266,7 +266,10 @@ class DurableQueue:
             ).rowcount
             return max(removed, 0)
 
-        self.depth -= await self._db.write(apply)
+        # Not ``self.depth -= await ...``: that reads depth before the await, and would undo
+        # every ``added()`` made while the transaction ran.
+        removed = await self._db.write(apply)
+        self.depth -= removed
 
     async def next_due(self, connection_id: str, now: float | None = None) -> float | None:
         """When the earliest held item of the connection becomes ready, if any is held."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.database import Database
 from engine.errors import InvalidInputError
 from engine.ingest import parse_event, parse_request
+from engine.queue import DurableQueue
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
 
@@ -285,3 +288,20 @@ async def test_names_seen_in_traffic_are_recorded_once(
         ("attribute", "", "shoe_size"),
         ("parameter", "checkout", "transaction_id"),
     }
+
+
+async def test_items_queued_while_a_settle_commits_stay_counted(tmp_path: Path) -> None:
+    """The backlog count is kept in memory: an ingest that lands while delivery's settle
+    transaction runs must not be undone when the settle finishes."""
+    db = Database(tmp_path / "state.sqlite3")
+    await db.start()
+    try:
+        queue = DurableQueue(db)
+        queue.added(10)
+        settling = asyncio.create_task(queue.settle(delivered=[]))
+        await asyncio.sleep(0)  # the settle is now waiting for its commit
+        queue.added(5)
+        await settling
+        assert queue.depth == 15
+    finally:
+        await db.close()
