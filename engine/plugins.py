@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pluggy
 
@@ -70,14 +70,34 @@ class FirstResultCaller:
         return None
 
 
+def first_result_caller(caller: pluggy.HookCaller) -> Callable[..., object]:
+    """The cheapest callable with ``caller``'s firstresult semantics, for keyword calls
+    that pass exactly the hookspec's arguments.
+
+    With a single implementation that takes exactly those arguments, that is the
+    implementation itself: its answer is the first result, ``None`` included. Otherwise
+    a ``FirstResultCaller``. Raises ``ValueError`` when a wrapper needs pluggy's own path.
+    """
+    general = FirstResultCaller(caller)
+    impls = caller.get_hookimpls()
+    spec_args = set(caller.spec.argnames) if caller.spec is not None else None
+    if len(impls) == 1 and set(impls[0].argnames) == spec_args:
+        return impls[0].function
+    return general
+
+
 class PipelineHooks:
     """``identify``, ``map_profile`` and ``map_event`` as direct callers; falls back to
     pluggy's own call path when a plugin wraps one of them."""
+
+    identify: Callable[..., object]
+    map_profile: Callable[..., object]
+    map_event: Callable[..., object]
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         for name in ("identify", "map_profile", "map_event"):
             caller = getattr(pm.hook, name)
             try:
-                setattr(self, name, FirstResultCaller(caller))
+                setattr(self, name, first_result_caller(caller))
             except ValueError:
                 setattr(self, name, caller)
