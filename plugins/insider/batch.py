@@ -26,7 +26,7 @@ ReplaceRule = Callable[[bool, str], bool]
 """``(custom, target) -> True`` when that array attribute replaces Insider's values."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CustomerPart:
     """Everything one batch holds for one customer."""
 
@@ -78,6 +78,13 @@ class CustomerPart:
 
     def users(self, replace: ReplaceRule) -> list[dict[str, Any]]:
         """This customer's upsert user objects: none, one, or two (see module doc)."""
+        if not self.attributes and not self.custom:
+            # Events only, the common case: what the general path below builds for it.
+            return (
+                [{"identifiers": self.identifiers, "events": list(self.events)}]
+                if self.events
+                else []
+            )
         main: dict[str, Any] = {}
         main_custom: dict[str, Any] = {}
         replaced: dict[str, Any] = {}
@@ -139,12 +146,12 @@ def customer_parts(
     """
     parts: dict[str, CustomerPart] = {}
     for delivery in deliveries:
+        identifiers = dict(delivery.identifiers)
         part = parts.get(delivery.customer.id)
         if part is None:
-            part = parts[delivery.customer.id] = CustomerPart(
-                delivery.customer.id, dict(delivery.identifiers)
-            )
-        part.identifiers = dict(delivery.identifiers)
+            part = parts[delivery.customer.id] = CustomerPart(delivery.customer.id, identifiers)
+        else:
+            part.identifiers = identifiers
         part.add(delivery, cleared(delivery), replace)
     return list(parts.values())
 

@@ -1,4 +1,4 @@
-"""Insider upsert responses turned into per-item outcomes or engine errors.
+"""Insider upsert and attribute-delete answers turned into per-user errors or engine errors.
 
 Insider answers 200 for every request it validated, with per-user failures listed in
 ``data.fail.errors`` under keys ``users.<N>.<path>.<rule>`` (§5.1-5.2 of
@@ -10,7 +10,7 @@ Insider will never accept.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from engine.errors import AuthError, PayloadTooLargeError, PermanentError, RetryableError
-from engine.records import HttpResponse, ItemOutcome, SendResult
+from engine.records import HttpResponse
 
 # Insider's 400 for an oversize body reads "request body is bigger than maximum allowed
 # size 5,000,000 bytes" (reference §5.3); a 413 from the edge means the same.
@@ -31,23 +31,23 @@ MAX_MESSAGE_CHARS = 200
 REDACTED = "[redacted]"
 
 
-def upsert_outcome(
+def user_errors(
     response: HttpResponse,
-    item_ids: Sequence[Sequence[int]],
+    users: int,
     secrets: Collection[str] = (),
     now: datetime | None = None,
-) -> SendResult:
-    """The outcome of one upsert whose user ``n`` carried the items ``item_ids[n]``.
+) -> dict[int, str]:
+    """The error message of each refused user (by index, below ``users``) of an upsert
+    or attribute-delete answer; users not in the result were accepted.
 
-    A 2xx yields an outcome for every item: failed for the items of users named in
-    ``data.fail.errors``, delivered otherwise (also when the body is not the documented
-    shape, since 200 means Insider accepted the request). Any other status raises
-    ``AuthError``, ``RetryableError`` or ``PermanentError``. No message contains any of
-    ``secrets``.
+    A 2xx fails the users named in ``data.fail.errors`` (and none when the body is not the
+    documented shape, since 200 means Insider accepted the request). Any other status
+    raises ``AuthError``, ``RetryableError`` or ``PermanentError``. No message contains
+    any of ``secrets``.
     """
     status = response.status
     if 200 <= status < 300:
-        return _per_user_outcomes(response.body, item_ids, secrets)
+        return _per_user_errors(response.body, users, secrets)
     detail = _body_message(response.body, secrets)
     if status in (401, 403):
         raise AuthError(f"Insider refused the credentials (HTTP {status}): {detail}")
@@ -66,28 +66,20 @@ def upsert_outcome(
     raise PermanentError(f"Insider answered HTTP {status}: {detail}")
 
 
-def _per_user_outcomes(
-    body: bytes, item_ids: Sequence[Sequence[int]], secrets: Collection[str]
-) -> SendResult:
+def _per_user_errors(body: bytes, users: int, secrets: Collection[str]) -> dict[int, str]:
     errors_by_user: dict[int, list[str]] = {}
     for key, messages in _fail_errors(body).items():
         match = USER_ERROR_KEY.match(key)
         if match is None:
             continue
         user = int(match.group(1))
-        if user < len(item_ids):
+        if user < users:
             errors_by_user.setdefault(user, []).append(f"{key}: {_join_messages(messages)}")
-    outcomes: dict[int, ItemOutcome] = {}
-    for user, items in enumerate(item_ids):
-        errors = errors_by_user.get(user)
-        outcome = (
-            ItemOutcome(delivered=False, error=_redact(" | ".join(errors), secrets))
-            if errors
-            else ItemOutcome(delivered=True)
-        )
-        for item in items:
-            outcomes[item] = outcome
-    return SendResult(outcomes=outcomes)
+    # In user order: a customer's two user objects report their errors in that order.
+    return {
+        user: _redact(" | ".join(errors), secrets)
+        for user, errors in sorted(errors_by_user.items())
+    }
 
 
 def _fail_errors(body: bytes) -> Mapping[str, Any]:

@@ -38,7 +38,7 @@ from plugins.insider.batch import (
 )
 from plugins.insider.payloads import IdentityChange, cleared_attributes, identity_change
 from plugins.insider.plans import plan_for
-from plugins.insider.responses import upsert_outcome
+from plugins.insider.responses import user_errors
 from plugins.insider.settings import ARRAY_REPLACE, InsiderSettings
 
 log = structlog.get_logger("tidegate.insider")
@@ -49,6 +49,8 @@ IDENTITY_PATH = "/api/user/v1/identity"
 PARTNER_HEADER = "X-PARTNER-NAME"
 TOKEN_HEADER = "X-REQUEST-TOKEN"
 BACKFILL_TAG = "backfill"
+DELIVERED = ItemOutcome(delivered=True)
+"""Shared by every delivered item of a send (it is immutable)."""
 NOTHING_TO_MOVE = "identifier values are the same"
 """Insider's 400 when the identifier already has its new value (§5.3)."""
 
@@ -93,10 +95,7 @@ class InsiderClient:
     def user_errors(self, response: HttpResponse, users: int) -> dict[int, str]:
         """Errors per user index of an upsert or attribute-delete answer; raises for a
         request-level failure."""
-        result = upsert_outcome(
-            response, [[index] for index in range(users)], secrets=(self.connection.api_key,)
-        )
-        return {i: o.error for i, o in result.outcomes.items() if not o.delivered}
+        return user_errors(response, users, secrets=(self.connection.api_key,))
 
     async def move_identity(self, customer_id: str, move: IdentityChange) -> str:
         """Moves an identifier; returns an error message for this customer, or ''."""
@@ -155,7 +154,7 @@ async def send_batch(
         outcomes={
             d.item_id: ItemOutcome(delivered=False, error=failed[d.customer.id])
             if d.customer.id in failed
-            else ItemOutcome(delivered=True)
+            else DELIVERED
             for d in deliveries
         }
     )
