@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import uuid
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -64,17 +65,29 @@ REQUEST_COLUMNS = ", ".join(
 )
 
 
-def where_clause(
+def time_bounds(
     query: LogQuery, after: tuple[datetime, str] | None
-) -> tuple[str, builtins.list[Any]]:
-    """SQL conditions on ``log_requests r`` equivalent to ``query.matches``."""
+) -> builtins.list[tuple[str, datetime]]:
+    """(operator, time) pairs every matching row's time satisfies: they let zone maps prune."""
     bounds: builtins.list[tuple[str, datetime]] = []
     if query.start_time is not None:
         bounds.append((">=", query.start_time))
     if query.end_time is not None:
         bounds.append(("<", query.end_time))
     if after is not None:
-        bounds.append(("<=", after[0]))  # lets zone maps prune; the tuple test below decides
+        bounds.append(("<=", after[0]))  # the (time, id) tuple test decides
+    return bounds
+
+
+def where_clause(
+    query: LogQuery, after: tuple[datetime, str] | None
+) -> tuple[str, builtins.list[Any]]:
+    """SQL conditions on ``log_requests r`` equivalent to ``query.matches``.
+
+    A customer filter here is a subquery that scans ``log_customers``; ``LogStore`` uses
+    it only together with an identifier, whose id window makes that scan small. Other
+    customer searches go through the customer index (``customer_times``)."""
+    bounds = time_bounds(query, after)
     conds: builtins.list[str] = []
     params: builtins.list[Any] = []
     if query.identifier:
@@ -129,10 +142,7 @@ def page_customers(
         " QUALIFY rank <= ? ORDER BY request_id, rank",
         [customer_id, *times, [rec[1] for rec in recs], LIST_CUSTOMERS],
     ).fetchall()
-    customers: dict[str, builtins.list[LogCustomer]] = {}
-    for request_id, *fields, _rank in found:
-        customers.setdefault(request_id, []).append(LogCustomer(*fields))
-    return {request_id: tuple(carried) for request_id, carried in customers.items()}
+    return _grouped(found)
 
 
 def listed(row: LogRow, customer_id: str) -> LogRow:
@@ -242,3 +252,315 @@ def decode_token(token: str) -> tuple[datetime, str]:
         raise InvalidInputError(
             "page_token", "is not a next_page_token from a previous ListLogs response"
         ) from exc
+
+
+# --- the customer index -------------------------------------------------------------------
+#
+# ``log_customers`` is in time order, so a search by customer ID would scan all of it.
+# The index maps ``hash(customer_id)`` to the row's time, in sorted runs: each run is a
+# table of (customer_hash, time) rows inserted ORDER BY customer_hash, so the zone maps
+# of its row groups cover narrow hash ranges and a lookup reads one row group per run.
+# ``log_index_state.sealed_rows`` is the watermark: every ``log_customers`` row whose
+# rowid is below it is in exactly one run, and the rows at or above it (the unsealed
+# tail, small) are scanned. Rowids are the insertion order, not the time order, so rows
+# that arrive late (a restart writing the log outbox) are indexed like any other. That
+# holds because ``log_customers`` is append-only and only the store's writer appends.
+#
+# The hash only narrows the search: a colliding customer's times are candidates too, and
+# a request counts only once its ``log_customers`` rows show the customer (the rows the
+# list shows anyway).
+
+INDEX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log_index_state (
+    sealed_rows BIGINT NOT NULL, hash_probe UBIGINT NOT NULL, next_run BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS log_index_runs (run BIGINT NOT NULL, entries BIGINT NOT NULL);
+"""
+# Another DuckDB version may hash differently; a changed probe value means rebuild.
+HASH_PROBE = "hash('tidegate customer index probe')"
+RUN_PREFIX = "log_cidx_"
+RUN_COLUMNS = "customer_hash UBIGINT NOT NULL, time TIMESTAMPTZ NOT NULL"
+# Up to this many rows are fetched by one point query each (``time = ?``): that decodes
+# one vector's strings. An IN list prunes row groups but then decodes every row in them,
+# which pays off only for many rows.
+POINT_QUERIES_MAX = 64
+LAST_SEALED_EXISTS = "SELECT count(*) FROM log_customers WHERE rowid = ?"
+
+
+class IndexInterrupted(Exception):
+    """The store is closing; the run being written is rolled back."""
+
+
+@dataclass(frozen=True)
+class IndexState:
+    sealed: int  # log_customers rows with a rowid below this are in the runs
+    runs: tuple[tuple[int, int], ...]  # (run number, entries), oldest first
+    next_run: int
+
+
+def run_table(run: int) -> str:
+    return f"{RUN_PREFIX}{run}"
+
+
+def open_index(conn: duckdb.DuckDBPyConnection) -> str:
+    """Creates the index tables, or checks them. An index this DuckDB cannot trust (its
+    hash function differs, or runs are missing) is dropped and built again from scratch.
+    Returns why it was dropped, or ""."""
+    conn.execute(INDEX_SCHEMA)
+    conn.begin()
+    try:
+        (probe,) = _one(conn, f"SELECT {HASH_PROBE}")
+        state = conn.execute("SELECT sealed_rows, hash_probe, next_run FROM log_index_state")
+        row = state.fetchone()
+        runs = {r for (r,) in conn.execute("SELECT run FROM log_index_runs").fetchall()}
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+                " AND schema_name = current_schema() AND starts_with(table_name, ?)",
+                [RUN_PREFIX],
+            ).fetchall()
+        }
+        reason = ""
+        if row is None:
+            reason = "new" if not runs else "no state"
+        elif row[1] != probe:
+            reason = "hash function changed"
+        elif not {run_table(r) for r in runs} <= tables:
+            reason = "runs missing"
+        elif row[0] and not _one(conn, LAST_SEALED_EXISTS, [row[0] - 1])[0]:
+            reason = "log_customers has fewer rows than were indexed"
+        keep = set() if reason else {run_table(r) for r in runs}
+        for name in sorted(tables - keep):
+            conn.execute(f"DROP TABLE {name}")
+        if reason:
+            next_run = row[2] if row is not None else 1
+            conn.execute("DELETE FROM log_index_runs")
+            conn.execute("DELETE FROM log_index_state")
+            conn.execute("INSERT INTO log_index_state VALUES (0, ?, ?)", [probe, next_run])
+        conn.commit()
+    except BaseException:
+        _rollback(conn)
+        raise
+    return "" if reason == "new" else reason
+
+
+def read_index(cur: duckdb.DuckDBPyConnection) -> IndexState:
+    sealed, next_run = _one(cur, "SELECT sealed_rows, next_run FROM log_index_state")
+    runs = cur.execute("SELECT run, entries FROM log_index_runs ORDER BY run").fetchall()
+    return IndexState(sealed, tuple((run, entries) for run, entries in runs), next_run)
+
+
+def unsealed_rows(cur: duckdb.DuckDBPyConnection, state: IndexState) -> tuple[int, int]:
+    """(rows in the unsealed tail, the rowid after the last row)."""
+    (last,) = _one(cur, "SELECT max(rowid) FROM log_customers WHERE rowid >= ?", [state.sealed])
+    end = state.sealed if last is None else last + 1
+    return end - state.sealed, end
+
+
+def seal_tail(
+    conn: duckdb.DuckDBPyConnection,
+    min_rows: int,
+    pass_rows: int,
+    stop: Callable[[], bool],
+    progress: Callable[[int, int], None],
+) -> int:
+    """Writes the unsealed tail as a new run if it has at least ``min_rows`` (and one) rows,
+    in one transaction. Returns the number of rows sealed."""
+    conn.begin()
+    try:
+        state = read_index(conn)
+        rows, end = unsealed_rows(conn, state)
+        if rows == 0 or rows < min_rows:
+            conn.rollback()
+            return 0
+        source = (
+            "SELECT hash(customer_id) AS customer_hash, time FROM log_customers"
+            f" WHERE rowid >= {state.sealed:d} AND rowid < {end:d}"
+        )
+        write_run(conn, run_table(state.next_run), source, rows, pass_rows, stop, progress)
+        conn.execute("INSERT INTO log_index_runs VALUES (?, ?)", [state.next_run, rows])
+        conn.execute("UPDATE log_index_state SET sealed_rows = ?, next_run = next_run + 1", [end])
+        conn.commit()
+        return rows
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def run_level(entries: int, seal_rows: int, fanout: int) -> int:
+    """0 for runs below ``seal_rows * fanout`` entries, then one more per factor ``fanout``."""
+    level, bound = 0, seal_rows * fanout
+    while entries >= bound:
+        level, bound = level + 1, bound * fanout
+    return level
+
+
+def merge_candidates(state: IndexState, seal_rows: int, fanout: int) -> builtins.list[int]:
+    """The ``fanout`` oldest runs of the lowest level that has that many, or []."""
+    levels: dict[int, builtins.list[int]] = {}
+    for run, entries in state.runs:
+        levels.setdefault(run_level(entries, seal_rows, fanout), []).append(run)
+    for level in sorted(levels):
+        if len(levels[level]) >= fanout:
+            return levels[level][:fanout]
+    return []
+
+
+def merge_runs(
+    conn: duckdb.DuckDBPyConnection,
+    seal_rows: int,
+    fanout: int,
+    pass_rows: int,
+    stop: Callable[[], bool],
+    progress: Callable[[int, int], None],
+) -> tuple[int, int]:
+    """Merges one group of runs (see ``merge_candidates``) into a new run, in one
+    transaction: readers see either the old runs or the new one. Returns (runs merged,
+    entries), (0, 0) when no level is full."""
+    conn.begin()
+    try:
+        state = read_index(conn)
+        group = merge_candidates(state, seal_rows, fanout)
+        if not group:
+            conn.rollback()
+            return 0, 0
+        entries = sum(e for run, e in state.runs if run in group)
+        source = " UNION ALL ".join(f"SELECT * FROM {run_table(run)}" for run in group)
+        write_run(conn, run_table(state.next_run), source, entries, pass_rows, stop, progress)
+        listed_runs = ", ".join(f"{run:d}" for run in group)
+        conn.execute(f"DELETE FROM log_index_runs WHERE run IN ({listed_runs})")
+        conn.execute("INSERT INTO log_index_runs VALUES (?, ?)", [state.next_run, entries])
+        for run in group:
+            conn.execute(f"DROP TABLE {run_table(run)}")
+        conn.execute("UPDATE log_index_state SET next_run = next_run + 1")
+        conn.commit()
+        return len(group), entries
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def write_run(
+    conn: duckdb.DuckDBPyConnection,
+    table: str,
+    source: str,
+    rows: int,
+    pass_rows: int,
+    stop: Callable[[], bool],
+    progress: Callable[[int, int], None],
+) -> None:
+    """Creates ``table`` from ``source`` (customer_hash, time) sorted by hash. Each pass
+    sorts one slice of the hash range, so at most about ``pass_rows`` rows are sorted at
+    once; the slices are inserted in hash order, so the table is sorted as a whole."""
+    conn.execute(f"CREATE TABLE {table} ({RUN_COLUMNS})")
+    passes = max(1, -(-rows // max(pass_rows, 1)))
+    step = 2**64 // passes
+    progress(0, passes)
+    for i in range(passes):
+        if stop():
+            raise IndexInterrupted
+        where = ""
+        if passes > 1:
+            low, high = i * step, 2**64 - 1 if i == passes - 1 else (i + 1) * step - 1
+            where = f" WHERE customer_hash BETWEEN {low:d}::UBIGINT AND {high:d}::UBIGINT"
+        conn.execute(
+            f"INSERT INTO {table} SELECT customer_hash, time FROM ({source}){where}"
+            " ORDER BY customer_hash, time"
+        )
+        progress(i + 1, passes)
+
+
+def customer_times(
+    cur: duckdb.DuckDBPyConnection,
+    state: IndexState,
+    customer_id: str,
+    bounds: builtins.list[tuple[str, datetime]],
+    before: int | None,
+    limit: int,
+) -> builtins.list[int]:
+    """Up to ``limit`` distinct times (epoch microseconds), newest first and before
+    ``before`` when given, at which a request may carry the customer: every such request
+    has one of these times. Run it in the transaction that read ``state``."""
+    branches = [
+        f"SELECT time FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
+        for run, _ in state.runs
+    ]
+    params: builtins.list[Any] = [customer_id] * len(branches)
+    branches.append("SELECT time FROM log_customers WHERE rowid >= ? AND customer_id = ?")
+    params += [state.sealed, customer_id]
+    conds = [f"time {op} ?" for op, _ in bounds]
+    params += [value for _, value in bounds]
+    if before is not None:
+        conds.append("time < ?")
+        params.append(from_micros(before))
+    found = cur.execute(
+        f"SELECT DISTINCT epoch_us(time) AS t FROM ({' UNION ALL '.join(branches)})"
+        f" WHERE {' AND '.join(conds) or 'TRUE'} ORDER BY t DESC LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    return [t for (t,) in found]
+
+
+def requests_at(
+    cur: duckdb.DuckDBPyConnection,
+    times: builtins.list[int],
+    where: str,
+    params: builtins.list[Any],
+) -> builtins.list[tuple[Any, ...]]:
+    """The ``log_requests`` records at these times (epoch microseconds) that satisfy
+    ``where``, newest first."""
+    if not times:
+        return []
+    at = [from_micros(t) for t in times]
+    if len(times) <= POINT_QUERIES_MAX:
+        branch = f"(SELECT {REQUEST_COLUMNS} FROM log_requests r WHERE r.time = ? AND {where})"
+        sql = " UNION ALL ".join([branch] * len(times)) + " ORDER BY 1 DESC, 2 DESC"
+        return cur.execute(sql, [v for t in at for v in (t, *params)]).fetchall()
+    return cur.execute(
+        f"SELECT {REQUEST_COLUMNS} FROM log_requests r"
+        f" WHERE r.time IN ({', '.join('?' * len(at))}) AND {where}"
+        " ORDER BY r.time DESC, r.id DESC",
+        [*at, *params],
+    ).fetchall()
+
+
+def point_customers(
+    cur: duckdb.DuckDBPyConnection, recs: builtins.list[tuple[Any, ...]], customer_id: str
+) -> dict[str, tuple[LogCustomer, ...]]:
+    """``page_customers`` for a few scattered requests: one point query per request."""
+    if len(recs) > POINT_QUERIES_MAX:
+        return page_customers(cur, recs, customer_id)
+    if not recs:
+        return {}
+    branch = (
+        "(SELECT request_id, customer_id, name, outcome, error, position FROM log_customers"
+        " WHERE time = ? AND request_id = ?)"
+    )
+    found = cur.execute(
+        "SELECT request_id, customer_id, name, outcome, error, row_number() OVER"
+        " (PARTITION BY request_id ORDER BY customer_id = ? DESC, position) AS rank"
+        f" FROM ({' UNION ALL '.join([branch] * len(recs))})"
+        " QUALIFY rank <= ? ORDER BY request_id, rank",
+        [customer_id, *(v for rec in recs for v in (from_micros(rec[0]), rec[1])), LIST_CUSTOMERS],
+    ).fetchall()
+    return _grouped(found)
+
+
+def _grouped(found: builtins.list[tuple[Any, ...]]) -> dict[str, tuple[LogCustomer, ...]]:
+    customers: dict[str, builtins.list[LogCustomer]] = {}
+    for request_id, *fields, _rank in found:
+        customers.setdefault(request_id, []).append(LogCustomer(*fields))
+    return {request_id: tuple(carried) for request_id, carried in customers.items()}
+
+
+def _one(
+    cur: duckdb.DuckDBPyConnection, sql: str, params: builtins.list[Any] | None = None
+) -> tuple[Any, ...]:
+    row = cur.execute(sql, params or []).fetchone()
+    assert row is not None, sql
+    return row
+
+
+def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
+    with contextlib.suppress(duckdb.Error):  # keep the original error, not the rollback's
+        conn.rollback()

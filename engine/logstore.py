@@ -29,6 +29,7 @@ import threading
 import time as monotime
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -42,15 +43,24 @@ from engine.logrows import LogCustomer, LogQuery, LogRow, from_micros, new_reque
 from engine.logsql import (
     REQUEST_COLUMNS,
     SCHEMA,
+    IndexInterrupted,
     arrow_tables,
     check_query,
     check_row,
+    customer_times,
     decode_token,
     encode_token,
     id_window,
     listed,
+    merge_runs,
+    open_index,
     page_customers,
+    point_customers,
+    read_index,
+    requests_at,
     row_from_record,
+    seal_tail,
+    time_bounds,
     where_clause,
 )
 
@@ -63,6 +73,14 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
 WRITE_RETRY_MAX_DELAY = 5.0
+# The customer index: a run is sealed once this many log_customers rows are unsealed (one
+# row group: the tail every customer search scans stays about that small) ...
+INDEX_SEAL_ROWS = 122_880
+INDEX_FANOUT = 4  # ... and this many runs of one level are merged into one of the next
+INDEX_PASS_ROWS = 4_000_000  # rows sorted at once while writing a run (bounds its memory)
+INDEX_LOG_ROWS = 1_000_000  # runs at least this large are logged at info level
+PROGRESS_INTERVAL = 5.0  # seconds between progress lines while a large run is written
+CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
 
 
 class LogSubscription:
@@ -138,6 +156,9 @@ class LogStore:
         flush_rows: int = 5_000,
         max_buffer: int = 200_000,
         on_committed: Callable[[builtins.list[str]], None] | None = None,
+        index_seal_rows: int = INDEX_SEAL_ROWS,
+        index_fanout: int = INDEX_FANOUT,
+        index_pass_rows: int = INDEX_PASS_ROWS,
     ) -> None:
         self._path = path
         # Called on the event loop with the ids of every batch DuckDB committed.
@@ -161,12 +182,30 @@ class LogStore:
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._read_root: duckdb.DuckDBPyConnection | None = None
         self._thread: threading.Thread | None = None
+        # The indexer thread seals and merges customer index runs on its own connection,
+        # so a long sort never holds up the writer. _index_cond guards the fields below it.
+        self._index_seal_rows = max(index_seal_rows, 1)
+        self._index_fanout = max(index_fanout, 2)
+        self._index_pass_rows = max(index_pass_rows, 1)
+        self._index_conn: duckdb.DuckDBPyConnection | None = None
+        self._index_thread: threading.Thread | None = None
+        self._index_cond = threading.Condition()
+        self._index_new_rows = 0  # log_customers rows committed since the indexer last looked
+        self._index_waiters: builtins.list[asyncio.Future[None]] = []
+        self._index_stop = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._conn, self._read_root = await asyncio.to_thread(self._open)
+        self._conn, self._read_root, self._index_conn = await asyncio.to_thread(self._open)
         self._thread = threading.Thread(target=self._run, name="tidegate-logstore", daemon=True)
         self._thread.start()
+        # The tail may hold rows written before there was an index, or before the last
+        # close: the indexer looks at once.
+        self._index_new_rows = self._index_seal_rows
+        self._index_thread = threading.Thread(
+            target=self._index_run, name="tidegate-logindex", daemon=True
+        )
+        self._index_thread.start()
 
     async def append(self, row: LogRow) -> None:
         """Buffers ``row``; waits only while ``max_buffer`` rows are not yet committed."""
@@ -208,6 +247,20 @@ class LogStore:
         after = decode_token(page_token) if page_token else None
         return await self._read(self._list, query, size, after)
 
+    async def indexed(self) -> None:
+        """Returns once every row appended before the call is in the customer index's
+        sealed runs, with merges done (customer searches are exact at any time; this is
+        for benchmarks and tests that want the index complete)."""
+        await self.flush()
+        with self._index_cond:
+            if self._index_thread is None or self._index_stop:
+                raise TidegateError("log store is not running")
+            assert self._loop is not None
+            done = self._loop.create_future()
+            self._index_waiters.append(done)
+            self._index_cond.notify()
+        await done
+
     async def get(self, request_id: str) -> LogRow | None:
         """The row with bodies and every customer, or None."""
         return await self._read(self._get, request_id)
@@ -240,14 +293,29 @@ class LogStore:
             self._closing = True
             self._cond.notify()
         self._room.set()  # appenders waiting for room see the store is closing
+        # An unfinished run is rolled back; the next start seals those rows again.
+        with self._index_cond:
+            self._index_stop = True
+            self._index_cond.notify()
+        if self._index_conn is not None:
+            self._index_conn.interrupt()
         await asyncio.to_thread(thread.join)
         self._thread = None
+        if self._index_thread is not None:
+            await asyncio.to_thread(self._index_thread.join)
+            self._index_thread = None
+        with self._index_cond:
+            waiters, self._index_waiters = self._index_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(TidegateError("log store closed"))
         with self._cond:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:
             subscription._end()
         read_root, conn, self._read_root, self._conn = self._read_root, self._conn, None, None
-        for connection in (read_root, conn):
+        index_conn, self._index_conn = self._index_conn, None
+        for connection in (read_root, index_conn, conn):
             if connection is not None:
                 await asyncio.to_thread(connection.close)
 
@@ -257,14 +325,23 @@ class LogStore:
 
     # --- writer thread -------------------------------------------------------------------
 
-    def _open(self) -> tuple[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection]:
+    def _open(
+        self,
+    ) -> tuple[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection]:
         try:
             conn = duckdb.connect(str(self._path))
         except duckdb.IOException as exc:  # most often: another process holds the file
             raise TidegateError(f"cannot open the log database {self._path}: {exc}") from exc
-        conn.execute(SCHEMA)
+        try:
+            conn.execute(SCHEMA)
+            dropped = open_index(conn)
+        except BaseException:
+            conn.close()
+            raise
+        if dropped:
+            log.warning("log_customer_index_dropped", reason=dropped)
         # A separate root for reader cursors, so creating one never waits on the writer.
-        return conn, conn.cursor()
+        return conn, conn.cursor(), conn.cursor()
 
     def _run(self) -> None:
         while True:
@@ -279,6 +356,7 @@ class LogStore:
                 self._flush_waiters = [(s, f) for s, f in self._flush_waiters if s > last_seq]
                 subscribers = builtins.list(self._subscribers)
             if stored:
+                self._index_notify(sum(len(row.customers) for row in batch))
                 self._publish(batch, subscribers)
                 if self._on_committed is not None:
                     self._call_soon(self._on_committed, [row.id for row in batch])
@@ -364,6 +442,75 @@ class LogStore:
             if not future.done():
                 future.set_result(None)
 
+    # --- indexer thread --------------------------------------------------------------------
+
+    def _index_notify(self, customer_rows: int) -> None:
+        with self._index_cond:
+            self._index_new_rows += customer_rows
+            if self._index_new_rows >= self._index_seal_rows:
+                self._index_cond.notify()
+
+    def _index_run(self) -> None:
+        delay = 0.1
+        while True:
+            with self._index_cond:
+                while not self._index_stop and not self._index_waiters:
+                    if self._index_new_rows >= self._index_seal_rows:
+                        break
+                    self._index_cond.wait()
+                if self._index_stop:
+                    return
+                waiters, self._index_waiters = self._index_waiters, []
+                self._index_new_rows = 0
+            try:
+                self._index_work(force=bool(waiters))
+            except (IndexInterrupted, duckdb.Error) as exc:
+                with self._index_cond:
+                    self._index_waiters[:0] = waiters  # close() fails them if it stops us
+                    if self._index_stop:
+                        return
+                    log.error("log_customer_index_failed", error=str(exc))
+                    self._index_new_rows = self._index_seal_rows  # try again
+                    self._index_cond.wait(delay)
+                delay = min(delay * 2, WRITE_RETRY_MAX_DELAY)
+                continue
+            delay = 0.1
+            for waiter in waiters:
+                self._call_soon(_resolve, waiter)
+
+    def _index_stopping(self) -> bool:
+        return self._index_stop
+
+    def _index_work(self, *, force: bool) -> None:
+        """Seals the tail (any size if ``force``), then merges until no level is full."""
+        conn = self._index_conn
+        assert conn is not None
+        started = monotime.monotonic()
+        progress = _Progress("log_customer_index_sealing")
+        rows = seal_tail(
+            conn,
+            1 if force else self._index_seal_rows,
+            self._index_pass_rows,
+            self._index_stopping,
+            progress,
+        )
+        if rows:
+            progress.done(rows, started)
+        while True:
+            started = monotime.monotonic()
+            progress = _Progress("log_customer_index_merging")
+            runs, entries = merge_runs(
+                conn,
+                self._index_seal_rows,
+                self._index_fanout,
+                self._index_pass_rows,
+                self._index_stopping,
+                progress,
+            )
+            if not runs:
+                return
+            progress.done(entries, started, merged_runs=runs)
+
     # --- readers (worker threads, own cursors) -------------------------------------------
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -387,6 +534,8 @@ class LogStore:
         size: int,
         after: tuple[datetime, str] | None,
     ) -> tuple[builtins.list[LogRow], str]:
+        if query.customer_id and not query.identifier:
+            return self._list_by_customer(cur, query, size, after)
         where, params = where_clause(query, after)
         recs = cur.execute(
             f"SELECT {REQUEST_COLUMNS} FROM log_requests r WHERE {where}"
@@ -397,6 +546,45 @@ class LogStore:
         customers = page_customers(cur, recs, query.customer_id)
         rows = [row_from_record(rec, customers.get(rec[1], ())) for rec in recs]
         return rows, encode_token(recs[-1][0], recs[-1][1]) if more else ""
+
+    def _list_by_customer(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        query: LogQuery,
+        size: int,
+        after: tuple[datetime, str] | None,
+    ) -> tuple[builtins.list[LogRow], str]:
+        """``_list`` for a customer search, through the customer index: the index gives the
+        candidate times newest first, a chunk at a time; the requests at those times that
+        pass the other filters are fetched, and kept if their customers include this one."""
+        customer_id = query.customer_id
+        where, params = where_clause(replace(query, customer_id=""), after)
+        bounds = time_bounds(query, after)
+        found: builtins.list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
+        cur.begin()  # one snapshot: the watermark, the runs and the tail agree
+        try:
+            state = read_index(cur)
+            before: int | None = None
+            chunk = size + 1
+            while len(found) <= size:
+                times = customer_times(cur, state, customer_id, bounds, before, chunk)
+                recs = requests_at(cur, times, where, params)
+                while recs and len(found) <= size:
+                    batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
+                    customers = point_customers(cur, batch, customer_id)
+                    for rec in batch:
+                        carried = customers.get(rec[1], ())
+                        if carried and carried[0].customer_id == customer_id:
+                            found.append((rec, carried))
+                if len(times) < chunk:
+                    break
+                before, chunk = times[-1], min(chunk * 4, CANDIDATES_MAX)
+        finally:
+            with contextlib.suppress(duckdb.Error):  # read only: nothing to commit
+                cur.rollback()
+        more, found = len(found) > size, found[:size]
+        rows = [row_from_record(rec, carried) for rec, carried in found]
+        return rows, encode_token(found[-1][0][0], found[-1][0][1]) if more else ""
 
     def _get(self, cur: duckdb.DuckDBPyConnection, request_id: str) -> LogRow | None:
         window = id_window(request_id)
@@ -419,3 +607,33 @@ class LogStore:
             at,
         ).fetchall()
         return row_from_record(rec, tuple(LogCustomer(*c) for c in customers), bodies or ("", ""))
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Progress:
+    """Logs a run written in several passes (a large one) when it starts, every
+    ``PROGRESS_INTERVAL`` seconds and at the end."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.large = False
+        self.logged = 0.0
+
+    def __call__(self, done: int, passes: int) -> None:
+        now = monotime.monotonic()
+        if passes > 1 and (done in (0, passes) or now - self.logged >= PROGRESS_INTERVAL):
+            self.large, self.logged = True, now
+            log.info(self.event, passes_done=done, passes=passes)
+
+    def done(self, rows: int, started: float, **fields: Any) -> None:
+        large = self.large or rows >= INDEX_LOG_ROWS
+        (log.info if large else log.debug)(
+            "log_customer_index_run_written",
+            rows=rows,
+            seconds=round(monotime.monotonic() - started, 2),
+            **fields,
+        )

@@ -1,0 +1,343 @@
+"""The customer index of the outbound log: customer searches must return exactly what a
+brute-force filter over every appended row returns, whatever state the index is in
+(unsealed tail, many runs, runs being merged, rebuilt after a restart or a DuckDB change).
+
+The stores here use tiny runs (a few rows each, sorted in several passes) so that a few
+hundred rows go through every stage."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time as clock
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+import structlog
+
+from engine.logsql import SCHEMA, arrow_tables
+from engine.logstore import LogCustomer, LogQuery, LogRow, LogStore, new_request_id
+
+BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+POOL = [f"customer-{n:06d}" for n in range(12)]  # a shared prefix, as real ids have
+STATUSES = (200, 200, 200, 429, 500, 0)
+SMALL_INDEX: dict[str, Any] = {"index_seal_rows": 5, "index_fanout": 2, "index_pass_rows": 7}
+
+
+def random_row(rng: random.Random, seconds: float) -> LogRow:
+    at = BASE + timedelta(seconds=seconds)
+    status = rng.choice(STATUSES)
+    count = rng.choice((0, 1, 1, 2, 3, 4, 120))
+    ids = [rng.choice(POOL) for _ in range(count)] if count < 100 else list(POOL) * 10
+    customers = tuple(
+        LogCustomer(
+            cid, f"Name of {cid}", "failed" if i == 1 else "delivered", "bad email" * (i == 1)
+        )
+        for i, cid in enumerate(ids)
+    )
+    return LogRow(
+        id=new_request_id(at=at),
+        time=at,
+        connection_id=rng.choice(("conn-a", "conn-b")),
+        method="POST",
+        url="https://unification.useinsider.com/api/user/v1/upsert",
+        status_code=status,
+        response_time=0.1,
+        error="" if status == 200 else f"HTTP {status}",
+        customers=customers,
+        mapping_version=1,
+    )
+
+
+def rows_at(rng: random.Random, count: int, low: float, high: float) -> list[LogRow]:
+    """Rows at random times in [low, high) seconds after BASE, some sharing a time."""
+    rows = []
+    for _ in range(count):
+        seconds = round(rng.uniform(low, high), 1)  # 0.1 s steps: collisions happen
+        rows.append(random_row(rng, seconds))
+    return rows
+
+
+def carries(row: LogRow, customer_id: str) -> bool:
+    return any(c.customer_id == customer_id for c in row.customers)
+
+
+def shown(row: LogRow, customer_id: str) -> LogRow:
+    """A row as a customer search shows it: no bodies, that customer first, 100 at most."""
+    first = [c for c in row.customers if c.customer_id == customer_id]
+    rest = [c for c in row.customers if c.customer_id != customer_id]
+    return replace(row, request_body="", response_body="", customers=tuple(first + rest)[:100])
+
+
+QUERIES = [
+    {},
+    {"status_codes": (200,)},
+    {"status_codes": (0, 429)},
+    {"start_time": BASE + timedelta(seconds=30), "end_time": BASE + timedelta(seconds=70)},
+    {"errors_only": True},
+    {"connection_id": "conn-b"},
+    {"error_contains": "EMAIL"},
+]
+
+
+def brute_force(rows: list[LogRow], customer_id: str, extra: dict[str, Any]) -> list[LogRow]:
+    def keep(r: LogRow) -> bool:
+        start, end = extra.get("start_time"), extra.get("end_time")
+        return (
+            carries(r, customer_id)
+            and ("status_codes" not in extra or r.status_code in extra["status_codes"])
+            and (start is None or r.time >= start)
+            and (end is None or r.time < end)
+            and (not extra.get("errors_only") or r.error != "")
+            and ("connection_id" not in extra or r.connection_id == extra["connection_id"])
+            and (
+                "error_contains" not in extra
+                or any("email" in c.error for c in r.customers)
+                or "email" in r.error.lower()
+            )
+        )
+
+    found = sorted((r for r in rows if keep(r)), key=lambda r: (r.time, r.id), reverse=True)
+    return [shown(r, customer_id) for r in found]
+
+
+async def search(
+    store: LogStore, customer_id: str, extra: dict[str, Any], size: int
+) -> list[LogRow]:
+    """Every page of a customer search, followed by page token."""
+    found: list[LogRow] = []
+    token = ""
+    for _ in range(1000):
+        page, token = await store.list(LogQuery(customer_id=customer_id, **extra), size, token)
+        assert len(page) <= size
+        found += page
+        if not token:
+            return found
+    raise AssertionError("paging did not end")
+
+
+async def assert_exact(store: LogStore, rows: list[LogRow], sizes: tuple[int, ...] = (50,)) -> None:
+    for n, customer_id in enumerate([*POOL, "customer-00000", "nobody"]):
+        for extra in QUERIES[n % 3 :: 3]:  # each query with some of the customers
+            expected = brute_force(rows, customer_id, extra)
+            for size in sizes:
+                got = await search(store, customer_id, extra, size)
+                assert got == expected, (customer_id, extra, size)
+
+
+async def append_all(store: LogStore, rows: list[LogRow]) -> None:
+    for row in rows:
+        await store.append(row)
+    await store.flush()
+
+
+def index_layout(path: Path) -> tuple[int, int, int]:
+    """(runs, sealed rows, log_customers rows) of a closed log file, after checking that
+    the runs plus the unsealed tail hold exactly the (hash, time) of every customer row."""
+    with duckdb.connect(str(path)) as conn:
+        sealed, _probe, _next = conn.execute("SELECT * FROM log_index_state").fetchone() or ()
+        runs = [r for (r,) in conn.execute("SELECT run FROM log_index_runs").fetchall()]
+        union = " UNION ALL ".join(
+            [f"SELECT customer_hash, time FROM log_cidx_{r}" for r in runs]
+            + [f"SELECT hash(customer_id), time FROM log_customers WHERE rowid >= {sealed}"]
+        )
+        everything = "SELECT hash(customer_id), time FROM log_customers"
+        for a, b in ((union, everything), (everything, union)):
+            difference = f"SELECT * FROM ({a}) EXCEPT ALL SELECT * FROM ({b})"
+            (missing,) = conn.execute(f"SELECT count(*) FROM ({difference})").fetchone() or ()
+            assert missing == 0
+        (total,) = conn.execute("SELECT count(*) FROM log_customers").fetchone() or ()
+        return len(runs), sealed, total
+
+
+async def test_customer_search_is_exact_through_seals_merges_late_rows_and_restarts(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(11)
+    path = tmp_path / "log.duckdb"
+    rows: list[LogRow] = []
+    store = LogStore(path, flush_interval=0.01, **SMALL_INDEX)
+    await store.start()
+    try:
+        await assert_exact(store, rows)  # empty log
+        batch = rows_at(rng, 60, 0, 100)
+        await append_all(store, batch)
+        rows += batch
+        await assert_exact(store, rows, sizes=(1, 3, 50))  # whatever the indexer got to
+        await store.indexed()
+        await assert_exact(store, rows, sizes=(2, 50))
+        # Late rows: older than everything sealed so far.
+        batch = rows_at(rng, 25, -50, 10)
+        await append_all(store, batch)
+        rows += batch
+        await assert_exact(store, rows, sizes=(4, 1000))
+    finally:
+        await store.close()
+    runs, sealed, total = index_layout(path)
+    assert total == sum(len(r.customers) for r in rows)
+
+    # A restart: the unsealed tail and rows written now (late ones too) are searched.
+    store = LogStore(path, flush_interval=0.01, **SMALL_INDEX)
+    await store.start()
+    try:
+        batch = rows_at(rng, 30, -80, 120)
+        await append_all(store, batch)
+        rows += batch
+        await assert_exact(store, rows, sizes=(3, 50))
+        await store.indexed()
+        await assert_exact(store, rows, sizes=(50,))
+    finally:
+        await store.close()
+    runs, sealed, total = index_layout(path)
+    assert sealed == total  # indexed() sealed everything ...
+    assert 1 < runs < 12  # ... into runs that were merged (fanout 2: about log2 of the rows)
+
+
+async def test_search_is_exact_while_runs_are_being_merged(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    store = LogStore(tmp_path / "log.duckdb", flush_interval=0.01, **SMALL_INDEX)
+    await store.start()
+    rows: list[LogRow] = []
+    try:
+        for _ in range(6):  # many small runs, not merged yet: seal_rows is reached each time
+            batch = rows_at(rng, 8, 0, 100)
+            await append_all(store, batch)
+            rows += batch
+        writing = 0
+
+        def slow_passes() -> bool:  # the indexer calls this before each pass of a run
+            nonlocal writing
+            writing += 1
+            clock.sleep(0.005)
+            return False
+
+        store._index_stopping = slow_passes  # type: ignore[method-assign]
+        indexing = asyncio.create_task(store.indexed())
+        checked = 0
+        while not indexing.done():
+            customer_id = rng.choice(POOL)
+            extra = rng.choice(QUERIES)
+            expected = brute_force(rows, customer_id, extra)
+            assert await search(store, customer_id, extra, rng.choice((1, 5, 50))) == expected
+            checked += 1
+        await indexing
+        assert writing > 10 and checked > 5  # searches ran while runs were written
+    finally:
+        await store.close()
+
+
+async def test_a_log_written_before_the_index_existed_is_indexed_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "log.duckdb"
+    rows = rows_at(random.Random(3), 80, 0, 100)
+    with duckdb.connect(str(path)) as conn:  # as an older Tidegate left it: no index tables
+        conn.execute(SCHEMA)
+        for name, table in arrow_tables(rows).items():
+            conn.register("batch", table)
+            conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM batch")
+    store = LogStore(path, index_seal_rows=50, index_fanout=4, index_pass_rows=40)
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
+        try:
+            await assert_exact(store, rows)  # searched before or while it is built
+            await store.indexed()
+            await assert_exact(store, rows)
+        finally:
+            await store.close()
+    events = [e["event"] for e in logs]
+    assert "log_customer_index_sealing" in events  # progress, pass by pass
+    assert "log_customer_index_run_written" in events
+    runs, sealed, total = index_layout(path)
+    assert runs == 1 and sealed == total > 0
+
+
+async def test_an_index_from_a_different_hash_function_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "log.duckdb"
+    rows = rows_at(random.Random(8), 40, 0, 100)
+    store = LogStore(path, **SMALL_INDEX)
+    await store.start()
+    await append_all(store, rows)
+    await store.indexed()
+    await store.close()
+    with duckdb.connect(str(path)) as conn:  # another DuckDB version hashing differently
+        conn.execute("UPDATE log_index_state SET hash_probe = hash_probe + 1")
+        (run,) = conn.execute("SELECT min(run) FROM log_index_runs").fetchone() or ()
+        conn.execute(f"UPDATE log_cidx_{run} SET customer_hash = customer_hash + 1")
+
+    store = LogStore(path, **SMALL_INDEX)
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
+    try:
+        assert any(e["event"] == "log_customer_index_dropped" for e in logs)
+        await assert_exact(store, rows)
+        await store.indexed()
+        await assert_exact(store, rows)
+    finally:
+        await store.close()
+    index_layout(path)
+
+
+async def test_an_index_entry_pointing_at_the_wrong_request_is_not_a_match(tmp_path: Path) -> None:
+    """What a hash collision looks like: the index names a time at which no request
+    carries the customer. The search checks the request's customers."""
+    path = tmp_path / "log.duckdb"
+    carrying = replace(random_row(random.Random(1), 5), customers=(LogCustomer("customer-000001"),))
+    other = replace(random_row(random.Random(2), 9), customers=(LogCustomer("customer-000002"),))
+    store = LogStore(path, **SMALL_INDEX)
+    await store.start()
+    await append_all(store, [carrying, other])
+    await store.indexed()
+    await store.close()
+    with duckdb.connect(str(path)) as conn:
+        (run,) = conn.execute("SELECT max(run) FROM log_index_runs").fetchone() or ()
+        conn.execute(
+            f"INSERT INTO log_cidx_{run} VALUES (hash('customer-000001'), ?)", [other.time]
+        )
+
+    store = LogStore(path, **SMALL_INDEX)
+    await store.start()
+    try:
+        for size in (1, 50):
+            assert await search(store, "customer-000001", {}, size) == [
+                shown(carrying, "customer-000001")
+            ]
+    finally:
+        await store.close()
+
+
+async def test_closing_while_a_run_is_written_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "log.duckdb"
+    rows = rows_at(random.Random(4), 120, 0, 100)
+    # Nothing is sealed until indexed() asks for it, and the run takes many slow passes.
+    store = LogStore(path, flush_interval=0.01, index_seal_rows=10**9, index_pass_rows=5)
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_passes() -> bool:
+        loop.call_soon_threadsafe(started.set)
+        clock.sleep(0.01)
+        return store._index_stop
+
+    store._index_stopping = slow_passes  # type: ignore[method-assign]
+    await store.start()
+    await append_all(store, rows)
+    indexing = asyncio.create_task(store.indexed())
+    await started.wait()
+    await store.close()
+    with pytest.raises(Exception, match="closed"):
+        await indexing
+    runs, sealed, _total = index_layout(path)
+    assert (runs, sealed) == (0, 0)  # the unfinished run was rolled back
+
+    store = LogStore(path, **SMALL_INDEX)
+    await store.start()
+    try:
+        await assert_exact(store, rows)
+        await store.indexed()
+        await assert_exact(store, rows)
+    finally:
+        await store.close()
+    index_layout(path)
