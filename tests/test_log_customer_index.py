@@ -25,13 +25,14 @@ from engine.logstore import LogCustomer, LogQuery, LogRow, LogStore, new_request
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 POOL = [f"customer-{n:06d}" for n in range(12)]  # a shared prefix, as real ids have
 STATUSES = (200, 200, 200, 429, 500, 0)
-SMALL_INDEX: dict[str, Any] = {"index_seal_rows": 5, "index_fanout": 2, "index_pass_rows": 7}
+# Runs below 2 * 40 entries are all of level 0, so every second one of them is merged.
+SMALL_INDEX: dict[str, Any] = {"index_seal_rows": 40, "index_fanout": 2, "index_pass_rows": 7}
 
 
 def random_row(rng: random.Random, seconds: float) -> LogRow:
     at = BASE + timedelta(seconds=seconds)
     status = rng.choice(STATUSES)
-    count = rng.choice((0, 1, 1, 2, 3, 4, 120))
+    count = rng.choice((0, 1, 1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 120))
     ids = [rng.choice(POOL) for _ in range(count)] if count < 100 else list(POOL) * 10
     customers = tuple(
         LogCustomer(
@@ -161,9 +162,17 @@ async def test_customer_search_is_exact_through_seals_merges_late_rows_and_resta
     path = tmp_path / "log.duckdb"
     rows: list[LogRow] = []
     store = LogStore(path, flush_interval=0.01, **SMALL_INDEX)
-    await store.start()
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
     try:
         await assert_exact(store, rows)  # empty log
+        for _ in range(5):
+            batch = rows_at(rng, 8, 0, 100)
+            await append_all(store, batch)
+            rows += batch
+            with structlog.testing.capture_logs() as more:
+                await store.indexed()
+            logs += more
         batch = rows_at(rng, 60, 0, 100)
         await append_all(store, batch)
         rows += batch
@@ -177,6 +186,7 @@ async def test_customer_search_is_exact_through_seals_merges_late_rows_and_resta
         await assert_exact(store, rows, sizes=(4, 1000))
     finally:
         await store.close()
+    assert any(e.get("merged_runs") for e in logs)
     runs, sealed, total = index_layout(path)
     assert total == sum(len(r.customers) for r in rows)
 
@@ -199,35 +209,45 @@ async def test_customer_search_is_exact_through_seals_merges_late_rows_and_resta
 
 async def test_search_is_exact_while_runs_are_being_merged(tmp_path: Path) -> None:
     rng = random.Random(5)
-    store = LogStore(tmp_path / "log.duckdb", flush_interval=0.01, **SMALL_INDEX)
-    await store.start()
+    path = tmp_path / "log.duckdb"
     rows: list[LogRow] = []
+    # First eight runs that are never merged (fanout 1000) ...
+    store = LogStore(path, flush_interval=0.01, index_seal_rows=1000, index_fanout=1000)
+    await store.start()
+    for _ in range(8):
+        batch = rows_at(rng, 8, 0, 100)
+        await append_all(store, batch)
+        rows += batch
+        await store.indexed()
+    await store.close()
+    assert index_layout(path)[0] == 8
+
+    # ... then a store that merges them pairwise, slowly, while it is searched.
+    store = LogStore(path, index_seal_rows=1000, index_fanout=2, index_pass_rows=7)
+    passes = 0
+
+    def slow_passes() -> bool:  # the indexer calls this before each pass of a run
+        nonlocal passes
+        passes += 1
+        clock.sleep(0.003)
+        return False
+
+    store._index_stopping = slow_passes  # type: ignore[method-assign]
+    await store.start()
     try:
-        for _ in range(6):  # many small runs, not merged yet: seal_rows is reached each time
-            batch = rows_at(rng, 8, 0, 100)
-            await append_all(store, batch)
-            rows += batch
-        writing = 0
-
-        def slow_passes() -> bool:  # the indexer calls this before each pass of a run
-            nonlocal writing
-            writing += 1
-            clock.sleep(0.005)
-            return False
-
-        store._index_stopping = slow_passes  # type: ignore[method-assign]
         indexing = asyncio.create_task(store.indexed())
         checked = 0
-        while not indexing.done():
+        while not indexing.done() or checked < 5:
             customer_id = rng.choice(POOL)
             extra = rng.choice(QUERIES)
             expected = brute_force(rows, customer_id, extra)
             assert await search(store, customer_id, extra, rng.choice((1, 5, 50))) == expected
             checked += 1
         await indexing
-        assert writing > 10 and checked > 5  # searches ran while runs were written
+        assert passes > 20  # searches ran while runs were written
     finally:
         await store.close()
+    assert index_layout(path)[0] == 1
 
 
 async def test_a_log_written_before_the_index_existed_is_indexed_on_open(tmp_path: Path) -> None:
