@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -31,8 +31,10 @@ ORIGIN_REPLAY = "replay"
 ORIGIN_REPLAY_STORED = "replay-stored"
 
 
-@dataclass(frozen=True)
-class QueueItem:
+class QueueItem(NamedTuple):
+    """One queued item as ``claim`` hands it out. A named tuple: immutable like a frozen
+    dataclass, and built per claimed row at a quarter of the cost."""
+
     seq: int
     connection_id: str
     customer_id: str
@@ -164,6 +166,21 @@ def enqueue(
     )
 
 
+DELETE_CHUNK = 500
+"""Items deleted per statement: below SQLite's default limit of 999 parameters."""
+
+
+def _delete_items(c: sqlite3.Connection, seqs: Sequence[int]) -> int:
+    """Deletes queue items by seq; returns how many there were. One ``IN`` statement per
+    chunk costs less than a statement per item."""
+    removed = 0
+    for start in range(0, len(seqs), DELETE_CHUNK):
+        chunk = seqs[start : start + DELETE_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        removed += c.execute(f"DELETE FROM queue WHERE seq IN ({marks})", chunk).rowcount
+    return removed
+
+
 class DurableQueue:
     """The queue. ``depth`` counts queued items across connections without a query, so
     ingest can refuse work when the backlog is full."""
@@ -227,11 +244,11 @@ class DurableQueue:
         """Records the outcome of one send, and its outbound-log rows (see
         ``engine.log_outbox``), in one transaction."""
         now = time.time() if attempt_time is None else attempt_time
-        done = [(seq,) for seq in delivered]
+        done = list(delivered)
 
         def apply(c: sqlite3.Connection) -> int:
             log_outbox.stage(c, log_rows)
-            removed = c.executemany("DELETE FROM queue WHERE seq = ?", done).rowcount
+            removed = _delete_items(c, done)
             c.executemany(
                 "UPDATE queue SET attempts = attempts + 1, next_attempt_time = ?, last_error = ?,"
                 " first_attempt_time = COALESCE(first_attempt_time, ?) WHERE seq = ?",
@@ -261,10 +278,8 @@ class DurableQueue:
                     for d in dead
                 ],
             )
-            removed += c.executemany(
-                "DELETE FROM queue WHERE seq = ?", [(d.item.seq,) for d in dead]
-            ).rowcount
-            return max(removed, 0)
+            removed += _delete_items(c, [d.item.seq for d in dead])
+            return removed
 
         # Not ``self.depth -= await ...``: that reads depth before the await, and would undo
         # every ``added()`` made while the transaction ran.
