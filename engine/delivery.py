@@ -75,6 +75,9 @@ class DeliverySettings:
     """After this long since an item's first attempt, a transient failure dead-letters it."""
 
 
+DELIVERED = ItemOutcome(delivered=True)
+"""The outcome of an item a successful send did not report on (shared: it is immutable)."""
+
 MIN_INTERVAL = 0.05
 MAX_INTERVAL = 10.0
 
@@ -324,7 +327,7 @@ class Deliverer:
                 len(batch.deliveries), self._connectors.get(connection.connector).max_batch_items
             )
             for d in batch.deliveries:
-                outcome = result.outcomes.get(d.item_id, ItemOutcome(delivered=True))
+                outcome = result.outcomes.get(d.item_id, DELIVERED)
                 if outcome.delivered:
                     delivered.append(d.item_id)
                     customer_outcome.setdefault(d.customer.id, ("delivered", ""))
@@ -399,7 +402,7 @@ class Deliverer:
         attempt: int,
     ) -> LogRow:
         customers = tuple(
-            LogCustomer(customer_id=cid, name=names.get(cid, ""), outcome=state, error=err)
+            LogCustomer(cid, names.get(cid, ""), state, err)  # customer_id, name, outcome, error
             for cid, (state, err) in outcomes.items()
         )
         return LogRow(

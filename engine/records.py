@@ -87,8 +87,12 @@ class Customer:
 
     @property
     def name(self) -> str:
-        parts = [self.attributes.get("first_name"), self.attributes.get("last_name")]
-        return " ".join(str(p) for p in parts if p)
+        """First and last name joined by a space, leaving out either when empty."""
+        first = self.attributes.get("first_name")
+        last = self.attributes.get("last_name")
+        if first and last:
+            return f"{first!s} {last!s}"
+        return str(first or last or "")
 
 
 @dataclass(frozen=True)
