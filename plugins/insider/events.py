@@ -16,7 +16,7 @@ event's own time and the order of the lines is kept.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 from engine.errors import MappingError
 from engine.records import AntavoEvent, EventMapping, ParameterMapping
 from plugins.insider import catalog
-from plugins.insider.values import ConversionError, rfc3339_utc, value_for
+from plugins.insider.values import ConversionError, converter, rfc3339_utc
 
 LINE_PATH = re.compile(r"^([A-Za-z0-9_]+)\[\]\.([A-Za-z0-9_]+)$")
 LINE_SPACING = timedelta(seconds=1)
@@ -57,21 +57,22 @@ class ParameterPlan:
     """For a per-line source (``items[].price``): the key read from each line."""
     target: str
     custom: bool
-    kind: str | None
-    """The catalog kind of a default parameter; ``None`` for a custom one."""
+    convert: Callable[[Any], Any]
+    """To the Insider type of a default parameter, or checked as a custom value."""
 
 
 @dataclass(frozen=True)
 class EventPlan:
-    """An event mapping with its per-line array and its parameters resolved once, so
-    rendering an event does no pattern matching or catalog lookups."""
+    """An event mapping with its per-line array and its parameters resolved once (for the
+    connection's phone region), so rendering an event does no pattern matching or
+    catalog lookups."""
 
     mapping: EventMapping
     line_array: str | None
     parameters: tuple[ParameterPlan, ...]
 
     @classmethod
-    def of(cls, mapping: EventMapping) -> EventPlan:
+    def of(cls, mapping: EventMapping, phone_region: str = "") -> EventPlan:
         parameters = []
         for parameter in mapping.parameters:
             path = line_path(parameter.source_parameter)
@@ -87,15 +88,13 @@ class EventPlan:
                     path[1] if path else None,
                     parameter.target_parameter,
                     parameter.custom,
-                    field.kind if field else None,
+                    converter(field.kind if field else None, phone_region),
                 )
             )
         return cls(mapping, line_array(mapping), tuple(parameters))
 
 
-def insider_events(
-    plan: EventPlan, event: AntavoEvent, phone_region: str = ""
-) -> list[dict[str, Any]]:
+def insider_events(plan: EventPlan, event: AntavoEvent) -> list[dict[str, Any]]:
     """The Insider events for ``event`` under ``plan``'s mapping: one, or one per line.
 
     Raises ``MappingError`` when a value cannot be converted, or when a per-line mapping
@@ -103,7 +102,7 @@ def insider_events(
     """
     array = plan.line_array
     if array is None:
-        return [_insider_event(plan, event, {}, 0, phone_region)]
+        return [_insider_event(plan, event, {}, 0)]
     mapping = plan.mapping
     lines = event.data.get(array)
     if not isinstance(lines, list) or not lines:
@@ -120,7 +119,7 @@ def insider_events(
                 f"customer {event.customer}: {event.action} event {event.id} "
                 f"{array}[{index}] is not an object",
             )
-        events.append(_insider_event(plan, event, line, index, phone_region))
+        events.append(_insider_event(plan, event, line, index))
     return events
 
 
@@ -129,7 +128,6 @@ def _insider_event(
     event: AntavoEvent,
     line: Mapping[str, Any],
     index: int,
-    phone_region: str,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {}
     custom: dict[str, Any] = {}
@@ -139,7 +137,10 @@ def _insider_event(
         raw = data.get(parameter.source) if key is None else line.get(key)
         if raw is None:
             continue
-        value = _parameter_value(parameter, raw, event, phone_region)
+        try:
+            value = parameter.convert(raw)
+        except ConversionError as exc:
+            raise _unconvertible(parameter, raw, event, exc) from None
         if parameter.custom:
             custom[parameter.target] = value
         else:
@@ -156,15 +157,12 @@ def _insider_event(
     return payload
 
 
-def _parameter_value(
-    parameter: ParameterPlan, raw: Any, event: AntavoEvent, phone_region: str
-) -> Any:
-    try:
-        return value_for(parameter.kind, raw, phone_region)
-    except ConversionError as exc:
-        raise MappingError(
-            "map_event",
-            f"customer {event.customer}: {event.action} parameter {parameter.source} "
-            f"value {raw!r} is {exc}, so it cannot be sent as the Insider event parameter "
-            f"{parameter.target}",
-        ) from None
+def _unconvertible(
+    parameter: ParameterPlan, raw: Any, event: AntavoEvent, exc: ConversionError
+) -> MappingError:
+    return MappingError(
+        "map_event",
+        f"customer {event.customer}: {event.action} parameter {parameter.source} "
+        f"value {raw!r} is {exc}, so it cannot be sent as the Insider event parameter "
+        f"{parameter.target}",
+    )

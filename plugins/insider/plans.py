@@ -37,12 +37,13 @@ def plan_for(connection: Connection) -> ConnectionPlan:
     plan = _plans.get(connection.id)
     if plan is not None and plan.connection is connection:
         return plan
+    settings = parse_settings(connection.settings)
     events: dict[str, EventPlan] = {}
     for mapping in connection.event_mappings:
         # The first mapping of an action wins, as in Connection.event_mapping_for.
         if mapping.source_event not in events:
-            events[mapping.source_event] = EventPlan.of(mapping)
-    plan = ConnectionPlan(connection, parse_settings(connection.settings), events)
+            events[mapping.source_event] = EventPlan.of(mapping, settings.default_phone_region)
+    plan = ConnectionPlan(connection, settings, events)
     if len(_plans) >= MAX_PLANS:
         _plans.clear()
     _plans[connection.id] = plan

@@ -121,7 +121,7 @@ def map_event(
     mapping = plan.events.get(event.action)
     if mapping is None:
         return []
-    return insider_events(mapping, event, plan.settings.default_phone_region)
+    return insider_events(mapping, event)
 
 
 @hookimpl

@@ -329,6 +329,16 @@ _CONVERTERS: Mapping[str, Callable[[Any], Any]] = {
 }
 
 
+def converter(kind: str | None, phone_region: str = "") -> Callable[[Any], Any]:
+    """The conversion ``value_for(kind, value, phone_region)`` applies, resolved once for
+    code that converts many values of one kind."""
+    if kind is None:
+        return custom_value
+    if kind == catalog.PHONE:
+        return functools.partial(phone_number, region=phone_region)
+    return _CONVERTERS[kind]
+
+
 def value_for(kind: str | None, value: Any, phone_region: str = "") -> Any:
     """``value`` as Insider takes it: converted to ``kind`` for a default attribute or
     parameter, or checked as a custom value (``kind`` None). Raises ``ConversionError``."""
