@@ -1,5 +1,14 @@
 """How outbound-log rows are stored and searched in DuckDB: the schema, the Arrow
-tables a batch is written as, the SQL a query becomes, and page tokens."""
+tables a batch is written as, the SQL a query becomes, page tokens, and the customer
+index (its tables, how runs are sealed and merged, and how a search reads it).
+
+Two costs shape the SQL. A filter ``time IN (...)`` only prunes row groups: DuckDB then
+decodes every row of each row group it keeps. And reading any row of a high-cardinality
+string column (request ids, customer IDs, names) decodes the dictionary of its whole
+segment, about 30,000 strings. So scattered rows, such as one customer's requests, are
+fetched by one ``time = ?`` query each, which touches one segment per string column.
+Pages of adjacent rows (no filter, a status, a day) still use IN lists.
+"""
 
 from __future__ import annotations
 
@@ -276,7 +285,7 @@ CREATE TABLE IF NOT EXISTS log_index_state (
 CREATE TABLE IF NOT EXISTS log_index_runs (run BIGINT NOT NULL, entries BIGINT NOT NULL);
 """
 # Another DuckDB version may hash differently; a changed probe value means rebuild.
-HASH_PROBE = "hash('tidegate customer index probe')"
+HASH_PROBE = "hash('tidegate customer index v1')"  # v1: the run layout; bump on change
 RUN_PREFIX = "log_cidx_"
 RUN_COLUMNS = "customer_hash UBIGINT NOT NULL, time TIMESTAMPTZ NOT NULL"
 # Up to this many rows are fetched by one point query each (``time = ?``): that decodes

@@ -9,10 +9,24 @@ Layout, and why:
 - There is no PRIMARY KEY or UNIQUE constraint. Rows arrive in time order, so the zone maps
   DuckDB keeps on ``time`` for each row group do the pruning. Request ids are UUIDv7, so a
   lookup by id gets a time window from the id itself and prunes the same way.
+- A customer ID says nothing about time, so a search by customer goes through the
+  customer index (``engine.logsql`` describes it): runs of (hash of the customer ID,
+  time) sorted by hash, plus the few ``log_customers`` rows not yet in a run. The index
+  gives the times at which the customer's requests may lie, newest first; the requests
+  at those times are fetched by one point query each (``time = ?``) and kept when the
+  other filters pass and their customers include the customer. Only the requests a page
+  needs are fetched, a chunk of candidates at a time.
 - One writer thread owns the write connection and inserts Arrow batches, one transaction
   per batch. A checkpoint can stall it for seconds, so ``append`` only adds the row to a
   bounded buffer and never waits on DuckDB. Readers run in worker threads on their own
-  cursors.
+  cursors; a customer search reads the index state and the index in one transaction.
+- An indexer thread, on a connection of its own, seals the rows the writer committed into
+  a new run once ``index_seal_rows`` of them have accumulated, and merges runs (tiered:
+  ``index_fanout`` runs of one size make one of the next), each in one transaction, so a
+  search sees the old runs or the new one, never neither. Sorting a run never holds up
+  the writer. At start it indexes whatever is unsealed: a log written before the index
+  existed is indexed in the background (10-20 s and 0.6 GB for 25M customer rows),
+  and searches scan the unsealed rows meanwhile, so they are slower but still exact.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
 
@@ -43,7 +57,6 @@ from engine.logrows import LogCustomer, LogQuery, LogRow, from_micros, new_reque
 from engine.logsql import (
     REQUEST_COLUMNS,
     SCHEMA,
-    IndexInterrupted,
     arrow_tables,
     check_query,
     check_row,
@@ -464,12 +477,16 @@ class LogStore:
                 self._index_new_rows = 0
             try:
                 self._index_work(force=bool(waiters))
-            except (IndexInterrupted, duckdb.Error) as exc:
+            except Exception as exc:  # the index is only an accelerator: keep the thread
                 with self._index_cond:
                     self._index_waiters[:0] = waiters  # close() fails them if it stops us
                     if self._index_stop:
                         return
+                if isinstance(exc, duckdb.Error):
                     log.error("log_customer_index_failed", error=str(exc))
+                else:
+                    log.exception("log_customer_index_failed")
+                with self._index_cond:
                     self._index_new_rows = self._index_seal_rows  # try again
                     self._index_cond.wait(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX_DELAY)
