@@ -530,13 +530,9 @@ def render_delivery(
         raise MappingError(
             "identify", f"no installed plugin identifies for {connection.connector!r}"
         )
+    # Positional (item_id, customer, identifiers, attributes, events, attempt, change,
+    # event): built for every item.
     return Delivery(
-        item_id=item.seq,
-        customer=customer,
-        identifiers=identifiers,
-        attributes=attributes or None,
-        events=list(events),
-        attempt=item.attempts + 1,
-        change=change,
-        event=event,
-    )
+        item.seq, customer, identifiers, attributes or None, list(events), item.attempts + 1,
+        change, event,
+    )  # fmt: skip
