@@ -107,7 +107,7 @@ def mixed_events(count: int, customers: int, seed: int = 1) -> list[bytes]:
 
 
 async def run_once(
-    workdir: Path, sink_url: str, bodies: list[bytes], digest: bool
+    workdir: Path, sink_url: str, bodies: list[bytes], digest: bool, freeze: bool = True
 ) -> dict[str, Any]:
     db = Database(workdir / "state.sqlite3")
     await db.start()
@@ -145,8 +145,10 @@ async def run_once(
     await logs.start()
     ingestor = Ingestor(db, registry, queue)
     await ingestor.load()
-    # As ``tidegate serve`` does once started: start-up objects stay out of full collections.
-    gc.freeze()
+    if freeze:
+        # As ``tidegate serve`` does once started: start-up objects stay out of full
+        # collections.
+        gc.freeze()
     for body in bodies:
         await ingestor.ingest(parse_request(orjson.loads(body)))
     queued = queue.depth
@@ -258,7 +260,9 @@ async def main_async(args: argparse.Namespace) -> None:
             for n in range(args.repeats):
                 workdir = Path(tmp) / f"run-{n}"
                 workdir.mkdir()
-                result = await run_once(workdir, sink.extra["url"], bodies, args.digest)
+                result = await run_once(
+                    workdir, sink.extra["url"], bodies, args.digest, not args.no_freeze
+                )
                 results.append(result)
                 print(
                     f"run {n + 1}: {result['items']} items, {result['dead']} dead, "
@@ -287,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--customers", type=int, default=100_000, help="customer pool size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--digest", action="store_true", help="hash requests and log rows")
+    parser.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="skip gc.freeze() (as serve ran before 90438cb): full collections walk everything",
+    )
     parser.add_argument("--engine-src", type=Path, help="checkout whose engine to measure")
     return parser
 
