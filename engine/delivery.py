@@ -116,6 +116,15 @@ def _dead(delivery: Delivery, item: QueueItem, stage: str, error: str) -> DeadLe
     return DeadLetter(item, stage, error, rendered=rendered)
 
 
+@dataclass(frozen=True)
+class _Settling:
+    """A batch whose every item leaves the queue, being settled in the background while
+    the worker claims and sends the next batch without those items."""
+
+    task: asyncio.Task[None]
+    seqs: frozenset[int]
+
+
 @dataclass
 class _Batch:
     connection: Connection
@@ -149,6 +158,7 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
+        self._settles: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
@@ -194,16 +204,27 @@ class Deliverer:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._workers.clear()
+        await asyncio.gather(*self._settles, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
     # -- the worker --------------------------------------------------------------------
 
     async def _run(self, connection_id: str) -> None:
+        settling: list[_Settling] = []  # at most one: the previous batch's settle
+        try:
+            await self._loop(connection_id, settling)
+        finally:
+            for pending in settling:
+                await asyncio.gather(pending.task, return_exceptions=True)
+
+    async def _loop(self, connection_id: str, settling: list[_Settling]) -> None:
         wake = self._wakes[connection_id]
         pace = _Pace()
         was_paused = self._registry.is_paused(connection_id)
         while not self._stopping:
+            if settling and settling[0].task.done():
+                await self._settled(settling.pop())
             wake.clear()
             if self._registry.is_paused(connection_id):
                 was_paused = True
@@ -225,7 +246,11 @@ class Deliverer:
                 return
             info = self._connectors.get(connection.connector)
             limit = 1 if pace.probe else (pace.item_cap or info.max_batch_items)
-            items = await self._queue.claim(connection_id, limit)
+            exclude = settling[0].seqs if settling else ()
+            items = await self._queue.claim(connection_id, limit, exclude=exclude)
+            if not items and settling:
+                await self._settled(settling.pop())  # what is left may be what it settles
+                continue
             if not items:
                 due = await self._queue.next_due(connection_id)
                 timeout = None if due is None else max(0.0, due - time.time())
@@ -237,7 +262,7 @@ class Deliverer:
                     await asyncio.sleep(self.settings.linger)
                 continue
             try:
-                await self._deliver(connection, items, pace, limit)
+                await self._deliver(connection, items, pace, limit, settling)
             except Exception:
                 # A bug must not kill the worker; the items stay queued and are retried.
                 log.exception("delivery_failed_unexpectedly", connection=connection_id)
@@ -248,12 +273,35 @@ class Deliverer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), self.settings.linger)
 
+    async def _drain(self, settling: list[_Settling]) -> None:
+        while settling:
+            await self._settled(settling.pop())
+
+    async def _settled(self, settling: _Settling) -> None:
+        try:
+            await settling.task
+        except Exception:  # its items stay queued and go out again: duplicates, not losses
+            log.exception("settle_failed")
+
     async def _deliver(
-        self, connection: Connection, items: list[QueueItem], pace: _Pace, max_items: int
+        self,
+        connection: Connection,
+        items: list[QueueItem],
+        pace: _Pace,
+        max_items: int,
+        settling: list[_Settling],
     ) -> None:
-        """Sends one batch, settles its items, and adjusts the connection's pace."""
+        """Sends one batch, settles its items, and adjusts the connection's pace.
+
+        When every item of the batch leaves the queue (delivered, skipped or dead-lettered),
+        the settle commits in the background and is recorded in ``settling``: the next
+        claim leaves those items out, so claiming and sending the next batch overlaps the
+        commit. When items stay (a retry, a pause, a resend in halves), the settle commits
+        before the next claim, which must see the held lanes.
+        """
         batch = await self._render(connection, items, max_items)
         if not batch.deliveries:
+            await self._drain(settling)
             await self._queue.settle(delivered=batch.skipped, dead=batch.dead)
             return
         assert self._session is not None
@@ -268,6 +316,7 @@ class Deliverer:
         delivered = list(batch.skipped)
         customer_outcome: dict[str, tuple[str, str]] = {}
         error = ""
+        items_stay = False  # queued untouched for a resend: a pause or a resend in halves
         try:
             pending = self._hook.send(
                 connection=connection, deliveries=batch.deliveries, transport=transport
@@ -303,7 +352,7 @@ class Deliverer:
             # No pause if the credentials changed while this request was out. Either way
             # the next request is a single-item probe.
             await self._registry.pause(connection, error)
-            pace.probe = True
+            pace.probe, items_stay = True, True
             for d in batch.deliveries:
                 customer_outcome[d.customer.id] = ("paused", error)
         except PayloadTooLargeError as exc:
@@ -311,6 +360,7 @@ class Deliverer:
             if len(batch.deliveries) > 1:
                 # Resend in halves: the items stay queued untouched and go out smaller.
                 pace.item_cap = max(1, len(batch.deliveries) // 2)
+                items_stay = True
                 for d in batch.deliveries:
                     customer_outcome.setdefault(d.customer.id, ("retry", error))
             else:
@@ -349,15 +399,15 @@ class Deliverer:
             self._log_row(connection, exchange, names, customer_outcome, error, attempt)
             for exchange in transport.exchanges
         ]
-        await self._queue.settle(
-            delivered=delivered,
-            retries=retries,
-            dead=dead,
-            attempt_time=now,
-            log_rows=[log_outbox.encode(row) for row in rows],
-        )
-        for row in rows:
-            await self._logs.append(row)
+        await self._drain(settling)  # one settle at a time, in order
+        commit = self._commit(delivered, retries, dead, now, rows)
+        if retries or items_stay:
+            await commit
+        else:
+            task = asyncio.create_task(commit)
+            self._settles.add(task)
+            task.add_done_callback(self._settles.discard)
+            settling.append(_Settling(task, frozenset(delivered) | {d.item.seq for d in dead}))
         last = transport.exchanges[-1] if transport.exchanges else None
         log.info(
             "delivery",
@@ -373,6 +423,26 @@ class Deliverer:
             dead=len(dead),
             error=error or None,
         )
+
+    async def _commit(
+        self,
+        delivered: list[int],
+        retries: list[Retry],
+        dead: list[DeadLetter],
+        now: float,
+        rows: list[LogRow],
+    ) -> None:
+        """Settles the items and their log rows in one transaction, then hands the rows to
+        the outbound log."""
+        await self._queue.settle(
+            delivered=delivered,
+            retries=retries,
+            dead=dead,
+            attempt_time=now,
+            log_rows=[log_outbox.encode(row) for row in rows],
+        )
+        for row in rows:
+            await self._logs.append(row)
 
     async def _interrupted(
         self, connection: Connection, batch: _Batch, transport: RecordingTransport, now: float

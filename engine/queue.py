@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -198,10 +198,20 @@ class DurableQueue:
         self.depth += count
 
     async def claim(
-        self, connection_id: str, limit: int, now: float | None = None
+        self,
+        connection_id: str,
+        limit: int,
+        now: float | None = None,
+        exclude: Collection[int] = (),
     ) -> list[QueueItem]:
-        """The oldest ready items of the connection, skipping lanes held by a pending retry."""
+        """The oldest ready items of the connection, skipping lanes held by a pending retry
+        and the items in ``exclude`` (a settle of theirs is still committing)."""
         at = time.time() if now is None else now
+        skip = ""
+        params: tuple[Any, ...] = ()
+        if exclude:
+            skip = " AND seq NOT IN (SELECT value FROM json_each(?))"
+            params = (orjson.dumps(list(exclude)).decode(),)
 
         def fetch(c: sqlite3.Connection) -> list[QueueItem]:
             held = c.execute(
@@ -214,15 +224,15 @@ class DurableQueue:
                     f"SELECT {CLAIM_COLUMNS} FROM queue q WHERE connection_id = ? AND NOT EXISTS ("
                     "  SELECT 1 FROM queue h WHERE h.connection_id = q.connection_id"
                     "  AND h.customer_id = q.customer_id AND h.attempts > 0"
-                    "  AND h.next_attempt_time > ?)"
+                    f"  AND h.next_attempt_time > ?){skip}"
                     " ORDER BY seq LIMIT ?",
-                    (connection_id, at, limit),
+                    (connection_id, at, *params, limit),
                 ).fetchall()
             else:  # no lane is held: the oldest items, straight off the index
                 rows = c.execute(
-                    f"SELECT {CLAIM_COLUMNS} FROM queue WHERE connection_id = ?"
+                    f"SELECT {CLAIM_COLUMNS} FROM queue WHERE connection_id = ?{skip}"
                     " ORDER BY seq LIMIT ?",
-                    (connection_id, limit),
+                    (connection_id, *params, limit),
                 ).fetchall()
             return [
                 QueueItem(
