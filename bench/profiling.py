@@ -105,7 +105,7 @@ def summarise(raw: Path) -> Summary:
         process = ""
         if frames[0].startswith("process "):  # --subprocesses: which process, by command
             process = "ingest worker " if "engine.ingest_worker" in frames.pop(0) else ""
-        thread = "?"
+        thread = process + "?"
         if frames and frames[0].startswith("thread ("):
             thread = process + (frames.pop(0).partition(": ")[2] or "?")
         threads[thread] += count

@@ -35,6 +35,9 @@ class Settings:
     ceiling_seconds: float = 3.0
     warmup_seconds: float = 0.5
     e2e_seconds: float = 20.0
+    e2e_runs: int = 3
+    """End-to-end runs; the table reports the median run (by sustained rate) and lists all,
+    since one run on a shared machine moves by +-20%."""
     e2e_drain_timeout: float = 120.0
     latency_rate: float = 2000.0
     latency_shapes: tuple[int, ...] = (1, 20)  # events per ingest request
@@ -49,6 +52,7 @@ QUICK = Settings(
     ceiling_seconds=0.3,
     warmup_seconds=0.1,
     e2e_seconds=2.0,
+    e2e_runs=1,
     e2e_drain_timeout=30.0,
     latency_seconds=1.0,
     search_rows=(20_000,),
@@ -114,15 +118,24 @@ async def run_naive(ctx: Context) -> None:
 async def run_e2e(ctx: Context) -> None:
     s = ctx.settings
     work = ctx.scratch("e2e")
-    r = await run_pipeline(work, s.e2e_seconds, drain_timeout=s.e2e_drain_timeout)
-    shutil.rmtree(work / "data", ignore_errors=True)
+    runs = []
+    for _ in range(s.e2e_runs):
+        runs.append(await run_pipeline(work, s.e2e_seconds, drain_timeout=s.e2e_drain_timeout))
+        shutil.rmtree(work / "data", ignore_errors=True)
+    r = sorted(runs, key=lambda run: run.steady_rate)[len(runs) // 2]  # the median run
     raw = {k: v for k, v in r.__dict__.items() if k != "samples"}
+    raw["runs"] = [run.steady_rate for run in runs]
     ctx.remember("e2e", raw)
     add = ctx.report.add
+    every = (
+        f" (median of {len(runs)} runs: {', '.join(f'{run.steady_rate:,.0f}' for run in runs)})"
+        if len(runs) > 1
+        else ""
+    )
     add(
         "e2e",
         "sustained delivery (steady state, bulk ingest of 1,000 events/request)",
-        rate(r.steady_rate, "events"),
+        rate(r.steady_rate, "events") + every,
         f">= {GOAL_EVENTS_PER_S:,} events/s",
         r.steady_rate >= GOAL_EVENTS_PER_S,
     )
@@ -134,7 +147,7 @@ async def run_e2e(ctx: Context) -> None:
     )
     add(
         "e2e",
-        "engine CPU per delivered event (ingest + delivery + log)",
+        "engine CPU per delivered event (ingest + delivery + log; the median run)",
         f"{r.cpu_us_per_event:,.0f} us ({r.engine_cpu:.1f} CPU s; "
         f"{r.engine_cpu / r.total_seconds:.2f} cores; beside it the sink used "
         f"{r.sink_cpu / r.total_seconds:.2f} and the generator "
