@@ -15,7 +15,7 @@ from aiohttp import web
 
 from engine.admin.server import start_grpc_server
 from engine.connections import ConnectionRegistry
-from engine.database import Database
+from engine.database import STATE_FILE, Database
 from engine.delivery import Deliverer, DeliverySettings
 from engine.http_ingest import create_ingest_app
 from engine.ingest import DEFAULT_MAX_BACKLOG, Ingestor
@@ -31,7 +31,6 @@ log = structlog.get_logger("tidegate.engine")
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_DATA_DIR = Path("tidegate-data")
-STATE_FILE = "state.sqlite3"
 LOG_FILE = "outbound-log.duckdb"
 
 

@@ -23,11 +23,10 @@ from engine.app import (
 )
 from engine.delivery import DeliverySettings
 from engine.errors import TidegateError
+from engine.http_ingest import INGEST_TOKEN_ENV
 from engine.ingest import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
 from engine.plugins import plugin_manager
-
-INGEST_TOKEN_ENV = "TIDEGATE_INGEST_TOKEN"
 
 
 def port(text: str) -> int:

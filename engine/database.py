@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+STATE_FILE = "state.sqlite3"
+"""The state database's name in the data directory."""
 _STOP: Any = object()
 
 SCHEMA = """

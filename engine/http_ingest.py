@@ -13,6 +13,8 @@ from engine.ingest import Ingestor, parse_request
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 INGEST_PATH = "/v1/events"
+INGEST_TOKEN_ENV = "TIDEGATE_INGEST_TOKEN"
+"""With a value, ingest requires ``Authorization: Bearer <value>``."""
 
 
 def _error(status: int, code: str, message: str, field: str = "") -> web.Response:

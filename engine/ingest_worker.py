@@ -53,9 +53,9 @@ import uvloop
 from aiohttp import web
 
 from engine.connections import ConnectionRegistry
-from engine.database import Database
+from engine.database import STATE_FILE, Database
 from engine.errors import TidegateError
-from engine.http_ingest import create_ingest_app
+from engine.http_ingest import INGEST_TOKEN_ENV, create_ingest_app
 from engine.ingest import Ingestor
 from engine.logconfig import configure_logging
 from engine.plugins import Connectors, plugin_manager
@@ -64,8 +64,6 @@ from engine.secrets import SecretBox
 
 log = structlog.get_logger("tidegate.ingest_worker")
 
-TOKEN_ENV = "TIDEGATE_INGEST_TOKEN"
-STATE_FILE = "state.sqlite3"  # engine.app.STATE_FILE (app imports this module)
 START_TIMEOUT = 30.0
 REFRESH_TIMEOUT = 5.0
 RESTART_DELAY = 1.0
@@ -174,7 +172,8 @@ class IngestWorker:
                 "--max-backlog", str(self._max_backlog),
                 *self._log_args,
             ],
-            pass_fds=fds, stdin=subprocess.DEVNULL, env={**os.environ, TOKEN_ENV: self._token},
+            pass_fds=fds, stdin=subprocess.DEVNULL,
+            env={**os.environ, INGEST_TOKEN_ENV: self._token},
         )  # fmt: skip
 
     async def _supervise(self) -> None:
@@ -324,7 +323,7 @@ async def _work(args: argparse.Namespace) -> int:
 
         ingestor = Ingestor(db, registry, queue, announce, args.max_backlog)
         await ingestor.load()
-        app = create_ingest_app(ingestor, os.environ.get(TOKEN_ENV, ""))
+        app = create_ingest_app(ingestor, os.environ.get(INGEST_TOKEN_ENV, ""))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, listener).start()
