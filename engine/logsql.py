@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from itertools import chain, repeat
 from typing import Any
 
 import duckdb
@@ -188,11 +189,6 @@ def arrow_tables(rows: builtins.list[LogRow]) -> dict[str, pa.Table]:
         for r in rows
         if r.request_body or r.response_body  # most successful requests need no body row
     ]
-    customers = [
-        (r.time, r.id, i, c.customer_id, c.name, c.outcome, c.error)
-        for r in rows
-        for i, c in enumerate(r.customers)
-    ]
     requests = [tuple(getattr(r, name) for name in REQUEST_FIELDS) for r in rows]
     return {
         # error_text: the request's and its customers' errors, lowercased, in one column,
@@ -201,8 +197,30 @@ def arrow_tables(rows: builtins.list[LogRow]) -> dict[str, pa.Table]:
             "error_text", pa.array([error_text(r) for r in rows], pa.string())
         ),
         "log_bodies": arrow_table(BODY_FIELDS, bodies),
-        "log_customers": arrow_table(CUSTOMER_FIELDS, customers),
+        "log_customers": customer_table(rows),
     }
+
+
+def customer_table(rows: Sequence[LogRow]) -> pa.Table:
+    """``log_customers`` rows, built column by column: a request's time and id are
+    converted once and repeated by Arrow, not once per customer in Python (a request
+    carries up to 1,000 customers; per-customer tuples cost about 4 us each)."""
+    counts = [len(r.customers) for r in rows]
+    owner = pa.array(
+        builtins.list(chain.from_iterable(repeat(i, n) for i, n in enumerate(counts))),
+        pa.int32(),
+    )
+    customers = [c for r in rows for c in r.customers]
+    columns = [
+        pa.array([r.time for r in rows], TIME_TYPE).take(owner),
+        pa.array([r.id for r in rows], pa.string()).take(owner),
+        pa.array(builtins.list(chain.from_iterable(range(n) for n in counts)), pa.int32()),
+        pa.array([c.customer_id for c in customers], pa.string()),
+        pa.array([c.name for c in customers], pa.string()),
+        pa.array([c.outcome for c in customers], pa.string()),
+        pa.array([c.error for c in customers], pa.string()),
+    ]
+    return pa.table(columns, names=builtins.list(CUSTOMER_FIELDS))
 
 
 def error_text(row: LogRow) -> str:
