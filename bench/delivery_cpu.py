@@ -47,7 +47,7 @@ import structlog
 import engine
 from bench.processes import start_sink
 from bench.sink import API_KEY, PARTNER_NAME
-from bench.traffic import antavo_event
+from bench.traffic import PARAMETERS, antavo_event
 from engine.connections import ConnectionRegistry
 from engine.database import Database
 from engine.delivery import Deliverer, DeliverySettings
@@ -60,13 +60,6 @@ from engine.records import ParameterMapping
 from engine.secrets import SecretBox
 
 BASE_TIME = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
-PARAMETERS = [
-    ("transaction_id", "event_group_id", False),
-    ("total", "unit_sale_price", False),
-    ("currency", "currency", False),
-    ("store", "store_code", True),
-    ("bench_id", "bench_id", True),
-]
 
 
 def mixed_events(count: int, customers: int, seed: int = 1) -> list[bytes]:

@@ -146,10 +146,6 @@ class Engine:
         await self._worker.start()
         self.registry.on_change(self._worker.refresh)
 
-    @property
-    def ingest_worker_pid(self) -> int | None:
-        return None if self._worker is None else self._worker.pid
-
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
         if self._worker is not None:

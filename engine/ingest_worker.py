@@ -145,6 +145,8 @@ class IngestWorker:
             self._process = self._launch(theirs.fileno())
         finally:
             theirs.close()
+        if self._writer is not None:
+            self._writer.close()  # the channel of the worker this one replaces
         self._reader, self._writer = await asyncio.open_connection(sock=ours)
         self._queued, self._reported = 0, None
         try:
