@@ -36,10 +36,10 @@ from typing import Any
 
 import duckdb
 
-from engine.logsql import SCHEMA
+from engine.logsql import SCHEMA, connect
 from engine.logstore import LogStore
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"  # 4: the storage format the engine creates (engine.logsql.CONFIG)
 CHUNK = 1_000_000
 SPAN_SECONDS = 30 * 24 * 3600
 CUSTOMER_POOL = 1_000_000
@@ -141,7 +141,7 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     started = time.monotonic()
-    conn = duckdb.connect(str(building / LOG_FILE))
+    conn = connect(str(building / LOG_FILE))  # in the format the engine creates
     try:
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute("SET enable_progress_bar = false")

@@ -2,12 +2,18 @@
 tables a batch is written as, the SQL a query becomes, page tokens, and the customer
 index (its tables, how runs are sealed and merged, and how a search reads it).
 
-Two costs shape the SQL. A filter ``time IN (...)`` only prunes row groups: DuckDB then
-decodes every row of each row group it keeps. And reading any row of a high-cardinality
-string column (request ids, customer IDs, names) decodes the dictionary of its whole
-segment, about 30,000 strings. So scattered rows, such as one customer's requests, are
-fetched by one ``time = ?`` query each, which touches one segment per string column.
-Pages of adjacent rows (no filter, a status, a day) still use IN lists.
+Two costs shape the SQL. A filter on ``time`` prunes row groups by their zone maps, but
+DuckDB then scans the ``time`` column of each row group it keeps. Rows whose rowids are
+known are fetched without that scan (``rowid IN (...)``), which is what a customer search
+does: its index stores the rowids of the rows it points at. Pages of adjacent rows (no
+filter, a status, a day) are read by time.
+
+Log files are created in DuckDB's v1.2.0 storage format (``CONFIG``): from v1.3.0 on,
+DuckDB stores strings as DICT_FSST, whose reader decodes the whole dictionary of a
+segment (about 30,000 strings) to return any one row of it. Fetching 75 scattered
+``log_customers`` rows measured 29.4 ms that way and 5.6 ms in the v1.2.0 format, whose
+dictionary and FSST encodings read single rows; the file is 9% larger and full scans
+(an error search) ran at the same speed. A file keeps the format it was created in.
 """
 
 from __future__ import annotations
@@ -35,6 +41,20 @@ from engine.logrows import (
     LogRow,
     from_micros,
 )
+
+CONFIG: dict[str, str | bool | int | float | builtins.list[str]] = {
+    "storage_compatibility_version": "v1.2.0",  # the format of new files (see above)
+    # DuckDB keeps the blocks it reads in its buffer pool, by default up to 80% of RAM:
+    # indexing a 10M-row log peaked at 1.5 GB RSS. With 1 GB it peaked at 1.1 GB, and
+    # customer searches ran as fast; 512 MB made them 25% slower (blocks read again).
+    "memory_limit": "1GB",
+}
+
+
+def connect(path: str, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection to the log file at ``path`` (created in the v1.2.0 format if new)."""
+    return duckdb.connect(path, read_only=read_only, config=CONFIG)
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS log_requests (
@@ -73,6 +93,7 @@ BODY_FIELDS = {
 REQUEST_COLUMNS = ", ".join(
     "epoch_us(r.time)" if name == "time" else f"r.{name}" for name in REQUEST_FIELDS
 )
+REQUEST_FIELD_INDEX = {name: i for i, name in enumerate(REQUEST_FIELDS)}  # in a record
 
 
 def time_bounds(
@@ -96,7 +117,7 @@ def where_clause(
 
     A customer filter here is a subquery that scans ``log_customers``; ``LogStore`` uses
     it only together with an identifier, whose id window makes that scan small. Other
-    customer searches go through the customer index (``customer_times``)."""
+    customer searches go through the customer index (``customer_entries``)."""
     bounds = time_bounds(query, after)
     conds: builtins.list[str] = []
     params: builtins.list[Any] = []
@@ -284,17 +305,22 @@ def decode_token(token: str) -> tuple[datetime, str]:
 # --- the customer index -------------------------------------------------------------------
 #
 # ``log_customers`` is in time order, so a search by customer ID would scan all of it.
-# The index maps ``hash(customer_id)`` to the row's time, in sorted runs: each run is a
-# table of (customer_hash, time) rows inserted ORDER BY customer_hash, so the zone maps
-# of its row groups cover narrow hash ranges and a lookup reads one row group per run.
+# The index maps ``hash(customer_id)`` to where the customer's rows are, in sorted runs:
+# each run is a table of (customer_hash, time, customer_row, position, request_row)
+# inserted ORDER BY customer_hash, so the zone maps of its row groups cover narrow hash
+# ranges and a lookup reads one row group per run. ``customer_row`` is the rowid of the
+# ``log_customers`` row, ``position`` its place in the request, and ``request_row`` the
+# rowid of the request in ``log_requests``: a search fetches both by rowid. A request's
+# customers are contiguous in ``log_customers`` (one writer appends each batch in one
+# insert), so its first customers are at ``customer_row - position`` onwards.
 # ``log_index_state.sealed_rows`` is the watermark: every ``log_customers`` row whose
 # rowid is below it is in exactly one run, and the rows at or above it (the unsealed
 # tail, small) are scanned. Rowids are the insertion order, not the time order, so rows
 # that arrive late (a restart writing the log outbox) are indexed like any other. That
 # holds because ``log_customers`` is append-only and only the store's writer appends.
 #
-# The hash only narrows the search: a colliding customer's times are candidates too, and
-# a request counts only once its ``log_customers`` rows show the customer (the rows the
+# The hash only narrows the search: a colliding customer's entries are candidates too, and
+# a request counts only once its ``log_customers`` row shows the customer (the rows the
 # list shows anyway).
 
 INDEX_SCHEMA = """
@@ -303,13 +329,21 @@ CREATE TABLE IF NOT EXISTS log_index_state (
 CREATE TABLE IF NOT EXISTS log_index_runs (run BIGINT NOT NULL, entries BIGINT NOT NULL);
 """
 # Another DuckDB version may hash differently; a changed probe value means rebuild.
-HASH_PROBE = "hash('tidegate customer index v1')"  # v1: the run layout; bump on change
+HASH_PROBE = "hash('tidegate customer index v2')"  # v2: the run layout; bump on change
 RUN_PREFIX = "log_cidx_"
-RUN_COLUMNS = "customer_hash UBIGINT NOT NULL, time TIMESTAMPTZ NOT NULL"
-# Up to this many rows are fetched by one point query each (``time = ?``): that decodes
-# one vector's strings. An IN list prunes row groups but then decodes every row in them,
-# which pays off only for many rows.
-POINT_QUERIES_MAX = 64
+RUN_COLUMNS = (
+    "customer_hash UBIGINT NOT NULL, time TIMESTAMPTZ NOT NULL, customer_row BIGINT NOT NULL,"
+    " position INTEGER NOT NULL, request_row BIGINT NOT NULL"
+)
+RUN_FIELDS = "customer_hash, time, customer_row, position, request_row"
+# Index entries of log_customers rows from rowid {lo} to {hi}, the rowids of their
+# requests found by (time, id) among the requests of that time span: a batch commits its
+# requests and customers together, so each customer row's request is there.
+TAIL_ENTRIES = """
+SELECT hash(c.customer_id) AS customer_hash, c.time, c.rowid AS customer_row, c.position,
+       r.rowid AS request_row
+FROM log_customers c JOIN log_requests r ON r.time = c.time AND r.id = c.request_id
+WHERE c.rowid >= {lo:d} AND c.rowid < {hi:d} AND r.time BETWEEN ? AND ?"""
 LAST_SEALED_EXISTS = "SELECT count(*) FROM log_customers WHERE rowid = ?"
 
 
@@ -390,25 +424,35 @@ def seal_tail(
     pass_rows: int,
     stop: Callable[[], bool],
     progress: Callable[[int, int], None],
-) -> int:
-    """Writes the unsealed tail as a new run if it has at least ``min_rows`` (and one) rows,
-    in one transaction. Returns the number of rows sealed."""
+) -> tuple[int, int]:
+    """Writes the unsealed tail, its oldest ``pass_rows`` rows at most, as a new run if it
+    has at least ``min_rows`` (and one) rows, in one transaction. Returns the number of
+    rows sealed and the number left unsealed."""
     conn.begin()
     try:
         state = read_index(conn)
-        rows, end = unsealed_rows(conn, state)
-        if rows == 0 or rows < min_rows:
+        unsealed, end = unsealed_rows(conn, state)
+        if unsealed == 0 or unsealed < min_rows:
             conn.rollback()
-            return 0
-        source = (
-            "SELECT hash(customer_id) AS customer_hash, time FROM log_customers"
-            f" WHERE rowid >= {state.sealed:d} AND rowid < {end:d}"
+            return 0, unsealed
+        # At most one sort pass per run: the join below is not repeated per pass, and a
+        # long tail (a log indexed for the first time) becomes several runs, then merges.
+        end = min(end, state.sealed + max(pass_rows, 1))
+        rows = end - state.sealed
+        span = _one(
+            conn,
+            "SELECT epoch_us(min(time)), epoch_us(max(time)) FROM log_customers"
+            " WHERE rowid >= ? AND rowid < ?",
+            [state.sealed, end],
         )
-        write_run(conn, run_table(state.next_run), source, rows, pass_rows, stop, progress)
+        source = TAIL_ENTRIES.format(lo=state.sealed, hi=end)
+        table = run_table(state.next_run)
+        times = [from_micros(t) for t in span]
+        write_run(conn, table, source, rows, pass_rows, stop, progress, times)
         conn.execute("INSERT INTO log_index_runs VALUES (?, ?)", [state.next_run, rows])
         conn.execute("UPDATE log_index_state SET sealed_rows = ?, next_run = next_run + 1", [end])
         conn.commit()
-        return rows
+        return rows, unsealed - rows
     except BaseException:
         _rollback(conn)
         raise
@@ -452,7 +496,7 @@ def merge_runs(
             conn.rollback()
             return 0, 0
         entries = sum(e for run, e in state.runs if run in group)
-        source = " UNION ALL ".join(f"SELECT * FROM {run_table(run)}" for run in group)
+        source = " UNION ALL ".join(f"SELECT {RUN_FIELDS} FROM {run_table(run)}" for run in group)
         write_run(conn, run_table(state.next_run), source, entries, pass_rows, stop, progress)
         listed_runs = ", ".join(f"{run:d}" for run in group)
         conn.execute(f"DELETE FROM log_index_runs WHERE run IN ({listed_runs})")
@@ -475,10 +519,12 @@ def write_run(
     pass_rows: int,
     stop: Callable[[], bool],
     progress: Callable[[int, int], None],
+    params: builtins.list[Any] | None = None,
 ) -> None:
-    """Creates ``table`` from ``source`` (customer_hash, time) sorted by hash. Each pass
-    sorts one slice of the hash range, so at most about ``pass_rows`` rows are sorted at
-    once; the slices are inserted in hash order, so the table is sorted as a whole."""
+    """Creates ``table`` from ``source`` (``RUN_FIELDS``, with ``params``) sorted by hash.
+    Each pass sorts one slice of the hash range, so at most about ``pass_rows`` rows are
+    sorted at once; the slices are inserted in hash order, so the table is sorted as a
+    whole."""
     conn.execute(f"CREATE TABLE {table} ({RUN_COLUMNS})")
     passes = max(1, -(-rows // max(pass_rows, 1)))
     step = 2**64 // passes
@@ -491,29 +537,36 @@ def write_run(
             low, high = i * step, 2**64 - 1 if i == passes - 1 else (i + 1) * step - 1
             where = f" WHERE customer_hash BETWEEN {low:d}::UBIGINT AND {high:d}::UBIGINT"
         conn.execute(
-            f"INSERT INTO {table} SELECT customer_hash, time FROM ({source}){where}"
-            " ORDER BY customer_hash, time"
+            f"INSERT INTO {table} SELECT {RUN_FIELDS} FROM ({source}){where}"
+            " ORDER BY customer_hash, time, customer_row",
+            params or [],
         )
         progress(i + 1, passes)
 
 
-def customer_times(
+def customer_entries(
     cur: duckdb.DuckDBPyConnection,
     state: IndexState,
     customer_id: str,
     bounds: builtins.list[tuple[str, datetime]],
     before: int | None,
     limit: int,
-) -> builtins.list[int]:
-    """Up to ``limit`` distinct times (epoch microseconds), newest first and before
-    ``before`` when given, at which a request may carry the customer: every such request
-    has one of these times. Run it in the transaction that read ``state``."""
+) -> builtins.list[tuple[int, int, int, int]]:
+    """The index entries (time in epoch microseconds, customer_row, position, request_row)
+    at up to ``limit`` distinct times, newest first and before ``before`` when given, that
+    may be the customer's: every request carrying it has an entry. Entries of one time are
+    ordered by request, then position. Run it in the transaction that read ``state``."""
     branches = [
-        f"SELECT time FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
+        f"SELECT {RUN_FIELDS} FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
         for run, _ in state.runs
     ]
     params: builtins.list[Any] = [customer_id] * len(branches)
-    branches.append("SELECT time FROM log_customers WHERE rowid >= ? AND customer_id = ?")
+    branches.append(
+        "SELECT 0::UBIGINT AS customer_hash, c.time AS time, c.rowid AS customer_row,"
+        " c.position AS position, r.rowid AS request_row FROM log_customers c"
+        " JOIN log_requests r ON r.time = c.time AND r.id = c.request_id"
+        " WHERE c.rowid >= ? AND c.customer_id = ?"
+    )
     params += [state.sealed, customer_id]
     conds = [f"time {op} ?" for op, _ in bounds]
     params += [value for _, value in bounds]
@@ -521,56 +574,79 @@ def customer_times(
         conds.append("time < ?")
         params.append(from_micros(before))
     found = cur.execute(
-        f"SELECT DISTINCT epoch_us(time) AS t FROM ({' UNION ALL '.join(branches)})"
-        f" WHERE {' AND '.join(conds) or 'TRUE'} ORDER BY t DESC LIMIT ?",
+        "SELECT epoch_us(time) AS t, customer_row, position, request_row"
+        f" FROM ({' UNION ALL '.join(branches)}) WHERE {' AND '.join(conds) or 'TRUE'}"
+        " QUALIFY dense_rank() OVER (ORDER BY t DESC) <= ?"
+        " ORDER BY t DESC, request_row, position",
         [*params, limit],
     ).fetchall()
-    return [t for (t,) in found]
+    return [tuple(entry) for entry in found]
 
 
-def requests_at(
+def requests_at_rows(
     cur: duckdb.DuckDBPyConnection,
-    times: builtins.list[int],
+    rows: builtins.list[int],
     where: str,
     params: builtins.list[Any],
-) -> builtins.list[tuple[Any, ...]]:
-    """The ``log_requests`` records at these times (epoch microseconds) that satisfy
+) -> builtins.list[tuple[int, tuple[Any, ...]]]:
+    """(rowid, record) of the ``log_requests`` rows with these rowids that satisfy
     ``where``, newest first."""
-    if not times:
+    if not rows:
         return []
-    at = [from_micros(t) for t in times]
-    if len(times) <= POINT_QUERIES_MAX:
-        branch = f"(SELECT {REQUEST_COLUMNS} FROM log_requests r WHERE r.time = ? AND {where})"
-        sql = " UNION ALL ".join([branch] * len(times)) + " ORDER BY 1 DESC, 2 DESC"
-        return cur.execute(sql, [v for t in at for v in (t, *params)]).fetchall()
-    return cur.execute(
-        f"SELECT {REQUEST_COLUMNS} FROM log_requests r"
-        f" WHERE r.time IN ({', '.join('?' * len(at))}) AND {where}"
-        " ORDER BY r.time DESC, r.id DESC",
-        [*at, *params],
-    ).fetchall()
-
-
-def point_customers(
-    cur: duckdb.DuckDBPyConnection, recs: builtins.list[tuple[Any, ...]], customer_id: str
-) -> dict[str, tuple[LogCustomer, ...]]:
-    """``page_customers`` for a few scattered requests: one point query per request."""
-    if len(recs) > POINT_QUERIES_MAX:
-        return page_customers(cur, recs, customer_id)
-    if not recs:
-        return {}
-    branch = (
-        "(SELECT request_id, customer_id, name, outcome, error, position FROM log_customers"
-        " WHERE time = ? AND request_id = ?)"
-    )
     found = cur.execute(
-        "SELECT request_id, customer_id, name, outcome, error, row_number() OVER"
-        " (PARTITION BY request_id ORDER BY customer_id = ? DESC, position) AS rank"
-        f" FROM ({' UNION ALL '.join([branch] * len(recs))})"
-        " QUALIFY rank <= ? ORDER BY request_id, rank",
-        [customer_id, *(v for rec in recs for v in (from_micros(rec[0]), rec[1])), LIST_CUSTOMERS],
+        f"SELECT r.rowid, {REQUEST_COLUMNS} FROM log_requests r"
+        f" WHERE r.rowid IN (SELECT unnest(?::BIGINT[])) AND {where}"
+        " ORDER BY r.time DESC, r.id DESC",
+        [rows, *params],
     ).fetchall()
-    return _grouped(found)
+    return [(rec[0], rec[1:]) for rec in found]
+
+
+def carried_customers(
+    cur: duckdb.DuckDBPyConnection,
+    requests: builtins.list[tuple[int, tuple[Any, ...]]],
+    entries: dict[int, builtins.list[tuple[int, int]]],
+    customer_id: str,
+) -> builtins.list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
+    """The ``requests`` (rowid, record) that carry the customer, each with its customers as
+    a list shows them: the customer's own rows first, then the others in request order,
+    ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's rowid to its index entries
+    (customer_row, position), by position: an entry whose row names another customer (a
+    hash collision) is not the customer's."""
+    count = REQUEST_FIELD_INDEX["customer_count"]
+    wanted: set[int] = set()
+    for request_row, rec in requests:
+        own = entries[request_row]
+        first = own[0][0] - own[0][1]
+        wanted.update(range(first, first + min(rec[count], LIST_CUSTOMERS)))
+        wanted.update(row for row, _ in own)
+    fetched = cur.execute(
+        "SELECT rowid, customer_id, name, outcome, error, position FROM log_customers"
+        " WHERE rowid IN (SELECT unnest(?::BIGINT[]))",
+        [sorted(wanted)],
+    ).fetchall()
+    rows = {rec[0]: (LogCustomer(*rec[1:5]), rec[5]) for rec in fetched}
+    found: builtins.list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
+    for request_row, rec in requests:
+        own = entries[request_row]
+        mine = [
+            row
+            for row, position in own
+            if row in rows and rows[row][1] == position and rows[row][0].customer_id == customer_id
+        ]
+        if not mine:
+            continue
+        first = own[0][0] - own[0][1]
+        others = []
+        for k in range(min(rec[count], LIST_CUSTOMERS)):
+            customer, position = rows.get(first + k, (None, -1))
+            if customer is None or position != k:  # past the request's stored customers
+                break
+            if first + k not in mine:
+                others.append(customer)
+        shown = [rows[row][0] for row in mine] + others
+        found.append((rec, tuple(shown[:LIST_CUSTOMERS])))
+    return found
 
 
 def _grouped(found: builtins.list[tuple[Any, ...]]) -> dict[str, tuple[LogCustomer, ...]]:

@@ -11,11 +11,11 @@ Layout, and why:
   lookup by id gets a time window from the id itself and prunes the same way.
 - A customer ID says nothing about time, so a search by customer goes through the
   customer index (``engine.logsql`` describes it): runs of (hash of the customer ID,
-  time) sorted by hash, plus the few ``log_customers`` rows not yet in a run. The index
-  gives the times at which the customer's requests may lie, newest first; the requests
-  at those times are fetched by one point query each (``time = ?``) and kept when the
-  other filters pass and their customers include the customer. Only the requests a page
-  needs are fetched, a chunk of candidates at a time.
+  time, rowid of the customer row, its position, rowid of its request) sorted by hash,
+  plus the few ``log_customers`` rows not yet in a run. The index gives the customer's
+  entries newest first; their requests are fetched by rowid and kept when the other
+  filters pass and the customer row an entry points at is this customer's. Only the
+  requests a page needs are fetched, a chunk of candidates at a time.
 - One writer thread owns the write connection and inserts Arrow batches, one transaction
   per batch. A checkpoint can stall it for seconds, so ``append`` only adds the row to a
   bounded buffer and never waits on DuckDB. Readers run in worker threads on their own
@@ -25,8 +25,9 @@ Layout, and why:
   ``index_fanout`` runs of one size make one of the next), each in one transaction, so a
   search sees the old runs or the new one, never neither. Sorting a run never holds up
   the writer. At start it indexes whatever is unsealed: a log written before the index
-  existed is indexed in the background (10-20 s and 0.6 GB for 25M customer rows),
-  and searches scan the unsealed rows meanwhile, so they are slower but still exact.
+  existed (or with an older index layout) is indexed in the background, a run per
+  ``index_pass_rows`` rows (14-23 s and 1.1 GB peak RSS for 25M customer rows), and
+  searches scan the unsealed rows meanwhile, so they are slower but still exact.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
 
@@ -58,9 +59,11 @@ from engine.logsql import (
     REQUEST_COLUMNS,
     SCHEMA,
     arrow_tables,
+    carried_customers,
     check_query,
     check_row,
-    customer_times,
+    connect,
+    customer_entries,
     decode_token,
     encode_token,
     id_window,
@@ -68,9 +71,8 @@ from engine.logsql import (
     merge_runs,
     open_index,
     page_customers,
-    point_customers,
     read_index,
-    requests_at,
+    requests_at_rows,
     row_from_record,
     seal_tail,
     time_bounds,
@@ -342,7 +344,7 @@ class LogStore:
         self,
     ) -> tuple[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection]:
         try:
-            conn = duckdb.connect(str(self._path))
+            conn = connect(str(self._path))
         except duckdb.IOException as exc:  # most often: another process holds the file
             raise TidegateError(f"cannot open the log database {self._path}: {exc}") from exc
         try:
@@ -499,20 +501,27 @@ class LogStore:
         return self._index_stop
 
     def _index_work(self, *, force: bool) -> None:
-        """Seals the tail (any size if ``force``), then merges until no level is full."""
+        """Seals the tail (any size if ``force``; a run holds at most ``index_pass_rows``
+        rows, so a long tail takes several), then merges until no level is full."""
         conn = self._index_conn
         assert conn is not None
-        started = monotime.monotonic()
-        progress = _Progress("log_customer_index_sealing")
-        rows = seal_tail(
-            conn,
-            1 if force else self._index_seal_rows,
-            self._index_pass_rows,
-            self._index_stopping,
-            progress,
-        )
-        if rows:
+        sealed = 0
+        while True:
+            started = monotime.monotonic()
+            progress = _Progress("log_customer_index_sealing")
+            rows, left = seal_tail(
+                conn,
+                1 if force else self._index_seal_rows,
+                self._index_pass_rows,
+                self._index_stopping,
+                progress,
+            )
+            if not rows:
+                break
+            sealed += rows
             progress.done(rows, started)
+            if sealed > rows or left:  # a long tail, sealed run by run
+                log.info("log_customer_index_sealing", rows_done=sealed, rows_left=left)
         while True:
             started = monotime.monotonic()
             progress = _Progress("log_customer_index_merging")
@@ -572,8 +581,9 @@ class LogStore:
         after: tuple[datetime, str] | None,
     ) -> tuple[builtins.list[LogRow], str]:
         """``_list`` for a customer search, through the customer index: the index gives the
-        candidate times newest first, a chunk at a time; the requests at those times that
-        pass the other filters are fetched, and kept if their customers include this one."""
+        candidate entries newest first, a chunk of times at a time; the requests they point
+        at that pass the other filters are fetched by rowid, and kept if the customer row
+        an entry points at is this customer's."""
         customer_id = query.customer_id
         where, params = where_clause(replace(query, customer_id=""), after)
         bounds = time_bounds(query, after)
@@ -584,18 +594,18 @@ class LogStore:
             before: int | None = None
             chunk = size + 1
             while len(found) <= size:
-                times = customer_times(cur, state, customer_id, bounds, before, chunk)
-                recs = requests_at(cur, times, where, params)
+                candidates = customer_entries(cur, state, customer_id, bounds, before, chunk)
+                entries: dict[int, builtins.list[tuple[int, int]]] = {}
+                for _time, customer_row, position, request_row in candidates:
+                    entries.setdefault(request_row, []).append((customer_row, position))
+                recs = requests_at_rows(cur, builtins.list(entries), where, params)
                 while recs and len(found) <= size:
                     batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
-                    customers = point_customers(cur, batch, customer_id)
-                    for rec in batch:
-                        carried = customers.get(rec[1], ())
-                        if carried and carried[0].customer_id == customer_id:
-                            found.append((rec, carried))
-                if len(times) < chunk:
+                    found += carried_customers(cur, batch, entries, customer_id)
+                times = len({entry[0] for entry in candidates})
+                if times < chunk:
                     break
-                before, chunk = times[-1], min(chunk * 4, CANDIDATES_MAX)
+                before, chunk = candidates[-1][0], min(chunk * 4, CANDIDATES_MAX)
         finally:
             with contextlib.suppress(duckdb.Error):  # read only: nothing to commit
                 cur.rollback()

@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from engine.errors import InvalidInputError, TidegateError
@@ -319,6 +320,24 @@ async def test_rows_survive_close_and_reopening_the_file(tmp_path: Path) -> None
         assert [await second.get(r.id) for r in rows] == rows
     finally:
         await second.close()
+
+
+async def test_a_new_log_file_stores_no_string_as_dict_fsst(tmp_path: Path) -> None:
+    """DICT_FSST decodes the whole dictionary of a segment to read one row of it; new log
+    files use the v1.2.0 storage format, whose string encodings read single rows."""
+    path = tmp_path / "log.duckdb"
+    store = LogStore(path)
+    await store.start()
+    customers = [LogCustomer(f"cust-{i}", f"Name {i}") for i in range(3000)]
+    await append_all(store, [make_row(i / 100, customers=(c,)) for i, c in enumerate(customers)])
+    await store.close()
+    with duckdb.connect(str(path)) as conn:
+        conn.execute("CHECKPOINT")
+        found = conn.execute(
+            "SELECT DISTINCT compression FROM pragma_storage_info('log_customers')"
+            " WHERE segment_type = 'VARCHAR'"
+        ).fetchall()
+    assert found and ("DICT_FSST",) not in found, found
 
 
 async def test_append_rejects_an_id_whose_time_is_far_from_the_rows_time(store: LogStore) -> None:
