@@ -636,7 +636,7 @@ def carried_customers(
         ]
         if not mine:
             continue
-        first = own[0][0] - own[0][1]
+        first = mine[0] - rows[mine[0]][1]
         others = []
         for k in range(min(rec[count], LIST_CUSTOMERS)):
             customer, position = rows.get(first + k, (None, -1))
