@@ -78,6 +78,9 @@ class DeliverySettings:
 DELIVERED = ItemOutcome(delivered=True)
 """The outcome of an item a successful send did not report on (shared: it is immutable)."""
 
+_NOTHING: dict[str, Any] = {}
+"""An empty default that is only read (saves an empty dict per rendered item)."""
+
 MIN_INTERVAL = 0.05
 MAX_INTERVAL = 10.0
 
@@ -305,7 +308,7 @@ class Deliverer:
             await self._queue.settle(delivered=batch.skipped, dead=batch.dead)
             return
         assert self._session is not None
-        origins = sorted({batch.items[d.item_id].origin for d in batch.deliveries} - {""})
+        origins = sorted({item.origin for item in batch.items.values()} - {""})  # one per delivery
         transport = RecordingTransport(
             self._session, self.settings.request_timeout, tags=tuple(origins)
         )
@@ -519,7 +522,10 @@ class Deliverer:
             if len(batch.deliveries) >= max_items:
                 break
             # Identifying attributes as they were at ingest (see ingest._identity).
-            attributes = {**profiles.get(item.customer_id, {}), **item.payload.get("identity", {})}
+            attributes = {
+                **profiles.get(item.customer_id, _NOTHING),
+                **item.payload.get("identity", _NOTHING),
+            }
             customer = Customer(item.customer_id, attributes)
             try:
                 delivery = render_delivery(self._pipeline, connection, customer, item)

@@ -234,11 +234,11 @@ class DurableQueue:
                     " ORDER BY seq LIMIT ?",
                     (connection_id, *params, limit),
                 ).fetchall()
+            # tuple.__new__ is what QueueItem(...) calls, without its Python-level __new__.
+            new, loads, conn = tuple.__new__, orjson.loads, connection_id
             return [
-                QueueItem(
-                    seq, connection_id, cust, kind, eid, orjson.loads(payload), enq, att, first, org
-                )
-                for seq, cust, kind, eid, payload, enq, att, first, org in rows
+                new(QueueItem, (seq, conn, cust, kind, eid, loads(data), enq, att, at1, org))
+                for seq, cust, kind, eid, data, enq, att, at1, org in rows
             ]
 
         return await self._db.read(fetch)

@@ -42,12 +42,13 @@ class CustomerPart:
         self, delivery: Delivery, cleared: Sequence[tuple[bool, str]], replace: ReplaceRule
     ) -> None:
         self.item_ids.append(delivery.item_id)
-        for key, value in (delivery.attributes or {}).items():
-            if key == CUSTOM_KEY and isinstance(value, Mapping):
-                for name, custom_value in value.items():
-                    self._set(self.custom, True, name, custom_value, replace)
-            else:
-                self._set(self.attributes, False, key, value, replace)
+        if delivery.attributes:  # most deliveries carry events only
+            for key, value in delivery.attributes.items():
+                if key == CUSTOM_KEY and isinstance(value, Mapping):
+                    for name, custom_value in value.items():
+                        self._set(self.custom, True, name, custom_value, replace)
+                else:
+                    self._set(self.attributes, False, key, value, replace)
         for custom, name in cleared:
             (self.custom if custom else self.attributes).pop(name, None)
             self.cleared[(custom, name)] = None

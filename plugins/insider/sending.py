@@ -129,7 +129,7 @@ async def send_batch(
     failed: dict[str, str] = {}
     for delivery in deliveries:
         customer_id = delivery.customer.id
-        if customer_id in failed:
+        if customer_id in failed or delivery.change is None:  # only a change moves one
             continue
         try:
             move = identity_change(
@@ -145,7 +145,9 @@ async def send_batch(
     replace = replace_rule(connection, settings)
     parts = customer_parts(
         [d for d in deliveries if d.customer.id not in failed],
-        lambda d: cleared_attributes(connection.profile_mappings, d.change),
+        lambda d: (
+            () if d.change is None else cleared_attributes(connection.profile_mappings, d.change)
+        ),
         replace,
     )
     await _delete_cleared(client, parts, failed)

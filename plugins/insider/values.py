@@ -64,7 +64,12 @@ def _custom_scalar(value: Any) -> Any:
     if isinstance(value, float):
         return _finite(value)
     if isinstance(value, str):
-        if ANTAVO_DATE.match(value) or ANTAVO_DATETIME.match(value):
+        # Both patterns start with YYYY-: most texts fail that test without a regex.
+        if (
+            len(value) >= 10
+            and value[4] == "-"
+            and (ANTAVO_DATE.match(value) or ANTAVO_DATETIME.match(value))
+        ):
             return datetime_utc(value)
         return value
     if isinstance(value, list | dict):
@@ -215,7 +220,7 @@ def _parse_datetime(text: str) -> datetime:
 def rfc3339_utc(moment: datetime) -> str:
     """``moment`` in UTC as RFC 3339 with Z; milliseconds only when nonzero. A naive
     datetime is taken to be UTC already."""
-    if moment.tzinfo is not None:
+    if moment.tzinfo is not None and moment.tzinfo is not UTC:  # already UTC: no copy
         moment = moment.astimezone(UTC)
     # The text of strftime("%Y-%m-%dT%H:%M:%S") (whose %Y is unpadded below year 1000,
     # hence %d), in a third of its time: every event carries a timestamp.
