@@ -74,7 +74,12 @@ def parse_request(payload: Any) -> list[AntavoEvent]:
             raise InvalidInputError(
                 "events", f"at most {MAX_EVENTS_PER_REQUEST} events per request"
             )
-        return [parse_event(e, f"events[{i}]") for i, e in enumerate(events)]
+        try:
+            # Unnamed first: a record's name (its position) matters only in an error.
+            return [parse_event(e, "") for e in events]
+        except InvalidInputError:
+            # Validation is pure: this pass raises the same error, naming the record.
+            return [parse_event(e, f"events[{i}]") for i, e in enumerate(events)]
     return [parse_event(payload, "event")]
 
 
@@ -82,17 +87,36 @@ def parse_event(raw: Any, where: str, received: datetime | None = None) -> Antav
     """Validates one Antavo event; errors name the field, e.g. ``events[2].action``."""
     if not isinstance(raw, dict):
         raise InvalidInputError(where, "expected an object")
-    customer = _required_str(raw, "customer", where)
-    action = _required_str(raw, "action", where)
-    data = raw.get("data", {})
+    get = raw.get
+    # Each field is checked inline for the usual case, a plain string, and by the
+    # _required_str / _optional_str helpers otherwise (which accept or raise as before).
+    customer = get("customer")
+    if type(customer) is not str or len(customer) > MAX_ID_LENGTH or not customer.strip():
+        customer = _required_str(raw, "customer", where)
+    action = get("action")
+    if type(action) is not str or len(action) > MAX_ID_LENGTH or not action.strip():
+        action = _required_str(raw, "action", where)
+    data = get("data", {})
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise InvalidInputError(f"{where}.data", "expected an object")
-    external_id = _optional_str(raw, "external_id", where)
-    account = _optional_str(raw, "account", where)
-    given_id = _optional_str(raw, "id", where)
-    timestamp = _timestamp(raw.get("timestamp"), f"{where}.timestamp")
+    external_id = get("external_id")
+    if external_id is None:
+        external_id = ""
+    elif type(external_id) is not str or len(external_id) > MAX_ID_LENGTH:
+        external_id = _optional_str(raw, "external_id", where)
+    account = get("account")
+    if account is None:
+        account = ""
+    elif type(account) is not str or len(account) > MAX_ID_LENGTH:
+        account = _optional_str(raw, "account", where)
+    given_id = get("id")
+    if given_id is None:
+        given_id = ""
+    elif type(given_id) is not str or len(given_id) > MAX_ID_LENGTH:
+        given_id = _optional_str(raw, "id", where)
+    timestamp = _timestamp(get("timestamp"), where)
     event_id = (
         given_id
         or "sha256:"
@@ -134,11 +158,12 @@ def _optional_str(raw: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _timestamp(value: Any, field: str) -> datetime | None:
+def _timestamp(value: Any, where: str) -> datetime | None:
+    """The record's ``timestamp`` in UTC; errors name the field ``<where>.timestamp``."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise InvalidInputError(field, "expected an RFC 3339 string or Unix seconds")
+        raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")
     if isinstance(value, int | float):
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
@@ -147,9 +172,11 @@ def _timestamp(value: Any, field: str) -> datetime | None:
         except ValueError:
             parsed = None
         if parsed is not None and parsed.tzinfo is not None:
-            return parsed.astimezone(UTC)
-        raise InvalidInputError(field, f"not an RFC 3339 date-time with offset: {value!r}")
-    raise InvalidInputError(field, "expected an RFC 3339 string or Unix seconds")
+            return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
+        raise InvalidInputError(
+            f"{where}.timestamp", f"not an RFC 3339 date-time with offset: {value!r}"
+        )
+    raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")
 
 
 def event_payload(event: AntavoEvent) -> dict[str, Any]:
@@ -311,9 +338,10 @@ class Ingestor:
                 if interested:
                     if profile is None and external_id_attributes:
                         profile = load_profile(c, customer_id)
-                    payload = orjson.dumps(
-                        {**event_payload(event), **_identity(profile, external_id_attributes)}
-                    )
+                    fields = event_payload(event)
+                    if profile:
+                        fields.update(_identity(profile, external_id_attributes))
+                    payload = orjson.dumps(fields)
                     for connection_id in interested:
                         items.append(
                             (

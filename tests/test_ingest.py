@@ -34,6 +34,19 @@ from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_e
         ({"customer": "c", "action": "x", "timestamp": "2026-01-01T10:00:00"}, "event.timestamp"),
         ({"customer": "c", "action": "x", "id": 5}, "event.id"),
         ({"events": [{"customer": "c", "action": "x"}, {"customer": "c"}]}, "events[1].action"),
+        ({"customer": "  ", "action": "x"}, "event.customer"),
+        ({"customer": "c" * 257, "action": "x"}, "event.customer"),
+        ({"customer": "c", "action": "x", "external_id": 5}, "event.external_id"),
+        ({"customer": "c", "action": "x", "account": "a" * 257}, "event.account"),
+        (
+            {
+                "events": [
+                    {"customer": "c", "action": "x", "timestamp": "2026-01-01T10:00:00Z"},
+                    {"customer": "c", "action": "x", "timestamp": "soon"},
+                ]
+            },
+            "events[1].timestamp",
+        ),
     ],
 )
 def test_invalid_records_are_rejected_naming_the_field(payload: object, field: str) -> None:
@@ -49,6 +62,25 @@ def test_timestamp_accepts_rfc3339_with_offset_and_unix_seconds() -> None:
     assert with_offset.timestamp == datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
     unix = parse_event({"customer": "c", "action": "x", "timestamp": 1772359200}, "e")
     assert unix.timestamp == datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
+
+
+def test_valid_fields_pass_as_given() -> None:
+    class Text(str):
+        pass
+
+    [event] = parse_request(
+        {
+            "customer": Text("c"),
+            "action": "x",
+            "id": "e" * 256,
+            "account": "",
+            "timestamp": "2026-03-01T10:00:00.5Z",
+        }
+    )
+    assert (event.customer, event.id, event.account, event.external_id) == ("c", "e" * 256, "", "")
+    assert type(event.customer) is Text
+    assert event.timestamp == datetime(2026, 3, 1, 10, 0, 0, 500000, tzinfo=UTC)
+    assert event.timestamp.tzinfo is UTC
 
 
 def test_records_without_id_get_the_same_id_for_the_same_content() -> None:
