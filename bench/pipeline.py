@@ -36,6 +36,7 @@ class PipelineResult:
     total_seconds: float = 0.0  # first ingest post -> last delivery at the sink
     steady_rate: float = 0.0  # events/s delivered once warmed up, while load was offered
     engine_cpu: float = 0.0  # CPU seconds the engine used from first post to drained
+    engine_main_cpu: float = 0.0  # of which its main process (delivery, log); the rest: ingest
     sink_cpu: float = 0.0
     client_cpu: float = 0.0
     logged_requests: int = 0
@@ -124,6 +125,7 @@ async def run_pipeline(
             profiler = Profiler.start(engine.pid, seconds, profile_to) if profile_to else None
             watcher = asyncio.create_task(monitor())
             cpu0, sink0, client0 = engine.cpu(), sink.cpu(), time.process_time()
+            main0 = engine.cpu(children=False)
             t0 = time.monotonic()
             await asyncio.gather(*(poster(t0 + seconds) for _ in range(in_flight)))
             t_offered = time.monotonic()
@@ -132,6 +134,7 @@ async def run_pipeline(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(drained.wait(), drain_timeout)
             result.engine_cpu = engine.cpu() - cpu0
+            result.engine_main_cpu = engine.cpu(children=False) - main0
             result.sink_cpu = sink.cpu() - sink0
             result.client_cpu = time.process_time() - client0
             stop_monitor.set()

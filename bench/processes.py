@@ -42,11 +42,11 @@ def family(pid: int) -> list[int]:
     return [pid, *sorted(children)]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process and its live children have used so far (10 ms
-    resolution)."""
+def cpu_seconds(pid: int, *, children: bool = True) -> float:
+    """User plus system CPU time the process and (unless ``children`` is false) its live
+    children have used so far (10 ms resolution)."""
     total = 0
-    for member in family(pid):
+    for member in family(pid) if children else [pid]:
         with contextlib.suppress(OSError):
             fields = _stat(member)
             # Fields 14 and 15 of proc(5), counted from 1; ``fields`` starts at field 3.
@@ -87,8 +87,8 @@ class Process:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+    def cpu(self, *, children: bool = True) -> float:
+        return cpu_seconds(self.pid, children=children)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.popen.poll() is None:

@@ -145,10 +145,13 @@ async def run_e2e(ctx: Context) -> None:
         f"{r.delivered:,} events in {r.total_seconds:.1f} s = {rate(r.events_per_s, 'events')}"
         + ("" if r.drained else f" (NOT drained: {r.accepted - r.delivered:,} left)"),
     )
+    per_event = max(r.delivered, 1) / 1e6  # CPU seconds / per_event = us per event
     add(
         "e2e",
         "engine CPU per delivered event (ingest + delivery + log; the median run)",
-        f"{r.cpu_us_per_event:,.0f} us ({r.engine_cpu:.1f} CPU s; "
+        f"{r.cpu_us_per_event:,.0f} us: delivery and log {r.engine_main_cpu / per_event:,.0f},"
+        f" ingest worker {(r.engine_cpu - r.engine_main_cpu) / per_event:,.0f}"
+        f" ({r.engine_cpu:.1f} CPU s; "
         f"{r.engine_cpu / r.total_seconds:.2f} cores; beside it the sink used "
         f"{r.sink_cpu / r.total_seconds:.2f} and the generator "
         f"{r.client_cpu / r.total_seconds:.2f})"
