@@ -139,9 +139,7 @@ async def run_once(
     ingestor = Ingestor(db, registry, queue)
     await ingestor.load()
     if freeze:
-        # As ``tidegate serve`` does once started: start-up objects stay out of full
-        # collections.
-        gc.freeze()
+        _settle_collector()
     for body in bodies:
         await ingestor.ingest(parse_request(orjson.loads(body)))
     queued = queue.depth
@@ -197,6 +195,21 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
         fields = stat[stat.rindex(")") + 2 :].split()
         found[thread.native_id or 0] = (thread.name, (int(fields[11]) + int(fields[12])) / ticks)
     return found
+
+
+def _settle_collector() -> None:
+    """What ``tidegate serve`` does to the collector once started (``engine.runtime``);
+    an engine from before that module only froze its start-up objects. (The module is
+    looked for beside the measured engine: the editable install would supply this
+    checkout's.)"""
+    import engine
+
+    if not (Path(engine.__file__).parent / "runtime.py").exists():
+        gc.freeze()
+        return
+    from engine.runtime import settle_collector
+
+    settle_collector()
 
 
 class _GcClock:
@@ -287,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-freeze",
         action="store_true",
-        help="skip gc.freeze() (as serve ran before 90438cb): full collections walk everything",
+        help="leave the garbage collector as it starts (as serve did before 90438cb)",
     )
     parser.add_argument("--engine-src", type=Path, help="checkout whose engine to measure")
     return parser

@@ -27,6 +27,7 @@ from engine.http_ingest import INGEST_TOKEN_ENV
 from engine.ingest import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
 from engine.plugins import plugin_manager
+from engine.runtime import settle_collector
 
 
 def port(text: str) -> int:
@@ -135,9 +136,7 @@ async def _serve(config: EngineConfig) -> int:
     except (OSError, TidegateError) as exc:
         print(f"tidegate: cannot start: {exc}", file=sys.stderr)
         return 1
-    # Start-up objects live as long as the process: keep them out of the collector's full
-    # passes (each one otherwise stalls the event loop for tens of milliseconds).
-    gc.freeze()
+    settle_collector()
     print(
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
         f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}",

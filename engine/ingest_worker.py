@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import gc
 import itertools
 import os
 import signal
@@ -60,6 +59,7 @@ from engine.ingest import Ingestor
 from engine.logconfig import configure_logging
 from engine.plugins import Connectors, plugin_manager
 from engine.queue import DurableQueue
+from engine.runtime import settle_collector
 from engine.secrets import SecretBox
 
 log = structlog.get_logger("tidegate.ingest_worker")
@@ -330,9 +330,7 @@ async def _work(args: argparse.Namespace) -> int:
         await runner.setup()
         await web.SockSite(runner, listener).start()
         writer.write(_line({"ready": os.getpid()}))
-        # What start-up made lives as long as the process: keep it out of the collector's
-        # full passes, which otherwise stall every request in flight for 10-25 ms.
-        gc.freeze()
+        settle_collector()
 
         async def listen() -> None:
             while (message := await _receive(reader)) is not None:
