@@ -42,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,11 @@ log = structlog.get_logger("tidegate.ingest_worker")
 
 START_TIMEOUT = 30.0
 REFRESH_TIMEOUT = 5.0
+# A worker that dies is restarted after RESTART_DELAY; while each restarted one dies (or
+# fails to start) within STABLE_AFTER seconds, the delay doubles up to RESTART_DELAY_MAX.
 RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 60.0
 DEPTH_REPORT_INTERVAL = 0.1
 PR_SET_PDEATHSIG = 1
 
@@ -179,7 +184,9 @@ class IngestWorker:
         )  # fmt: skip
 
     async def _supervise(self) -> None:
+        delay = RESTART_DELAY
         while True:
+            started = time.monotonic()
             assert self._reader is not None
             while (message := await _receive(self._reader)) is not None:
                 self._handle(message)
@@ -188,18 +195,21 @@ class IngestWorker:
             self._release_refreshes()
             if self._stopping:
                 return
-            log.error("ingest_worker_exited", exit_code=code, restart_in_s=RESTART_DELAY)
+            if time.monotonic() - started >= STABLE_AFTER:
+                delay = RESTART_DELAY
+            log.error("ingest_worker_exited", exit_code=code, restart_in_s=delay)
             # What it committed but had not announced: count it and deliver it.
             await self._queue.load()
             self._wake(self._every_connection())
             while not self._stopping:
-                await asyncio.sleep(RESTART_DELAY)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX)  # for the next failure soon after
                 try:
                     await self._spawn()
                     log.info("ingest_worker_restarted", pid=self.pid)
                     break
                 except (TidegateError, OSError) as exc:
-                    log.error("ingest_worker_restart_failed", error=str(exc))
+                    log.error("ingest_worker_restart_failed", error=str(exc), retry_in_s=delay)
             if self._stopping:
                 return
 

@@ -5,6 +5,7 @@ before the admin call returns, and shares the backlog limit with the engine proc
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -87,6 +88,41 @@ async def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
     assert '"ingest_worker_exited"' in output and '"ingest_worker_restarted"' in output
     assert report.ok, f"{report.summary()}\n{report.details()}\n{output[-3000:]}"
     assert connection.dead_letter_count == 0
+
+
+def log_entries(harness: Harness, event: str) -> list[dict[str, object]]:
+    """The engine's JSON log lines of ``event``, oldest first."""
+    return [
+        json.loads(line[line.index("{") :])
+        for line in harness.engine.tail(50_000).splitlines()
+        if f'"{event}"' in line
+    ]
+
+
+def restarted(harness: Harness, times: int, within: float) -> int:
+    """The pid of the worker started by the ``times``-th restart, once it serves."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        restarts = log_entries(harness, "ingest_worker_restarted")
+        if len(restarts) >= times:
+            return int(str(restarts[times - 1]["pid"]))
+        time.sleep(0.05)
+    raise AssertionError(f"no restart number {times} within {within} s")
+
+
+async def test_a_worker_that_keeps_dying_is_restarted_after_longer_and_longer_delays(
+    harness: Harness,
+) -> None:
+    engine = engine_pid(harness)
+    worker = worker_pid(engine)
+    for n in (1, 2):
+        os.kill(worker, signal.SIGKILL)
+        worker = restarted(harness, n, within=15)
+    delays = [entry["restart_in_s"] for entry in log_entries(harness, "ingest_worker_exited")]
+    assert delays == [1.0, 2.0]  # doubled: the first replacement died within a minute
+    assert worker_pid(engine) == worker
+    status, _ = await post(harness.engine.ingest_url, {"customer": "c-1", "action": "opt_in"})
+    assert status == 202  # and the last one serves
 
 
 async def test_the_worker_dies_with_the_engine_and_frees_the_port(harness: Harness) -> None:
