@@ -317,7 +317,9 @@ def decode_token(token: str) -> tuple[datetime, str]:
 # rowid is below it is in exactly one run, and the rows at or above it (the unsealed
 # tail, small) are scanned. Rowids are the insertion order, not the time order, so rows
 # that arrive late (a restart writing the log outbox) are indexed like any other. That
-# holds because ``log_customers`` is append-only and only the store's writer appends.
+# holds, and the rowids in the runs stay valid, because ``log_customers`` and
+# ``log_requests`` are append-only and only the store's writer appends: deleting rows
+# (a retention policy, say) would have to rebuild the index.
 #
 # The hash only narrows the search: a colliding customer's entries are candidates too, and
 # a request counts only once its ``log_customers`` row shows the customer (the rows the
