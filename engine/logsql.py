@@ -582,7 +582,7 @@ def customer_entries(
         " ORDER BY t DESC, request_row, position",
         [*params, limit],
     ).fetchall()
-    return [tuple(entry) for entry in found]
+    return found
 
 
 def requests_at_rows(
