@@ -420,15 +420,22 @@ class LogStore:
     def _insert(self, tables: dict[str, pa.Table]) -> None:
         conn = self._conn
         assert conn is not None
+        # One string of INSERTs, each reading its Arrow table from the local variable it
+        # names (DuckDB's replacement scan of the caller's frame). DuckDB 2.0 spends about
+        # 0.2 ms of CPU on any statement: registering and unregistering each table as a
+        # view cost more than the inserts, at ten batches a second.
+        batch_log_requests = tables["log_requests"]  # noqa: F841 (read by the SQL)
+        batch_log_bodies = tables["log_bodies"]  # noqa: F841
+        batch_log_customers = tables["log_customers"]  # noqa: F841
+        inserts = "; ".join(
+            f"INSERT INTO {name} BY NAME SELECT * FROM batch_{name}"
+            for name, table in tables.items()
+            if table.num_rows
+        )
         conn.begin()
         try:
-            for name, table in tables.items():
-                if table.num_rows:
-                    conn.register("log_batch", table)
-                    try:
-                        conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM log_batch")
-                    finally:
-                        conn.unregister("log_batch")
+            if inserts:
+                conn.execute(inserts)
             conn.commit()
         except BaseException:
             with contextlib.suppress(duckdb.Error):  # keep the original error, not the rollback's
