@@ -16,6 +16,7 @@ from aiohttp import web
 from engine.admin.server import start_grpc_server
 from engine.connections import ConnectionRegistry
 from engine.database import STATE_FILE, Database
+from engine.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, DedupeSweeper
 from engine.delivery import Deliverer, DeliverySettings
 from engine.http_ingest import create_ingest_app
 from engine.ingest import DEFAULT_MAX_BACKLOG, Ingestor
@@ -51,6 +52,9 @@ class EngineConfig:
     log_format: str = "json"
     log_level: str = "info"
     """How the ingest worker logs (``tidegate serve`` passes its own settings)."""
+    dedupe_sweep_delay: float = SWEEP_START_DELAY
+    dedupe_sweep_interval: float = SWEEP_INTERVAL
+    """When re-send marks past their window are first deleted, and how often after."""
 
 
 class Engine:
@@ -67,6 +71,7 @@ class Engine:
         self._db: Database | None = None
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
+        self._sweeper: DedupeSweeper | None = None
 
     async def start(self) -> None:
         """Starts every part; on failure (a busy port, say) stops what had started."""
@@ -104,6 +109,8 @@ class Engine:
         )
         await self.ingestor.load()
         await self.deliverer.start()
+        self._sweeper = DedupeSweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay)
+        self._sweeper.start()
         if cfg.ingest_worker:
             await self._start_worker()
         else:
@@ -160,6 +167,9 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
+        if self._sweeper is not None:
+            await self._sweeper.stop()
+            self._sweeper = None
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None

@@ -1,0 +1,114 @@
+"""Forgetting re-send marks once their window has passed.
+
+Ingest keeps a mark in ``seen_events`` for every accepted event, so that a re-send is
+dropped: by Antavo's event id for ``ID_DEDUP_WINDOW`` (30 days), by a content hash for
+``CONTENT_DEDUP_WINDOW`` (24 hours). Once a mark is older than its window, ingest accepts
+that event again anyway, so the mark is dead weight: about 100 bytes per event, forever.
+The sweeper deletes such marks.
+
+It walks the table in key order, one chunk of keys per write transaction, so ingest
+waits at most one chunk for the database. The engine sweeps shortly after start-up and
+then every ``SWEEP_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from engine.database import Database
+from engine.ingest import CONTENT_DEDUP_WINDOW, ID_DEDUP_WINDOW
+
+log = structlog.get_logger("tidegate.dedupe")
+
+SWEEP_INTERVAL = 3600.0
+SWEEP_START_DELAY = 60.0
+"""The first sweep waits this long after start-up, out of the way of a restart's backlog."""
+SWEEP_CHUNK = 5000
+CONTENT_MARK = "sha256:"
+"""The prefix of a content-hash mark (an event without an id)."""
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    removed: int
+    kept: int
+
+
+async def sweep_seen_events(
+    db: Database, now: float | None = None, chunk: int = SWEEP_CHUNK
+) -> SweepResult:
+    """Deletes the marks older than their window as of ``now``."""
+    at = time.time() if now is None else now
+    id_cutoff, content_cutoff = at - ID_DEDUP_WINDOW, at - CONTENT_DEDUP_WINDOW
+    after = ""
+    removed = kept = 0
+    while True:
+
+        def step(c: sqlite3.Connection, after: str = after) -> tuple[str | None, int, int]:
+            marks = c.execute(
+                "SELECT event_id, receive_time FROM seen_events WHERE event_id > ?"
+                " ORDER BY event_id LIMIT ?",
+                (after, chunk),
+            ).fetchall()
+            stale = [
+                (event_id,)
+                for event_id, received in marks
+                if received < (content_cutoff if event_id.startswith(CONTENT_MARK) else id_cutoff)
+            ]
+            c.executemany("DELETE FROM seen_events WHERE event_id = ?", stale)
+            return (marks[-1][0] if len(marks) == chunk else None), len(stale), len(marks)
+
+        last, gone, seen = await db.write(step)
+        removed += gone
+        kept += seen - gone
+        if last is None:
+            return SweepResult(removed, kept)
+        after = last
+
+
+class DedupeSweeper:
+    """Runs ``sweep_seen_events`` in the background: ``start``, then ``stop``."""
+
+    def __init__(
+        self,
+        db: Database,
+        interval: float = SWEEP_INTERVAL,
+        start_delay: float = SWEEP_START_DELAY,
+    ) -> None:
+        self._db = db
+        self._interval = interval
+        self._start_delay = start_delay
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dedupe-sweep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        await asyncio.sleep(self._start_delay)
+        while True:
+            started = time.monotonic()
+            try:
+                result = await sweep_seen_events(self._db)
+            except Exception:  # a failed sweep only leaves marks for the next one
+                log.exception("seen_events_sweep_failed")
+            else:
+                log.info(
+                    "seen_events_swept",
+                    removed=result.removed,
+                    kept=result.kept,
+                    seconds=round(time.monotonic() - started, 2),
+                )
+            await asyncio.sleep(self._interval)
