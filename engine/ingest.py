@@ -194,18 +194,28 @@ def _timestamp(value: Any, where: str) -> datetime | None:
 
 
 def event_payload(event: AntavoEvent) -> dict[str, Any]:
-    """The queued form of an event; orjson writes the timestamp as ``isoformat()`` does."""
-    return {
+    """The queued form of an event; orjson writes the timestamp as ``isoformat()`` does.
+
+    ``external_id`` and ``account`` are left out when empty, their default: bytes not
+    written are bytes SQLite does not copy. Payloads queued before kept them in. (A dead
+    letter's ``record_json`` is this payload, so it leaves them out too.)
+    """
+    fields: dict[str, Any] = {
         "id": event.id,
         "action": event.action,
         "data": event.data,
         "timestamp": event.timestamp,
-        "external_id": event.external_id,
-        "account": event.account,
     }
+    if event.external_id:
+        fields["external_id"] = event.external_id
+    if event.account:
+        fields["account"] = event.account
+    return fields
 
 
 def event_from_payload(customer_id: str, payload: Mapping[str, Any]) -> AntavoEvent:
+    """The event from its queued form, as ``event_payload`` writes it now or wrote it
+    before (with empty ``external_id`` and ``account``)."""
     return AntavoEvent(
         id=payload["id"],
         customer=customer_id,

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from engine.database import Database
-from engine.ingest import Ingestor, IngestResult, parse_request
+from engine.ingest import Ingestor, IngestResult, event_from_payload, event_payload, parse_request
 from engine.queue import DurableQueue
 from engine.records import Connection, CustomerIdMapping, EventMapping, ProfileMapping
 
@@ -134,9 +134,12 @@ def event_row(
         "action": action,
         "data": data,
         "timestamp": timestamp,
-        "external_id": external_id,
-        "account": account,
     }
+    # Empty (the default) is left out.
+    if external_id:
+        payload["external_id"] = external_id
+    if account:
+        payload["account"] = account
     if identity:
         payload["identity"] = identity
     return (cid, customer, "event", event_id, payload)
@@ -268,3 +271,27 @@ async def test_ids_of_any_form_are_deduplicated_in_large_requests(run: Run) -> N
     assert result == IngestResult(accepted=10, duplicates=5_000, deliveries_queued=10)
     new_ids = {row[3] for row in await run.rows()}
     assert {"new", *(f"evt-{n}" for n in range(10_000 - len(odd), 10_000))} <= new_ids
+
+
+def test_event_from_payload_reads_payloads_of_either_form() -> None:
+    [plain, full] = parse_request(
+        {
+            "events": [
+                ev("c1", "checkout", id="e1", data={"total": 1}),
+                ev("c1", "checkout", id="e2", external_id="email", account="acc"),
+            ]
+        }
+    )
+    written_before = {
+        "id": "e1",
+        "action": "checkout",
+        "data": {"total": 1},
+        "timestamp": T1,
+        "external_id": "",
+        "account": "",
+    }
+    assert event_from_payload("c1", written_before) == plain
+    for event in (plain, full):
+        queued = orjson.loads(orjson.dumps(event_payload(event)))
+        assert event_from_payload("c1", queued) == event
+    assert "external_id" not in orjson.loads(orjson.dumps(event_payload(plain)))
