@@ -14,44 +14,44 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.connections import ConnectionRegistry
 from engine.database import Database
 from engine.ingest import Ingestor, IngestResult, event_from_payload, event_payload, parse_request
+from engine.plugins import Connectors, plugin_manager
 from engine.queue import DurableQueue
-from engine.records import Connection, CustomerIdMapping, EventMapping, ProfileMapping
+from engine.records import CustomerIdMapping
+from engine.secrets import SecretBox
 
 T1 = "2026-03-01T10:00:00+00:00"
 T2 = "2026-03-01T11:00:00+00:00"
 
 
-class Registry:
-    """What ``Ingestor`` reads of the connection registry."""
-
-    def __init__(self, connections: list[Connection]) -> None:
-        self._connections = connections
-
-    def runtimes(self) -> list[Connection]:
-        return self._connections
-
-
-def connection(
-    cid: str, id_attribute: str, attributes: list[str], actions: list[str]
-) -> Connection:
-    return Connection(
-        id=cid,
-        connector="insider",
-        settings={},
-        api_key="k",
-        customer_id_mapping=CustomerIdMapping(id_attribute),
-        profile_mappings=tuple(ProfileMapping(f"pm-{a}", a, a) for a in attributes),
-        event_mappings=tuple(EventMapping(f"em-{a}", a, a) for a in actions),
+async def real_registry(db: Database, data_dir: Path) -> ConnectionRegistry:
+    """The real registry, with three Insider connections that want different actions and
+    attributes: a identifies by Antavo's customer ID, b by email, c wants nothing."""
+    registry = ConnectionRegistry(
+        db, Connectors(plugin_manager()), SecretBox.for_data_dir(data_dir)
     )
-
-
-CONNECTIONS = [
-    connection("a", "customer_id", ["email", "tier"], ["checkout", "point_add"]),
-    connection("b", "email", ["first_name"], ["checkout", "visit"]),
-    connection("c", "customer_id", [], []),
-]
+    await registry.load()
+    for cid, id_attribute, id_target, attributes, actions in [
+        ("a", "customer_id", "uuid", ["email", "tier"], ["checkout", "point_add"]),
+        ("b", "email", "email", ["first_name"], ["checkout", "visit"]),
+        ("c", "customer_id", "uuid", [], []),
+    ]:
+        await registry.create(
+            connection_id=cid,
+            display_name="",
+            connector="insider",
+            settings={"partner_name": "acme", "base_url": "http://127.0.0.1:9"},
+            api_key="k",
+            customer_id_mapping=CustomerIdMapping(id_attribute, id_target),
+        )
+        for attribute in attributes:
+            default = attribute == "email"
+            await registry.add_profile_mapping(cid, attribute, attribute, custom=not default)
+        for action in actions:
+            await registry.add_event_mapping(cid, action, action, ())
+    return registry
 
 
 class Run:
@@ -82,12 +82,8 @@ async def run(tmp_path: Path) -> AsyncIterator[Run]:
     await db.start()
     touched: list[set[str]] = []
     try:
-        ingestor = Ingestor(
-            db,
-            Registry(CONNECTIONS),
-            DurableQueue(db),
-            touched.append,  # type: ignore[arg-type]
-        )
+        registry = await real_registry(db, tmp_path)
+        ingestor = Ingestor(db, registry, DurableQueue(db), touched.append)
         await ingestor.load()
         yield Run(db, ingestor, touched)
     finally:
