@@ -8,7 +8,7 @@ under ``attributes.custom``; custom identifiers under ``identifiers.custom``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from engine.records import (
     ProfileMapping,
 )
 from plugins.insider import catalog
-from plugins.insider.values import ConversionError, convert, value_for
+from plugins.insider.values import ConversionError, converter, value_for
 
 CUSTOM_KEY = "custom"
 
@@ -29,11 +29,23 @@ CUSTOM_KEY = "custom"
 def identifier_value(mapping: CustomerIdMapping, value: Any, phone_region: str = "") -> str:
     """``value`` as the Insider identifier ``mapping`` targets: always a string (Insider
     rejects a numeric ``uuid``), a phone number in E.164. Raises ``ConversionError``."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ConversionError(f"a {type(value).__name__}, not a string or integer")
+    return identifier_converter(mapping, phone_region)(value)
+
+
+def identifier_converter(
+    mapping: CustomerIdMapping, phone_region: str = ""
+) -> Callable[[Any], str]:
+    """``identifier_value`` for ``mapping`` and ``phone_region``, with the identifier's
+    type looked up once (``identify`` runs for every delivered item)."""
     field = None if mapping.custom else catalog.IDENTIFIERS.get(mapping.target_identifier)
-    kind = field.kind if field else catalog.UUID
-    return str(convert(kind, value, phone_region=phone_region))
+    to_kind = converter(field.kind if field else catalog.UUID, phone_region)
+
+    def to_identifier(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ConversionError(f"a {type(value).__name__}, not a string or integer")
+        return str(to_kind(value))
+
+    return to_identifier
 
 
 def identifier_object(mapping: CustomerIdMapping, value: str) -> dict[str, Any]:
@@ -44,30 +56,35 @@ def identifier_object(mapping: CustomerIdMapping, value: str) -> dict[str, Any]:
 
 
 def identifiers_for(
-    mapping: CustomerIdMapping, customer: Customer, phone_region: str = ""
+    mapping: CustomerIdMapping,
+    customer: Customer,
+    phone_region: str = "",
+    to_identifier: Callable[[Any], str] | None = None,
 ) -> dict[str, Any]:
     """The ``identifiers`` object of ``customer`` under ``mapping``.
 
     The value is the Antavo customer ID when ``mapping.source_attribute`` is
     ``customer_id``, else that profile attribute. Raises ``MappingError`` when the value
-    is missing, empty or cannot be the identifier.
+    is missing, empty or cannot be the identifier. ``to_identifier``, when given, is
+    ``identifier_converter(mapping, phone_region)``.
     """
     source = mapping.source_attribute
-    target = mapping.target_identifier
     value: Any = customer.id if source == ANTAVO_CUSTOMER_ID else customer.attributes.get(source)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise MappingError(
             "identify",
             f"customer {customer.id} has no value for {source}, "
-            f"the attribute mapped to the Insider identifier {target}",
+            f"the attribute mapped to the Insider identifier {mapping.target_identifier}",
         )
+    if to_identifier is None:
+        to_identifier = identifier_converter(mapping, phone_region)
     try:
-        return identifier_object(mapping, identifier_value(mapping, value, phone_region))
+        return identifier_object(mapping, to_identifier(value))
     except ConversionError as exc:
         raise MappingError(
             "identify",
             f"customer {customer.id}: {source} value {value!r} is {exc}, "
-            f"so it cannot be the Insider identifier {target}",
+            f"so it cannot be the Insider identifier {mapping.target_identifier}",
         ) from None
 
 

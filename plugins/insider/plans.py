@@ -10,11 +10,13 @@ when another object arrives under the same connection id.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from engine.records import Connection
 from plugins.insider.events import EventPlan
+from plugins.insider.payloads import identifier_converter
 from plugins.insider.settings import InsiderSettings, parse_settings
 
 MAX_PLANS = 1024
@@ -27,6 +29,8 @@ class ConnectionPlan:
     settings: InsiderSettings
     events: Mapping[str, EventPlan]
     """By Antavo action: the plan of the mapping ``Connection.event_mapping_for`` picks."""
+    to_identifier: Callable[[Any], str]
+    """``identifier_converter`` of the connection's customer ID mapping."""
 
 
 _plans: dict[str, ConnectionPlan] = {}
@@ -43,7 +47,10 @@ def plan_for(connection: Connection) -> ConnectionPlan:
         # The first mapping of an action wins, as in Connection.event_mapping_for.
         if mapping.source_event not in events:
             events[mapping.source_event] = EventPlan.of(mapping, settings.default_phone_region)
-    plan = ConnectionPlan(connection, settings, events)
+    to_identifier = identifier_converter(
+        connection.customer_id_mapping, settings.default_phone_region
+    )
+    plan = ConnectionPlan(connection, settings, events, to_identifier)
     if len(_plans) >= MAX_PLANS:
         _plans.clear()
     _plans[connection.id] = plan

@@ -77,8 +77,13 @@ def identify(connection: Connection, customer: Customer) -> Mapping[str, Any] | 
     """
     if connection.connector != CONNECTOR:
         return None
-    region = plan_for(connection).settings.default_phone_region
-    return identifiers_for(connection.customer_id_mapping, customer, region)
+    plan = plan_for(connection)
+    return identifiers_for(
+        connection.customer_id_mapping,
+        customer,
+        plan.settings.default_phone_region,
+        plan.to_identifier,
+    )
 
 
 @hookimpl
