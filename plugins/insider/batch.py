@@ -26,43 +26,51 @@ ReplaceRule = Callable[[bool, str], bool]
 """``(custom, target) -> True`` when that array attribute replaces Insider's values."""
 
 
-@dataclass(slots=True)
 class CustomerPart:
-    """Everything one batch holds for one customer."""
+    """Everything one batch holds for one customer.
 
-    customer_id: str
-    identifiers: dict[str, Any]
-    item_ids: list[int] = field(default_factory=list)
-    attributes: dict[str, Any] = field(default_factory=dict)
-    custom: dict[str, Any] = field(default_factory=dict)
-    cleared: dict[tuple[bool, str], None] = field(default_factory=dict)
-    events: list[Mapping[str, Any]] = field(default_factory=list)
+    ``attributes``, ``custom`` and ``cleared`` stay ``None`` until a delivery brings an
+    attribute or a cleared one: most customers of a batch have events only.
+    """
+
+    __slots__ = ("customer_id", "identifiers", "item_ids", "attributes", "custom", "cleared",
+                 "events")  # fmt: skip
+
+    def __init__(self, customer_id: str, identifiers: dict[str, Any]) -> None:
+        self.customer_id = customer_id
+        self.identifiers = identifiers
+        self.item_ids: list[int] = []
+        self.attributes: dict[str, Any] | None = None
+        self.custom: dict[str, Any] | None = None
+        self.cleared: dict[tuple[bool, str], None] | None = None
+        self.events: list[Mapping[str, Any]] = []
 
     def add(
         self, delivery: Delivery, cleared: Sequence[tuple[bool, str]], replace: ReplaceRule
     ) -> None:
         self.item_ids.append(delivery.item_id)
-        if delivery.attributes:  # most deliveries carry events only
-            for key, value in delivery.attributes.items():
-                if key == CUSTOM_KEY and isinstance(value, Mapping):
-                    for name, custom_value in value.items():
-                        self._set(self.custom, True, name, custom_value, replace)
-                else:
-                    self._set(self.attributes, False, key, value, replace)
-        for custom, name in cleared:
-            (self.custom if custom else self.attributes).pop(name, None)
-            self.cleared[(custom, name)] = None
+        if delivery.attributes or cleared:  # most deliveries carry events only
+            self._add_values(delivery.attributes or {}, cleared, replace)
         self.events.extend(delivery.events)
 
-    def _set(
-        self, into: dict[str, Any], custom: bool, name: str, value: Any, replace: ReplaceRule
+    def _add_values(
+        self,
+        values: Mapping[str, Any],
+        cleared: Sequence[tuple[bool, str]],
+        replace: ReplaceRule,
     ) -> None:
-        self.cleared.pop((custom, name), None)
-        current = into.get(name)
-        if isinstance(value, list) and isinstance(current, list) and not replace(custom, name):
-            into[name] = current + value
-        else:
-            into[name] = value
+        if self.attributes is None or self.custom is None or self.cleared is None:
+            self.attributes, self.custom, self.cleared = {}, {}, {}
+        attributes, custom, was_cleared = self.attributes, self.custom, self.cleared
+        for key, value in values.items():
+            if key == CUSTOM_KEY and isinstance(value, Mapping):
+                for name, custom_value in value.items():
+                    _set(custom, was_cleared, True, name, custom_value, replace)
+            else:
+                _set(attributes, was_cleared, False, key, value, replace)
+        for is_custom, name in cleared:
+            (custom if is_custom else attributes).pop(name, None)
+            was_cleared[(is_custom, name)] = None
 
     def deletion(self) -> dict[str, Any] | None:
         """This customer's user object for ``/attribute/delete`` (§6.1), if any."""
@@ -80,19 +88,16 @@ class CustomerPart:
     def users(self, replace: ReplaceRule) -> list[dict[str, Any]]:
         """This customer's upsert user objects: none, one, or two (see module doc)."""
         if not self.attributes and not self.custom:
-            # Events only, the common case: what the general path below builds for it.
-            return (
-                [{"identifiers": self.identifiers, "events": list(self.events)}]
-                if self.events
-                else []
-            )
+            # Events only, the common case: what the general path below builds for it
+            # (the part's own list of events, not a copy: the part is made for one send).
+            return [{"identifiers": self.identifiers, "events": self.events}] if self.events else []
         main: dict[str, Any] = {}
         main_custom: dict[str, Any] = {}
         replaced: dict[str, Any] = {}
         replaced_custom: dict[str, Any] = {}
         for into, custom, values in (
-            ((main, replaced), False, self.attributes),
-            ((main_custom, replaced_custom), True, self.custom),
+            ((main, replaced), False, self.attributes or {}),
+            ((main_custom, replaced_custom), True, self.custom or {}),
         ):
             for name, value in values.items():
                 target = into[1] if isinstance(value, list) and replace(custom, name) else into[0]
@@ -134,12 +139,29 @@ class CustomerPart:
         return user
 
 
+def _set(
+    into: dict[str, Any],
+    cleared: dict[tuple[bool, str], None],
+    custom: bool,
+    name: str,
+    value: Any,
+    replace: ReplaceRule,
+) -> None:
+    cleared.pop((custom, name), None)
+    current = into.get(name)
+    if isinstance(value, list) and isinstance(current, list) and not replace(custom, name):
+        into[name] = current + value
+    else:
+        into[name] = value
+
+
 def customer_parts(
     deliveries: Sequence[Delivery],
     cleared: Callable[[Delivery], Sequence[tuple[bool, str]]],
     replace: ReplaceRule,
 ) -> list[CustomerPart]:
-    """One part per distinct customer, in first-seen order.
+    """One part per distinct customer, in first-seen order. ``cleared`` is asked only
+    about deliveries of a profile change (an event clears nothing).
 
     Identifiers come from the customer's last delivery: a batch that changes a
     customer's identifier moves it (PATCH /identity) before the upsert, so every part of
@@ -147,13 +169,15 @@ def customer_parts(
     """
     parts: dict[str, CustomerPart] = {}
     for delivery in deliveries:
-        identifiers = dict(delivery.identifiers)
+        identifiers = delivery.identifiers
+        if type(identifiers) is not dict:  # a dict goes into the request as it is
+            identifiers = dict(identifiers)
         part = parts.get(delivery.customer.id)
         if part is None:
             part = parts[delivery.customer.id] = CustomerPart(delivery.customer.id, identifiers)
         else:
             part.identifiers = identifiers
-        part.add(delivery, cleared(delivery), replace)
+        part.add(delivery, () if delivery.change is None else cleared(delivery), replace)
     return list(parts.values())
 
 

@@ -128,8 +128,10 @@ async def send_batch(
     client = InsiderClient(connection, settings, transport)
     failed: dict[str, str] = {}
     for delivery in deliveries:
+        if delivery.change is None:  # only a profile change moves an identifier
+            continue
         customer_id = delivery.customer.id
-        if customer_id in failed or delivery.change is None:  # only a change moves one
+        if customer_id in failed:
             continue
         try:
             move = identity_change(
@@ -144,14 +146,19 @@ async def send_batch(
                 failed[customer_id] = error
     replace = replace_rule(connection, settings)
     parts = customer_parts(
-        [d for d in deliveries if d.customer.id not in failed],
-        lambda d: (
-            () if d.change is None else cleared_attributes(connection.profile_mappings, d.change)
-        ),
+        [d for d in deliveries if d.customer.id not in failed] if failed else deliveries,
+        lambda d: cleared_attributes(connection.profile_mappings, d.change),
         replace,
     )
     await _delete_cleared(client, parts, failed)
-    await _upsert(client, [p for p in parts if p.customer_id not in failed], replace, failed)
+    await _upsert(
+        client,
+        [p for p in parts if p.customer_id not in failed] if failed else parts,
+        replace,
+        failed,
+    )
+    if not failed:
+        return SendResult(outcomes={d.item_id: DELIVERED for d in deliveries})
     return SendResult(
         outcomes={
             d.item_id: ItemOutcome(delivered=False, error=failed[d.customer.id])
