@@ -521,11 +521,13 @@ class Deliverer:
                 break
             if len(batch.deliveries) >= max_items:
                 break
-            # Identifying attributes as they were at ingest (see ingest._identity).
-            attributes = {
-                **profiles.get(item.customer_id, _NOTHING),
-                **item.payload.get("identity", _NOTHING),
-            }
+            # Identifying attributes as they were at ingest (see ingest._identity) over the
+            # profile. Without them the profile itself serves (hooks only read it), which
+            # saves a copy per item.
+            attributes = profiles.get(item.customer_id, _NOTHING)
+            identity = item.payload.get("identity")
+            if identity or attributes is _NOTHING:
+                attributes = {**attributes, **(identity or _NOTHING)}
             customer = Customer(item.customer_id, attributes)
             try:
                 delivery = render_delivery(self._pipeline, connection, customer, item)
