@@ -200,8 +200,9 @@ def upsert_batch(
             f"{len(parts)} customers in one upsert; Insider takes at most {MAX_USERS_PER_REQUEST}"
         )
     batch = UpsertBatch(skip_hook=skip_hook)
+    users, owners = batch.users, batch.owners
     for part in parts:
         for user in part.users(replace):
-            batch.users.append(user)
-            batch.owners.append(part.customer_id)
+            users.append(user)
+            owners.append(part.customer_id)
     return batch
