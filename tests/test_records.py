@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from engine.logrows import LogCustomer
 from engine.records import AntavoEvent, Customer, ProfileChange
 
 MOMENT = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
@@ -61,3 +62,19 @@ def test_records_survive_replace_and_pickle() -> None:
     change = ProfileChange({"tier": None}, MOMENT, {"tier": "gold"})
     for record in (customer, event, change):
         assert pickle.loads(pickle.dumps(record)) == record
+
+
+def test_log_customers_keep_the_dataclass_contract() -> None:
+    customer = LogCustomer("c1", "Anna Kovács", "failed", "rejected")
+    assert customer == LogCustomer(
+        customer_id="c1", name="Anna Kovács", outcome="failed", error="rejected"
+    )
+    assert hash(customer) == hash(LogCustomer("c1", "Anna Kovács", "failed", "rejected"))
+    assert LogCustomer("c2") == LogCustomer("c2", "", "delivered", "")
+    assert dataclasses.asdict(customer) == {
+        "customer_id": "c1", "name": "Anna Kovács", "outcome": "failed", "error": "rejected"
+    }  # fmt: skip
+    assert dataclasses.replace(customer, outcome="retry").outcome == "retry"
+    assert pickle.loads(pickle.dumps(customer)) == customer
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        customer.outcome = "delivered"  # type: ignore[misc]
