@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,15 @@ async def run_e2e(ctx: Context) -> None:
             ratio(r.steady_rate, naive_rate),
             f">= {GOAL_VS_NAIVE:.0f}x",
             r.steady_rate >= GOAL_VS_NAIVE * naive_rate,
+        )
+        # What that ratio would take: the engine's measured CPU per event at that rate.
+        wanted = GOAL_VS_NAIVE * naive_rate
+        add(
+            "e2e",
+            f"CPU the engine would need for {GOAL_VS_NAIVE:.0f}x naive ({rate(wanted, 'events')})"
+            f" at its measured {c.cpu_us_per_event:,.0f} us per event",
+            f"{wanted * c.cpu_us_per_event / 1e6:.1f} cores (this machine has"
+            f" {os.cpu_count() or 0}, shared with the sink and the load generator)",
         )
     batch = max(1, round(r.users_per_request))
     with start_sink(work / "sink-ceiling.log") as sink:
