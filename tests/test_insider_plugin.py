@@ -303,6 +303,41 @@ def test_hook_identify_puts_a_custom_identifier_under_custom() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("target", "custom", "value", "expected"),
+    [
+        ("uuid", False, " ab 1 ", {"uuid": " ab 1 "}),  # a uuid text goes as it is
+        ("uuid", False, 77, {"uuid": "77"}),
+        ("user_ref", True, " ref-9", {"custom": {"user_ref": " ref-9"}}),
+        ("email", False, "  ana@example.com ", {"email": "ana@example.com"}),  # stripped
+    ],
+)
+def test_hook_identify_converts_the_value_for_the_identifier(
+    target: str, custom: bool, value: Any, expected: dict[str, Any]
+) -> None:
+    connection = insider_connection(customer_id_mapping=CustomerIdMapping("ref", target, custom))
+    customer = Customer(id="c-1", attributes={"ref": value})
+
+    assert plugin.identify(connection=connection, customer=customer) == expected
+
+
+@pytest.mark.parametrize(("value", "kind"), [(True, "bool"), (1.5, "float"), (["x"], "list")])
+def test_hook_identify_fails_for_a_value_that_is_not_a_string_or_integer(
+    value: Any, kind: str
+) -> None:
+    connection = insider_connection(customer_id_mapping=CustomerIdMapping("ref", "uuid"))
+    customer = Customer(id="c-1", attributes={"ref": value})
+
+    with pytest.raises(MappingError) as caught:
+        plugin.identify(connection=connection, customer=customer)
+
+    assert caught.value.stage == "identify"
+    assert caught.value.message == (
+        f"customer c-1: ref value {value!r} is a {kind}, not a string or integer, "
+        "so it cannot be the Insider identifier uuid"
+    )
+
+
 @pytest.mark.parametrize("attribute", ["external_id", "blank"])
 def test_hook_identify_fails_without_a_value(attribute: str) -> None:
     connection = insider_connection(customer_id_mapping=CustomerIdMapping(attribute, "uuid"))

@@ -21,7 +21,7 @@ from engine.records import (
     ProfileMapping,
 )
 from plugins.insider import catalog
-from plugins.insider.values import ConversionError, converter, value_for
+from plugins.insider.values import ConversionError, converter, string, uuid, value_for
 
 CUSTOM_KEY = "custom"
 
@@ -68,24 +68,47 @@ def identifiers_for(
     is missing, empty or cannot be the identifier. ``to_identifier``, when given, is
     ``identifier_converter(mapping, phone_region)``.
     """
-    source = mapping.source_attribute
-    value: Any = customer.id if source == ANTAVO_CUSTOMER_ID else customer.attributes.get(source)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise MappingError(
-            "identify",
-            f"customer {customer.id} has no value for {source}, "
-            f"the attribute mapped to the Insider identifier {mapping.target_identifier}",
-        )
+    return identifiers_reader(mapping, phone_region, to_identifier)(customer)
+
+
+def identifiers_reader(
+    mapping: CustomerIdMapping,
+    phone_region: str = "",
+    to_identifier: Callable[[Any], str] | None = None,
+) -> Callable[[Customer], dict[str, Any]]:
+    """``identifiers_for`` with ``mapping`` and ``phone_region`` resolved once, for
+    ``identify``, which runs for every delivered item."""
+    source, target, custom = mapping.source_attribute, mapping.target_identifier, mapping.custom
+    by_id = source == ANTAVO_CUSTOMER_ID
     if to_identifier is None:
         to_identifier = identifier_converter(mapping, phone_region)
-    try:
-        return identifier_object(mapping, to_identifier(value))
-    except ConversionError as exc:
-        raise MappingError(
-            "identify",
-            f"customer {customer.id}: {source} value {value!r} is {exc}, "
-            f"so it cannot be the Insider identifier {mapping.target_identifier}",
-        ) from None
+    field = None if custom else catalog.IDENTIFIERS.get(target)
+    # A uuid (custom identifiers included) or string identifier takes a non-blank text as
+    # it is: what to_identifier returns for it, without the calls.
+    text_as_is = converter(field.kind if field else catalog.UUID, phone_region) in (uuid, string)
+
+    def identifiers(customer: Customer) -> dict[str, Any]:
+        value: Any = customer.id if by_id else customer.attributes.get(source)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise MappingError(
+                "identify",
+                f"customer {customer.id} has no value for {source}, "
+                f"the attribute mapped to the Insider identifier {target}",
+            )
+        if type(value) is str and text_as_is:
+            text = value
+        else:
+            try:
+                text = to_identifier(value)
+            except ConversionError as exc:
+                raise MappingError(
+                    "identify",
+                    f"customer {customer.id}: {source} value {value!r} is {exc}, "
+                    f"so it cannot be the Insider identifier {target}",
+                ) from None
+        return {CUSTOM_KEY: {target: text}} if custom else {target: text}
+
+    return identifiers
 
 
 @dataclass(frozen=True)

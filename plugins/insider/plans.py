@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.records import Connection
+from engine.records import Connection, Customer
 from plugins.insider.events import EventPlan
-from plugins.insider.payloads import identifier_converter
+from plugins.insider.payloads import identifiers_reader
 from plugins.insider.settings import InsiderSettings, parse_settings
 
 MAX_PLANS = 1024
@@ -29,8 +29,8 @@ class ConnectionPlan:
     settings: InsiderSettings
     events: Mapping[str, EventPlan]
     """By Antavo action: the plan of the mapping ``Connection.event_mapping_for`` picks."""
-    to_identifier: Callable[[Any], str]
-    """``identifier_converter`` of the connection's customer ID mapping."""
+    identifiers: Callable[[Customer], dict[str, Any]]
+    """``identifiers_reader`` of the connection's customer ID mapping."""
 
 
 _plans: dict[str, ConnectionPlan] = {}
@@ -47,10 +47,8 @@ def plan_for(connection: Connection) -> ConnectionPlan:
         # The first mapping of an action wins, as in Connection.event_mapping_for.
         if mapping.source_event not in events:
             events[mapping.source_event] = EventPlan.of(mapping, settings.default_phone_region)
-    to_identifier = identifier_converter(
-        connection.customer_id_mapping, settings.default_phone_region
-    )
-    plan = ConnectionPlan(connection, settings, events, to_identifier)
+    identifiers = identifiers_reader(connection.customer_id_mapping, settings.default_phone_region)
+    plan = ConnectionPlan(connection, settings, events, identifiers)
     if len(_plans) >= MAX_PLANS:
         _plans.clear()
     _plans[connection.id] = plan

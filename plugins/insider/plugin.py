@@ -29,7 +29,7 @@ from plugins.insider.batch import MAX_USERS_PER_REQUEST
 from plugins.insider.catalog import catalog_entries
 from plugins.insider.commands import register_commands  # noqa: F401  (a hook implementation)
 from plugins.insider.events import insider_events
-from plugins.insider.payloads import identifiers_for, profile_attributes
+from plugins.insider.payloads import profile_attributes
 from plugins.insider.plans import plan_for
 from plugins.insider.sending import send_batch
 from plugins.insider.settings import (
@@ -77,13 +77,7 @@ def identify(connection: Connection, customer: Customer) -> Mapping[str, Any] | 
     """
     if connection.connector != CONNECTOR:
         return None
-    plan = plan_for(connection)
-    return identifiers_for(
-        connection.customer_id_mapping,
-        customer,
-        plan.settings.default_phone_region,
-        plan.to_identifier,
-    )
+    return plan_for(connection).identifiers(customer)
 
 
 @hookimpl
