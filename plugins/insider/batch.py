@@ -33,13 +33,11 @@ class CustomerPart:
     attribute or a cleared one: most customers of a batch have events only.
     """
 
-    __slots__ = ("customer_id", "identifiers", "item_ids", "attributes", "custom", "cleared",
-                 "events")  # fmt: skip
+    __slots__ = ("customer_id", "identifiers", "attributes", "custom", "cleared", "events")
 
     def __init__(self, customer_id: str, identifiers: dict[str, Any]) -> None:
         self.customer_id = customer_id
         self.identifiers = identifiers
-        self.item_ids: list[int] = []
         self.attributes: dict[str, Any] | None = None
         self.custom: dict[str, Any] | None = None
         self.cleared: dict[tuple[bool, str], None] | None = None
@@ -48,7 +46,6 @@ class CustomerPart:
     def add(
         self, delivery: Delivery, cleared: Sequence[tuple[bool, str]], replace: ReplaceRule
     ) -> None:
-        self.item_ids.append(delivery.item_id)
         if delivery.attributes or cleared:  # most deliveries carry events only
             self._add_values(delivery.attributes or {}, cleared, replace)
         self.events.extend(delivery.events)
@@ -177,7 +174,10 @@ def customer_parts(
             part = parts[delivery.customer.id] = CustomerPart(delivery.customer.id, identifiers)
         else:
             part.identifiers = identifiers
-        part.add(delivery, () if delivery.change is None else cleared(delivery), replace)
+        if delivery.change is None and not delivery.attributes:
+            part.events.extend(delivery.events)  # an event: what add does for it, inline
+        else:
+            part.add(delivery, () if delivery.change is None else cleared(delivery), replace)
     return list(parts.values())
 
 
@@ -202,6 +202,12 @@ def upsert_batch(
     batch = UpsertBatch(skip_hook=skip_hook)
     users, owners = batch.users, batch.owners
     for part in parts:
+        if not part.attributes and not part.custom:
+            # Events only, the common case: what part.users gives for it, inline.
+            if part.events:
+                users.append({"identifiers": part.identifiers, "events": part.events})
+                owners.append(part.customer_id)
+            continue
         for user in part.users(replace):
             users.append(user)
             owners.append(part.customer_id)

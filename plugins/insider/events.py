@@ -29,6 +29,8 @@ from plugins.insider.values import ConversionError, converter, rfc3339_utc
 LINE_PATH = re.compile(r"^([A-Za-z0-9_]+)\[\]\.([A-Za-z0-9_]+)$")
 LINE_SPACING = timedelta(seconds=1)
 CUSTOM_KEY = "custom"
+_NO_LINE: Mapping[str, Any] = {}
+"""The line of an event that is not per line: never read, as no parameter has a line key."""
 
 
 def line_path(source: str) -> tuple[str, str] | None:
@@ -116,7 +118,7 @@ def insider_events(plan: EventPlan, event: AntavoEvent) -> list[dict[str, Any]]:
     """
     array = plan.line_array
     if array is None:
-        return [_insider_event(plan, event, {}, 0)]
+        return [_insider_event(plan, event, _NO_LINE, 0)]
     mapping = plan.mapping
     lines = event.data.get(array)
     if not isinstance(lines, list) or not lines:
