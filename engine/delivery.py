@@ -81,6 +81,9 @@ DELIVERED = ItemOutcome(delivered=True)
 _NOTHING: dict[str, Any] = {}
 """An empty default that is only read (saves an empty dict per rendered item)."""
 
+_DELIVERED_STATE = ("delivered", "")
+"""A delivered customer's (outcome, error) in the log row."""
+
 MIN_INTERVAL = 0.05
 MAX_INTERVAL = 10.0
 
@@ -318,6 +321,8 @@ class Deliverer:
         dead = list(batch.dead)
         delivered = list(batch.skipped)
         customer_outcome: dict[str, tuple[str, str]] = {}
+        # By id, in the order of their first delivery: the customer of the last delivery.
+        customers = {d.customer.id: d.customer for d in batch.deliveries}
         error = ""
         items_stay = False  # queued untouched for a resend: a pause or a resend in halves
         try:
@@ -379,25 +384,32 @@ class Deliverer:
             pace.succeeded(
                 len(batch.deliveries), self._connectors.get(connection.connector).max_batch_items
             )
-            for d in batch.deliveries:
-                outcome = result.outcomes.get(d.item_id, DELIVERED)
-                if outcome.delivered:
-                    delivered.append(d.item_id)
-                    customer_outcome.setdefault(d.customer.id, ("delivered", ""))
-                else:
-                    dead.append(_dead(d, batch.items[d.item_id], "destination", outcome.error))
-                    customer_outcome[d.customer.id] = ("failed", outcome.error)
-            bad = [c for c, (state, _) in customer_outcome.items() if state == "failed"]
-            if bad:
-                first = customer_outcome[bad[0]][1]
-                error = f"{len(bad)} of {len(customer_outcome)} customers rejected: {first}"
+            if all([o.delivered for o in result.outcomes.values()]):
+                # Every item delivered, the common case: what the loop below would give,
+                # in bulk (each customer in the order of its first delivery).
+                # (batch.items holds the deliveries' item ids, in the same order.)
+                delivered.extend(batch.items)
+                customer_outcome = dict.fromkeys(customers, _DELIVERED_STATE)
+            else:
+                for d in batch.deliveries:
+                    outcome = result.outcomes.get(d.item_id, DELIVERED)
+                    if outcome.delivered:
+                        delivered.append(d.item_id)
+                        customer_outcome.setdefault(d.customer.id, _DELIVERED_STATE)
+                    else:
+                        dead.append(_dead(d, batch.items[d.item_id], "destination", outcome.error))
+                        customer_outcome[d.customer.id] = ("failed", outcome.error)
+                bad = [c for c, (state, _) in customer_outcome.items() if state == "failed"]
+                if bad:
+                    first = customer_outcome[bad[0]][1]
+                    error = f"{len(bad)} of {len(customer_outcome)} customers rejected: {first}"
         request_id = transport.exchanges[-1].request_id if transport.exchanges else ""
         dead = [
             DeadLetter(d.item, d.stage, d.error, d.request_id or request_id, d.rendered)
             for d in dead
         ]
-        names = {d.customer.id: d.customer.name for d in batch.deliveries}
-        attempt = max(d.attempt for d in batch.deliveries)
+        names = {customer_id: c.name for customer_id, c in customers.items()}
+        attempt = max([d.attempt for d in batch.deliveries])
         rows = [
             self._log_row(connection, exchange, names, customer_outcome, error, attempt)
             for exchange in transport.exchanges
@@ -475,8 +487,10 @@ class Deliverer:
         attempt: int,
     ) -> LogRow:
         customers = tuple(
-            LogCustomer(cid, names.get(cid, ""), state, err)  # customer_id, name, outcome, error
-            for cid, (state, err) in outcomes.items()
+            [
+                LogCustomer(cid, names.get(cid, ""), state, err)  # id, name, outcome, error
+                for cid, (state, err) in outcomes.items()
+            ]
         )
         return LogRow(
             id=exchange.request_id,
@@ -516,21 +530,28 @@ class Deliverer:
         batch = _Batch(connection)
         size = ENVELOPE_BYTES
         customers: set[str] = set()
+        # Looked up once per batch, not per item.
+        max_customers, max_bytes = info.max_batch_items, info.max_batch_bytes
+        pipeline, deliveries, batch_items = self._pipeline, batch.deliveries, batch.items
         for item in items:
-            if item.customer_id not in customers and len(customers) >= info.max_batch_items:
+            customer_id = item.customer_id
+            if customer_id not in customers and len(customers) >= max_customers:
                 break
-            if len(batch.deliveries) >= max_items:
+            if len(deliveries) >= max_items:
                 break
             # Identifying attributes as they were at ingest (see ingest._identity) over the
             # profile. Without them the profile itself serves (hooks only read it), which
-            # saves a copy per item.
-            attributes = profiles.get(item.customer_id, _NOTHING)
+            # saves a copy per item; a customer without a profile gets an empty dict of
+            # its own.
+            attributes = profiles.get(customer_id, _NOTHING)
             identity = item.payload.get("identity")
-            if identity or attributes is _NOTHING:
-                attributes = {**attributes, **(identity or _NOTHING)}
-            customer = Customer(item.customer_id, attributes)
+            if identity:
+                attributes = {**attributes, **identity}
+            elif attributes is _NOTHING:
+                attributes = {}
+            customer = Customer(customer_id, attributes)
             try:
-                delivery = render_delivery(self._pipeline, connection, customer, item)
+                delivery = render_delivery(pipeline, connection, customer, item)
             except MappingError as exc:
                 batch.dead.append(DeadLetter(item, exc.stage, exc.message))
                 continue
@@ -540,22 +561,23 @@ class Deliverer:
             if delivery is None:
                 batch.skipped.append(item.seq)
                 continue
-            weight = len(orjson.dumps([delivery.identifiers, delivery.attributes, delivery.events]))
-            if weight + ENVELOPE_BYTES > info.max_batch_bytes:
+            # A tuple serializes as the same JSON array as a list, and costs less to make.
+            weight = len(orjson.dumps((delivery.identifiers, delivery.attributes, delivery.events)))
+            if weight + ENVELOPE_BYTES > max_bytes:
                 batch.dead.append(
                     DeadLetter(
                         item,
                         "batch",
-                        f"too large for one request: {weight} bytes, limit {info.max_batch_bytes}",
+                        f"too large for one request: {weight} bytes, limit {max_bytes}",
                     )
                 )
                 continue
-            if size + weight > info.max_batch_bytes:
+            if size + weight > max_bytes:
                 break  # the rest waits for the next request, in order
             size += weight
-            customers.add(item.customer_id)
-            batch.deliveries.append(delivery)
-            batch.items[item.seq] = item
+            customers.add(customer_id)
+            deliveries.append(delivery)
+            batch_items[item.seq] = item
         return batch
 
 
@@ -568,24 +590,26 @@ def render_delivery(
     ``MappingError`` when the customer cannot be identified or the record mapped. An item
     replayed as a stored request is not rendered again: its fragment goes out as it was.
     """
-    if item.kind == KIND_RENDERED:
+    # A queued item's fields are read through descriptors: each one once.
+    kind, payload = item.kind, item.payload
+    if kind == KIND_RENDERED:
         return Delivery(
             item_id=item.seq,
             customer=customer,
-            identifiers=item.payload["identifiers"],
-            attributes=item.payload.get("attributes"),
-            events=list(item.payload.get("events") or []),
+            identifiers=payload["identifiers"],
+            attributes=payload.get("attributes"),
+            events=list(payload.get("events") or []),
             attempt=item.attempts + 1,
         )
     attributes: Any = None
     events: Any = []
     change: ProfileChange | None = None
     event: AntavoEvent | None = None
-    if item.kind == KIND_PROFILE:
+    if kind == KIND_PROFILE:
         change = ProfileChange(
-            item.payload["changes"],
-            datetime.fromisoformat(item.payload["timestamp"]),
-            item.payload.get("previous", {}),
+            payload["changes"],
+            datetime.fromisoformat(payload["timestamp"]),
+            payload.get("previous", {}),
         )
         attributes = hook.map_profile(connection=connection, customer=customer, change=change)
         if attributes is None:
@@ -593,7 +617,7 @@ def render_delivery(
                 "map_profile", f"no installed plugin maps for {connection.connector!r}"
             )
     else:
-        event = event_from_payload(customer.id, item.payload)
+        event = event_from_payload(customer.id, payload)
         events = hook.map_event(connection=connection, customer=customer, event=event)
         if events is None:
             raise MappingError(
@@ -609,8 +633,9 @@ def render_delivery(
             "identify", f"no installed plugin identifies for {connection.connector!r}"
         )
     # Positional (item_id, customer, identifiers, attributes, events, attempt, change,
-    # event): built for every item.
+    # event): built for every item. A list of events is kept as the hook returned it, not
+    # copied: nothing downstream changes a delivery's events (a dead letter copies them).
     return Delivery(
-        item.seq, customer, identifiers, attributes or None, list(events), item.attempts + 1,
-        change, event,
+        item.seq, customer, identifiers, attributes or None,
+        events if type(events) is list else list(events), item.attempts + 1, change, event,
     )  # fmt: skip

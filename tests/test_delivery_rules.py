@@ -448,3 +448,44 @@ async def test_a_refusal_of_the_old_key_does_not_pause_after_the_key_was_replace
     assert connection.state == cpb.CONNECTION_STATE_ACTIVE
     assert sandbox.state.lookup("uuid", "a") is not None
     assert [r["status"] for r in sandbox.state.requests] == [403, 200]
+
+
+async def test_a_fully_delivered_batch_logs_each_customer_once_in_first_seen_order(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    profile = {"customer": "b", "action": "profile", "data": {"first_name": "Bea", "tier": "gold"}}
+    await post_events(
+        http, engine, {"events": [point("c", 1), profile, point("a", 2), point("c", 3)]}
+    )
+    await drained(client)
+    rows = await logs_settled(client, 1)
+    assert len(rows) == 1 and rows[0].status_code == 200 and rows[0].error == ""
+    assert [(c.customer_id, c.name, c.outcome, c.error) for c in rows[0].customers] == [
+        ("c", "", "delivered", ""),
+        ("b", "Bea", "delivered", ""),
+        ("a", "", "delivered", ""),
+    ]
+    user = sandbox.state.lookup("uuid", "c")
+    assert user is not None
+    assert [e["event_params"]["custom"]["points"] for e in user.events] == [1, 3]
+
+
+async def test_a_customer_refused_by_the_destination_is_dead_lettered_and_the_rest_delivered(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    bad = {"customer": "b", "action": "profile", "data": {"email": "not-an-email"}}
+    await post_events(http, engine, {"events": [point("a", 1), point("b", 2), bad, point("c", 3)]})
+    connection = await drained(client)
+    assert connection.dead_letter_count == 2
+    rows = await logs_settled(client, 1)
+    assert len(rows) == 1 and rows[0].status_code == 200
+    outcomes = [(c.customer_id, c.outcome) for c in rows[0].customers]
+    assert outcomes == [("a", "delivered"), ("b", "failed"), ("c", "delivered")]
+    assert rows[0].error.startswith("1 of 3 customers rejected: ")
+    dead = await client_dead_letters(client)
+    assert sorted(d.customer_id for d in dead) == ["b", "b"]
+    assert all(d.stage == "destination" and d.request_id == rows[0].id for d in dead)
+    assert sandbox.state.lookup("uuid", "a") is not None
+    assert sandbox.state.lookup("uuid", "c") is not None
