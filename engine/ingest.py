@@ -118,18 +118,7 @@ def parse_event(raw: Any, where: str, received: datetime | None = None) -> Antav
     elif type(given_id) is not str or len(given_id) > MAX_ID_LENGTH:
         given_id = _optional_str(raw, "id", where)
     given_time = get("timestamp")
-    timestamp: datetime | None = None
-    if type(given_time) is str and given_time:
-        # The usual case inline: an RFC 3339 string in UTC. Anything else, including a
-        # string that does not parse this way, goes through _timestamp (which may raise).
-        try:
-            timestamp = datetime.fromisoformat(given_time.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        if timestamp is None or timestamp.tzinfo is not UTC:
-            timestamp = _timestamp(given_time, where)
-    elif given_time is not None:
-        timestamp = _timestamp(given_time, where)
+    timestamp = _timestamp(given_time, where)
     event_id = (
         given_id
         or "sha256:"
@@ -174,13 +163,7 @@ def _optional_str(raw: Mapping[str, Any], key: str, where: str) -> str:
 
 def _timestamp(value: Any, where: str) -> datetime | None:
     """The record's ``timestamp`` in UTC; errors name the field ``<where>.timestamp``."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
-    if isinstance(value, str):
+    if isinstance(value, str) and value:  # the usual case first: an RFC 3339 string
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
@@ -190,6 +173,12 @@ def _timestamp(value: Any, where: str) -> datetime | None:
         raise InvalidInputError(
             f"{where}.timestamp", f"not an RFC 3339 date-time with offset: {value!r}"
         )
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
     raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")
 
 
