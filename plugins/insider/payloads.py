@@ -106,7 +106,7 @@ def identifiers_reader(
                     f"customer {customer.id}: {source} value {value!r} is {exc}, "
                     f"so it cannot be the Insider identifier {target}",
                 ) from None
-        return {CUSTOM_KEY: {target: text}} if custom else {target: text}
+        return identifier_object(mapping, text)
 
     return identifiers
 
