@@ -174,10 +174,7 @@ def customer_parts(
             part = parts[delivery.customer.id] = CustomerPart(delivery.customer.id, identifiers)
         else:
             part.identifiers = identifiers
-        if delivery.change is None and not delivery.attributes:
-            part.events.extend(delivery.events)  # an event: what add does for it, inline
-        else:
-            part.add(delivery, () if delivery.change is None else cleared(delivery), replace)
+        part.add(delivery, () if delivery.change is None else cleared(delivery), replace)
     return list(parts.values())
 
 
@@ -202,12 +199,6 @@ def upsert_batch(
     batch = UpsertBatch(skip_hook=skip_hook)
     users, owners = batch.users, batch.owners
     for part in parts:
-        if not part.attributes and not part.custom:
-            # Events only, the common case: what part.users gives for it, inline.
-            if part.events:
-                users.append({"identifiers": part.identifiers, "events": part.events})
-                owners.append(part.customer_id)
-            continue
         for user in part.users(replace):
             users.append(user)
             owners.append(part.customer_id)
