@@ -48,16 +48,17 @@ import engine
 from bench.processes import start_sink
 from bench.sink import API_KEY, PARTNER_NAME
 from bench.traffic import PARAMETERS, antavo_event
-from engine.connections import ConnectionRegistry
-from engine.database import Database
-from engine.delivery import Deliverer, DeliverySettings
-from engine.ingest import Ingestor, parse_request
-from engine.log_outbox import LogOutbox
-from engine.logstore import LogStore
+from engine.connector.records import ParameterMapping
+from engine.delivery.worker import Deliverer, DeliverySettings
+from engine.ingest.ingestor import Ingestor
+from engine.ingest.parse import parse_request
+from engine.outbound_log.outbox import LogOutbox
+from engine.outbound_log.store import LogStore
 from engine.plugins import Connectors, plugin_manager
-from engine.queue import DurableQueue
-from engine.records import ParameterMapping
-from engine.secrets import SecretBox
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import ConnectionRegistry
+from engine.state.database import Database
+from engine.state.secrets import SecretBox
 
 BASE_TIME = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
 
@@ -144,7 +145,7 @@ async def run_once(
         await ingestor.ingest(parse_request(orjson.loads(body)))
     queued = queue.depth
 
-    deliverer = Deliverer(registry, queue, db, pm, connectors, logs, DeliverySettings())
+    deliverer = Deliverer(registry, queue, db, connectors, logs, DeliverySettings())
     collector = _GcClock()
     gc.callbacks.append(collector)
     threads0 = _thread_cpu()
@@ -207,7 +208,7 @@ def _settle_collector() -> None:
     if not (Path(engine.__file__).parent / "runtime.py").exists():
         gc.freeze()
         return
-    from engine.runtime import settle_collector
+    from engine.gc_settings import settle_collector
 
     settle_collector()
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import orjson
 
 from bench.traffic import PARAMETERS, SOURCE_EVENT, TARGET_EVENT, ingest_bodies
-from engine.connections import ConnectionRegistry
-from engine.database import Database
-from engine.ingest import Ingestor, parse_request
+from engine.connector.records import ParameterMapping
+from engine.ingest.ingestor import Ingestor
+from engine.ingest.parse import parse_request
 from engine.plugins import Connectors, plugin_manager
-from engine.queue import DurableQueue
-from engine.records import ParameterMapping
-from engine.secrets import SecretBox
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import ConnectionRegistry
+from engine.state.database import Database
+from engine.state.secrets import SecretBox
 
 
 async def one_run(data_dir: Path, events: int, batch: int, customers: int) -> float:

@@ -36,8 +36,8 @@ from typing import Any
 
 import duckdb
 
-from engine.logsql import SCHEMA, connect
-from engine.logstore import LogStore
+from engine.outbound_log.sql import SCHEMA, connect
+from engine.outbound_log.store import LogStore
 
 GENERATOR_VERSION = "4"  # 4: the storage format the engine creates (engine.logsql.CONFIG)
 CHUNK = 1_000_000

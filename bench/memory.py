@@ -19,7 +19,7 @@ import aiohttp
 from bench.pipeline import post_ingest
 from bench.processes import free_port, memory_kib, start_engine
 from bench.traffic import create_connection, ingest_bodies
-from engine.database import STATE_FILE
+from engine.state.database import STATE_FILE
 
 CHURN_SECONDS = 3.0  # how long the backlog sits (with failing retries) before the reading
 

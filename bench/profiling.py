@@ -104,7 +104,7 @@ def summarise(raw: Path) -> Summary:
         frames = stack.split(";")
         process = ""
         if frames[0].startswith("process "):  # --subprocesses: which process, by command
-            process = "ingest worker " if "engine.ingest_worker" in frames.pop(0) else ""
+            process = "ingest worker " if "engine.ingest.worker" in frames.pop(0) else ""
         thread = process + "?"
         if frames and frames[0].startswith("thread ("):
             thread = process + (frames.pop(0).partition(": ")[2] or "?")

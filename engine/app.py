@@ -3,7 +3,6 @@ started and stopped together."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,18 +13,18 @@ import structlog
 from aiohttp import web
 
 from engine.admin.server import start_grpc_server
-from engine.connections import ConnectionRegistry
-from engine.database import STATE_FILE, Database
-from engine.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, DedupeSweeper
-from engine.delivery import Deliverer, DeliverySettings
-from engine.http_ingest import create_ingest_app
-from engine.ingest import DEFAULT_MAX_BACKLOG, Ingestor
-from engine.ingest_worker import IngestWorker
-from engine.log_outbox import LogOutbox
-from engine.logstore import LogStore
+from engine.delivery.worker import Deliverer, DeliverySettings
+from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, DedupeSweeper
+from engine.ingest.http import create_ingest_app
+from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
+from engine.ingest.worker import IngestWorker
+from engine.outbound_log.outbox import LogOutbox
+from engine.outbound_log.store import LogStore
 from engine.plugins import Connectors, plugin_manager
-from engine.queue import DurableQueue
-from engine.secrets import SecretBox
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import ConnectionRegistry
+from engine.state.database import STATE_FILE, Database
+from engine.state.secrets import SecretBox
 
 log = structlog.get_logger("tidegate.engine")
 
@@ -100,7 +99,7 @@ class Engine:
         if recovered:
             log.info("log_rows_recovered", rows=recovered)
         self.deliverer = self._deliverer = Deliverer(
-            self.registry, self.queue, self.db, self.pm, self.connectors, self.logs, cfg.delivery
+            self.registry, self.queue, self.db, self.connectors, self.logs, cfg.delivery
         )
         self.registry.on_change(self.deliverer.connection_changed)
         await self.queue.load()
@@ -130,7 +129,6 @@ class Engine:
             self.ingestor,
             self.deliverer.wake,
             self.connectors,
-            self.pm.hook,
         )
 
     async def _start_worker(self) -> None:
@@ -180,6 +178,3 @@ class Engine:
         if self._db is not None:
             await self._db.close()
             self._db = None
-
-    async def serve_forever(self) -> None:
-        await asyncio.Event().wait()

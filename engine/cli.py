@@ -21,20 +21,14 @@ from engine.app import (
     Engine,
     EngineConfig,
 )
-from engine.delivery import DeliverySettings
+from engine.connector.info import tcp_port
+from engine.delivery.worker import DeliverySettings
 from engine.errors import TidegateError
-from engine.http_ingest import INGEST_TOKEN_ENV
-from engine.ingest import DEFAULT_MAX_BACKLOG
+from engine.gc_settings import settle_collector
+from engine.ingest.http import INGEST_TOKEN_ENV
+from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
-from engine.plugins import plugin_manager
-from engine.runtime import settle_collector
-
-
-def port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
-    return value
+from engine.plugins import plugin_commands, plugin_manager
 
 
 def positive(text: str) -> float:
@@ -62,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the engine: ingest HTTP, delivery, gRPC admin API")
     serve.add_argument(
         "--grpc-port",
-        type=port,
+        type=tcp_port,
         default=DEFAULT_GRPC_PORT,
         help=f"admin API port (default {DEFAULT_GRPC_PORT})",
     )
     serve.add_argument(
         "--http-port",
-        type=port,
+        type=tcp_port,
         default=DEFAULT_HTTP_PORT,
         help=f"ingest port (default {DEFAULT_HTTP_PORT})",
     )
@@ -105,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         " own (uses one core instead of two)",
     )
     serve.set_defaults(func=run_serve)
-    plugin_manager().hook.register_commands(subparsers=sub)
+    for command in plugin_commands(plugin_manager()):
+        added = sub.add_parser(command.name, help=command.help)
+        command.configure(added)
+        added.set_defaults(func=command.run)
     return parser
 
 
@@ -155,7 +152,11 @@ async def _serve(config: EngineConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except TidegateError as exc:  # a plugin that breaks the contract
+        print(f"tidegate: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     try:

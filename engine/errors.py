@@ -4,8 +4,10 @@
     ├── InvalidInputError        bad input from a user or Antavo; never retried
     ├── NotFoundError            a named object does not exist; never retried
     ├── BacklogFullError         the queue is at its configured limit; ingest later
+    ├── PluginError              an installed plugin breaks the contract; no start
     └── DeliveryError            raised by connector hooks while mapping or sending
         ├── MappingError         a record cannot be identified or mapped; dead-lettered
+        │   └── ContractError    a hook returned what the contract forbids; dead-lettered
         ├── RetryableError       transient; retried with backoff (honours retry_after)
         ├── PermanentError       the destination rejected the request; dead-lettered
         │   └── PayloadTooLargeError  the request was too big; the batch is split
@@ -45,6 +47,12 @@ class BacklogFullError(TidegateError):
         self.retry_after = retry_after
 
 
+class PluginError(TidegateError):
+    """An installed plugin breaks the connector contract (an unknown hook, a connector
+    declared twice, a missing hook). The engine refuses to start; the message names the
+    plugin. Not retried."""
+
+
 class DeliveryError(TidegateError):
     """Base of errors raised by connector hooks."""
 
@@ -56,6 +64,18 @@ class MappingError(DeliveryError):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
         self.message = message
+
+
+class ContractError(MappingError):
+    """A connector's hook returned what the contract forbids (a wrong type, a value JSON
+    cannot carry, an item over the connector's own limits). Raised by the engine, never
+    by a connector: the item is dead-lettered at stage ``map`` naming the plugin, and the
+    connection goes on. Not retried. ``stage`` is ``prepare`` or ``send`` when those hooks
+    broke it."""
+
+    def __init__(self, plugin: str, message: str, stage: str = "map") -> None:
+        super().__init__(stage, f"plugin {plugin!r}: {message}")
+        self.plugin = plugin
 
 
 class RetryableError(DeliveryError):

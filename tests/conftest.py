@@ -14,7 +14,7 @@ import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
-from engine.delivery import DeliverySettings
+from engine.delivery.worker import DeliverySettings
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from tests.faultload import Harness
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import build_parser
-from engine.plugins import plugin_manager
+from engine.plugins import plugin_commands, plugin_manager
 
 BIN = Path(sys.executable).parent
 
@@ -34,13 +34,17 @@ def test_demo_runs_the_whole_product_and_shows_rejections(tmp_path: Path) -> Non
     assert (tmp_path / "outbound-log.duckdb").exists()
 
 
-def test_hook_register_commands_adds_sandbox_and_demo() -> None:
+def test_hook_commands_adds_sandbox_and_demo() -> None:
+    commands = {c.name: c for c in plugin_commands(plugin_manager())}
+    assert {"sandbox", "demo"} <= set(commands)
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    plugin_manager().hook.register_commands(subparsers=sub)
-    assert {"sandbox", "demo"} <= set(sub.choices)
-    args = parser.parse_args(["sandbox", "--port", "9999"])
-    assert args.port == 9999 and callable(args.func)
+    commands["sandbox"].configure(parser)
+    assert parser.parse_args(["--port", "9999"]).port == 9999
+
+
+def test_a_plugin_command_runs_from_the_tidegate_command() -> None:
+    args = build_parser().parse_args(["sandbox", "--port", "9999"])
+    assert args.port == 9999 and args.func.__name__ == "_run_sandbox"
 
 
 def test_every_command_is_listed_in_help() -> None:

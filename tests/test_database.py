@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.database import Database
+from engine.state.database import Database
 
 
 async def test_concurrent_writes_are_all_committed(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 
 from engine.app import Engine, EngineConfig
-from engine.database import STATE_FILE, Database
-from engine.dedupe_sweep import sweep_seen_events
+from engine.ingest.dedupe_sweep import sweep_seen_events
+from engine.state.database import STATE_FILE, Database
 from tests.conftest import eventually, post_events
 
 DAY = 24 * 3600.0

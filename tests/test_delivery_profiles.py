@@ -7,7 +7,7 @@ import aiohttp
 
 from clients.client import TidegateClient
 from engine.app import Engine
-from engine.logrows import LogQuery
+from engine.outbound_log.rows import LogQuery
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import eventually, insider_connection, post_events
 

@@ -14,6 +14,7 @@ import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.delivery.pace import MAX_INTERVAL, MIN_INTERVAL, Pace
 from engine.pb import connections_pb2 as cpb
 from engine.pb import dead_letters_pb2 as dpb
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
@@ -373,9 +374,7 @@ async def test_stream_keeps_delivering_while_a_lane_waits(
 
 
 def test_pace_slows_on_throttling_and_recovers_with_successes() -> None:
-    from engine.delivery import MAX_INTERVAL, MIN_INTERVAL, _Pace
-
-    pace = _Pace()
+    pace = Pace()
     pace.slow_down()
     assert pace.interval == MIN_INTERVAL
     for _ in range(20):
@@ -387,9 +386,7 @@ def test_pace_slows_on_throttling_and_recovers_with_successes() -> None:
 
 
 def test_pace_item_cap_doubles_back_to_unlimited() -> None:
-    from engine.delivery import _Pace
-
-    pace = _Pace(item_cap=100, probe=True)
+    pace = Pace(item_cap=100, probe=True)
     pace.succeeded(100, 1000)
     assert (pace.item_cap, pace.probe) == (200, False)
     pace.succeeded(200, 1000)

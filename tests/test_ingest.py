@@ -11,10 +11,10 @@ import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
-from engine.database import Database
 from engine.errors import InvalidInputError
-from engine.ingest import parse_event, parse_request
-from engine.queue import DurableQueue
+from engine.ingest.parse import parse_event, parse_request
+from engine.queue.lanes import DurableQueue
+from engine.state.database import Database
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
 

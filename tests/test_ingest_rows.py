@@ -14,13 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.connections import ConnectionRegistry
-from engine.database import Database
-from engine.ingest import Ingestor, IngestResult, event_from_payload, event_payload, parse_request
+from engine.connector.records import CustomerIdMapping
+from engine.ingest.ingestor import Ingestor, IngestResult
+from engine.ingest.parse import parse_request
 from engine.plugins import Connectors, plugin_manager
-from engine.queue import DurableQueue
-from engine.records import CustomerIdMapping
-from engine.secrets import SecretBox
+from engine.queue.items import event_from_payload, event_payload
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import ConnectionRegistry
+from engine.state.database import Database
+from engine.state.secrets import SecretBox
 
 T1 = "2026-03-01T10:00:00+00:00"
 T2 = "2026-03-01T11:00:00+00:00"

@@ -17,8 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
-from engine.errors import MappingError, RetryableError
-from engine.records import (
+from engine.connector.records import (
     AntavoEvent,
     Connection,
     Customer,
@@ -31,12 +30,16 @@ from engine.records import (
     ProfileMapping,
     SendResult,
 )
-from engine.transport import RecordingTransport
+from engine.connector.testing import ConnectorTester
+from engine.delivery.transport import RecordingTransport
+from engine.errors import MappingError, RetryableError
 from plugins.insider import plugin
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import API_KEY, PARTNER
 
 NOW = datetime(2026, 11, 27, 10, 15, tzinfo=UTC)
+
+INSIDER = ConnectorTester(plugin)
 
 
 def connection(**changes: Any) -> Connection:
@@ -80,7 +83,7 @@ def test_hook_identify_reads_a_national_phone_number_with_the_default_region() -
         customer_id_mapping=CustomerIdMapping("mobile", "phone_number"),
     )
 
-    identifiers = plugin.identify(connection=c, customer=Customer("c-1", {"mobile": "9876 5432"}))
+    identifiers = INSIDER.identify(connection=c, customer=Customer("c-1", {"mobile": "9876 5432"}))
 
     assert identifiers == {"phone_number": "+6598765432"}
 
@@ -89,7 +92,7 @@ def test_hook_identify_fails_for_a_national_phone_number_without_a_region() -> N
     c = connection(customer_id_mapping=CustomerIdMapping("mobile", "phone_number"))
 
     with pytest.raises(MappingError) as caught:
-        plugin.identify(connection=c, customer=Customer("c-1", {"mobile": "9876 5432"}))
+        INSIDER.identify(connection=c, customer=Customer("c-1", {"mobile": "9876 5432"}))
 
     assert "set default_phone_region" in caught.value.message
 
@@ -101,7 +104,7 @@ def test_hook_map_profile_with_scope_all_sends_every_mapped_attribute() -> None:
     c = connection(settings={"partner_name": PARTNER, "profile_scope": "all"})
     customer = Customer("c-1", {"first_name": "Ana", "city": "Pécs", "tier": "gold"})
 
-    attributes = plugin.map_profile(
+    attributes = INSIDER.map_profile(
         connection=c, customer=customer, change=ProfileChange({"city": "Pécs"}, NOW)
     )
 
@@ -109,7 +112,7 @@ def test_hook_map_profile_with_scope_all_sends_every_mapped_attribute() -> None:
 
 
 def test_hook_map_profile_leaves_a_cleared_attribute_out() -> None:
-    attributes = plugin.map_profile(
+    attributes = INSIDER.map_profile(
         connection=connection(),
         customer=Customer("c-1"),
         change=ProfileChange({"city": None, "first_name": "Ana"}, NOW, {"city": "Pécs"}),
@@ -139,7 +142,7 @@ def checkout(items: Any) -> AntavoEvent:
 
 
 def test_hook_map_event_sends_one_event_per_line_one_second_apart() -> None:
-    events = plugin.map_event(
+    events = INSIDER.map_event(
         connection=connection(event_mappings=(LINES,)),
         customer=Customer("c-1"),
         event=checkout([{"sku": "A", "price": "5.5"}, {"sku": 7, "price": 3}, {"sku": "C"}]),
@@ -167,7 +170,7 @@ def test_hook_map_event_sends_one_event_per_line_one_second_apart() -> None:
 
 def test_hook_map_event_fails_a_line_that_is_not_an_object() -> None:
     with pytest.raises(MappingError) as caught:
-        plugin.map_event(
+        INSIDER.map_event(
             connection=connection(event_mappings=(LINES,)),
             customer=Customer("c-1"),
             event=checkout([{"sku": "A"}, "B"]),
@@ -191,9 +194,7 @@ def at(sandbox: RunningSandbox, **changes: Any) -> Connection:
 
 
 async def send(c: Connection, deliveries: list[Delivery], transport: Any) -> SendResult:
-    pending = plugin.send(connection=c, deliveries=deliveries, transport=transport)
-    assert pending is not None
-    return await pending
+    return await INSIDER.send(c, deliveries, transport)
 
 
 def profile_delivery(

@@ -21,14 +21,14 @@ import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine
-from engine.ingest import parse_event
+from engine.connector.records import Connection, CustomerIdMapping, EventMapping, ParameterMapping
+from engine.connector.records import ProfileMapping as PM
+from engine.delivery.preview import preview_delivery
+from engine.ingest.parse import parse_event
 from engine.pb import mappings_pb2 as mpb
-from engine.plugins import plugin_manager
-from engine.preview import preview_delivery
-from engine.records import Connection, CustomerIdMapping, EventMapping, ParameterMapping
-from engine.records import ProfileMapping as PM
+from engine.plugins import Connectors, plugin_manager
 from plugins.insider.sandbox import RunningSandbox
-from plugins.insider.sandbox_rules import validate_delete_user, validate_upsert_user
+from plugins.insider.sandbox.rules import validate_delete_user, validate_upsert_user
 from tests.conftest import API_KEY, PARTNER, eventually, post_events
 
 BASE = "http://insider.test"
@@ -185,6 +185,8 @@ NEW_EMAIL = {
     "data": {"email": "ana.kovacs@example.com"},
 }
 AFTER_OPT_IN = {"email": "ana@example.com", "first_name": "Ana", "city": "Budapest", "tier": "gold"}
+
+CONNECTORS = Connectors(plugin_manager())
 
 
 @dataclass(frozen=True)
@@ -518,7 +520,7 @@ CASES = [
 
 async def rendered(case: Case) -> list[tuple[str, str, Any, tuple[str, ...]]]:
     event = parse_event(case.record, "record")
-    preview = await preview_delivery(plugin_manager().hook, case.connection, event, case.profile)
+    preview = await preview_delivery(CONNECTORS.hooks(case.connection), event, case.profile)
     assert preview.problems == []
     return [(r.method, r.url, orjson.loads(r.body), r.tags) for r in preview.requests]
 
@@ -560,9 +562,7 @@ async def test_an_unconvertible_value_fails_the_item_naming_it(
     data: dict[str, Any], message: str
 ) -> None:
     record = {**PROFILE, "data": data}
-    preview = await preview_delivery(
-        plugin_manager().hook, CONNECTION, parse_event(record, "record")
-    )
+    preview = await preview_delivery(CONNECTORS.hooks(CONNECTION), parse_event(record, "record"))
 
     assert preview.requests == []
     [problem] = preview.problems
@@ -573,9 +573,7 @@ async def test_an_unconvertible_value_fails_the_item_naming_it(
 
 async def test_an_unknown_currency_fails_the_checkout() -> None:
     record = {**CHECKOUT, "data": {**CHECKOUT["data"], "currency": "EURO"}}
-    preview = await preview_delivery(
-        plugin_manager().hook, CONNECTION, parse_event(record, "record")
-    )
+    preview = await preview_delivery(CONNECTORS.hooks(CONNECTION), parse_event(record, "record"))
 
     [problem] = preview.problems
     assert problem.stage == "map_event"
@@ -584,9 +582,7 @@ async def test_an_unknown_currency_fails_the_checkout() -> None:
 
 async def test_a_per_line_checkout_without_items_fails_instead_of_sending_nothing() -> None:
     record = {**CHECKOUT, "data": {"transaction_id": "ORD-1", "currency": "EUR"}}
-    preview = await preview_delivery(
-        plugin_manager().hook, CONNECTION, parse_event(record, "record")
-    )
+    preview = await preview_delivery(CONNECTORS.hooks(CONNECTION), parse_event(record, "record"))
 
     [problem] = preview.problems
     assert "has no items list" in problem.message

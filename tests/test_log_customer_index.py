@@ -19,8 +19,9 @@ import duckdb
 import pytest
 import structlog
 
-from engine.logsql import SCHEMA, arrow_tables
-from engine.logstore import LogCustomer, LogQuery, LogRow, LogStore, new_request_id
+from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, new_request_id
+from engine.outbound_log.sql import SCHEMA, arrow_tables
+from engine.outbound_log.store import LogStore
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 POOL = [f"customer-{n:06d}" for n in range(12)]  # a shared prefix, as real ids have

@@ -9,9 +9,9 @@ from pathlib import Path
 import aiohttp
 
 from clients.client import TidegateClient
-from engine import log_outbox
 from engine.app import Engine, EngineConfig
-from engine.logstore import LogCustomer, LogRow, new_request_id
+from engine.outbound_log import outbox as log_outbox
+from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
 

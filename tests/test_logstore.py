@@ -13,7 +13,8 @@ import duckdb
 import pytest
 
 from engine.errors import InvalidInputError, TidegateError
-from engine.logstore import LogCustomer, LogQuery, LogRow, LogStore, new_request_id
+from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, new_request_id
+from engine.outbound_log.store import LogStore
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UPSERT_URL = "https://unification.useinsider.com/api/user/v1/upsert"

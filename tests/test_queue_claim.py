@@ -6,8 +6,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from engine.database import Database
-from engine.queue import KIND_EVENT, DurableQueue, Retry, enqueue
+from engine.queue.items import KIND_EVENT, enqueue
+from engine.queue.lanes import DurableQueue, Retry
+from engine.state.database import Database
 
 
 async def test_claim_leaves_out_the_excluded_items_and_keeps_order(tmp_path: Path) -> None:

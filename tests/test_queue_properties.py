@@ -25,8 +25,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine.database import Database
-from engine.queue import KIND_EVENT, DeadLetter, DurableQueue, QueueItem, Retry, enqueue
+from engine.queue.dead_letters import DeadLetter
+from engine.queue.items import KIND_EVENT, QueueItem, enqueue
+from engine.queue.lanes import DurableQueue, Retry
+from engine.state.database import Database
 
 CONNECTION = "c1"
 CUSTOMERS = st.sampled_from(["ana", "bo", "cy"])

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from engine.logrows import LogCustomer
-from engine.records import AntavoEvent, Customer, ProfileChange
+from engine.connector.records import AntavoEvent, Customer, ProfileChange
+from engine.outbound_log.rows import LogCustomer
 
 MOMENT = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
 

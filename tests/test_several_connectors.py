@@ -1,11 +1,11 @@
-"""Two connector plugins installed at once: each answers only for its own connections."""
+"""Two connector plugins installed at once: the engine calls each only for its own
+connections."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -15,9 +15,9 @@ from aiohttp import web
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
-from engine.connectors import ConnectorInfo
-from engine.hookspecs import hookimpl
-from engine.records import (
+from engine.connector.hookspecs import hookimpl
+from engine.connector.info import ConnectorInfo
+from engine.connector.records import (
     AntavoEvent,
     Connection,
     Customer,
@@ -32,49 +32,33 @@ from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_e
 ECHO = "echo"
 
 
-def echo_plugin() -> SimpleNamespace:
-    """A minimal second connector: posts {"id", "events"} per customer to a URL."""
+class EchoConnector:
+    """A minimal second connector: posts {"id", "events"} per customer to a URL. Written as
+    a third party would: no check of whose connection it got, a plain ``async def send``."""
 
     @hookimpl
-    def connector_info() -> ConnectorInfo:
+    def connector_info(self) -> ConnectorInfo:
         return ConnectorInfo(name=ECHO, max_batch_items=10, max_batch_bytes=100_000)
 
     @hookimpl
-    def identify(connection: Connection, customer: Customer) -> Mapping[str, Any] | None:
-        return {"id": customer.id} if connection.connector == ECHO else None
+    def identify(self, customer: Customer) -> Mapping[str, Any]:
+        return {"id": customer.id}
 
     @hookimpl
-    def map_profile(
-        connection: Connection, customer: Customer, change: ProfileChange
-    ) -> Mapping[str, Any] | None:
-        return dict(change.changes) if connection.connector == ECHO else None
+    def map_profile(self, change: ProfileChange) -> Mapping[str, Any]:
+        return dict(change.changes)
 
     @hookimpl
-    def map_event(
-        connection: Connection, customer: Customer, event: AntavoEvent
-    ) -> Sequence[Mapping[str, Any]] | None:
-        return [{"name": event.action}] if connection.connector == ECHO else None
+    def map_event(self, event: AntavoEvent) -> Sequence[Mapping[str, Any]]:
+        return [{"name": event.action}]
 
-    async def post(deliveries: Sequence[Delivery], url: str, transport: Transport) -> SendResult:
+    @hookimpl
+    async def send(
+        self, connection: Connection, deliveries: Sequence[Delivery], transport: Transport
+    ) -> SendResult:
         body = orjson.dumps([{"id": d.customer.id, "events": d.events} for d in deliveries])
-        await transport.request("POST", url, headers={}, body=body)
-        return SendResult()
-
-    @hookimpl
-    def send(
-        connection: Connection, deliveries: Sequence[Delivery], transport: Transport
-    ) -> Awaitable[SendResult] | None:
-        if connection.connector != ECHO:
-            return None
-        return post(deliveries, connection.settings["url"], transport)
-
-    return SimpleNamespace(
-        connector_info=connector_info,
-        identify=identify,
-        map_profile=map_profile,
-        map_event=map_event,
-        send=send,
-    )
+        await transport.request("POST", connection.settings["url"], headers={}, body=body)
+        return SendResult.of(deliveries)
 
 
 @pytest.fixture
@@ -108,7 +92,7 @@ async def test_each_connector_delivers_only_its_own_connections(
             grpc_port=0,
             http_port=0,
             delivery=FAST_DELIVERY,
-            extra_plugins=[echo_plugin()],
+            extra_plugins=[EchoConnector()],
         )
     )
     await engine.start()

@@ -6,20 +6,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-import pluggy
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
 from engine.admin.ingest import event_dict, whole_numbers
-from engine.antavo_catalog import source_catalog
-from engine.connections import ConnectionRegistry
+from engine.delivery.preview import preview_delivery
 from engine.errors import InvalidInputError
-from engine.ingest import CATALOG_ATTRIBUTE, CATALOG_EVENT, CATALOG_PARAMETER, Ingestor, parse_event
+from engine.ingest.ingestor import Ingestor
+from engine.ingest.parse import parse_event
+from engine.ingest.source_catalog import (
+    CATALOG_ATTRIBUTE,
+    CATALOG_EVENT,
+    CATALOG_PARAMETER,
+    source_catalog,
+)
 from engine.pb import catalog_pb2 as pb
 from engine.pb import catalog_pb2_grpc
 from engine.plugins import Connectors
-from engine.preview import preview_delivery
+from engine.state.connections import ConnectionRegistry
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1000
@@ -59,12 +64,10 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         registry: ConnectionRegistry,
         connectors: Connectors,
         ingestor: Ingestor,
-        hook: pluggy.HookRelay,
     ) -> None:
         self._registry = registry
         self._connectors = connectors
         self._ingestor = ingestor
-        self._hook = hook
 
     @rpc
     async def ListSourceCatalog(
@@ -104,7 +107,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         connector = self._registry.runtime(request.connection_id).connector
         entries = [
             e
-            for e in self._connectors.get(connector).catalog
+            for e in self._connectors.info(connector).catalog
             if request.kind in (pb.CATALOG_KIND_UNSPECIFIED, DESTINATION_KINDS.get(e.kind))
         ]
         selected, next_token = page(entries, request.page_size, request.page_token)
@@ -135,7 +138,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             raise InvalidInputError("event", "required: a sample Antavo event")
         event = parse_event(event_dict(request.event), "event")
         profile = whole_numbers(json_format.MessageToDict(request.profile))
-        result = await preview_delivery(self._hook, connection, event, profile)
+        result = await preview_delivery(self._connectors.hooks(connection), event, profile)
         return pb.PreviewDeliveryResponse(
             requests=[
                 pb.PreviewedRequest(method=r.method, url=r.url, body=r.body, tags=list(r.tags))

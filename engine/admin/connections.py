@@ -7,18 +7,18 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
-from engine.connections import (
+from engine.connector.records import CustomerIdMapping
+from engine.errors import InvalidInputError
+from engine.pb import connections_pb2 as pb
+from engine.pb import connections_pb2_grpc
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import (
     STATE_ACTIVE,
     STATE_PAUSED,
     ConnectionRegistry,
     ConnectionUpdate,
     ConnectionView,
 )
-from engine.errors import InvalidInputError
-from engine.pb import connections_pb2 as pb
-from engine.pb import connections_pb2_grpc
-from engine.queue import DurableQueue
-from engine.records import CustomerIdMapping
 
 UPDATABLE_FIELDS = (
     "display_name",

@@ -15,7 +15,8 @@ from engine.admin.errors import Context, rpc
 from engine.errors import InvalidInputError
 from engine.pb import dead_letters_pb2 as pb
 from engine.pb import dead_letters_pb2_grpc
-from engine.queue import DeadLetterQuery, DurableQueue, StoredDeadLetter
+from engine.queue.dead_letters import DeadLetterQuery, StoredDeadLetter
+from engine.queue.lanes import DurableQueue
 
 MAX_PAGE_SIZE = 1000
 

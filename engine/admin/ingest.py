@@ -8,7 +8,8 @@ from google.protobuf import json_format
 
 from engine.admin.errors import Context, rpc
 from engine.errors import InvalidInputError
-from engine.ingest import MAX_EVENTS_PER_REQUEST, Ingestor, parse_event
+from engine.ingest.ingestor import Ingestor
+from engine.ingest.parse import MAX_EVENTS_PER_REQUEST, parse_event
 from engine.pb import ingest_pb2 as pb
 from engine.pb import ingest_pb2_grpc
 

@@ -10,7 +10,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
 from engine.errors import InvalidInputError, NotFoundError, TidegateError
-from engine.logstore import LogQuery, LogRow, LogStore
+from engine.outbound_log.rows import LogQuery, LogRow
+from engine.outbound_log.store import LogStore
 from engine.pb import logs_pb2 as pb
 from engine.pb import logs_pb2_grpc
 

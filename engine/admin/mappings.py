@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from engine.admin.errors import Context, rpc
-from engine.connections import ConnectionRegistry
+from engine.connector.records import EventMapping, ParameterMapping, ProfileMapping
 from engine.errors import InvalidInputError
 from engine.pb import mappings_pb2 as pb
 from engine.pb import mappings_pb2_grpc
-from engine.records import EventMapping, ParameterMapping, ProfileMapping
+from engine.state.connections import ConnectionRegistry
 
 ARRAY_MODES: dict[int, str] = {pb.ARRAY_MODE_APPEND: "append", pb.ARRAY_MODE_REPLACE: "replace"}
 """ArrayMode values as ProfileMapping.array_mode holds them (unspecified: "")."""

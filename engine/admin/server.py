@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
-import pluggy
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -16,9 +15,8 @@ from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
-from engine.connections import ConnectionRegistry
-from engine.ingest import Ingestor
-from engine.logstore import LogStore
+from engine.ingest.ingestor import Ingestor
+from engine.outbound_log.store import LogStore
 from engine.pb import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -34,7 +32,8 @@ from engine.pb import (
     mappings_pb2_grpc,
 )
 from engine.plugins import Connectors
-from engine.queue import DurableQueue
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import ConnectionRegistry
 
 SERVICE_NAMES = (
     connections_pb2.DESCRIPTOR.services_by_name["ConnectionService"].full_name,
@@ -55,7 +54,6 @@ async def start_grpc_server(
     ingestor: Ingestor,
     on_replayed: Callable[[set[str]], None],
     connectors: Connectors,
-    hook: pluggy.HookRelay,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (useful with port 0)."""
     server = grpc.aio.server()
@@ -69,7 +67,7 @@ async def start_grpc_server(
         DeadLetterServicer(queue, on_replayed), server
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
-        CatalogServicer(registry, connectors, ingestor, hook), server
+        CatalogServicer(registry, connectors, ingestor), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

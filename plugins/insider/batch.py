@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.records import Delivery
+from engine.connector import Delivery
 from plugins.insider.payloads import CUSTOM_KEY
 
 MAX_USERS_PER_REQUEST = 1000

@@ -4,7 +4,7 @@ parameters and default events, each with its type and format.
 The source is ``insider-ucd-api.md``: identifiers §3.3, default attributes §3.4, custom
 names §3.5, events and their parameters §3.7. Mapping validation, value conversion and the
 ``ListDestinationCatalog`` RPC all read this one table. The sandbox keeps its own rules on
-purpose (``sandbox_rules``), so tests cross-check two independent readings of the reference.
+purpose (``sandbox.rules``), so tests cross-check two independent readings of the reference.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from engine.connectors import CatalogEntry
+from engine.connector import CatalogEntry
 
 # Value kinds. Each names a conversion in ``values``; ``type`` and ``format`` below are
 # what the catalog RPC shows a person choosing a target.

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from engine.errors import MappingError
-from engine.records import AntavoEvent, EventMapping, ParameterMapping
+from engine.connector import AntavoEvent, EventMapping, MappingError, ParameterMapping
 from plugins.insider import catalog
 from plugins.insider.values import ConversionError, converter, rfc3339_utc
 

@@ -12,11 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import MappingError
-from engine.records import (
+from engine.connector import (
     ANTAVO_CUSTOMER_ID,
     Customer,
     CustomerIdMapping,
+    MappingError,
     ProfileChange,
     ProfileMapping,
 )
@@ -55,29 +55,18 @@ def identifier_object(mapping: CustomerIdMapping, value: str) -> dict[str, Any]:
     return {mapping.target_identifier: value}
 
 
-def identifiers_for(
-    mapping: CustomerIdMapping,
-    customer: Customer,
-    phone_region: str = "",
-    to_identifier: Callable[[Any], str] | None = None,
-) -> dict[str, Any]:
-    """The ``identifiers`` object of ``customer`` under ``mapping``.
-
-    The value is the Antavo customer ID when ``mapping.source_attribute`` is
-    ``customer_id``, else that profile attribute. Raises ``MappingError`` when the value
-    is missing, empty or cannot be the identifier. ``to_identifier``, when given, is
-    ``identifier_converter(mapping, phone_region)``.
-    """
-    return identifiers_reader(mapping, phone_region, to_identifier)(customer)
-
-
 def identifiers_reader(
     mapping: CustomerIdMapping,
     phone_region: str = "",
     to_identifier: Callable[[Any], str] | None = None,
 ) -> Callable[[Customer], dict[str, Any]]:
-    """``identifiers_for`` with ``mapping`` and ``phone_region`` resolved once, for
-    ``identify``, which runs for every delivered item."""
+    """A function giving the ``identifiers`` object of a customer under ``mapping``.
+
+    The value is the Antavo customer ID when ``mapping.source_attribute`` is
+    ``customer_id``, else that profile attribute. The function raises ``MappingError``
+    when the value is missing, empty or cannot be the identifier. ``to_identifier``, when
+    given, is ``identifier_converter(mapping, phone_region)``.
+    """
     source, target, custom = mapping.source_attribute, mapping.target_identifier, mapping.custom
     by_id = source == ANTAVO_CUSTOMER_ID
     if to_identifier is None:

@@ -1,12 +1,6 @@
-"""What a connection's settings and event mappings resolve to, worked out once.
-
-The hooks run for every queued item. Without this, each call parsed the connection's
-settings, looked the event's mapping up, matched every parameter source against the
-per-line pattern and looked its Insider type up in the catalog. A ``Connection`` is
-immutable (the engine builds a new object whenever the connection's settings or mappings
-change), so a plan is kept for the connection object it was made from and made again
-when another object arrives under the same connection id.
-"""
+"""What a connection's settings and mappings resolve to, worked out once per connection
+by the ``prepare`` hook: the engine hands it back to the other hooks as ``plan``, and
+asks again whenever the connection changes."""
 
 from __future__ import annotations
 
@@ -14,18 +8,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.records import Connection, Customer
+from engine.connector import Connection, Customer
 from plugins.insider.events import EventPlan
 from plugins.insider.payloads import identifiers_reader
 from plugins.insider.settings import InsiderSettings, parse_settings
 
-MAX_PLANS = 1024
-"""Plans kept at most (one per connection id); past that the cache starts afresh."""
-
 
 @dataclass(frozen=True)
 class ConnectionPlan:
-    connection: Connection
     settings: InsiderSettings
     events: Mapping[str, EventPlan]
     """By Antavo action: the plan of the mapping ``Connection.event_mapping_for`` picks."""
@@ -33,14 +23,8 @@ class ConnectionPlan:
     """``identifiers_reader`` of the connection's customer ID mapping."""
 
 
-_plans: dict[str, ConnectionPlan] = {}
-
-
-def plan_for(connection: Connection) -> ConnectionPlan:
-    """The plan of ``connection``, made on first use of this connection object."""
-    plan = _plans.get(connection.id)
-    if plan is not None and plan.connection is connection:
-        return plan
+def plan_of(connection: Connection) -> ConnectionPlan:
+    """Parses the settings and resolves every event mapping and the identifier reader."""
     settings = parse_settings(connection.settings)
     events: dict[str, EventPlan] = {}
     for mapping in connection.event_mappings:
@@ -48,8 +32,4 @@ def plan_for(connection: Connection) -> ConnectionPlan:
         if mapping.source_event not in events:
             events[mapping.source_event] = EventPlan.of(mapping, settings.default_phone_region)
     identifiers = identifiers_reader(connection.customer_id_mapping, settings.default_phone_region)
-    plan = ConnectionPlan(connection, settings, events, identifiers)
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[connection.id] = plan
-    return plan
+    return ConnectionPlan(settings, events, identifiers)

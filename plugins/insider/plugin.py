@@ -1,43 +1,36 @@
 """Hook implementations of the Insider connector (this module is the plugin object).
 
-Loaded through the ``tidegate`` entry point ``insider = "plugins.insider.plugin"``. Every
-hook that receives a connection answers only for connections whose connector is
-``CONNECTOR`` and returns ``None`` for any other, so other connector plugins can coexist.
-Names and types come from ``catalog``, conversions from ``values``, identifiers and
-attributes from ``payloads``, events from ``events``, requests from ``sending``, mapping
-checks from ``validation``, connection settings from ``settings``, and each connection's
-settings and event mappings, resolved once, from ``plans``.
+Loaded through the ``tidegate`` entry point ``insider = "plugins.insider.plugin"``. The
+engine calls these hooks for ``insider`` connections only. Names and types come from
+``catalog``, conversions from ``values``, identifiers and attributes from ``payloads``,
+events from ``events``, requests from ``sending``, mapping checks from ``validation``,
+connection settings from ``settings``, and each connection's settings and event
+mappings, resolved once by ``prepare``, from ``plans``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.connectors import ConnectorInfo
-from engine.hookspecs import hookimpl
-from engine.records import (
+from engine.connector import (
     AntavoEvent,
     Connection,
+    ConnectorInfo,
     Customer,
     Delivery,
     ProfileChange,
     SendResult,
     Transport,
+    hookimpl,
 )
 from plugins.insider.batch import MAX_USERS_PER_REQUEST
 from plugins.insider.catalog import catalog_entries
-from plugins.insider.commands import register_commands  # noqa: F401  (a hook implementation)
 from plugins.insider.events import insider_events
 from plugins.insider.payloads import profile_attributes
-from plugins.insider.plans import plan_for
+from plugins.insider.plans import ConnectionPlan, plan_of
 from plugins.insider.sending import send_batch
-from plugins.insider.settings import (
-    BASE_URL,
-    DEFAULT_BASE_URL,
-    SCOPE_ALL,
-    validate_settings,
-)
+from plugins.insider.settings import SCOPE_ALL, validate_settings
 from plugins.insider.validation import (
     validate_customer_id_mapping,
     validate_event_mapping,
@@ -58,7 +51,6 @@ def connector_info() -> ConnectorInfo:
         name=CONNECTOR,
         max_batch_items=MAX_USERS_PER_REQUEST,
         max_batch_bytes=MAX_REQUEST_BYTES,
-        default_settings={BASE_URL: DEFAULT_BASE_URL},
         validate_settings=validate_settings,
         validate_customer_id_mapping=validate_customer_id_mapping,
         validate_profile_mapping=validate_profile_mapping,
@@ -68,22 +60,26 @@ def connector_info() -> ConnectorInfo:
 
 
 @hookimpl
-def identify(connection: Connection, customer: Customer) -> Mapping[str, Any] | None:
+def prepare(connection: Connection) -> ConnectionPlan:
+    """The connection's settings parsed, and its event mappings and identifier resolved."""
+    return plan_of(connection)
+
+
+@hookimpl
+def identify(plan: ConnectionPlan, customer: Customer) -> Mapping[str, Any]:
     """Insider ``identifiers`` of ``customer``: exactly one of ``uuid``, ``email``,
     ``phone_number`` (E.164, read with the connection's ``default_phone_region``) or
     ``custom: {name: value}``, its value a string.
 
     Raises ``MappingError`` when the customer has no usable value for the mapped attribute.
     """
-    if connection.connector != CONNECTOR:
-        return None
-    return plan_for(connection).identifiers(customer)
+    return plan.identifiers(customer)
 
 
 @hookimpl
 def map_profile(
-    connection: Connection, customer: Customer, change: ProfileChange
-) -> Mapping[str, Any] | None:
+    connection: Connection, plan: ConnectionPlan, customer: Customer, change: ProfileChange
+) -> Mapping[str, Any]:
     """Insider ``attributes`` for a profile change ({} when nothing mapped has a value).
 
     With ``profile_scope`` ``changed`` (the default) only the mapped attributes in
@@ -92,9 +88,7 @@ def map_profile(
     to Insider's types and formats. Cleared attributes are left out (``send`` deletes
     them). Raises ``MappingError`` for a value that cannot be converted.
     """
-    if connection.connector != CONNECTOR:
-        return None
-    settings = plan_for(connection).settings
+    settings = plan.settings
     values: Mapping[str, Any] = change.changes
     if settings.profile_scope == SCOPE_ALL:
         values = {**customer.attributes, **change.changes}
@@ -105,8 +99,8 @@ def map_profile(
 
 @hookimpl
 def map_event(
-    connection: Connection, customer: Customer, event: AntavoEvent
-) -> Sequence[Mapping[str, Any]] | None:
+    plan: ConnectionPlan, customer: Customer, event: AntavoEvent
+) -> Sequence[Mapping[str, Any]]:
     """Insider events for a mapped Antavo action (``[]`` for an unmapped one): one event,
     or one per line when the mapping reads ``<array>[].<key>`` sources.
 
@@ -114,9 +108,6 @@ def map_event(
     value, ``event_params`` (custom parameters under ``custom``). Raises ``MappingError``
     for a value that cannot be converted or a per-line event without lines.
     """
-    if connection.connector != CONNECTOR:
-        return None
-    plan = plan_for(connection)
     mapping = plan.events.get(event.action)
     if mapping is None:
         return []
@@ -124,20 +115,19 @@ def map_event(
 
 
 @hookimpl
-def send(
-    connection: Connection, deliveries: Sequence[Delivery], transport: Transport
-) -> Awaitable[SendResult] | None:
-    """An awaitable that sends ``deliveries`` to Insider, or ``None`` for another
-    connector (decided synchronously, so pluggy's firstresult never sees a stray coroutine).
+async def send(
+    connection: Connection,
+    plan: ConnectionPlan,
+    deliveries: Sequence[Delivery],
+    transport: Transport,
+) -> SendResult:
+    """Sends ``deliveries`` to Insider and reports an outcome for every item.
 
     In order: identity updates for changed identifiers, one attribute delete for cleared
-    attributes, then the upsert (``skip_hook`` on a backfill connection). The awaitable
-    returns an outcome for every item, failing only the items of customers Insider refused.
-    It raises ``AuthError`` on 401/403 (or a connection without a partner name),
-    ``RetryableError`` on 429 (with ``retry_after``) and retryable 5xx, and
-    ``PermanentError`` on other request-level errors. The API key travels only in the
-    ``X-REQUEST-TOKEN`` header, declared secret to the transport.
+    attributes, then the upsert (``skip_hook`` on a backfill connection); only the items
+    of customers Insider refused fail. Raises ``AuthError`` on 401/403 (or a connection
+    without a partner name), ``RetryableError`` on 429 (with ``retry_after``) and
+    retryable 5xx, and ``PermanentError`` on other request-level errors. The API key
+    travels only in the ``X-REQUEST-TOKEN`` header, which the transport never records.
     """
-    if connection.connector != CONNECTOR:
-        return None
-    return send_batch(connection, list(deliveries), transport)
+    return await send_batch(connection, plan.settings, deliveries, transport)

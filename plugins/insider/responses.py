@@ -17,8 +17,13 @@ from typing import Any
 
 import orjson
 
-from engine.errors import AuthError, PayloadTooLargeError, PermanentError, RetryableError
-from engine.records import HttpResponse
+from engine.connector import (
+    AuthError,
+    HttpResponse,
+    PayloadTooLargeError,
+    PermanentError,
+    RetryableError,
+)
 
 # Insider's 400 for an oversize body reads "request body is bigger than maximum allowed
 # size 5,000,000 bytes" (reference §5.3); a 413 from the edge means the same.
@@ -48,7 +53,7 @@ def user_errors(
     status = response.status
     if 200 <= status < 300:
         return _per_user_errors(response.body, users, secrets)
-    detail = _body_message(response.body, secrets)
+    detail = insider_message(response.body, secrets)
     if status in (401, 403):
         raise AuthError(f"Insider refused the credentials (HTTP {status}): {detail}")
     if status == 429:
@@ -130,8 +135,9 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def _body_message(body: bytes, secrets: Collection[str]) -> str:
-    """Insider's ``message`` or ``error`` field, else the start of the body as text."""
+def insider_message(body: bytes, secrets: Collection[str]) -> str:
+    """Insider's ``message`` or ``error`` field, else the start of the body as text, with
+    ``secrets`` redacted. Insider's bodies carry one or the other (reference §5)."""
     # Redact before shortening, so a cut cannot leave part of a secret behind.
     try:
         parsed = orjson.loads(body)

@@ -27,8 +27,16 @@ from typing import Any
 import orjson
 import structlog
 
-from engine.errors import AuthError, MappingError, PermanentError
-from engine.records import Connection, Delivery, HttpResponse, ItemOutcome, SendResult, Transport
+from engine.connector import (
+    AuthError,
+    Connection,
+    Delivery,
+    HttpResponse,
+    MappingError,
+    PermanentError,
+    SendResult,
+    Transport,
+)
 from plugins.insider.batch import (
     MAX_USERS_PER_REQUEST,
     CustomerPart,
@@ -37,8 +45,7 @@ from plugins.insider.batch import (
     upsert_batch,
 )
 from plugins.insider.payloads import IdentityChange, cleared_attributes, identity_change
-from plugins.insider.plans import plan_for
-from plugins.insider.responses import user_errors
+from plugins.insider.responses import insider_message, user_errors
 from plugins.insider.settings import ARRAY_REPLACE, InsiderSettings
 
 log = structlog.get_logger("tidegate.insider")
@@ -49,8 +56,6 @@ IDENTITY_PATH = "/api/user/v1/identity"
 PARTNER_HEADER = "X-PARTNER-NAME"
 TOKEN_HEADER = "X-REQUEST-TOKEN"
 BACKFILL_TAG = "backfill"
-DELIVERED = ItemOutcome(delivered=True)
-"""Shared by every delivered item of a send (it is immutable)."""
 NOTHING_TO_MOVE = "identifier values are the same"
 """Insider's 400 when the identifier already has its new value (§5.3)."""
 
@@ -88,7 +93,6 @@ class InsiderClient:
                 "Content-Type": "application/json",
             },
             body=payload,
-            secret_headers=(TOKEN_HEADER,),
             tags=self.tags,
         )
 
@@ -101,7 +105,7 @@ class InsiderClient:
         """Moves an identifier; returns an error message for this customer, or ''."""
         body = {"old_identifier": move.old, "new_identifier": move.new}
         response = await self.request("PATCH", IDENTITY_PATH, body)
-        detail = _detail(response.body).replace(self.connection.api_key or "\0", "[redacted]")
+        detail = insider_message(response.body, secrets=(self.connection.api_key,))
         moved = 200 <= response.status < 300
         log.info(
             "insider_identifier_changed" if moved else "insider_identifier_not_changed",
@@ -118,11 +122,13 @@ class InsiderClient:
 
 
 async def send_batch(
-    connection: Connection, deliveries: Sequence[Delivery], transport: Transport
+    connection: Connection,
+    settings: InsiderSettings,
+    deliveries: Sequence[Delivery],
+    transport: Transport,
 ) -> SendResult:
     """Sends ``deliveries`` (identity moves, attribute deletes, upsert) and returns an
     outcome for every item. See the module docstring for the order and failure rules."""
-    settings = plan_for(connection).settings
     if not settings.partner_name:
         raise AuthError(f"connection {connection.id} has no Insider partner name")
     client = InsiderClient(connection, settings, transport)
@@ -157,16 +163,7 @@ async def send_batch(
         replace,
         failed,
     )
-    if not failed:
-        return SendResult(outcomes={d.item_id: DELIVERED for d in deliveries})
-    return SendResult(
-        outcomes={
-            d.item_id: ItemOutcome(delivered=False, error=failed[d.customer.id])
-            if d.customer.id in failed
-            else DELIVERED
-            for d in deliveries
-        }
-    )
+    return SendResult.of(deliveries, failed)
 
 
 async def _delete_cleared(
@@ -203,17 +200,3 @@ async def _upsert(
             owner = batch.owners[start + index]
             failed[owner] = f"{failed[owner]} | {error}" if owner in failed else error
         start = end
-
-
-def _detail(body: bytes) -> str:
-    """Insider's ``error`` or ``message`` text, else the body as text."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, Mapping):
-        for key in ("error", "message"):
-            text = parsed.get(key)
-            if isinstance(text, str) and text.strip():
-                return text
-    return body.decode("utf-8", errors="replace").strip() or "(empty body)"

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
-from engine.errors import InvalidInputError
+from engine.connector import InvalidInputError
 
 DEFAULT_BASE_URL = "https://unification.useinsider.com"
 

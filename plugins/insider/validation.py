@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from engine.errors import InvalidInputError
-from engine.records import CustomerIdMapping, EventMapping, ProfileMapping
+from engine.connector import CustomerIdMapping, EventMapping, InvalidInputError, ProfileMapping
 from plugins.insider import catalog
 from plugins.insider.events import line_path
 from plugins.insider.settings import ARRAY_MODES

@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 
 from engine.errors import InvalidInputError
-from engine.logrows import (
+from engine.outbound_log.rows import (
     ID_TIME_SLACK,
     LIST_CUSTOMERS,
     LogCustomer,

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 
 import aiohttp
 
+from engine.connector.records import HttpResponse
 from engine.errors import RetryableError
-from engine.logstore import new_request_id
-from engine.records import HttpResponse
+from engine.outbound_log.rows import new_request_id
 
 MAX_LOGGED_BODY_BYTES = 2_000_000
 """Bodies longer than this are cut in the log (Insider accepts up to 5 MB per request)."""
@@ -45,7 +45,7 @@ def _logged(body: bytes) -> str:
 
 
 class RecordingTransport:
-    """Implements ``engine.records.Transport`` for one send; ``exchanges`` lists what went out."""
+    """Implements ``engine.connector.Transport`` for one send; ``exchanges`` lists what went out."""
 
     def __init__(
         self, session: aiohttp.ClientSession, timeout: float, tags: tuple[str, ...] = ()
@@ -62,7 +62,6 @@ class RecordingTransport:
         *,
         headers: Mapping[str, str],
         body: bytes,
-        secret_headers: Collection[str] = (),
         tags: Collection[str] = (),
     ) -> HttpResponse:
         request_id = new_request_id()

@@ -9,6 +9,7 @@ import time as monotime
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 LIST_CUSTOMERS = 100  # customers shown per row in lists and streams
 # A row's time must lie this close to the time embedded in its id, so that an id lookup
@@ -17,27 +18,27 @@ ID_TIME_SLACK = timedelta(minutes=10)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+class Outcome(StrEnum):
+    """What one request did for one customer's items."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    """Dead-lettered: the destination refused them, or retries ran out."""
+    RETRY = "retry"
+    """Sent again later (a transient failure, or the batch resent in halves)."""
+    PAUSED = "paused"
+    """The destination refused the credentials; the connection paused with them queued."""
+
+
 @dataclass(frozen=True)
 class LogCustomer:
+    """One customer a request carried, with what the request did for them."""
+
     customer_id: str
     name: str = ""
-    outcome: str = "delivered"  # "delivered" | "failed" | "retry" | "paused"
+    outcome: str = Outcome.DELIVERED
+    """An ``Outcome`` value."""
     error: str = ""
-
-    # One per customer of every logged request. The generated __init__ of a frozen
-    # dataclass stores each field with object.__setattr__; this stores the instance dict
-    # in one step (as engine.records does). Same fields, defaults, equality and hash.
-    def __init__(
-        self, customer_id: str, name: str = "", outcome: str = "delivered", error: str = ""
-    ) -> None:
-        _set(
-            self,
-            "__dict__",
-            {"customer_id": customer_id, "name": name, "outcome": outcome, "error": error},
-        )
-
-
-_set = object.__setattr__
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from engine.database import Database
-from engine.ingest import CONTENT_DEDUP_WINDOW, ID_DEDUP_WINDOW
+from engine.ingest.ingestor import CONTENT_DEDUP_WINDOW, ID_DEDUP_WINDOW
+from engine.state.database import Database
 
 log = structlog.get_logger("tidegate.dedupe")
 

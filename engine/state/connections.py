@@ -17,21 +17,20 @@ from dataclasses import dataclass
 
 import orjson
 
-from engine.database import Database
-from engine.errors import InvalidInputError, NotFoundError
-from engine.plugins import Connectors
-from engine.records import (
+from engine.connector.records import (
     Connection,
     CustomerIdMapping,
     EventMapping,
     ParameterMapping,
     ProfileMapping,
 )
-from engine.secrets import SecretBox, hint
+from engine.errors import InvalidInputError, NotFoundError
+from engine.plugins import Connectors
+from engine.state.database import Database
+from engine.state.secrets import SecretBox, hint
 
 CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAPPING_ID_RE = CONNECTION_ID_RE
-DEFAULT_CONNECTOR = "insider"
 MAX_RETRY_WINDOW = 7 * 24 * 3600.0
 STATE_ACTIVE = "active"
 STATE_PAUSED = "paused"
@@ -155,7 +154,7 @@ class ConnectionRegistry:
                 "connection.id",
                 "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",
             )
-        info = self._connectors.get(connector or DEFAULT_CONNECTOR)
+        info = self._connectors.info(connector or self._connectors.only())
         with field_prefix("connection.settings"):
             info.validate_settings(settings)
         if info.secret_required and not api_key:
@@ -199,7 +198,7 @@ class ConnectionRegistry:
 
     async def update(self, connection_id: str, update: ConnectionUpdate) -> ConnectionView:
         current = self.view(connection_id)
-        info = self._connectors.get(current.connector)
+        info = self._connectors.info(current.connector)
         settings = current.settings if update.settings is None else update.settings
         id_mapping = update.customer_id_mapping or current.customer_id_mapping
         with field_prefix("connection.settings"):
@@ -371,7 +370,7 @@ class ConnectionRegistry:
     def _validate_profile(self, connection_id: str, mapping: ProfileMapping) -> None:
         connection = self.runtime(connection_id)
         with field_prefix("mapping"):
-            self._connectors.get(connection.connector).validate_profile_mapping(mapping)
+            self._connectors.info(connection.connector).validate_profile_mapping(mapping)
         for other in connection.profile_mappings:
             if other.id != mapping.id and other.source_attribute == mapping.source_attribute:
                 raise InvalidInputError(
@@ -384,7 +383,7 @@ class ConnectionRegistry:
         if not mapping.source_event:
             raise InvalidInputError("mapping.source_event", "required: the Antavo event action")
         with field_prefix("mapping"):
-            self._connectors.get(connection.connector).validate_event_mapping(mapping)
+            self._connectors.info(connection.connector).validate_event_mapping(mapping)
         for other in connection.event_mappings:
             if other.id != mapping.id and other.source_event == mapping.source_event:
                 raise InvalidInputError(

@@ -52,16 +52,16 @@ import structlog
 import uvloop
 from aiohttp import web
 
-from engine.connections import ConnectionRegistry
-from engine.database import STATE_FILE, Database
 from engine.errors import TidegateError
-from engine.http_ingest import INGEST_TOKEN_ENV, create_ingest_app
-from engine.ingest import Ingestor
+from engine.gc_settings import settle_collector
+from engine.ingest.http import INGEST_TOKEN_ENV, create_ingest_app
+from engine.ingest.ingestor import Ingestor
 from engine.logconfig import configure_logging
 from engine.plugins import Connectors, plugin_manager
-from engine.queue import DurableQueue
-from engine.runtime import settle_collector
-from engine.secrets import SecretBox
+from engine.queue.lanes import DurableQueue
+from engine.state.connections import ConnectionRegistry
+from engine.state.database import STATE_FILE, Database
+from engine.state.secrets import SecretBox
 
 log = structlog.get_logger("tidegate.ingest_worker")
 
@@ -172,7 +172,7 @@ class IngestWorker:
         fds = (self._listener.fileno(), channel_fd)
         return subprocess.Popen(
             [
-                sys.executable, "-m", "engine.ingest_worker",
+                sys.executable, "-m", "engine.ingest.worker",
                 "--data-dir", str(self._data_dir),
                 "--listen-fd", str(fds[0]), "--channel-fd", str(fds[1]),
                 "--engine-pid", str(os.getpid()),
@@ -366,7 +366,7 @@ async def _work(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.ingest_worker",
+        prog="python -m engine.ingest.worker",
         description="Tidegate's ingest worker; `tidegate serve` starts it.",
     )
     parser.add_argument("--data-dir", type=Path, required=True)

@@ -9,7 +9,8 @@ import orjson
 from aiohttp import web
 
 from engine.errors import BacklogFullError, InvalidInputError
-from engine.ingest import Ingestor, parse_request
+from engine.ingest.ingestor import Ingestor
+from engine.ingest.parse import parse_request
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 INGEST_PATH = "/v1/events"

@@ -1,6 +1,6 @@
 """The catalog of Antavo names a mapping can read: Antavo's built-in customer attributes,
 events and event parameters (``antavo-source.md`` §1.4, §2.3), merged with the names
-Tidegate has seen in traffic (``Ingestor.seen_names``).
+Tidegate has seen in traffic (``SeenNames``: ingest records each the first time).
 
 Antavo is the source of every connector, so this lives in the engine. Custom attributes
 and custom events are workspace-defined: they appear once traffic carries them.
@@ -8,10 +8,84 @@ and custom events are workspace-defined: they appear once traffic carries them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.ingest import CATALOG_ATTRIBUTE, CATALOG_EVENT, CATALOG_PARAMETER, SeenName
+from engine.connector.records import PROFILE_ACTIONS, AntavoEvent
+from engine.state.database import Database
+
+CATALOG_ATTRIBUTE = "attribute"
+CATALOG_EVENT = "event"
+CATALOG_PARAMETER = "parameter"
+
+Name = tuple[str, str, str]
+"""(kind, parent, name): ``parent`` is the action of a parameter, else empty."""
+
+
+@dataclass(frozen=True)
+class SeenName:
+    """A name seen in Antavo traffic: a customer attribute, an event action, or a
+    parameter (data key) of an event action (``parent``)."""
+
+    kind: str
+    parent: str
+    name: str
+    first_seen: float
+
+
+class SeenNames:
+    """The names already in the ``source_catalog`` table, so that traffic writes only the
+    names it carries for the first time."""
+
+    def __init__(self) -> None:
+        self._known: set[Name] = set()
+
+    async def load(self, db: Database) -> None:
+        rows = await db.read(
+            lambda c: c.execute("SELECT kind, parent, name FROM source_catalog").fetchall()
+        )
+        self._known = {(str(k), str(p), str(n)) for k, p, n in rows}
+
+    def new_in(self, events: Sequence[AntavoEvent]) -> set[Name]:
+        """The names ``events`` carry that are not recorded yet."""
+        keys_by_action: defaultdict[str, set[str]] = defaultdict(set)
+        for event in events:
+            keys_by_action[event.action].update(event.data)
+        names: set[Name] = set()
+        for action, keys in keys_by_action.items():
+            names.add((CATALOG_EVENT, "", action))
+            if action in PROFILE_ACTIONS:
+                names.update((CATALOG_ATTRIBUTE, "", key) for key in keys)
+            else:
+                names.update((CATALOG_PARAMETER, action, key) for key in keys)
+        return names - self._known
+
+    @staticmethod
+    def record(c: sqlite3.Connection, names: Iterable[Name], now: float) -> None:
+        """Writes ``names`` inside the caller's transaction; call ``committed`` after."""
+        c.executemany(
+            "INSERT OR IGNORE INTO source_catalog (kind, parent, name, first_seen)"
+            " VALUES (?,?,?,?)",
+            [(*name, now) for name in names],
+        )
+
+    def committed(self, names: Iterable[Name]) -> None:
+        self._known.update(names)
+
+
+async def seen_names(db: Database) -> list[SeenName]:
+    """Every attribute, event and parameter name seen in traffic, sorted."""
+    return await db.read(
+        lambda c: [
+            SeenName(*row)
+            for row in c.execute(
+                "SELECT kind, parent, name, first_seen FROM source_catalog"
+                " ORDER BY kind, parent, name"
+            )
+        ]
+    )
 
 
 @dataclass(frozen=True)

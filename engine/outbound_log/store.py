@@ -54,8 +54,8 @@ import pyarrow as pa
 import structlog
 
 from engine.errors import TidegateError
-from engine.logrows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
-from engine.logsql import (
+from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
+from engine.outbound_log.sql import (
     REQUEST_COLUMNS,
     SCHEMA,
     arrow_tables,

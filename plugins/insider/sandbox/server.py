@@ -59,7 +59,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from plugins.insider.sandbox_rules import (
+from plugins.insider.sandbox.rules import (
     ErrorMap,
     Strictness,
     format_value,

@@ -1,22 +1,27 @@
-"""Value types that cross the boundary between the engine and connector plugins."""
+"""Records that cross the boundary between the engine and connector plugins.
+
+The engine builds them; hooks read them and never change them. ``Delivery`` and
+``SendResult`` are the two a connector builds or fills in itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 ANTAVO_CUSTOMER_ID = "customer_id"
 """CustomerIdMapping.source_attribute value that selects the Antavo customer ID."""
-
-_DEFAULT: Any = object()
-"""Stands for a field's default in the hand-written ``__init__`` methods below."""
-_set = object.__setattr__
+PROFILE_ACTIONS = frozenset({"opt_in", "profile"})
+"""Antavo actions whose data are customer attributes: ingest merges them into the
+customer's profile and queues the attributes that changed."""
 
 
 @dataclass(frozen=True)
 class CustomerIdMapping:
+    """Which Antavo attribute identifies a customer at the destination, and as what."""
+
     source_attribute: str = ANTAVO_CUSTOMER_ID
     target_identifier: str = "uuid"
     custom: bool = False
@@ -40,6 +45,8 @@ class ProfileMapping:
 
 @dataclass(frozen=True)
 class ParameterMapping:
+    """One Antavo event data key synced to one destination event parameter."""
+
     source_parameter: str
     target_parameter: str
     custom: bool = False
@@ -47,6 +54,8 @@ class ParameterMapping:
 
 @dataclass(frozen=True)
 class EventMapping:
+    """One Antavo action synced as one destination event, with its parameters."""
+
     id: str
     source_event: str
     target_event: str
@@ -57,8 +66,10 @@ class EventMapping:
 class Connection:
     """A configured destination account, with its mappings, as hooks see it.
 
-    ``api_key`` is the decrypted secret; hooks may put it in request headers and nowhere
-    else.
+    The engine builds a new object whenever the connection's settings, key or mappings
+    change, so a connector may keep what it works out from one object (see the
+    ``prepare`` hook). ``api_key`` is the decrypted secret; hooks may put it in request
+    headers and nowhere else.
     """
 
     id: str
@@ -76,27 +87,29 @@ class Connection:
     """Raised whenever the API key or settings change."""
 
     def event_mapping_for(self, action: str) -> EventMapping | None:
+        """The mapping of an Antavo action: the first one listed for it, if any."""
         for mapping in self.event_mappings:
             if mapping.source_event == action:
                 return mapping
         return None
 
+    def routed_attributes(self) -> frozenset[str]:
+        """The Antavo attributes whose change is queued for this connection: the mapped
+        ones and the identifying one (when it changes, the connector may have to move the
+        customer's identifier at the destination)."""
+        return frozenset(
+            {m.source_attribute for m in self.profile_mappings}
+            | ({self.customer_id_mapping.source_attribute} - {ANTAVO_CUSTOMER_ID})
+        )
+
 
 @dataclass(frozen=True)
 class Customer:
-    """An Antavo customer as Tidegate knows it: id plus the latest profile attributes."""
+    """An Antavo customer as Tidegate knows it: id plus the latest profile attributes,
+    with the identifying attributes as they were when the record was ingested."""
 
     id: str
     attributes: Mapping[str, Any] = field(default_factory=dict)
-
-    # Delivery builds a Customer, an AntavoEvent or ProfileChange for every item. A frozen
-    # dataclass's generated __init__ stores each field with object.__setattr__; these store
-    # the instance dict in one step, a third of the cost. Same fields, defaults, equality,
-    # hash and immutability.
-    def __init__(self, id: str, attributes: Mapping[str, Any] = _DEFAULT) -> None:
-        _set(
-            self, "__dict__", {"id": id, "attributes": {} if attributes is _DEFAULT else attributes}
-        )
 
     @property
     def name(self) -> str:
@@ -120,30 +133,6 @@ class AntavoEvent:
     external_id: str = ""
     account: str = ""
 
-    def __init__(
-        self,
-        id: str,
-        customer: str,
-        action: str,
-        data: Mapping[str, Any],
-        timestamp: datetime,
-        external_id: str = "",
-        account: str = "",
-    ) -> None:
-        _set(
-            self,
-            "__dict__",
-            {
-                "id": id,
-                "customer": customer,
-                "action": action,
-                "data": data,
-                "timestamp": timestamp,
-                "external_id": external_id,
-                "account": account,
-            },
-        )
-
 
 @dataclass(frozen=True)
 class ProfileChange:
@@ -157,32 +146,17 @@ class ProfileChange:
     timestamp: datetime
     previous: Mapping[str, Any] = field(default_factory=dict)
 
-    def __init__(
-        self,
-        changes: Mapping[str, Any],
-        timestamp: datetime,
-        previous: Mapping[str, Any] = _DEFAULT,
-    ) -> None:
-        _set(
-            self,
-            "__dict__",
-            {
-                "changes": changes,
-                "timestamp": timestamp,
-                "previous": {} if previous is _DEFAULT else previous,
-            },
-        )
 
-
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     """One queued item rendered for a destination, ready to be put in a request.
 
-    ``identifiers`` come from ``identify``; ``attributes`` from ``map_profile``;
-    ``events`` from ``map_event``. ``change`` or ``event`` is the source record it was
-    rendered from, for connectors that need more than the mapped values (an identifier
-    that changed, an attribute that was cleared). Several deliveries of one customer may
-    share a request.
+    ``identifiers`` come from ``identify``; ``attributes`` from ``map_profile`` (``None``
+    when nothing mapped); ``events`` from ``map_event``. ``change`` or ``event`` is the
+    source record it was rendered from, for connectors that need more than the mapped
+    values (an identifier that changed, an attribute that was cleared); both are ``None``
+    for a dead letter replayed as its stored fragment. Several deliveries of one customer
+    may share a request.
     """
 
     item_id: int
@@ -203,18 +177,43 @@ class ItemOutcome:
     error: str = ""
 
 
-@dataclass
-class SendResult:
-    """What ``send`` reports back: an outcome for every delivery item id it was given.
+DELIVERED = ItemOutcome(delivered=True)
+"""The outcome of a delivered item (immutable, so one object serves every item)."""
 
-    Items missing from ``outcomes`` count as delivered when the request succeeded.
+
+@dataclass(slots=True)
+class SendResult:
+    """What ``send`` reports back: an outcome for every item id it was given.
+
+    An item the result leaves out was not reported on: the engine dead-letters it at stage
+    ``send`` as a connector error (the request may have been applied), never counts it
+    delivered. ``SendResult.of`` builds a complete result.
     """
 
     outcomes: dict[int, ItemOutcome] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls, deliveries: Sequence[Delivery], failed: Mapping[str, str] | None = None
+    ) -> SendResult:
+        """Every delivery delivered, except those of the customers in ``failed``
+        (customer id -> the destination's message), which failed."""
+        if not failed:
+            return cls({d.item_id: DELIVERED for d in deliveries})
+        return cls(
+            {
+                d.item_id: ItemOutcome(False, failed[d.customer.id])
+                if d.customer.id in failed
+                else DELIVERED
+                for d in deliveries
+            }
+        )
+
 
 @dataclass(frozen=True)
 class HttpResponse:
+    """The destination's answer to one request; ``elapsed`` in seconds."""
+
     status: int
     headers: Mapping[str, str]
     body: bytes
@@ -222,12 +221,13 @@ class HttpResponse:
 
 
 class Transport(Protocol):
-    """HTTP client handed to ``send``: the engine owns the session, timeouts and logging.
+    """The HTTP client handed to ``send``: the engine owns the session, timeouts and the
+    outbound log.
 
     Every call is one outbound request and becomes one outbound-log row, labelled with
-    ``tags`` (e.g. "backfill"). Values of the headers named in ``secret_headers`` are
-    redacted before anything is recorded.
-    Timeouts and connection errors raise ``RetryableError``; an HTTP status never raises.
+    ``tags`` (e.g. "backfill"). Headers are never recorded, so a key carried in a header
+    never reaches the log. Timeouts and connection errors raise ``RetryableError``; an
+    HTTP status never raises: the connector turns it into the engine's errors.
     """
 
     async def request(
@@ -237,6 +237,5 @@ class Transport(Protocol):
         *,
         headers: Mapping[str, str],
         body: bytes,
-        secret_headers: Collection[str] = (),
         tags: Collection[str] = (),
     ) -> HttpResponse: ...

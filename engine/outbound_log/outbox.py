@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from engine.database import Database
-from engine.logrows import LogCustomer, LogRow
+from engine.outbound_log.rows import LogCustomer, LogRow
+from engine.state.database import Database
 
 if TYPE_CHECKING:  # the ingest worker stages no log rows: it need not load DuckDB
-    from engine.logstore import LogStore
+    from engine.outbound_log.store import LogStore
 
 
 def encode(row: LogRow) -> tuple[str, bytes]:

@@ -1,0 +1,188 @@
+"""Dead letters: items that failed for good, kept with why and where they failed.
+
+A dead letter keeps the queued record and, when it got that far, the fragment rendered for
+the destination, so it can be replayed: re-rendered with the current mapping, or resent
+as it was (a ``rendered`` item). Rows are written in the transaction that settles the
+send (``DurableQueue.settle``), so an item is always either queued or dead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from engine.queue.items import (
+    KIND_RENDERED,
+    ORIGIN_REPLAY,
+    ORIGIN_REPLAY_STORED,
+    NewItem,
+    QueueItem,
+    enqueue_rows,
+)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An item that failed for good: at ``stage`` ("identify", "map_profile", "send",
+    "destination", ...) with ``error``. ``rendered`` is the destination fragment when
+    the item got that far."""
+
+    item: QueueItem
+    stage: str
+    error: str
+    request_id: str = ""
+    rendered: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    id: int
+    connection_id: str
+    customer_id: str
+    kind: str
+    event_id: str
+    payload: dict[str, Any]
+    enqueue_time: float
+    attempts: int
+    stage: str
+    error: str
+    request_id: str
+    fail_time: float
+    rendered: dict[str, Any] | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class DeadLetterQuery:
+    connection_id: str = ""
+    customer_id: str = ""
+    stage: str = ""
+    error_contains: str = ""
+    start_time: float | None = None
+    end_time: float | None = None
+    ids: tuple[int, ...] = ()
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("connection_id", self.connection_id),
+            ("customer_id", self.customer_id),
+            ("stage", self.stage),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.error_contains:
+            clauses.append("instr(lower(error), lower(?)) > 0")
+            params.append(self.error_contains)
+        if self.start_time is not None:
+            clauses.append("fail_time >= ?")
+            params.append(self.start_time)
+        if self.end_time is not None:
+            clauses.append("fail_time < ?")
+            params.append(self.end_time)
+        if self.ids:
+            clauses.append(f"seq IN ({','.join('?' * len(self.ids))})")
+            params.extend(self.ids)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    matched: int
+    replayed: int
+    without_stored_request: int
+    connections: frozenset[str] = frozenset()
+
+
+def insert_dead_letters(c: sqlite3.Connection, dead: Sequence[DeadLetter], now: float) -> None:
+    """Stores ``dead`` inside the caller's transaction (which deletes their items)."""
+    c.executemany(
+        "INSERT OR REPLACE INTO dead_letters (seq, connection_id, customer_id, kind,"
+        " event_id, payload, enqueue_time, attempts, stage, error, request_id, fail_time,"
+        " rendered, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            (
+                d.item.seq,
+                d.item.connection_id,
+                d.item.customer_id,
+                d.item.kind,
+                d.item.event_id,
+                orjson.dumps(d.item.payload),
+                d.item.enqueue_time,
+                d.item.attempts + 1,
+                d.stage,
+                d.error,
+                d.request_id,
+                now,
+                None if d.rendered is None else orjson.dumps(d.rendered),
+                d.item.origin,
+            )
+            for d in dead
+        ],
+    )
+
+
+def select_dead_letters(
+    c: sqlite3.Connection, query: DeadLetterQuery, limit: int, after_id: int = 0
+) -> list[StoredDeadLetter]:
+    """Dead letters matching ``query`` with id > ``after_id``, oldest first."""
+    where, params = query.where()
+    where += (" AND " if where else " WHERE ") + "seq > ?"
+    rows = c.execute(
+        "SELECT seq, connection_id, customer_id, kind, event_id, payload, enqueue_time,"
+        " attempts, stage, error, request_id, fail_time, rendered, origin"
+        f" FROM dead_letters{where} ORDER BY seq LIMIT ?",
+        (*params, after_id, limit),
+    ).fetchall()
+    return [
+        StoredDeadLetter(
+            id=row[0],
+            connection_id=row[1],
+            customer_id=row[2],
+            kind=row[3],
+            event_id=row[4],
+            payload=orjson.loads(row[5]),
+            enqueue_time=row[6],
+            attempts=row[7],
+            stage=row[8],
+            error=row[9],
+            request_id=row[10],
+            fail_time=row[11],
+            rendered=None if row[12] is None else orjson.loads(row[12]),
+            origin=row[13],
+        )
+        for row in rows
+    ]
+
+
+def requeue_dead_letters(
+    c: sqlite3.Connection, query: DeadLetterQuery, stored: bool, dry_run: bool, now: float
+) -> ReplayResult:
+    """Moves matching dead letters back to the end of their lanes, inside the caller's
+    transaction (see ``DurableQueue.replay``)."""
+    where, params = query.where()
+    rows = c.execute(
+        "SELECT seq, connection_id, customer_id, kind, event_id, payload, rendered"
+        f" FROM dead_letters{where} ORDER BY seq",
+        params,
+    ).fetchall()
+    usable = [r for r in rows if not stored or r[6] is not None]
+    if not dry_run:
+        for seq, connection_id, customer_id, kind, event_id, payload, rendered in usable:
+            if stored:
+                kind, payload, origin = KIND_RENDERED, rendered, ORIGIN_REPLAY_STORED
+            else:
+                origin = ORIGIN_REPLAY
+            enqueue_rows(
+                c, [NewItem(connection_id, customer_id, kind, event_id, payload, now, now, origin)]
+            )
+            c.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
+    return ReplayResult(
+        len(rows), len(usable), len(rows) - len(usable), frozenset(r[1] for r in usable)
+    )
