@@ -29,7 +29,7 @@ async def test_each_customer_of_a_batch_is_logged_under_its_own_profile_name(
 
     await eventually(profiles_delivered, within=30)
     await engine.logs.flush()
-    before = {row.id for row in (await engine.logs.list(LogQuery(), 1000))[0]}
+    before = {row.id for row in (await engine.logs.page(LogQuery(), 1000))[0]}
 
     points = [
         {"customer": f"c{n}", "action": "point_add", "data": {"points": n}}
@@ -42,7 +42,7 @@ async def test_each_customer_of_a_batch_is_logged_under_its_own_profile_name(
 
     await eventually(points_delivered, within=30)
     await engine.logs.flush()
-    rows, _ = await engine.logs.list(LogQuery(), 1000)
+    rows, _ = await engine.logs.page(LogQuery(), 1000)
     names: dict[str, str] = {}
     for listed_row in rows:
         if listed_row.id in before:

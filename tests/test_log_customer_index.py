@@ -114,7 +114,7 @@ async def search(
     found: list[LogRow] = []
     token = ""
     for _ in range(1000):
-        page, token = await store.list(LogQuery(customer_id=customer_id, **extra), size, token)
+        page, token = await store.page(LogQuery(customer_id=customer_id, **extra), size, token)
         assert len(page) <= size
         found += page
         if not token:

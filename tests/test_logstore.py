@@ -58,7 +58,7 @@ async def append_all(store: LogStore, rows: list[LogRow]) -> None:
 
 
 async def list_all(store: LogStore, query: LogQuery) -> list[LogRow]:
-    rows, token = await store.list(query, page_size=1000)
+    rows, token = await store.page(query, page_size=1000)
     assert token == ""
     return rows
 
@@ -67,7 +67,7 @@ async def test_appended_rows_are_listed_newest_first(store: LogStore) -> None:
     rows = [make_row(s) for s in (5, 1, 9, 3)]
     await append_all(store, rows)
 
-    listed_rows, token = await store.list(LogQuery())
+    listed_rows, token = await store.page(LogQuery())
 
     assert listed_rows == [listed(r) for r in sorted(rows, key=lambda r: r.time, reverse=True)]
     assert token == ""
@@ -83,7 +83,7 @@ async def test_get_returns_bodies_and_list_omits_them(store: LogStore) -> None:
     await append_all(store, [row])
 
     assert await store.get(row.id) == row
-    (in_list,), _ = await store.list(LogQuery())
+    (in_list,), _ = await store.page(LogQuery())
     assert (in_list.request_body, in_list.response_body) == ("", "")
 
 
@@ -218,7 +218,7 @@ async def test_paging_walks_every_row_exactly_once(store: LogStore) -> None:
     seen: list[str] = []
     token = ""
     while True:
-        page, token = await store.list(LogQuery(), page_size=5, page_token=token)
+        page, token = await store.page(LogQuery(), page_size=5, page_token=token)
         assert len(page) <= 5
         seen += [r.id for r in page]
         if not token:
@@ -231,9 +231,9 @@ async def test_paging_walks_every_row_exactly_once(store: LogStore) -> None:
 async def test_page_size_is_clamped(store: LogStore) -> None:
     await append_all(store, [make_row(s) for s in range(60)])
 
-    assert len((await store.list(LogQuery(), page_size=0))[0]) == 50
-    assert len((await store.list(LogQuery(), page_size=-3))[0]) == 1
-    assert len((await store.list(LogQuery(), page_size=5000))[0]) == 60
+    assert len((await store.page(LogQuery(), page_size=0))[0]) == 50
+    assert len((await store.page(LogQuery(), page_size=-3))[0]) == 1
+    assert len((await store.page(LogQuery(), page_size=5000))[0]) == 60
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,7 @@ async def test_page_size_is_clamped(store: LogStore) -> None:
 )
 async def test_invalid_page_token_raises_invalid_input_error(store: LogStore, token: str) -> None:
     with pytest.raises(InvalidInputError) as raised:
-        await store.list(LogQuery(), page_token=token)
+        await store.page(LogQuery(), page_token=token)
     assert raised.value.field == "page_token"
 
 
@@ -421,7 +421,7 @@ async def test_customer_pages_are_exact_across_weeks_of_history(store: LogStore)
         seen: list[str] = []
         token = ""
         while True:
-            page, token = await store.list(LogQuery(customer_id="busy"), size, token)
+            page, token = await store.page(LogQuery(customer_id="busy"), size, token)
             seen += [r.id for r in page]
             if not token:
                 break

@@ -74,7 +74,7 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
             raise InvalidInputError(
                 "page_size", f"must be between 0 and {MAX_PAGE_SIZE} (0 means 50)"
             )
-        rows, token = await self._logs.list(
+        rows, token = await self._logs.page(
             query_from_pb(request.filter), request.page_size or 50, request.page_token
         )
         return pb.ListLogsResponse(logs=[entry_pb(r) for r in rows], next_page_token=token)

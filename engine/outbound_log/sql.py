@@ -19,7 +19,6 @@ dictionary and FSST encodings read single rows; the file is 9% larger and full s
 from __future__ import annotations
 
 import base64
-import builtins
 import contextlib
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from engine.outbound_log.rows import (
     from_micros,
 )
 
-CONFIG: dict[str, str | bool | int | float | builtins.list[str]] = {
+CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "storage_compatibility_version": "v1.2.0",  # the format of new files (see above)
     # DuckDB keeps the blocks it reads in its buffer pool, by default up to 80% of RAM:
     # indexing a 10M-row log peaked at 1.5 GB RSS. With 1 GB it peaked at 1.1 GB, and
@@ -96,11 +95,9 @@ REQUEST_COLUMNS = ", ".join(
 REQUEST_FIELD_INDEX = {name: i for i, name in enumerate(REQUEST_FIELDS)}  # in a record
 
 
-def time_bounds(
-    query: LogQuery, after: tuple[datetime, str] | None
-) -> builtins.list[tuple[str, datetime]]:
+def time_bounds(query: LogQuery, after: tuple[datetime, str] | None) -> list[tuple[str, datetime]]:
     """(operator, time) pairs every matching row's time satisfies: they let zone maps prune."""
-    bounds: builtins.list[tuple[str, datetime]] = []
+    bounds: list[tuple[str, datetime]] = []
     if query.start_time is not None:
         bounds.append((">=", query.start_time))
     if query.end_time is not None:
@@ -110,17 +107,15 @@ def time_bounds(
     return bounds
 
 
-def where_clause(
-    query: LogQuery, after: tuple[datetime, str] | None
-) -> tuple[str, builtins.list[Any]]:
+def where_clause(query: LogQuery, after: tuple[datetime, str] | None) -> tuple[str, list[Any]]:
     """SQL conditions on ``log_requests r`` equivalent to ``query.matches``.
 
     A customer filter here is a subquery that scans ``log_customers``; ``LogStore`` uses
     it only together with an identifier, whose id window makes that scan small. Other
     customer searches go through the customer index (``customer_entries``)."""
     bounds = time_bounds(query, after)
-    conds: builtins.list[str] = []
-    params: builtins.list[Any] = []
+    conds: list[str] = []
+    params: list[Any] = []
     if query.identifier:
         window = id_window(query.identifier)
         if window is None:
@@ -130,7 +125,7 @@ def where_clause(
         params.append(query.identifier)
 
     # Customer subqueries get the same time bounds, so they prune log_customers too.
-    def within(alias: str) -> tuple[builtins.list[str], builtins.list[Any]]:
+    def within(alias: str) -> tuple[list[str], list[Any]]:
         return [f"{alias}.time {op} ?" for op, _ in bounds], [value for _, value in bounds]
 
     time_conds, time_params = within("r")
@@ -144,7 +139,7 @@ def where_clause(
         params.append(query.connection_id)
     if query.status_codes:
         conds.append("list_contains(?::INTEGER[], r.status_code)")
-        params.append(builtins.list(query.status_codes))
+        params.append(list(query.status_codes))
     if query.errors_only:
         conds.append("r.error <> ''")
     if query.customer_id:
@@ -159,7 +154,7 @@ def where_clause(
 
 
 def page_customers(
-    cur: duckdb.DuckDBPyConnection, recs: builtins.list[tuple[Any, ...]], customer_id: str
+    cur: duckdb.DuckDBPyConnection, recs: list[tuple[Any, ...]], customer_id: str
 ) -> dict[str, tuple[LogCustomer, ...]]:
     if not recs:
         return {}
@@ -203,7 +198,7 @@ def row_from_record(
     )
 
 
-def arrow_tables(rows: builtins.list[LogRow]) -> dict[str, pa.Table]:
+def arrow_tables(rows: list[LogRow]) -> dict[str, pa.Table]:
     """One Arrow table per log table; pyarrow converts any tz-aware time to UTC."""
     bodies = [
         (r.id, r.time, r.request_body, r.response_body)
@@ -228,20 +223,20 @@ def customer_table(rows: Sequence[LogRow]) -> pa.Table:
     carries up to 1,000 customers; per-customer tuples cost about 4 us each)."""
     counts = [len(r.customers) for r in rows]
     owner = pa.array(
-        builtins.list(chain.from_iterable(repeat(i, n) for i, n in enumerate(counts))),
+        list(chain.from_iterable(repeat(i, n) for i, n in enumerate(counts))),
         pa.int32(),
     )
     customers = [c for r in rows for c in r.customers]
     columns = [
         pa.array([r.time for r in rows], TIME_TYPE).take(owner),
         pa.array([r.id for r in rows], pa.string()).take(owner),
-        pa.array(builtins.list(chain.from_iterable(range(n) for n in counts)), pa.int32()),
+        pa.array(list(chain.from_iterable(range(n) for n in counts)), pa.int32()),
         pa.array([c.customer_id for c in customers], pa.string()),
         pa.array([c.name for c in customers], pa.string()),
         pa.array([c.outcome for c in customers], pa.string()),
         pa.array([c.error for c in customers], pa.string()),
     ]
-    return pa.table(columns, names=builtins.list(CUSTOMER_FIELDS))
+    return pa.table(columns, names=list(CUSTOMER_FIELDS))
 
 
 def error_text(row: LogRow) -> str:
@@ -252,7 +247,7 @@ def error_text(row: LogRow) -> str:
 def arrow_table(fields: dict[str, pa.DataType], records: Sequence[tuple[Any, ...]]) -> pa.Table:
     columns = zip(*records, strict=True) if records else [()] * len(fields)
     arrays = [pa.array(col, kind) for kind, col in zip(fields.values(), columns, strict=True)]
-    return pa.table(arrays, names=builtins.list(fields))
+    return pa.table(arrays, names=list(fields))
 
 
 def check_row(row: LogRow) -> None:
@@ -468,9 +463,9 @@ def run_level(entries: int, seal_rows: int, fanout: int) -> int:
     return level
 
 
-def merge_candidates(state: IndexState, seal_rows: int, fanout: int) -> builtins.list[int]:
+def merge_candidates(state: IndexState, seal_rows: int, fanout: int) -> list[int]:
     """The ``fanout`` oldest runs of the lowest level that has that many, or []."""
-    levels: dict[int, builtins.list[int]] = {}
+    levels: dict[int, list[int]] = {}
     for run, entries in state.runs:
         levels.setdefault(run_level(entries, seal_rows, fanout), []).append(run)
     for level in sorted(levels):
@@ -521,7 +516,7 @@ def write_run(
     pass_rows: int,
     stop: Callable[[], bool],
     progress: Callable[[int, int], None],
-    params: builtins.list[Any] | None = None,
+    params: list[Any] | None = None,
 ) -> None:
     """Creates ``table`` from ``source`` (``RUN_FIELDS``, with ``params``) sorted by hash.
     Each pass sorts one slice of the hash range, so at most about ``pass_rows`` rows are
@@ -550,10 +545,10 @@ def customer_entries(
     cur: duckdb.DuckDBPyConnection,
     state: IndexState,
     customer_id: str,
-    bounds: builtins.list[tuple[str, datetime]],
+    bounds: list[tuple[str, datetime]],
     before: int | None,
     limit: int,
-) -> builtins.list[tuple[int, int, int, int]]:
+) -> list[tuple[int, int, int, int]]:
     """The index entries (time in epoch microseconds, customer_row, position, request_row)
     at up to ``limit`` distinct times, newest first and before ``before`` when given, that
     may be the customer's: every request carrying it has an entry. Entries of one time are
@@ -562,7 +557,7 @@ def customer_entries(
         f"SELECT {RUN_FIELDS} FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
         for run, _ in state.runs
     ]
-    params: builtins.list[Any] = [customer_id] * len(branches)
+    params: list[Any] = [customer_id] * len(branches)
     branches.append(
         "SELECT 0::UBIGINT AS customer_hash, c.time AS time, c.rowid AS customer_row,"
         " c.position AS position, r.rowid AS request_row FROM log_customers c"
@@ -587,10 +582,10 @@ def customer_entries(
 
 def requests_at_rows(
     cur: duckdb.DuckDBPyConnection,
-    rows: builtins.list[int],
+    rows: list[int],
     where: str,
-    params: builtins.list[Any],
-) -> builtins.list[tuple[int, tuple[Any, ...]]]:
+    params: list[Any],
+) -> list[tuple[int, tuple[Any, ...]]]:
     """(rowid, record) of the ``log_requests`` rows with these rowids that satisfy
     ``where``, newest first."""
     if not rows:
@@ -606,10 +601,10 @@ def requests_at_rows(
 
 def carried_customers(
     cur: duckdb.DuckDBPyConnection,
-    requests: builtins.list[tuple[int, tuple[Any, ...]]],
-    entries: dict[int, builtins.list[tuple[int, int]]],
+    requests: list[tuple[int, tuple[Any, ...]]],
+    entries: dict[int, list[tuple[int, int]]],
     customer_id: str,
-) -> builtins.list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
+) -> list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
     """The ``requests`` (rowid, record) that carry the customer, each with its customers as
     a list shows them: the customer's own rows first, then the others in request order,
     ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's rowid to its index entries
@@ -628,7 +623,7 @@ def carried_customers(
         [sorted(wanted)],
     ).fetchall()
     rows = {rec[0]: (LogCustomer(*rec[1:5]), rec[5]) for rec in fetched}
-    found: builtins.list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
+    found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
     for request_row, rec in requests:
         own = entries[request_row]
         mine = [
@@ -651,15 +646,15 @@ def carried_customers(
     return found
 
 
-def _grouped(found: builtins.list[tuple[Any, ...]]) -> dict[str, tuple[LogCustomer, ...]]:
-    customers: dict[str, builtins.list[LogCustomer]] = {}
+def _grouped(found: list[tuple[Any, ...]]) -> dict[str, tuple[LogCustomer, ...]]:
+    customers: dict[str, list[LogCustomer]] = {}
     for request_id, *fields, _rank in found:
         customers.setdefault(request_id, []).append(LogCustomer(*fields))
     return {request_id: tuple(carried) for request_id, carried in customers.items()}
 
 
 def _one(
-    cur: duckdb.DuckDBPyConnection, sql: str, params: builtins.list[Any] | None = None
+    cur: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None
 ) -> tuple[Any, ...]:
     row = cur.execute(sql, params or []).fetchone()
     assert row is not None, sql

@@ -10,7 +10,7 @@ Layout, and why:
   DuckDB keeps on ``time`` for each row group do the pruning. Request ids are UUIDv7, so a
   lookup by id gets a time window from the id itself and prunes the same way.
 - A customer ID says nothing about time, so a search by customer goes through the
-  customer index (``engine.logsql`` describes it): runs of (hash of the customer ID,
+  customer index (``engine.outbound_log.sql`` describes it): runs of (hash of the customer ID,
   time, rowid of the customer row, its position, rowid of its request) sorted by hash,
   plus the few ``log_customers`` rows not yet in a run. The index gives the customer's
   entries newest first; their requests are fetched by rowid and kept when the other
@@ -31,14 +31,13 @@ Layout, and why:
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
 
-The row types live in ``engine.logrows``, the schema, Arrow conversion and SQL in
-``engine.logsql``; this module is the store that runs them.
+The row types live in ``rows``, the schema, Arrow conversion and SQL in ``sql``;
+this module is the store that runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import threading
 import time as monotime
@@ -110,7 +109,7 @@ class LogSubscription:
         self.query = query
         self._store = store
         self._max_pending = max_pending
-        self._pending: deque[builtins.list[LogRow]] = deque()
+        self._pending: deque[list[LogRow]] = deque()
         self._pending_rows = 0
         self._state = "open"  # "open" | "behind" | "ended"
         self._wakeup = asyncio.Event()
@@ -118,7 +117,7 @@ class LogSubscription:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> builtins.list[LogRow]:
+    async def __anext__(self) -> list[LogRow]:
         while True:
             if self._pending:
                 rows = self._pending.popleft()
@@ -137,7 +136,7 @@ class LogSubscription:
         self._store._unsubscribe(self)
         self._wakeup.set()
 
-    def _offer(self, rows: builtins.list[LogRow]) -> None:
+    def _offer(self, rows: list[LogRow]) -> None:
         if self._state != "open":
             return
         if self._pending_rows and self._pending_rows + len(rows) > self._max_pending:
@@ -170,7 +169,7 @@ class LogStore:
         flush_interval: float = 0.1,
         flush_rows: int = 5_000,
         max_buffer: int = 200_000,
-        on_committed: Callable[[builtins.list[str]], None] | None = None,
+        on_committed: Callable[[list[str]], None] | None = None,
         index_seal_rows: int = INDEX_SEAL_ROWS,
         index_fanout: int = INDEX_FANOUT,
         index_pass_rows: int = INDEX_PASS_ROWS,
@@ -184,12 +183,12 @@ class LogStore:
         # _cond guards everything shared with the writer; it is never held around DuckDB calls,
         # so the event loop only ever waits on it for a few list operations.
         self._cond = threading.Condition()
-        self._buffer: builtins.list[LogRow] = []
+        self._buffer: list[LogRow] = []
         self._buffered_since = 0.0
         self._unsettled = 0  # appended, not yet committed: what max_buffer bounds
         self._appended = 0  # sequence number of the last appended row
         self._committed = 0
-        self._flush_waiters: builtins.list[tuple[int, asyncio.Future[None]]] = []
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._subscribers: set[LogSubscription] = set()
         self._closing = False
         self._room = asyncio.Event()
@@ -206,7 +205,7 @@ class LogStore:
         self._index_thread: threading.Thread | None = None
         self._index_cond = threading.Condition()
         self._index_new_rows = 0  # log_customers rows committed since the indexer last looked
-        self._index_waiters: builtins.list[asyncio.Future[None]] = []
+        self._index_waiters: list[asyncio.Future[None]] = []
         self._index_stop = False
 
     async def start(self) -> None:
@@ -252,9 +251,9 @@ class LogStore:
             self._cond.notify()
         await done
 
-    async def list(
+    async def page(
         self, query: LogQuery, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
-    ) -> tuple[builtins.list[LogRow], str]:
+    ) -> tuple[list[LogRow], str]:
         """Newest first, without bodies, at most ``LIST_CUSTOMERS`` customers per row (the
         filtered customer first). Returns the rows and the next page token, "" at the end."""
         check_query(query)
@@ -369,7 +368,7 @@ class LogStore:
                 self._committed = last_seq
                 done = [f for seq, f in self._flush_waiters if seq <= last_seq]
                 self._flush_waiters = [(s, f) for s, f in self._flush_waiters if s > last_seq]
-                subscribers = builtins.list(self._subscribers)
+                subscribers = list(self._subscribers)
             if stored:
                 self._index_notify(sum(len(row.customers) for row in batch))
                 self._publish(batch, subscribers)
@@ -378,7 +377,7 @@ class LogStore:
             # Queued after the publish callbacks, so flush() returns after subscribers have rows.
             self._call_soon(self._settled, done)
 
-    def _take(self) -> tuple[builtins.list[LogRow], int]:
+    def _take(self) -> tuple[list[LogRow], int]:
         with self._cond:
             while True:
                 if self._buffer:
@@ -395,7 +394,7 @@ class LogStore:
             del self._buffer[: self._flush_rows]
             return batch, self._appended - len(self._buffer)
 
-    def _write(self, batch: builtins.list[LogRow]) -> bool:
+    def _write(self, batch: list[LogRow]) -> bool:
         # Sorting keeps each table in time order even when lanes append slightly out of order.
         batch.sort(key=lambda row: (row.time, row.id))
         try:
@@ -442,9 +441,7 @@ class LogStore:
                 conn.rollback()
             raise
 
-    def _publish(
-        self, batch: builtins.list[LogRow], subscribers: builtins.list[LogSubscription]
-    ) -> None:
+    def _publish(self, batch: list[LogRow], subscribers: list[LogSubscription]) -> None:
         for subscription in subscribers:
             query = subscription.query
             rows = [listed(row, query.customer_id) for row in batch if query.matches(row)]
@@ -458,7 +455,7 @@ class LogStore:
         except RuntimeError:  # the loop is gone: nobody is left to tell
             pass
 
-    def _settled(self, done: builtins.list[asyncio.Future[None]]) -> None:
+    def _settled(self, done: list[asyncio.Future[None]]) -> None:
         self._room.set()
         for future in done:
             if not future.done():
@@ -566,7 +563,7 @@ class LogStore:
         query: LogQuery,
         size: int,
         after: tuple[datetime, str] | None,
-    ) -> tuple[builtins.list[LogRow], str]:
+    ) -> tuple[list[LogRow], str]:
         if query.customer_id and not query.identifier:
             return self._list_by_customer(cur, query, size, after)
         where, params = where_clause(query, after)
@@ -586,7 +583,7 @@ class LogStore:
         query: LogQuery,
         size: int,
         after: tuple[datetime, str] | None,
-    ) -> tuple[builtins.list[LogRow], str]:
+    ) -> tuple[list[LogRow], str]:
         """``_list`` for a customer search, through the customer index: the index gives the
         candidate entries newest first, a chunk of times at a time; the requests they point
         at that pass the other filters are fetched by rowid, and kept if the customer row
@@ -594,7 +591,7 @@ class LogStore:
         customer_id = query.customer_id
         where, params = where_clause(replace(query, customer_id=""), after)
         bounds = time_bounds(query, after)
-        found: builtins.list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
+        found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
         cur.begin()  # one snapshot: the watermark, the runs and the tail agree
         try:
             state = read_index(cur)
@@ -602,10 +599,10 @@ class LogStore:
             chunk = size + 1
             while len(found) <= size:
                 candidates = customer_entries(cur, state, customer_id, bounds, before, chunk)
-                entries: dict[int, builtins.list[tuple[int, int]]] = {}
+                entries: dict[int, list[tuple[int, int]]] = {}
                 for _time, customer_row, position, request_row in candidates:
                     entries.setdefault(request_row, []).append((customer_row, position))
-                recs = requests_at_rows(cur, builtins.list(entries), where, params)
+                recs = requests_at_rows(cur, list(entries), where, params)
                 while recs and len(found) <= size:
                     batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
                     found += carried_customers(cur, batch, entries, customer_id)
