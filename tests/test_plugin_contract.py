@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -131,3 +133,21 @@ def test_only_the_kit_imports_the_kit() -> None:
         if KIT in imports_of(path)
     ]
     assert users == []
+
+
+def test_loading_the_installed_plugins_leaves_the_outbound_log_unloaded() -> None:
+    """Every ``tidegate`` process loads every plugin, the ingest worker included; a plugin
+    that imports the engine's composition root at load time drags DuckDB into the worker,
+    which then reports leaked DuckDB objects on every exit (seen once, and fixed)."""
+    probe = (
+        "import sys\n"
+        "from engine.plugins import Connectors, plugin_commands, plugin_manager\n"
+        "pm = plugin_manager()\n"
+        "Connectors(pm); plugin_commands(pm)\n"
+        "print('duckdb' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
