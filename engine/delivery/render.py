@@ -109,7 +109,7 @@ def weigh(hooks: ConnectionHooks, delivery: Delivery) -> int:
     """The bytes of the delivery's rendered values as JSON. Raises ``ContractError`` for a
     value JSON cannot carry, or for an item too large for one request on its own."""
     try:
-        # A tuple serializes as the same JSON array as a list, and costs less to make.
+        # A tuple serializes as the same JSON array as a list.
         size = len(orjson.dumps((delivery.identifiers, delivery.attributes, delivery.events)))
     except TypeError as exc:  # orjson.JSONEncodeError
         raise hooks.broken(f"rendered a value JSON cannot carry ({exc})") from None

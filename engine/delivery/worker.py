@@ -232,7 +232,6 @@ class Deliverer:
         commit. When items stay (a retry, a pause, a resend in halves), the settle commits
         before the next claim, which must see the held lanes.
         """
-        connection = hooks.connection
         customer_ids = {item.customer_id for item in items}
         profiles = await self._db.read(lambda c: load_profiles(c, customer_ids))
         batch = pack(hooks, items, profiles, max_items)
@@ -256,7 +255,7 @@ class Deliverer:
             raise
         except DeliveryError as exc:
             sent = exc
-        window = connection.retry_window_seconds or self.settings.retry_window
+        window = hooks.connection.retry_window_seconds or self.settings.retry_window
         settlement = settle(
             batch,
             sent,
@@ -266,6 +265,19 @@ class Deliverer:
             backoff=lambda retry_after: self._backoff(batch.deliveries, retry_after),
         )
         await self._adjust(hooks, pace, settlement, now, len(batch.deliveries))
+        await self._record(hooks, batch, transport, settlement, now, settling)
+
+    async def _record(
+        self,
+        hooks: ConnectionHooks,
+        batch: Batch,
+        transport: RecordingTransport,
+        settlement: Settlement,
+        now: float,
+        settling: list[_Settling],
+    ) -> None:
+        """Commits a settlement with its log rows (in the background when every item
+        leaves the queue, see ``_deliver``) and writes the canonical delivery line."""
         request_id = transport.exchanges[-1].request_id if transport.exchanges else ""
         dead = [
             DeadLetter(d.item, d.stage, d.error, d.request_id or request_id, d.rendered)
@@ -275,7 +287,12 @@ class Deliverer:
         names = {d.customer.id: d.customer.name for d in batch.deliveries}
         attempt = max([d.attempt for d in batch.deliveries])
         rows = log_rows(
-            connection, transport.exchanges, names, settlement.customers, settlement.error, attempt
+            hooks.connection,
+            transport.exchanges,
+            names,
+            settlement.customers,
+            settlement.error,
+            attempt,
         )
         await self._drain(settling)  # one settle at a time, in order
         commit = self._commit(settlement.delivered, settlement.retries, dead, now, rows)
@@ -290,7 +307,7 @@ class Deliverer:
         last = transport.exchanges[-1] if transport.exchanges else None
         log.info(
             "delivery",
-            connection=connection.id,
+            connection=hooks.connection.id,
             request_id=request_id,
             status=last.status if last else None,
             latency_ms=round(last.elapsed * 1000, 1) if last else None,

@@ -49,8 +49,8 @@ def parse_event(raw: Any, where: str, received: datetime | None = None) -> Antav
     if not isinstance(raw, dict):
         raise InvalidInputError(where, "expected an object")
     get = raw.get
-    # Each field is checked inline for the usual case, a plain string, and by the
-    # _required_str / _optional_str helpers otherwise (which accept or raise as before).
+    # Hot path (bench.ingest_cpu): the usual case, a plain string, is checked inline;
+    # anything else goes to _required_str / _optional_str, which accept it or raise.
     customer = get("customer")
     if type(customer) is not str or len(customer) > MAX_ID_LENGTH or not customer.strip():
         customer = _required_str(raw, "customer", where)
@@ -89,7 +89,6 @@ def parse_event(raw: Any, where: str, received: datetime | None = None) -> Antav
             )
         ).hexdigest()
     )
-    # Positional: a call with seven keyword arguments costs half as much again.
     return AntavoEvent(
         event_id,
         customer,

@@ -7,9 +7,11 @@ takes the ingest HTTP traffic to a second core; the engine process keeps deliver
 outbound log and the admin API (its gRPC ``IngestEvents`` still ingests in-process).
 
 Both processes write the same SQLite (WAL) database, each through its own group-commit
-writer; SQLite serialises their transactions. The engine owns the listening socket and
-hands it to the worker, so a restarted worker takes over the same port without a gap
-in which connections are refused. They talk over a socket pair, one JSON object per line:
+writer; they take turns through an advisory ``flock`` on ``state.sqlite3-writer.lock``
+(``engine.state.database`` says why not SQLite's busy handler). The engine owns the
+listening socket and hands it to the worker, so a restarted worker takes over the same
+port without a gap in which connections are refused. They talk over a socket pair, one
+JSON object per line:
 
 - worker -> engine: ``{"ready": pid}`` once serving; ``{"queued": total, "connections":
   [...]}`` after each commit that queued items (``total`` counts every item this worker

@@ -120,7 +120,8 @@ class DurableQueue:
                     " ORDER BY seq LIMIT ?",
                     (connection_id, *params, limit),
                 ).fetchall()
-            # tuple.__new__ is what QueueItem(...) calls, without its Python-level __new__.
+            # Hot path (bench.delivery_cpu): tuple.__new__ is what QueueItem(...) calls,
+            # without the named tuple's Python-level __new__.
             new, loads, conn = tuple.__new__, orjson.loads, connection_id
             return [
                 new(QueueItem, (seq, conn, cust, kind, eid, loads(data), enq, att, at1, org))
