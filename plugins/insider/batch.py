@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.connector import Delivery
-from plugins.insider.payloads import CUSTOM_KEY
+from plugins.insider.catalog import CUSTOM_KEY
 
 MAX_USERS_PER_REQUEST = 1000
 

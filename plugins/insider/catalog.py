@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from engine.connector import CatalogEntry
 
+CUSTOM_KEY = "custom"
+"""Where Insider takes custom attributes, event parameters and identifiers: under this key."""
+
 # Value kinds. Each names a conversion in ``values``; ``type`` and ``format`` below are
 # what the catalog RPC shows a person choosing a target.
 STRING = "string"

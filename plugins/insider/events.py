@@ -27,7 +27,6 @@ from plugins.insider.values import ConversionError, converter, rfc3339_utc
 
 LINE_PATH = re.compile(r"^([A-Za-z0-9_]+)\[\]\.([A-Za-z0-9_]+)$")
 LINE_SPACING = timedelta(seconds=1)
-CUSTOM_KEY = "custom"
 _NO_LINE: Mapping[str, Any] = {}
 """The line of an event that is not per line: never read, as no parameter has a line key."""
 
@@ -160,7 +159,7 @@ def _insider_event(
         else:
             params[target] = value
     if custom:
-        params[CUSTOM_KEY] = custom
+        params[catalog.CUSTOM_KEY] = custom
     moment = event.timestamp if index == 0 else event.timestamp + index * LINE_SPACING
     payload: dict[str, Any] = {
         "event_name": plan.mapping.target_event,

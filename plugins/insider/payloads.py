@@ -23,8 +23,6 @@ from engine.connector import (
 from plugins.insider import catalog
 from plugins.insider.values import ConversionError, converter, string, uuid, value_for
 
-CUSTOM_KEY = "custom"
-
 
 def identifier_value(mapping: CustomerIdMapping, value: Any, phone_region: str = "") -> str:
     """``value`` as the Insider identifier ``mapping`` targets: always a string (Insider
@@ -51,7 +49,7 @@ def identifier_converter(
 def identifier_object(mapping: CustomerIdMapping, value: str) -> dict[str, Any]:
     """The ``identifiers`` object holding ``value`` under ``mapping``'s identifier."""
     if mapping.custom:
-        return {CUSTOM_KEY: {mapping.target_identifier: value}}
+        return {catalog.CUSTOM_KEY: {mapping.target_identifier: value}}
     return {mapping.target_identifier: value}
 
 
@@ -164,7 +162,7 @@ def profile_attributes(
         else:
             attributes[mapping.target_attribute] = converted
     if custom:
-        attributes[CUSTOM_KEY] = custom
+        attributes[catalog.CUSTOM_KEY] = custom
     return attributes
 
 
