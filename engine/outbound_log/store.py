@@ -53,27 +53,29 @@ import pyarrow as pa
 import structlog
 
 from engine.errors import TidegateError
+from engine.outbound_log.customer_index import (
+    carried_customers,
+    customer_entries,
+    merge_runs,
+    open_index,
+    read_index,
+    requests_at_rows,
+    seal_tail,
+)
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
 from engine.outbound_log.sql import (
     REQUEST_COLUMNS,
     SCHEMA,
     arrow_tables,
-    carried_customers,
     check_query,
     check_row,
     connect,
-    customer_entries,
     decode_token,
     encode_token,
     id_window,
     listed,
-    merge_runs,
-    open_index,
     page_customers,
-    read_index,
-    requests_at_rows,
     row_from_record,
-    seal_tail,
     time_bounds,
     where_clause,
 )
