@@ -25,16 +25,32 @@ list shows anyway).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
+import time as monotime
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import duckdb
+import structlog
 
+from engine.errors import TidegateError
 from engine.outbound_log.rows import LIST_CUSTOMERS, LogCustomer, from_micros
 from engine.outbound_log.sql import REQUEST_COLUMNS, REQUEST_FIELD_INDEX
+
+log = structlog.get_logger(__name__)
+
+# A run is sealed once this many log_customers rows are unsealed (one row group: the
+# tail every customer search scans stays about that small) ...
+INDEX_SEAL_ROWS = 122_880
+INDEX_FANOUT = 4  # ... and this many runs of one level are merged into one of the next
+INDEX_PASS_ROWS = 4_000_000  # rows sorted at once while writing a run (bounds its memory)
+INDEX_LOG_ROWS = 1_000_000  # runs at least this large are logged at info level
+PROGRESS_INTERVAL = 5.0  # seconds between progress lines while a large run is written
+RETRY_MAX_DELAY = 5.0  # seconds between attempts after an indexing error, at most
 
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS log_index_state (
@@ -360,6 +376,214 @@ def carried_customers(
         shown = [rows[row][0] for row in mine] + others
         found.append((rec, tuple(shown[:LIST_CUSTOMERS])))
     return found
+
+
+class CustomerIndexer:
+    """Keeps the customer index up to date on a thread and a connection of its own, so
+    that sorting a run never holds up the store's writer.
+
+    The store calls ``open`` with its connection before it starts, ``start`` on the event
+    loop, ``notify`` from its writer after each commit and ``close`` at the end. Between
+    ``start`` and ``close``, ``indexed`` waits for the index to cover every committed row.
+
+    ``should_stop``, if given, is asked before each sort pass of a run, as well as whether
+    ``close`` was called: a true answer abandons the run (rolled back; the rows are sealed
+    again later). Tests pass one to pace the passes or to count them.
+    """
+
+    def __init__(
+        self,
+        *,
+        seal_rows: int = INDEX_SEAL_ROWS,
+        fanout: int = INDEX_FANOUT,
+        pass_rows: int = INDEX_PASS_ROWS,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self._seal_rows = max(seal_rows, 1)
+        self._fanout = max(fanout, 2)
+        self._pass_rows = max(pass_rows, 1)
+        self._should_stop = should_stop
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._thread: threading.Thread | None = None
+        # _cond guards the fields below it.
+        self._cond = threading.Condition()
+        self._new_rows = 0  # log_customers rows committed since the indexer last looked
+        self._waiters: list[asyncio.Future[None]] = []
+        self._stop = False
+
+    def open(self, conn: duckdb.DuckDBPyConnection) -> None:
+        """Creates the index tables on ``conn``, or checks them and drops an index this
+        DuckDB cannot trust (see ``open_index``), then takes a cursor of ``conn`` for the
+        indexer thread. Blocks: run it where the store opens the file."""
+        dropped = open_index(conn)
+        if dropped:
+            log.warning("log_customer_index_dropped", reason=dropped)
+        self._conn = conn.cursor()
+
+    def start(self) -> None:
+        assert self._conn is not None, "open() first"
+        # The tail may hold rows written before there was an index, or before the last
+        # close: the indexer looks at once.
+        self._new_rows = self._seal_rows
+        self._thread = threading.Thread(target=self._run, name="tidegate-logindex", daemon=True)
+        self._thread.start()
+
+    def notify(self, customer_rows: int) -> None:
+        """Called by the store's writer: ``customer_rows`` more rows are committed."""
+        with self._cond:
+            self._new_rows += customer_rows
+            if self._new_rows >= self._seal_rows:
+                self._cond.notify()
+
+    async def indexed(self) -> None:
+        """Returns once every row committed before the call is in a sealed run, with
+        merges done."""
+        with self._cond:
+            if self._thread is None or self._stop:
+                raise TidegateError("log store is not running")
+            done = asyncio.get_running_loop().create_future()
+            self._waiters.append(done)
+            self._cond.notify()
+        await done
+
+    def stop(self) -> None:
+        """Tells the thread to stop without waiting for it: a run being written is
+        interrupted and rolled back, and the next start seals those rows again."""
+        with self._cond:
+            if self._stop:
+                return
+            self._stop = True
+            self._cond.notify()
+        if self._conn is not None:
+            self._conn.interrupt()
+
+    async def close(self) -> None:
+        """Stops the thread and waits for it, fails the ``indexed`` calls still waiting
+        and closes the indexer's connection."""
+        self.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        with self._cond:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(TidegateError("log store closed"))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.to_thread(conn.close)
+
+    def _run(self) -> None:
+        delay = 0.1
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiters:
+                    if self._new_rows >= self._seal_rows:
+                        break
+                    self._cond.wait()
+                if self._stop:
+                    return
+                waiters, self._waiters = self._waiters, []
+                self._new_rows = 0
+            try:
+                self._work(force=bool(waiters))
+            except Exception as exc:  # the index is only an accelerator: keep the thread
+                with self._cond:
+                    self._waiters[:0] = waiters  # close() fails them if it stops us
+                    if self._stop:
+                        return
+                if isinstance(exc, duckdb.Error):
+                    log.error("log_customer_index_failed", error=str(exc))
+                else:
+                    log.exception("log_customer_index_failed")
+                with self._cond:
+                    self._new_rows = self._seal_rows  # try again
+                    self._cond.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            delay = 0.1
+            for waiter in waiters:
+                _resolve_soon(waiter)
+
+    def _stopping(self) -> bool:
+        """Asked before each sort pass: abandon the run being written?"""
+        should_stop = self._should_stop
+        return (should_stop is not None and should_stop()) or self._stop
+
+    def _work(self, *, force: bool) -> None:
+        """Seals the tail (any size if ``force``; a run holds at most ``pass_rows`` rows,
+        so a long tail takes several), then merges until no level is full."""
+        conn = self._conn
+        assert conn is not None
+        sealed = 0
+        while True:
+            started = monotime.monotonic()
+            progress = _Progress("log_customer_index_sealing")
+            rows, left = seal_tail(
+                conn,
+                1 if force else self._seal_rows,
+                self._pass_rows,
+                self._stopping,
+                progress,
+            )
+            if not rows:
+                break
+            sealed += rows
+            progress.done(rows, started)
+            if sealed > rows or left:  # a long tail, sealed run by run
+                log.info("log_customer_index_sealing", rows_done=sealed, rows_left=left)
+        while True:
+            started = monotime.monotonic()
+            progress = _Progress("log_customer_index_merging")
+            runs, entries = merge_runs(
+                conn,
+                self._seal_rows,
+                self._fanout,
+                self._pass_rows,
+                self._stopping,
+                progress,
+            )
+            if not runs:
+                return
+            progress.done(entries, started, merged_runs=runs)
+
+
+class _Progress:
+    """Logs a run written in several passes (a large one) when it starts, every
+    ``PROGRESS_INTERVAL`` seconds and at the end."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.large = False
+        self.logged = 0.0
+
+    def __call__(self, done: int, passes: int) -> None:
+        now = monotime.monotonic()
+        if passes > 1 and (done in (0, passes) or now - self.logged >= PROGRESS_INTERVAL):
+            self.large, self.logged = True, now
+            log.info(self.event, passes_done=done, passes=passes)
+
+    def done(self, rows: int, started: float, **fields: Any) -> None:
+        large = self.large or rows >= INDEX_LOG_ROWS
+        (log.info if large else log.debug)(
+            "log_customer_index_run_written",
+            rows=rows,
+            seconds=round(monotime.monotonic() - started, 2),
+            **fields,
+        )
+
+
+def _resolve_soon(future: asyncio.Future[None]) -> None:
+    """Resolves ``future`` on its event loop (from the indexer thread)."""
+    try:
+        future.get_loop().call_soon_threadsafe(_resolve, future)
+    except RuntimeError:  # the loop is gone: nobody is left to tell
+        pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _one(
