@@ -3,6 +3,16 @@ tables a batch is written as, the SQL a query becomes, page tokens, and the cust
 rows a page shows. A search by customer goes through the customer index, which
 ``customer_index`` holds.
 
+The tables, and why:
+
+- ``log_requests`` holds the metadata that every list and filter scans. Bodies live in
+  ``log_bodies`` so those scans stay small, and ``log_customers`` holds one slim row per
+  customer per request. One full row per customer in a 1,000-customer batch would make
+  DuckDB the bottleneck.
+- There is no PRIMARY KEY or UNIQUE constraint. Rows arrive in time order, so the zone maps
+  DuckDB keeps on ``time`` for each row group do the pruning. Request ids are UUIDv7, so a
+  lookup by id gets a time window from the id itself and prunes the same way.
+
 Two costs shape the SQL. A filter on ``time`` prunes row groups by their zone maps, but
 DuckDB then scans the ``time`` column of each row group it keeps. Rows whose rowids are
 known are fetched without that scan (``rowid IN (...)``), which is what a customer search

@@ -1,38 +1,15 @@
-"""The outbound log: one row per outbound HTTP request, stored in DuckDB.
+"""The outbound log's store: the threads and connections that write, read and stream
+its rows, one row per outbound HTTP request, in DuckDB.
 
-Layout, and why:
-
-- ``log_requests`` holds the metadata that every list and filter scans. Bodies live in
-  ``log_bodies`` so those scans stay small, and ``log_customers`` holds one slim row per
-  customer per request. One full row per customer in a 1,000-customer batch would make
-  DuckDB the bottleneck.
-- There is no PRIMARY KEY or UNIQUE constraint. Rows arrive in time order, so the zone maps
-  DuckDB keeps on ``time`` for each row group do the pruning. Request ids are UUIDv7, so a
-  lookup by id gets a time window from the id itself and prunes the same way.
-- A customer ID says nothing about time, so a search by customer goes through the
-  customer index (``engine.outbound_log.sql`` describes it): runs of (hash of the customer ID,
-  time, rowid of the customer row, its position, rowid of its request) sorted by hash,
-  plus the few ``log_customers`` rows not yet in a run. The index gives the customer's
-  entries newest first; their requests are fetched by rowid and kept when the other
-  filters pass and the customer row an entry points at is this customer's. Only the
-  requests a page needs are fetched, a chunk of candidates at a time.
 - One writer thread owns the write connection and inserts Arrow batches, one transaction
   per batch. A checkpoint can stall it for seconds, so ``append`` only adds the row to a
-  bounded buffer and never waits on DuckDB. Readers run in worker threads on their own
-  cursors; a customer search reads the index state and the index in one transaction.
-- An indexer thread, on a connection of its own, seals the rows the writer committed into
-  a new run once ``index_seal_rows`` of them have accumulated, and merges runs (tiered:
-  ``index_fanout`` runs of one size make one of the next), each in one transaction, so a
-  search sees the old runs or the new one, never neither. Sorting a run never holds up
-  the writer. At start it indexes whatever is unsealed: a log written before the index
-  existed (or with an older index layout) is indexed in the background, a run per
-  ``index_pass_rows`` rows (14-23 s and 1.1 GB peak RSS for 25M customer rows), and
-  searches scan the unsealed rows meanwhile, so they are slower but still exact.
+  bounded buffer and never waits on DuckDB.
+- Readers run in worker threads on their own cursors. A search by customer goes through
+  the customer index, a chunk of candidates at a time, in one transaction.
+- The store owns a ``CustomerIndexer``, which keeps that index up to date on a thread of
+  its own: the writer tells it how many customer rows each commit added.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
-
-The row types live in ``rows``, the schema, Arrow conversion and SQL in ``sql``;
-this module is the store that runs them.
 """
 
 from __future__ import annotations
