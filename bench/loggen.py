@@ -15,11 +15,12 @@ file is the same on every machine. The shape:
 - a request body of about 250 bytes per customer, and Insider's response body.
 
 The cache key covers the schema text, so a schema change makes a new file. The customer
-index (see ``engine.logsql``) is not generated here: ``ensure_log`` opens the file with
-``LogStore`` and waits for ``indexed()``, exactly as the engine builds it when it opens a
-log written before the index existed. So a file cached by an older version is upgraded
-in place on first use (once: about 20 s for 10M rows), a new one is indexed after it is
-generated, and the benchmark never times searches against a half-built index.
+index (see ``engine.outbound_log.customer_index``) is not generated here: ``ensure_log``
+opens the file with ``LogStore`` and waits for ``indexed()``, exactly as the engine
+builds it when it opens a log written before the index existed. So a file cached by an
+older version is upgraded in place on first use (once: about 20 s for 10M rows), a new
+one is indexed after it is generated, and the benchmark never times searches against a
+half-built index.
 """
 
 from __future__ import annotations

@@ -239,7 +239,6 @@ async def test_search_is_exact_while_runs_are_being_merged(tmp_path: Path) -> No
     assert index_layout(path)[0] == 8
 
     # ... then a store that merges them pairwise, slowly, while it is searched.
-    store = LogStore(path, index_seal_rows=1000, index_fanout=2, index_pass_rows=7)
     passes = 0
 
     def slow_passes() -> bool:  # the indexer calls this before each pass of a run
@@ -248,7 +247,13 @@ async def test_search_is_exact_while_runs_are_being_merged(tmp_path: Path) -> No
         clock.sleep(0.003)
         return False
 
-    store._index_stopping = slow_passes  # type: ignore[method-assign]
+    store = LogStore(
+        path,
+        index_seal_rows=1000,
+        index_fanout=2,
+        index_pass_rows=7,
+        index_should_stop=slow_passes,
+    )
     await store.start()
     try:
         indexing = asyncio.create_task(store.indexed())
@@ -350,17 +355,22 @@ async def test_an_index_entry_pointing_at_the_wrong_request_is_not_a_match(tmp_p
 async def test_closing_while_a_run_is_written_loses_nothing(tmp_path: Path) -> None:
     path = tmp_path / "log.duckdb"
     rows = rows_at(random.Random(4), 120, 0, 100)
-    # Nothing is sealed until indexed() asks for it, and the run takes many slow passes.
-    store = LogStore(path, flush_interval=0.01, index_seal_rows=10**9, index_pass_rows=5)
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def slow_passes() -> bool:
+    def slow_passes() -> bool:  # the run is stopped by close(), not by this
         loop.call_soon_threadsafe(started.set)
         clock.sleep(0.01)
-        return store._index_stop
+        return False
 
-    store._index_stopping = slow_passes  # type: ignore[method-assign]
+    # Nothing is sealed until indexed() asks for it, and the run takes many slow passes.
+    store = LogStore(
+        path,
+        flush_interval=0.01,
+        index_seal_rows=10**9,
+        index_pass_rows=5,
+        index_should_stop=slow_passes,
+    )
     await store.start()
     await append_all(store, rows)
     indexing = asyncio.create_task(store.indexed())
@@ -380,3 +390,33 @@ async def test_closing_while_a_run_is_written_loses_nothing(tmp_path: Path) -> N
     finally:
         await store.close()
     index_layout(path)
+
+
+async def test_a_run_abandoned_through_should_stop_is_rolled_back_and_written_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.duckdb"
+    rows = rows_at(random.Random(6), 40, 0, 100)
+    refusals = 3
+
+    def refuse_three_passes() -> bool:
+        nonlocal refusals
+        refusals -= 1
+        return refusals >= 0
+
+    # Nothing is sealed until indexed() asks for it; the first three runs are abandoned.
+    store = LogStore(
+        path, index_seal_rows=10**9, index_pass_rows=5, index_should_stop=refuse_three_passes
+    )
+    with structlog.testing.capture_logs() as logs:
+        await store.start()
+        try:
+            await append_all(store, rows)
+            await store.indexed()
+            await assert_exact(store, rows)
+        finally:
+            await store.close()
+    assert refusals < 0  # asked again after the refusals
+    assert [e["event"] for e in logs].count("log_customer_index_failed") == 3
+    runs, sealed, total = index_layout(path)
+    assert runs >= 1 and sealed == total > 0

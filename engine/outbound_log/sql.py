@@ -1,6 +1,17 @@
 """How outbound-log rows are stored and searched in DuckDB: the schema, the Arrow
 tables a batch is written as, the SQL a query becomes, page tokens, and the customer
-index (its tables, how runs are sealed and merged, and how a search reads it).
+rows a page shows. A search by customer goes through the customer index, which
+``customer_index`` holds.
+
+The tables, and why:
+
+- ``log_requests`` holds the metadata that every list and filter scans. Bodies live in
+  ``log_bodies`` so those scans stay small, and ``log_customers`` holds one slim row per
+  customer per request. One full row per customer in a 1,000-customer batch would make
+  DuckDB the bottleneck.
+- There is no PRIMARY KEY or UNIQUE constraint. Rows arrive in time order, so the zone maps
+  DuckDB keeps on ``time`` for each row group do the pruning. Request ids are UUIDv7, so a
+  lookup by id gets a time window from the id itself and prunes the same way.
 
 Two costs shape the SQL. A filter on ``time`` prunes row groups by their zone maps, but
 DuckDB then scans the ``time`` column of each row group it keeps. Rows whose rowids are
@@ -19,10 +30,9 @@ dictionary and FSST encodings read single rows; the file is 9% larger and full s
 from __future__ import annotations
 
 import base64
-import contextlib
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from itertools import chain, repeat
 from typing import Any
@@ -112,7 +122,7 @@ def where_clause(query: LogQuery, after: tuple[datetime, str] | None) -> tuple[s
 
     A customer filter here is a subquery that scans ``log_customers``; ``LogStore`` uses
     it only together with an identifier, whose id window makes that scan small. Other
-    customer searches go through the customer index (``customer_entries``)."""
+    customer searches go through the customer index (``customer_index.customer_entries``)."""
     bounds = time_bounds(query, after)
     conds: list[str] = []
     params: list[Any] = []
@@ -297,370 +307,8 @@ def decode_token(token: str) -> tuple[datetime, str]:
         ) from exc
 
 
-# --- the customer index -------------------------------------------------------------------
-#
-# ``log_customers`` is in time order, so a search by customer ID would scan all of it.
-# The index maps ``hash(customer_id)`` to where the customer's rows are, in sorted runs:
-# each run is a table of (customer_hash, time, customer_row, position, request_row)
-# inserted ORDER BY customer_hash, so the zone maps of its row groups cover narrow hash
-# ranges and a lookup reads one row group per run. ``customer_row`` is the rowid of the
-# ``log_customers`` row, ``position`` its place in the request, and ``request_row`` the
-# rowid of the request in ``log_requests``: a search fetches both by rowid. A request's
-# customers are contiguous in ``log_customers`` (one writer appends each batch in one
-# insert), so its first customers are at ``customer_row - position`` onwards.
-# ``log_index_state.sealed_rows`` is the watermark: every ``log_customers`` row whose
-# rowid is below it is in exactly one run, and the rows at or above it (the unsealed
-# tail, small) are scanned. Rowids are the insertion order, not the time order, so rows
-# that arrive late (a restart writing the log outbox) are indexed like any other. That
-# holds, and the rowids in the runs stay valid, because ``log_customers`` and
-# ``log_requests`` are append-only and only the store's writer appends: deleting rows
-# (a retention policy, say) would have to rebuild the index.
-#
-# The hash only narrows the search: a colliding customer's entries are candidates too, and
-# a request counts only once its ``log_customers`` row shows the customer (the rows the
-# list shows anyway).
-
-INDEX_SCHEMA = """
-CREATE TABLE IF NOT EXISTS log_index_state (
-    sealed_rows BIGINT NOT NULL, hash_probe UBIGINT NOT NULL, next_run BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS log_index_runs (run BIGINT NOT NULL, entries BIGINT NOT NULL);
-"""
-# Another DuckDB version may hash differently; a changed probe value means rebuild.
-HASH_PROBE = "hash('tidegate customer index v2')"  # v2: the run layout; bump on change
-RUN_PREFIX = "log_cidx_"
-RUN_COLUMNS = (
-    "customer_hash UBIGINT NOT NULL, time TIMESTAMPTZ NOT NULL, customer_row BIGINT NOT NULL,"
-    " position INTEGER NOT NULL, request_row BIGINT NOT NULL"
-)
-RUN_FIELDS = "customer_hash, time, customer_row, position, request_row"
-# Index entries of log_customers rows from rowid {lo} to {hi}, the rowids of their
-# requests found by (time, id) among the requests of that time span: a batch commits its
-# requests and customers together, so each customer row's request is there.
-TAIL_ENTRIES = """
-SELECT hash(c.customer_id) AS customer_hash, c.time, c.rowid AS customer_row, c.position,
-       r.rowid AS request_row
-FROM log_customers c JOIN log_requests r ON r.time = c.time AND r.id = c.request_id
-WHERE c.rowid >= {lo:d} AND c.rowid < {hi:d} AND r.time BETWEEN ? AND ?"""
-LAST_SEALED_EXISTS = "SELECT count(*) FROM log_customers WHERE rowid = ?"
-
-
-class IndexInterrupted(Exception):
-    """The store is closing; the run being written is rolled back."""
-
-
-@dataclass(frozen=True)
-class IndexState:
-    sealed: int  # log_customers rows with a rowid below this are in the runs
-    runs: tuple[tuple[int, int], ...]  # (run number, entries), oldest first
-    next_run: int
-
-
-def run_table(run: int) -> str:
-    return f"{RUN_PREFIX}{run}"
-
-
-def open_index(conn: duckdb.DuckDBPyConnection) -> str:
-    """Creates the index tables, or checks them. An index this DuckDB cannot trust (its
-    hash function differs, or runs are missing) is dropped and built again from scratch.
-    Returns why it was dropped, or ""."""
-    conn.execute(INDEX_SCHEMA)
-    conn.begin()
-    try:
-        (probe,) = _one(conn, f"SELECT {HASH_PROBE}")
-        state = conn.execute("SELECT sealed_rows, hash_probe, next_run FROM log_index_state")
-        row = state.fetchone()
-        runs = {r for (r,) in conn.execute("SELECT run FROM log_index_runs").fetchall()}
-        tables = {
-            name
-            for (name,) in conn.execute(
-                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
-                " AND schema_name = current_schema() AND starts_with(table_name, ?)",
-                [RUN_PREFIX],
-            ).fetchall()
-        }
-        reason = ""
-        if row is None:
-            reason = "new" if not runs else "no state"
-        elif row[1] != probe:
-            reason = "hash function changed"
-        elif not {run_table(r) for r in runs} <= tables:
-            reason = "runs missing"
-        elif row[0] and not _one(conn, LAST_SEALED_EXISTS, [row[0] - 1])[0]:
-            reason = "log_customers has fewer rows than were indexed"
-        keep = set() if reason else {run_table(r) for r in runs}
-        for name in sorted(tables - keep):
-            conn.execute(f"DROP TABLE {name}")
-        if reason:
-            next_run = row[2] if row is not None else 1
-            conn.execute("DELETE FROM log_index_runs")
-            conn.execute("DELETE FROM log_index_state")
-            conn.execute("INSERT INTO log_index_state VALUES (0, ?, ?)", [probe, next_run])
-        conn.commit()
-    except BaseException:
-        _rollback(conn)
-        raise
-    return "" if reason == "new" else reason
-
-
-def read_index(cur: duckdb.DuckDBPyConnection) -> IndexState:
-    sealed, next_run = _one(cur, "SELECT sealed_rows, next_run FROM log_index_state")
-    runs = cur.execute("SELECT run, entries FROM log_index_runs ORDER BY run").fetchall()
-    return IndexState(sealed, tuple((run, entries) for run, entries in runs), next_run)
-
-
-def unsealed_rows(cur: duckdb.DuckDBPyConnection, state: IndexState) -> tuple[int, int]:
-    """(rows in the unsealed tail, the rowid after the last row)."""
-    (last,) = _one(cur, "SELECT max(rowid) FROM log_customers WHERE rowid >= ?", [state.sealed])
-    end = state.sealed if last is None else last + 1
-    return end - state.sealed, end
-
-
-def seal_tail(
-    conn: duckdb.DuckDBPyConnection,
-    min_rows: int,
-    pass_rows: int,
-    stop: Callable[[], bool],
-    progress: Callable[[int, int], None],
-) -> tuple[int, int]:
-    """Writes the unsealed tail, its oldest ``pass_rows`` rows at most, as a new run if it
-    has at least ``min_rows`` (and one) rows, in one transaction. Returns the number of
-    rows sealed and the number left unsealed."""
-    conn.begin()
-    try:
-        state = read_index(conn)
-        unsealed, end = unsealed_rows(conn, state)
-        if unsealed == 0 or unsealed < min_rows:
-            conn.rollback()
-            return 0, unsealed
-        # At most one sort pass per run: the join below is not repeated per pass, and a
-        # long tail (a log indexed for the first time) becomes several runs, then merges.
-        end = min(end, state.sealed + max(pass_rows, 1))
-        rows = end - state.sealed
-        span = _one(
-            conn,
-            "SELECT epoch_us(min(time)), epoch_us(max(time)) FROM log_customers"
-            " WHERE rowid >= ? AND rowid < ?",
-            [state.sealed, end],
-        )
-        source = TAIL_ENTRIES.format(lo=state.sealed, hi=end)
-        table = run_table(state.next_run)
-        times = [from_micros(t) for t in span]
-        write_run(conn, table, source, rows, pass_rows, stop, progress, times)
-        conn.execute("INSERT INTO log_index_runs VALUES (?, ?)", [state.next_run, rows])
-        conn.execute("UPDATE log_index_state SET sealed_rows = ?, next_run = next_run + 1", [end])
-        conn.commit()
-        return rows, unsealed - rows
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def run_level(entries: int, seal_rows: int, fanout: int) -> int:
-    """0 for runs below ``seal_rows * fanout`` entries, then one more per factor ``fanout``."""
-    level, bound = 0, seal_rows * fanout
-    while entries >= bound:
-        level, bound = level + 1, bound * fanout
-    return level
-
-
-def merge_candidates(state: IndexState, seal_rows: int, fanout: int) -> list[int]:
-    """The ``fanout`` oldest runs of the lowest level that has that many, or []."""
-    levels: dict[int, list[int]] = {}
-    for run, entries in state.runs:
-        levels.setdefault(run_level(entries, seal_rows, fanout), []).append(run)
-    for level in sorted(levels):
-        if len(levels[level]) >= fanout:
-            return levels[level][:fanout]
-    return []
-
-
-def merge_runs(
-    conn: duckdb.DuckDBPyConnection,
-    seal_rows: int,
-    fanout: int,
-    pass_rows: int,
-    stop: Callable[[], bool],
-    progress: Callable[[int, int], None],
-) -> tuple[int, int]:
-    """Merges one group of runs (see ``merge_candidates``) into a new run, in one
-    transaction: readers see either the old runs or the new one. Returns (runs merged,
-    entries), (0, 0) when no level is full."""
-    conn.begin()
-    try:
-        state = read_index(conn)
-        group = merge_candidates(state, seal_rows, fanout)
-        if not group:
-            conn.rollback()
-            return 0, 0
-        entries = sum(e for run, e in state.runs if run in group)
-        source = " UNION ALL ".join(f"SELECT {RUN_FIELDS} FROM {run_table(run)}" for run in group)
-        write_run(conn, run_table(state.next_run), source, entries, pass_rows, stop, progress)
-        listed_runs = ", ".join(f"{run:d}" for run in group)
-        conn.execute(f"DELETE FROM log_index_runs WHERE run IN ({listed_runs})")
-        conn.execute("INSERT INTO log_index_runs VALUES (?, ?)", [state.next_run, entries])
-        for run in group:
-            conn.execute(f"DROP TABLE {run_table(run)}")
-        conn.execute("UPDATE log_index_state SET next_run = next_run + 1")
-        conn.commit()
-        return len(group), entries
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def write_run(
-    conn: duckdb.DuckDBPyConnection,
-    table: str,
-    source: str,
-    rows: int,
-    pass_rows: int,
-    stop: Callable[[], bool],
-    progress: Callable[[int, int], None],
-    params: list[Any] | None = None,
-) -> None:
-    """Creates ``table`` from ``source`` (``RUN_FIELDS``, with ``params``) sorted by hash.
-    Each pass sorts one slice of the hash range, so at most about ``pass_rows`` rows are
-    sorted at once; the slices are inserted in hash order, so the table is sorted as a
-    whole."""
-    conn.execute(f"CREATE TABLE {table} ({RUN_COLUMNS})")
-    passes = max(1, -(-rows // max(pass_rows, 1)))
-    step = 2**64 // passes
-    progress(0, passes)
-    for i in range(passes):
-        if stop():
-            raise IndexInterrupted
-        where = ""
-        if passes > 1:
-            low, high = i * step, 2**64 - 1 if i == passes - 1 else (i + 1) * step - 1
-            where = f" WHERE customer_hash BETWEEN {low:d}::UBIGINT AND {high:d}::UBIGINT"
-        conn.execute(
-            f"INSERT INTO {table} SELECT {RUN_FIELDS} FROM ({source}){where}"
-            " ORDER BY customer_hash, time, customer_row",
-            params or [],
-        )
-        progress(i + 1, passes)
-
-
-def customer_entries(
-    cur: duckdb.DuckDBPyConnection,
-    state: IndexState,
-    customer_id: str,
-    bounds: list[tuple[str, datetime]],
-    before: int | None,
-    limit: int,
-) -> list[tuple[int, int, int, int]]:
-    """The index entries (time in epoch microseconds, customer_row, position, request_row)
-    at up to ``limit`` distinct times, newest first and before ``before`` when given, that
-    may be the customer's: every request carrying it has an entry. Entries of one time are
-    ordered by request, then position. Run it in the transaction that read ``state``."""
-    branches = [
-        f"SELECT {RUN_FIELDS} FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
-        for run, _ in state.runs
-    ]
-    params: list[Any] = [customer_id] * len(branches)
-    branches.append(
-        "SELECT 0::UBIGINT AS customer_hash, c.time AS time, c.rowid AS customer_row,"
-        " c.position AS position, r.rowid AS request_row FROM log_customers c"
-        " JOIN log_requests r ON r.time = c.time AND r.id = c.request_id"
-        " WHERE c.rowid >= ? AND c.customer_id = ?"
-    )
-    params += [state.sealed, customer_id]
-    conds = [f"time {op} ?" for op, _ in bounds]
-    params += [value for _, value in bounds]
-    if before is not None:
-        conds.append("time < ?")
-        params.append(from_micros(before))
-    found = cur.execute(
-        "SELECT epoch_us(time) AS t, customer_row, position, request_row"
-        f" FROM ({' UNION ALL '.join(branches)}) WHERE {' AND '.join(conds) or 'TRUE'}"
-        " QUALIFY dense_rank() OVER (ORDER BY t DESC) <= ?"
-        " ORDER BY t DESC, request_row, position",
-        [*params, limit],
-    ).fetchall()
-    return found
-
-
-def requests_at_rows(
-    cur: duckdb.DuckDBPyConnection,
-    rows: list[int],
-    where: str,
-    params: list[Any],
-) -> list[tuple[int, tuple[Any, ...]]]:
-    """(rowid, record) of the ``log_requests`` rows with these rowids that satisfy
-    ``where``, newest first."""
-    if not rows:
-        return []
-    found = cur.execute(
-        f"SELECT r.rowid, {REQUEST_COLUMNS} FROM log_requests r"
-        f" WHERE r.rowid IN (SELECT unnest(?::BIGINT[])) AND {where}"
-        " ORDER BY r.time DESC, r.id DESC",
-        [rows, *params],
-    ).fetchall()
-    return [(rec[0], rec[1:]) for rec in found]
-
-
-def carried_customers(
-    cur: duckdb.DuckDBPyConnection,
-    requests: list[tuple[int, tuple[Any, ...]]],
-    entries: dict[int, list[tuple[int, int]]],
-    customer_id: str,
-) -> list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
-    """The ``requests`` (rowid, record) that carry the customer, each with its customers as
-    a list shows them: the customer's own rows first, then the others in request order,
-    ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's rowid to its index entries
-    (customer_row, position), by position: an entry whose row names another customer (a
-    hash collision) is not the customer's."""
-    count = REQUEST_FIELD_INDEX["customer_count"]
-    wanted: set[int] = set()
-    for request_row, rec in requests:
-        own = entries[request_row]
-        first = own[0][0] - own[0][1]
-        wanted.update(range(first, first + min(rec[count], LIST_CUSTOMERS)))
-        wanted.update(row for row, _ in own)
-    fetched = cur.execute(
-        "SELECT rowid, customer_id, name, outcome, error, position FROM log_customers"
-        " WHERE rowid IN (SELECT unnest(?::BIGINT[]))",
-        [sorted(wanted)],
-    ).fetchall()
-    rows = {rec[0]: (LogCustomer(*rec[1:5]), rec[5]) for rec in fetched}
-    found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
-    for request_row, rec in requests:
-        own = entries[request_row]
-        mine = [
-            row
-            for row, position in own
-            if row in rows and rows[row][1] == position and rows[row][0].customer_id == customer_id
-        ]
-        if not mine:
-            continue
-        first = mine[0] - rows[mine[0]][1]
-        others = []
-        for k in range(min(rec[count], LIST_CUSTOMERS)):
-            customer, position = rows.get(first + k, (None, -1))
-            if customer is None or position != k:  # past the request's stored customers
-                break
-            if first + k not in mine:
-                others.append(customer)
-        shown = [rows[row][0] for row in mine] + others
-        found.append((rec, tuple(shown[:LIST_CUSTOMERS])))
-    return found
-
-
 def _grouped(found: list[tuple[Any, ...]]) -> dict[str, tuple[LogCustomer, ...]]:
     customers: dict[str, list[LogCustomer]] = {}
     for request_id, *fields, _rank in found:
         customers.setdefault(request_id, []).append(LogCustomer(*fields))
     return {request_id: tuple(carried) for request_id, carried in customers.items()}
-
-
-def _one(
-    cur: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None
-) -> tuple[Any, ...]:
-    row = cur.execute(sql, params or []).fetchone()
-    assert row is not None, sql
-    return row
-
-
-def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
-    with contextlib.suppress(duckdb.Error):  # keep the original error, not the rollback's
-        conn.rollback()

@@ -1,38 +1,15 @@
-"""The outbound log: one row per outbound HTTP request, stored in DuckDB.
+"""The outbound log's store: the threads and connections that write, read and stream
+its rows, one row per outbound HTTP request, in DuckDB.
 
-Layout, and why:
-
-- ``log_requests`` holds the metadata that every list and filter scans. Bodies live in
-  ``log_bodies`` so those scans stay small, and ``log_customers`` holds one slim row per
-  customer per request. One full row per customer in a 1,000-customer batch would make
-  DuckDB the bottleneck.
-- There is no PRIMARY KEY or UNIQUE constraint. Rows arrive in time order, so the zone maps
-  DuckDB keeps on ``time`` for each row group do the pruning. Request ids are UUIDv7, so a
-  lookup by id gets a time window from the id itself and prunes the same way.
-- A customer ID says nothing about time, so a search by customer goes through the
-  customer index (``engine.outbound_log.sql`` describes it): runs of (hash of the customer ID,
-  time, rowid of the customer row, its position, rowid of its request) sorted by hash,
-  plus the few ``log_customers`` rows not yet in a run. The index gives the customer's
-  entries newest first; their requests are fetched by rowid and kept when the other
-  filters pass and the customer row an entry points at is this customer's. Only the
-  requests a page needs are fetched, a chunk of candidates at a time.
 - One writer thread owns the write connection and inserts Arrow batches, one transaction
   per batch. A checkpoint can stall it for seconds, so ``append`` only adds the row to a
-  bounded buffer and never waits on DuckDB. Readers run in worker threads on their own
-  cursors; a customer search reads the index state and the index in one transaction.
-- An indexer thread, on a connection of its own, seals the rows the writer committed into
-  a new run once ``index_seal_rows`` of them have accumulated, and merges runs (tiered:
-  ``index_fanout`` runs of one size make one of the next), each in one transaction, so a
-  search sees the old runs or the new one, never neither. Sorting a run never holds up
-  the writer. At start it indexes whatever is unsealed: a log written before the index
-  existed (or with an older index layout) is indexed in the background, a run per
-  ``index_pass_rows`` rows (14-23 s and 1.1 GB peak RSS for 25M customer rows), and
-  searches scan the unsealed rows meanwhile, so they are slower but still exact.
+  bounded buffer and never waits on DuckDB.
+- Readers run in worker threads on their own cursors. A search by customer goes through
+  the customer index, a chunk of candidates at a time, in one transaction.
+- The store owns a ``CustomerIndexer``, which keeps that index up to date on a thread of
+  its own: the writer tells it how many customer rows each commit added.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
-
-The row types live in ``rows``, the schema, Arrow conversion and SQL in ``sql``;
-this module is the store that runs them.
 """
 
 from __future__ import annotations
@@ -53,27 +30,30 @@ import pyarrow as pa
 import structlog
 
 from engine.errors import TidegateError
+from engine.outbound_log.customer_index import (
+    INDEX_FANOUT,
+    INDEX_PASS_ROWS,
+    INDEX_SEAL_ROWS,
+    CustomerIndexer,
+    carried_customers,
+    customer_entries,
+    read_index,
+    requests_at_rows,
+)
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
 from engine.outbound_log.sql import (
     REQUEST_COLUMNS,
     SCHEMA,
     arrow_tables,
-    carried_customers,
     check_query,
     check_row,
     connect,
-    customer_entries,
     decode_token,
     encode_token,
     id_window,
     listed,
-    merge_runs,
-    open_index,
     page_customers,
-    read_index,
-    requests_at_rows,
     row_from_record,
-    seal_tail,
     time_bounds,
     where_clause,
 )
@@ -87,13 +67,6 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
 WRITE_RETRY_MAX_DELAY = 5.0
-# The customer index: a run is sealed once this many log_customers rows are unsealed (one
-# row group: the tail every customer search scans stays about that small) ...
-INDEX_SEAL_ROWS = 122_880
-INDEX_FANOUT = 4  # ... and this many runs of one level are merged into one of the next
-INDEX_PASS_ROWS = 4_000_000  # rows sorted at once while writing a run (bounds its memory)
-INDEX_LOG_ROWS = 1_000_000  # runs at least this large are logged at info level
-PROGRESS_INTERVAL = 5.0  # seconds between progress lines while a large run is written
 CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
 
 
@@ -160,6 +133,10 @@ class LogStore:
 
     Only this process may open the file. Rows that cannot be stored (DuckDB still failing
     when the store closes) are dropped and logged; until then the writer retries.
+
+    The ``index_*`` arguments configure the ``CustomerIndexer``: ``index_seal_rows``,
+    ``index_fanout`` and ``index_pass_rows`` are its ``seal_rows``, ``fanout`` and
+    ``pass_rows``, ``index_should_stop`` its ``should_stop``.
     """
 
     def __init__(
@@ -173,6 +150,7 @@ class LogStore:
         index_seal_rows: int = INDEX_SEAL_ROWS,
         index_fanout: int = INDEX_FANOUT,
         index_pass_rows: int = INDEX_PASS_ROWS,
+        index_should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self._path = path
         # Called on the event loop with the ids of every batch DuckDB committed.
@@ -196,30 +174,19 @@ class LogStore:
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._read_root: duckdb.DuckDBPyConnection | None = None
         self._thread: threading.Thread | None = None
-        # The indexer thread seals and merges customer index runs on its own connection,
-        # so a long sort never holds up the writer. _index_cond guards the fields below it.
-        self._index_seal_rows = max(index_seal_rows, 1)
-        self._index_fanout = max(index_fanout, 2)
-        self._index_pass_rows = max(index_pass_rows, 1)
-        self._index_conn: duckdb.DuckDBPyConnection | None = None
-        self._index_thread: threading.Thread | None = None
-        self._index_cond = threading.Condition()
-        self._index_new_rows = 0  # log_customers rows committed since the indexer last looked
-        self._index_waiters: list[asyncio.Future[None]] = []
-        self._index_stop = False
+        self._indexer = CustomerIndexer(
+            seal_rows=index_seal_rows,
+            fanout=index_fanout,
+            pass_rows=index_pass_rows,
+            should_stop=index_should_stop,
+        )
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._conn, self._read_root, self._index_conn = await asyncio.to_thread(self._open)
+        self._conn, self._read_root = await asyncio.to_thread(self._open)
         self._thread = threading.Thread(target=self._run, name="tidegate-logstore", daemon=True)
         self._thread.start()
-        # The tail may hold rows written before there was an index, or before the last
-        # close: the indexer looks at once.
-        self._index_new_rows = self._index_seal_rows
-        self._index_thread = threading.Thread(
-            target=self._index_run, name="tidegate-logindex", daemon=True
-        )
-        self._index_thread.start()
+        self._indexer.start()
 
     async def append(self, row: LogRow) -> None:
         """Buffers ``row``; waits only while ``max_buffer`` rows are not yet committed."""
@@ -266,14 +233,7 @@ class LogStore:
         sealed runs, with merges done (customer searches are exact at any time; this is
         for benchmarks and tests that want the index complete)."""
         await self.flush()
-        with self._index_cond:
-            if self._index_thread is None or self._index_stop:
-                raise TidegateError("log store is not running")
-            assert self._loop is not None
-            done = self._loop.create_future()
-            self._index_waiters.append(done)
-            self._index_cond.notify()
-        await done
+        await self._indexer.indexed()
 
     async def get(self, request_id: str) -> LogRow | None:
         """The row with bodies and every customer, or None."""
@@ -307,29 +267,16 @@ class LogStore:
             self._closing = True
             self._cond.notify()
         self._room.set()  # appenders waiting for room see the store is closing
-        # An unfinished run is rolled back; the next start seals those rows again.
-        with self._index_cond:
-            self._index_stop = True
-            self._index_cond.notify()
-        if self._index_conn is not None:
-            self._index_conn.interrupt()
+        self._indexer.stop()  # an unfinished run is rolled back, not waited for
         await asyncio.to_thread(thread.join)
         self._thread = None
-        if self._index_thread is not None:
-            await asyncio.to_thread(self._index_thread.join)
-            self._index_thread = None
-        with self._index_cond:
-            waiters, self._index_waiters = self._index_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(TidegateError("log store closed"))
+        await self._indexer.close()
         with self._cond:
             subscribers, self._subscribers = self._subscribers, set()
         for subscription in subscribers:
             subscription._end()
         read_root, conn, self._read_root, self._conn = self._read_root, self._conn, None, None
-        index_conn, self._index_conn = self._index_conn, None
-        for connection in (read_root, index_conn, conn):
+        for connection in (read_root, conn):
             if connection is not None:
                 await asyncio.to_thread(connection.close)
 
@@ -339,23 +286,19 @@ class LogStore:
 
     # --- writer thread -------------------------------------------------------------------
 
-    def _open(
-        self,
-    ) -> tuple[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection]:
+    def _open(self) -> tuple[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection]:
         try:
             conn = connect(str(self._path))
         except duckdb.IOException as exc:  # most often: another process holds the file
             raise TidegateError(f"cannot open the log database {self._path}: {exc}") from exc
         try:
             conn.execute(SCHEMA)
-            dropped = open_index(conn)
+            self._indexer.open(conn)
         except BaseException:
             conn.close()
             raise
-        if dropped:
-            log.warning("log_customer_index_dropped", reason=dropped)
         # A separate root for reader cursors, so creating one never waits on the writer.
-        return conn, conn.cursor(), conn.cursor()
+        return conn, conn.cursor()
 
     def _run(self) -> None:
         while True:
@@ -370,7 +313,7 @@ class LogStore:
                 self._flush_waiters = [(s, f) for s, f in self._flush_waiters if s > last_seq]
                 subscribers = list(self._subscribers)
             if stored:
-                self._index_notify(sum(len(row.customers) for row in batch))
+                self._indexer.notify(sum(len(row.customers) for row in batch))
                 self._publish(batch, subscribers)
                 if self._on_committed is not None:
                     self._call_soon(self._on_committed, [row.id for row in batch])
@@ -460,86 +403,6 @@ class LogStore:
         for future in done:
             if not future.done():
                 future.set_result(None)
-
-    # --- indexer thread --------------------------------------------------------------------
-
-    def _index_notify(self, customer_rows: int) -> None:
-        with self._index_cond:
-            self._index_new_rows += customer_rows
-            if self._index_new_rows >= self._index_seal_rows:
-                self._index_cond.notify()
-
-    def _index_run(self) -> None:
-        delay = 0.1
-        while True:
-            with self._index_cond:
-                while not self._index_stop and not self._index_waiters:
-                    if self._index_new_rows >= self._index_seal_rows:
-                        break
-                    self._index_cond.wait()
-                if self._index_stop:
-                    return
-                waiters, self._index_waiters = self._index_waiters, []
-                self._index_new_rows = 0
-            try:
-                self._index_work(force=bool(waiters))
-            except Exception as exc:  # the index is only an accelerator: keep the thread
-                with self._index_cond:
-                    self._index_waiters[:0] = waiters  # close() fails them if it stops us
-                    if self._index_stop:
-                        return
-                if isinstance(exc, duckdb.Error):
-                    log.error("log_customer_index_failed", error=str(exc))
-                else:
-                    log.exception("log_customer_index_failed")
-                with self._index_cond:
-                    self._index_new_rows = self._index_seal_rows  # try again
-                    self._index_cond.wait(delay)
-                delay = min(delay * 2, WRITE_RETRY_MAX_DELAY)
-                continue
-            delay = 0.1
-            for waiter in waiters:
-                self._call_soon(_resolve, waiter)
-
-    def _index_stopping(self) -> bool:
-        return self._index_stop
-
-    def _index_work(self, *, force: bool) -> None:
-        """Seals the tail (any size if ``force``; a run holds at most ``index_pass_rows``
-        rows, so a long tail takes several), then merges until no level is full."""
-        conn = self._index_conn
-        assert conn is not None
-        sealed = 0
-        while True:
-            started = monotime.monotonic()
-            progress = _Progress("log_customer_index_sealing")
-            rows, left = seal_tail(
-                conn,
-                1 if force else self._index_seal_rows,
-                self._index_pass_rows,
-                self._index_stopping,
-                progress,
-            )
-            if not rows:
-                break
-            sealed += rows
-            progress.done(rows, started)
-            if sealed > rows or left:  # a long tail, sealed run by run
-                log.info("log_customer_index_sealing", rows_done=sealed, rows_left=left)
-        while True:
-            started = monotime.monotonic()
-            progress = _Progress("log_customer_index_merging")
-            runs, entries = merge_runs(
-                conn,
-                self._index_seal_rows,
-                self._index_fanout,
-                self._index_pass_rows,
-                self._index_stopping,
-                progress,
-            )
-            if not runs:
-                return
-            progress.done(entries, started, merged_runs=runs)
 
     # --- readers (worker threads, own cursors) -------------------------------------------
 
@@ -638,33 +501,3 @@ class LogStore:
             at,
         ).fetchall()
         return row_from_record(rec, tuple(LogCustomer(*c) for c in customers), bodies or ("", ""))
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Progress:
-    """Logs a run written in several passes (a large one) when it starts, every
-    ``PROGRESS_INTERVAL`` seconds and at the end."""
-
-    def __init__(self, event: str) -> None:
-        self.event = event
-        self.large = False
-        self.logged = 0.0
-
-    def __call__(self, done: int, passes: int) -> None:
-        now = monotime.monotonic()
-        if passes > 1 and (done in (0, passes) or now - self.logged >= PROGRESS_INTERVAL):
-            self.large, self.logged = True, now
-            log.info(self.event, passes_done=done, passes=passes)
-
-    def done(self, rows: int, started: float, **fields: Any) -> None:
-        large = self.large or rows >= INDEX_LOG_ROWS
-        (log.info if large else log.debug)(
-            "log_customer_index_run_written",
-            rows=rows,
-            seconds=round(monotime.monotonic() - started, 2),
-            **fields,
-        )
