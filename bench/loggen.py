@@ -1,7 +1,7 @@
 """Generated outbound logs for the log-search benchmark, cached under ``bench/.cache/``.
 
 Rows are written by DuckDB itself (``INSERT ... SELECT`` over ``range()``) into the
-tables that ``engine.logsql.SCHEMA`` creates: this is about 50 times faster than
+tables that ``engine.outbound_log.sql.SCHEMA`` creates: this is about 50 times faster than
 building the same rows in Python, which keeps a first run of the 10M-row file within the
 harness's time budget. Everything is derived from the row number by ``hash()``, so a
 file is the same on every machine. The shape:
@@ -40,7 +40,7 @@ import duckdb
 from engine.outbound_log.sql import SCHEMA, connect
 from engine.outbound_log.store import LogStore
 
-GENERATOR_VERSION = "4"  # 4: the storage format the engine creates (engine.logsql.CONFIG)
+GENERATOR_VERSION = "4"  # 4: the storage format the engine creates (engine.outbound_log.sql.CONFIG)
 CHUNK = 1_000_000
 SPAN_SECONDS = 30 * 24 * 3600
 CUSTOMER_POOL = 1_000_000
@@ -65,7 +65,8 @@ _ERROR = f"""CASE
   WHEN k < 995 THEN 'Insider answered HTTP 500: The request processing has failed because of an unknown error.'
   WHEN k < 998 THEN 'cannot connect: Connection refused'
   ELSE 'Insider rejected the request (HTTP 400): users must be at most 1000: bad request' END"""  # noqa: E501
-# As engine.logsql.error_text: the request's and its customers' distinct errors, lowercased.
+# As engine.outbound_log.sql.error_text: the request's and its customers' distinct errors,
+# lowercased.
 _ERROR_TEXT = f"""CASE WHEN k < 940 THEN ''
   WHEN k < 970 THEN lower(({_ERROR}) || chr(10) || '{EMAIL_ERROR}')
   ELSE lower({_ERROR}) END"""
@@ -196,14 +197,14 @@ GENERATED = {
 
 
 def _check_columns(conn: duckdb.DuckDBPyConnection) -> None:
-    """Fails clearly when engine.logsql.s schema has a column this generator does not
+    """Fails clearly when engine.outbound_log.sql's schema has a column this generator does not
     fill, instead of with a NOT NULL error halfway through."""
     for table, sql in GENERATED.items():
         names = [r[0] for r in conn.execute(f"DESCRIBE {table}").fetchall()]
         missing = [n for n in names if not re.search(rf"\bAS {n}\b", sql)]
         if missing:
             raise RuntimeError(
-                f"engine.logstore's {table} has columns bench/loggen.py does not generate: "
+                f"the outbound log's {table} has columns bench/loggen.py does not generate: "
                 f"{', '.join(missing)}; add them to its {table} SELECT"
             )
 
