@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -44,17 +44,17 @@ from engine.connector.records import (
 from engine.delivery.render import render
 from engine.errors import (
     AuthError,
+    DeliveryError,
     InvalidInputError,
-    MappingError,
     PluginError,
     RetryableError,
-    TidegateError,
 )
 from engine.plugins import ConnectionHooks, Connectors, plugin_manager
 
 MOMENT = datetime(2026, 1, 15, 9, 30, tzinfo=UTC)
 """The time records get when a test gives none."""
 UNMAPPED_ACTION = "tidegate_kit_unmapped_action"
+_Expected = TypeVar("_Expected", bound=DeliveryError)
 
 
 # -- records ---------------------------------------------------------------------------
@@ -463,22 +463,44 @@ async def _expect(
     tester: ConnectorTester,
     sample: Sample,
     answer: Answer,
-    error: type[TidegateError],
+    error: type[_Expected],
     what: object,
-) -> None:
+) -> _Expected:
     try:
         result = await tester.send(
             sample.connection, _deliveries(tester, sample), FakeTransport(answer)
         )
-    except error:
-        return
-    except MappingError as exc:
-        raise AssertionError(f"{what}: send raised {exc!r}, not {error.__name__}") from None
+    except DeliveryError as exc:
+        own = _own_exception(exc)
+        if own is not None:
+            raise AssertionError(
+                f"{what}: send failed with its own {own!r} (the engine retries that as if "
+                "the destination had not answered)"
+            ) from None
+        if not isinstance(exc, error):
+            raise AssertionError(f"{what}: send raised {exc!r}, not {error.__name__}") from None
+        return exc
     delivered = [i for i, o in result.outcomes.items() if o.delivered]
     raise AssertionError(
         f"{what}: send returned instead of raising {error.__name__}"
         + (f" and reported items {delivered} delivered" if delivered else "")
     )
+
+
+def _own_exception(exc: DeliveryError) -> BaseException | None:
+    """The connector's own exception, when ``exc`` is the ``RetryableError`` the engine
+    made of it: ``ConnectionHooks.send`` raises that itself, while handling it."""
+    last = exc.__traceback__
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    made_by_the_engine = last is not None and last.tb_frame.f_code is _ENGINE_SEND
+    own = exc.__context__
+    if made_by_the_engine and own is not None and not isinstance(own, DeliveryError):
+        return own
+    return None
+
+
+_ENGINE_SEND = ConnectionHooks.send.__code__
 
 
 _CHECKS = (
