@@ -448,8 +448,11 @@ async def _send_raises_retryable_error_on_429_and_5xx(
     tester: ConnectorTester, sample: Sample
 ) -> None:
     for status in (429, 500, 503):
-        await _expect(
+        error = await _expect(
             tester, sample, response(status, {"message": "later"}), RetryableError, status
+        )
+        assert status != 429 or error.throttled, (
+            "429: RetryableError without throttled=True (the engine would not slow down)"
         )
 
 
