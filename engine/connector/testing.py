@@ -428,15 +428,27 @@ async def _send_reports_every_item_delivered(tester: ConnectorTester, sample: Sa
     assert not refused, f"items failed against the success answer: {refused}"
 
 
-async def _send_keeps_the_key_out_of_urls_and_bodies(
-    tester: ConnectorTester, sample: Sample
-) -> None:
-    transport = FakeTransport(sample.success)
-    await tester.send(sample.connection, _deliveries(tester, sample), transport)
+async def _send_keeps_the_key_out_of_the_log(tester: ConnectorTester, sample: Sample) -> None:
+    # The outbound log records each request's URL, body and tags, and the errors send
+    # raises or reports per item; only headers stay out of it.
     key = sample.connection.api_key
-    for request in transport.requests:
-        assert key not in request.url, "the API key is in a URL (URLs are logged)"
-        assert key.encode() not in request.body, "the API key is in a body (bodies are logged)"
+    for answer in (sample.success, *(response(s, {"message": "no"}) for s in (400, 401, 429, 500))):
+        transport = FakeTransport(answer)
+        try:
+            result = await tester.send(sample.connection, _deliveries(tester, sample), transport)
+        except DeliveryError as exc:
+            errors = [str(exc)]
+        else:
+            errors = [outcome.error for outcome in result.outcomes.values()]
+        for request in transport.requests:
+            assert key not in request.url, "the API key is in a URL (URLs are logged)"
+            assert key.encode() not in request.body, "the API key is in a body (bodies are logged)"
+            assert not any(key in tag for tag in request.tags), (
+                "the API key is in a tag (tags are logged)"
+            )
+        assert not any(key in error for error in errors), (
+            f"{answer.status}: the API key is in an error message (errors are logged)"
+        )
 
 
 async def _send_raises_auth_error_on_401_and_403(tester: ConnectorTester, sample: Sample) -> None:
@@ -514,7 +526,7 @@ _CHECKS = (
     _map_profile_answers_a_mapping,
     _map_event_answers_events,
     _send_reports_every_item_delivered,
-    _send_keeps_the_key_out_of_urls_and_bodies,
+    _send_keeps_the_key_out_of_the_log,
     _send_raises_auth_error_on_401_and_403,
     _send_raises_retryable_error_on_429_and_5xx,
     _send_lets_a_transport_failure_through,
