@@ -6,7 +6,8 @@ build records in one line, script the destination's answers, and check the contr
 
 - ``ConnectorTester(plugin)`` loads one plugin with the engine's start-up checks and calls
   a connection's hooks through the engine's own dispatch, with the engine's checks of what
-  they return (so a test sees the ``ContractError`` the engine would raise).
+  they return (so a test sees the ``ContractError`` the engine would raise);
+  ``deliveries`` renders records into the batch ``send`` gets.
 - ``FakeTransport(*answers)`` answers ``send``'s requests from a script and records them.
 - ``check_connector(plugin, sample)`` runs the contract checks every connector must pass
   and raises ``ContractViolation`` listing every one that failed.
@@ -263,6 +264,26 @@ class ConnectorTester:
         )
         return None if rendered is None else rendered[0]
 
+    def deliveries(
+        self,
+        connection: Connection,
+        customer: Customer,
+        *records: ProfileChange | AntavoEvent,
+    ) -> list[Delivery]:
+        """A batch for ``send``: each profile change or event of ``customer`` rendered as
+        ``render`` does, with item ids 1, 2, ... in order. ``AssertionError`` for an event
+        the connection does not map (delivery would send nothing for it)."""
+        batch: list[Delivery] = []
+        for item_id, record in enumerate(records, 1):
+            if isinstance(record, ProfileChange):
+                delivery = self.render(connection, customer, change=record, item_id=item_id)
+            else:
+                delivery = self.render(connection, customer, event=record, item_id=item_id)
+                assert delivery is not None, f"action {record.action!r} is not mapped"
+            assert delivery is not None  # a profile change always renders
+            batch.append(delivery)
+        return batch
+
     async def send(
         self,
         connection: Connection,
@@ -408,13 +429,7 @@ async def _map_event_answers_events(tester: ConnectorTester, sample: Sample) -> 
 
 
 def _deliveries(tester: ConnectorTester, sample: Sample) -> list[Delivery]:
-    rendered = [
-        tester.render(sample.connection, sample.customer, change=sample.change, item_id=1),
-        tester.render(sample.connection, sample.customer, event=sample.event, item_id=2),
-    ]
-    deliveries = [d for d in rendered if d is not None]
-    assert len(deliveries) == 2, "the sample change and event did not both render"
-    return deliveries
+    return tester.deliveries(sample.connection, sample.customer, sample.change, sample.event)
 
 
 async def _send_reports_every_item_delivered(tester: ConnectorTester, sample: Sample) -> None:
