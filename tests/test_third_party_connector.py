@@ -74,9 +74,9 @@ def distribution(tmp_path_factory: pytest.TempPathFactory) -> Distribution:
         (source / path).parent.mkdir(parents=True, exist_ok=True)
         (source / path).write_text(code)
     site = tmp_path_factory.mktemp("site")
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation"]
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps"]
     result = subprocess.run(
-        [*pip, "--no-index", "--target", str(site), str(source)],
+        [*pip, "--no-build-isolation", "--no-index", "--target", str(site), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
