@@ -6,7 +6,8 @@ build records in one line, script the destination's answers, and check the contr
 
 - ``ConnectorTester(plugin)`` loads one plugin with the engine's start-up checks and calls
   a connection's hooks through the engine's own dispatch, with the engine's checks of what
-  they return (so a test sees the ``ContractError`` the engine would raise).
+  they return (so a test sees the ``ContractError`` the engine would raise);
+  ``deliveries`` renders records into the batch ``send`` gets.
 - ``FakeTransport(*answers)`` answers ``send``'s requests from a script and records them.
 - ``check_connector(plugin, sample)`` runs the contract checks every connector must pass
   and raises ``ContractViolation`` listing every one that failed.
@@ -23,7 +24,7 @@ import itertools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -44,17 +45,17 @@ from engine.connector.records import (
 from engine.delivery.render import render
 from engine.errors import (
     AuthError,
+    DeliveryError,
     InvalidInputError,
-    MappingError,
     PluginError,
     RetryableError,
-    TidegateError,
 )
 from engine.plugins import ConnectionHooks, Connectors, plugin_manager
 
 MOMENT = datetime(2026, 1, 15, 9, 30, tzinfo=UTC)
 """The time records get when a test gives none."""
 UNMAPPED_ACTION = "tidegate_kit_unmapped_action"
+_Expected = TypeVar("_Expected", bound=DeliveryError)
 
 
 # -- records ---------------------------------------------------------------------------
@@ -263,6 +264,26 @@ class ConnectorTester:
         )
         return None if rendered is None else rendered[0]
 
+    def deliveries(
+        self,
+        connection: Connection,
+        customer: Customer,
+        *records: ProfileChange | AntavoEvent,
+    ) -> list[Delivery]:
+        """A batch for ``send``: each profile change or event of ``customer`` rendered as
+        ``render`` does, with item ids 1, 2, ... in order. ``AssertionError`` for an event
+        the connection does not map (delivery would send nothing for it)."""
+        batch: list[Delivery] = []
+        for item_id, record in enumerate(records, 1):
+            if isinstance(record, ProfileChange):
+                delivery = self.render(connection, customer, change=record, item_id=item_id)
+            else:
+                delivery = self.render(connection, customer, event=record, item_id=item_id)
+                assert delivery is not None, f"action {record.action!r} is not mapped"
+            assert delivery is not None  # a profile change always renders
+            batch.append(delivery)
+        return batch
+
     async def send(
         self,
         connection: Connection,
@@ -408,13 +429,7 @@ async def _map_event_answers_events(tester: ConnectorTester, sample: Sample) -> 
 
 
 def _deliveries(tester: ConnectorTester, sample: Sample) -> list[Delivery]:
-    rendered = [
-        tester.render(sample.connection, sample.customer, change=sample.change, item_id=1),
-        tester.render(sample.connection, sample.customer, event=sample.event, item_id=2),
-    ]
-    deliveries = [d for d in rendered if d is not None]
-    assert len(deliveries) == 2, "the sample change and event did not both render"
-    return deliveries
+    return tester.deliveries(sample.connection, sample.customer, sample.change, sample.event)
 
 
 async def _send_reports_every_item_delivered(tester: ConnectorTester, sample: Sample) -> None:
@@ -428,15 +443,27 @@ async def _send_reports_every_item_delivered(tester: ConnectorTester, sample: Sa
     assert not refused, f"items failed against the success answer: {refused}"
 
 
-async def _send_keeps_the_key_out_of_urls_and_bodies(
-    tester: ConnectorTester, sample: Sample
-) -> None:
-    transport = FakeTransport(sample.success)
-    await tester.send(sample.connection, _deliveries(tester, sample), transport)
+async def _send_keeps_the_key_out_of_the_log(tester: ConnectorTester, sample: Sample) -> None:
+    # The outbound log records each request's URL, body and tags, and the errors send
+    # raises or reports per item; only headers stay out of it.
     key = sample.connection.api_key
-    for request in transport.requests:
-        assert key not in request.url, "the API key is in a URL (URLs are logged)"
-        assert key.encode() not in request.body, "the API key is in a body (bodies are logged)"
+    for answer in (sample.success, *(response(s, {"message": "no"}) for s in (400, 401, 429, 500))):
+        transport = FakeTransport(answer)
+        try:
+            result = await tester.send(sample.connection, _deliveries(tester, sample), transport)
+        except DeliveryError as exc:
+            errors = [str(exc)]
+        else:
+            errors = [outcome.error for outcome in result.outcomes.values()]
+        for request in transport.requests:
+            assert key not in request.url, "the API key is in a URL (URLs are logged)"
+            assert key.encode() not in request.body, "the API key is in a body (bodies are logged)"
+            assert not any(key in tag for tag in request.tags), (
+                "the API key is in a tag (tags are logged)"
+            )
+        assert not any(key in error for error in errors), (
+            f"{answer.status}: the API key is in an error message (errors are logged)"
+        )
 
 
 async def _send_raises_auth_error_on_401_and_403(tester: ConnectorTester, sample: Sample) -> None:
@@ -448,8 +475,11 @@ async def _send_raises_retryable_error_on_429_and_5xx(
     tester: ConnectorTester, sample: Sample
 ) -> None:
     for status in (429, 500, 503):
-        await _expect(
+        error = await _expect(
             tester, sample, response(status, {"message": "later"}), RetryableError, status
+        )
+        assert status != 429 or error.throttled, (
+            "429: RetryableError without throttled=True (the engine would not slow down)"
         )
 
 
@@ -463,22 +493,44 @@ async def _expect(
     tester: ConnectorTester,
     sample: Sample,
     answer: Answer,
-    error: type[TidegateError],
+    error: type[_Expected],
     what: object,
-) -> None:
+) -> _Expected:
     try:
         result = await tester.send(
             sample.connection, _deliveries(tester, sample), FakeTransport(answer)
         )
-    except error:
-        return
-    except MappingError as exc:
-        raise AssertionError(f"{what}: send raised {exc!r}, not {error.__name__}") from None
+    except DeliveryError as exc:
+        own = _own_exception(exc)
+        if own is not None:
+            raise AssertionError(
+                f"{what}: send failed with its own {own!r} (the engine retries that as if "
+                "the destination had not answered)"
+            ) from None
+        if not isinstance(exc, error):
+            raise AssertionError(f"{what}: send raised {exc!r}, not {error.__name__}") from None
+        return exc
     delivered = [i for i, o in result.outcomes.items() if o.delivered]
     raise AssertionError(
         f"{what}: send returned instead of raising {error.__name__}"
         + (f" and reported items {delivered} delivered" if delivered else "")
     )
+
+
+def _own_exception(exc: DeliveryError) -> BaseException | None:
+    """The connector's own exception, when ``exc`` is the ``RetryableError`` the engine
+    made of it: ``ConnectionHooks.send`` raises that itself, while handling it."""
+    last = exc.__traceback__
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    made_by_the_engine = last is not None and last.tb_frame.f_code is _ENGINE_SEND
+    own = exc.__context__
+    if made_by_the_engine and own is not None and not isinstance(own, DeliveryError):
+        return own
+    return None
+
+
+_ENGINE_SEND = ConnectionHooks.send.__code__
 
 
 _CHECKS = (
@@ -489,7 +541,7 @@ _CHECKS = (
     _map_profile_answers_a_mapping,
     _map_event_answers_events,
     _send_reports_every_item_delivered,
-    _send_keeps_the_key_out_of_urls_and_bodies,
+    _send_keeps_the_key_out_of_the_log,
     _send_raises_auth_error_on_401_and_403,
     _send_raises_retryable_error_on_429_and_5xx,
     _send_lets_a_transport_failure_through,
