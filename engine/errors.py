@@ -9,6 +9,7 @@
         ├── MappingError         a record cannot be identified or mapped; dead-lettered
         │   └── ContractError    a hook returned what the contract forbids; dead-lettered
         ├── RetryableError       transient; retried with backoff (honours retry_after)
+        │   └── ConnectorCrashError  send raised an exception of its own; retried
         ├── PermanentError       the destination rejected the request; dead-lettered
         │   └── PayloadTooLargeError  the request was too big; the batch is split
         └── AuthError            credentials refused; the connection pauses
@@ -89,6 +90,18 @@ class RetryableError(DeliveryError):
         super().__init__(message)
         self.retry_after = retry_after
         self.throttled = throttled
+
+
+class ConnectorCrashError(RetryableError):
+    """A connector's ``send`` raised an exception of its own, not one of the engine's
+    errors: a bug, or a failure it did not classify. Raised by the engine, never by a
+    connector. Retried like a timeout, within the retry window; ``crash`` is the
+    connector's exception and the message names the plugin."""
+
+    def __init__(self, plugin: str, message: str, crash: Exception) -> None:
+        super().__init__(f"plugin {plugin!r} failed in send: {message}")
+        self.plugin = plugin
+        self.crash = crash
 
 
 class PermanentError(DeliveryError):

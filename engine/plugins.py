@@ -42,12 +42,12 @@ from engine.connector.records import (
     Transport,
 )
 from engine.errors import (
+    ConnectorCrashError,
     ContractError,
     DeliveryError,
     InvalidInputError,
     MappingError,
     PluginError,
-    RetryableError,
 )
 
 log = structlog.get_logger("tidegate.plugins")
@@ -391,8 +391,8 @@ class ConnectionHooks:
 
     async def send(self, deliveries: Sequence[Delivery], transport: Transport) -> SendResult:
         """Sends ``deliveries``. Raises the engine's ``DeliveryError``s; a plugin's own
-        exception is a ``RetryableError`` (retried within the retry window), and a result
-        that is not a ``SendResult`` a ``ContractError`` at stage ``send``."""
+        exception is a ``ConnectorCrashError`` (retried within the retry window), and a
+        result that is not a ``SendResult`` a ``ContractError`` at stage ``send``."""
         try:
             result = self._send(deliveries, transport)
             if inspect.isawaitable(result):
@@ -401,9 +401,7 @@ class ConnectionHooks:
             raise
         except Exception as exc:
             log.exception("plugin_send_failed", plugin=self.plugin, connection=self.connection.id)
-            raise RetryableError(
-                f"plugin {self.plugin!r} failed in send: {_describe(exc, self.connection)}"
-            ) from None
+            raise ConnectorCrashError(self.plugin, _describe(exc, self.connection), exc) from None
         if not isinstance(result, SendResult):
             raise self.broken(f"send returned {_kind(result)}, not a SendResult", "send")
         return result

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from engine.connector.records import AntavoEvent, Customer, ProfileChange
+from engine.connector.records import AntavoEvent, Customer, HttpResponse, ProfileChange
 from engine.outbound_log.rows import LogCustomer
 
 MOMENT = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
@@ -78,3 +78,13 @@ def test_log_customers_keep_the_dataclass_contract() -> None:
     assert pickle.loads(pickle.dumps(customer)) == customer
     with pytest.raises(dataclasses.FrozenInstanceError):
         customer.outcome = "delivered"  # type: ignore[misc]
+
+
+def test_a_responses_headers_are_read_case_insensitively() -> None:
+    response = HttpResponse(429, {"Retry-After": "30", "X-RateLimit-Remaining": "0"}, b"", 0.1)
+
+    assert response.headers.get("retry-after") == "30"
+    assert response.headers["x-ratelimit-remaining"] == "0"
+    assert response == HttpResponse(
+        429, {"retry-after": "30", "X-RateLimit-Remaining": "0"}, b"", 0.1
+    )

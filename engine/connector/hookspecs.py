@@ -5,8 +5,9 @@ A connector plugin declares its connector with ``connector_info`` and implements
 engine calls a connection's hooks only on the plugin that declares its connector, so a
 hook never checks whose connection it got. ``prepare``, ``identify`` and the ``map_*``
 hooks are synchronous and pure; ``send`` is a coroutine function. A hook implementation
-takes any subset of its spec's arguments; written in the spec's order (the connection
-and its ``plan`` first), the engine calls it without an adapter in between.
+takes any subset of its spec's arguments, in any order. One that takes the context it
+needs (``connection``, ``plan``) first and then every other argument of its spec, in the
+spec's order, is called without an adapter in between.
 
 What the hooks return is checked where it is used: a wrong type, a value JSON cannot
 carry or an item over the connector's limits dead-letters that item at stage ``map``,

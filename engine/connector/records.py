@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 ANTAVO_CUSTOMER_ID = "customer_id"
 """CustomerIdMapping.source_attribute value that selects the Antavo customer ID."""
 PROFILE_ACTIONS = frozenset({"opt_in", "profile"})
@@ -212,12 +214,17 @@ class SendResult:
 
 @dataclass(frozen=True)
 class HttpResponse:
-    """The destination's answer to one request; ``elapsed`` in seconds."""
+    """The destination's answer to one request; ``elapsed`` in seconds. ``headers`` are
+    looked up case-insensitively, as HTTP says (``headers.get("retry-after")``)."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
     elapsed: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.headers, CIMultiDictProxy):
+            object.__setattr__(self, "headers", CIMultiDictProxy(CIMultiDict(self.headers)))
 
 
 class Transport(Protocol):

@@ -45,6 +45,7 @@ from engine.connector.records import (
 from engine.delivery.render import render
 from engine.errors import (
     AuthError,
+    ConnectorCrashError,
     DeliveryError,
     InvalidInputError,
     PluginError,
@@ -500,13 +501,12 @@ async def _expect(
         result = await tester.send(
             sample.connection, _deliveries(tester, sample), FakeTransport(answer)
         )
+    except ConnectorCrashError as exc:
+        raise AssertionError(
+            f"{what}: send failed with its own {exc.crash!r} (the engine retries that as if "
+            "the destination had not answered)"
+        ) from None
     except DeliveryError as exc:
-        own = _own_exception(exc)
-        if own is not None:
-            raise AssertionError(
-                f"{what}: send failed with its own {own!r} (the engine retries that as if "
-                "the destination had not answered)"
-            ) from None
         if not isinstance(exc, error):
             raise AssertionError(f"{what}: send raised {exc!r}, not {error.__name__}") from None
         return exc
@@ -515,22 +515,6 @@ async def _expect(
         f"{what}: send returned instead of raising {error.__name__}"
         + (f" and reported items {delivered} delivered" if delivered else "")
     )
-
-
-def _own_exception(exc: DeliveryError) -> BaseException | None:
-    """The connector's own exception, when ``exc`` is the ``RetryableError`` the engine
-    made of it: ``ConnectionHooks.send`` raises that itself, while handling it."""
-    last = exc.__traceback__
-    while last is not None and last.tb_next is not None:
-        last = last.tb_next
-    made_by_the_engine = last is not None and last.tb_frame.f_code is _ENGINE_SEND
-    own = exc.__context__
-    if made_by_the_engine and own is not None and not isinstance(own, DeliveryError):
-        return own
-    return None
-
-
-_ENGINE_SEND = ConnectionHooks.send.__code__
 
 
 _CHECKS = (

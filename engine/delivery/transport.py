@@ -91,7 +91,7 @@ class RecordingTransport:
             ) as response:
                 payload = await response.read()
                 answer = HttpResponse(
-                    response.status, dict(response.headers), payload, time.perf_counter() - started
+                    response.status, response.headers, payload, time.perf_counter() - started
                 )
         except asyncio.CancelledError:
             # Shutdown cut the request: it may have been applied, and the log must say so.

@@ -59,7 +59,7 @@ def user_errors(
     if status == 429:
         raise RetryableError(
             "rate limited by Insider (HTTP 429)",
-            retry_after=retry_after_seconds(_header(response.headers, "Retry-After"), now),
+            retry_after=retry_after_seconds(response.headers.get("Retry-After"), now),
             throttled=True,
         )
     if status >= 500 and status not in PERMANENT_SERVER_STATUSES:
@@ -124,15 +124,6 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    # The transport may hand over a plain dict, so look up case-insensitively here.
-    wanted = name.lower()
-    for key, value in headers.items():
-        if key.lower() == wanted:
-            return value
-    return None
 
 
 def insider_message(body: bytes, secrets: Collection[str]) -> str:
