@@ -1,5 +1,5 @@
 """How outbound-log rows are stored and searched in DuckDB: the schema, the Arrow
-tables a batch is written as, the SQL a query becomes, page tokens, and the customer
+tables a batch is written as, the SQL a query becomes, and the customer
 index (its tables, how runs are sealed and merged, and how a search reads it).
 
 Two costs shape the SQL. A filter on ``time`` prunes row groups by their zone maps, but
@@ -18,7 +18,6 @@ dictionary and FSST encodings read single rows; the file is 9% larger and full s
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,7 +27,6 @@ from itertools import chain, repeat
 from typing import Any
 
 import duckdb
-import orjson
 import pyarrow as pa
 
 from engine.errors import InvalidInputError
@@ -277,24 +275,6 @@ def id_window(request_id: str) -> tuple[datetime, datetime] | None:
         return None
     stamped = from_micros((parsed.int >> 80) * 1000)
     return stamped - ID_TIME_SLACK, stamped + ID_TIME_SLACK + timedelta(milliseconds=1)
-
-
-def encode_token(micros: int, request_id: str) -> str:
-    raw = orjson.dumps({"time": micros, "id": request_id})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        micros, request_id = data["time"], data["id"]
-        if type(micros) is not int or type(request_id) is not str:
-            raise TypeError("malformed token")
-        return from_micros(micros), request_id
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise InvalidInputError(
-            "page_token", "is not a next_page_token from a previous ListLogs response"
-        ) from exc
 
 
 # --- the customer index -------------------------------------------------------------------
