@@ -13,8 +13,9 @@ from engine.state.connections import ConnectionRegistry
 PROFILE_PAGES = Pager[tuple[int]]("ListProfileMappings", (int,))
 EVENT_PAGES = Pager[tuple[int]]("ListEventMappings", (int,))
 """Mapping list tokens: the offset of the next page. A connection's mappings are listed
-in the order they were created, and new ones join at the end; a mapping deleted between
-two pages moves the later ones up by one."""
+in the order they were created and new ones join at the end, so a page never repeats
+one; a mapping deleted between two pages moves the later ones up, and the next page
+misses one of them."""
 
 ARRAY_MODES: dict[int, str] = {pb.ARRAY_MODE_APPEND: "append", pb.ARRAY_MODE_REPLACE: "replace"}
 """ArrayMode values as ProfileMapping.array_mode holds them (unspecified: "")."""

@@ -95,7 +95,9 @@ class MappingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListProfileMappings(self, request, context):
-        """Lists a connection's profile mappings, in the order they were created.
+        """Lists a connection's profile mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,7 +129,9 @@ class MappingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEventMappings(self, request, context):
-        """Lists a connection's event mappings, in the order they were created.
+        """Lists a connection's event mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,10 @@ class MappingServiceStub:
     refused with INVALID_ARGUMENT naming the field.
     """
     ListProfileMappings: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.ListProfileMappingsRequest, _mappings_pb2.ListProfileMappingsResponse]
-    """Lists a connection's profile mappings, in the order they were created."""
+    """Lists a connection's profile mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.UpdateProfileMappingRequest, _mappings_pb2.UpdateProfileMappingResponse]
     """Replaces the source, target, custom flag and array mode of a profile mapping."""
     DeleteProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.DeleteProfileMappingRequest, _mappings_pb2.DeleteProfileMappingResponse]
@@ -56,7 +59,10 @@ class MappingServiceStub:
     connection.
     """
     ListEventMappings: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.ListEventMappingsRequest, _mappings_pb2.ListEventMappingsResponse]
-    """Lists a connection's event mappings, in the order they were created."""
+    """Lists a connection's event mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateEventMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.UpdateEventMappingRequest, _mappings_pb2.UpdateEventMappingResponse]
     """Replaces the source event, target event and the whole parameter list of an event
     mapping.
@@ -80,7 +86,10 @@ class MappingServiceAsyncStub(MappingServiceStub):
     refused with INVALID_ARGUMENT naming the field.
     """
     ListProfileMappings: _aio.UnaryUnaryMultiCallable[_mappings_pb2.ListProfileMappingsRequest, _mappings_pb2.ListProfileMappingsResponse]  # type: ignore[assignment]
-    """Lists a connection's profile mappings, in the order they were created."""
+    """Lists a connection's profile mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.UpdateProfileMappingRequest, _mappings_pb2.UpdateProfileMappingResponse]  # type: ignore[assignment]
     """Replaces the source, target, custom flag and array mode of a profile mapping."""
     DeleteProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.DeleteProfileMappingRequest, _mappings_pb2.DeleteProfileMappingResponse]  # type: ignore[assignment]
@@ -94,7 +103,10 @@ class MappingServiceAsyncStub(MappingServiceStub):
     connection.
     """
     ListEventMappings: _aio.UnaryUnaryMultiCallable[_mappings_pb2.ListEventMappingsRequest, _mappings_pb2.ListEventMappingsResponse]  # type: ignore[assignment]
-    """Lists a connection's event mappings, in the order they were created."""
+    """Lists a connection's event mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateEventMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.UpdateEventMappingRequest, _mappings_pb2.UpdateEventMappingResponse]  # type: ignore[assignment]
     """Replaces the source event, target event and the whole parameter list of an event
     mapping.
@@ -127,7 +139,10 @@ class MappingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mappings_pb2.ListProfileMappingsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mappings_pb2.ListProfileMappingsResponse, _abc.Awaitable[_mappings_pb2.ListProfileMappingsResponse]]:
-        """Lists a connection's profile mappings, in the order they were created."""
+        """Lists a connection's profile mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
+        """
 
     @_abc_1.abstractmethod
     def UpdateProfileMapping(
@@ -165,7 +180,10 @@ class MappingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _mappings_pb2.ListEventMappingsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_mappings_pb2.ListEventMappingsResponse, _abc.Awaitable[_mappings_pb2.ListEventMappingsResponse]]:
-        """Lists a connection's event mappings, in the order they were created."""
+        """Lists a connection's event mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
+        """
 
     @_abc_1.abstractmethod
     def UpdateEventMapping(
