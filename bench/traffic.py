@@ -39,7 +39,7 @@ async def create_connection(grpc_target: str, base_url: str, api_key: str = API_
             api_key=api_key,
             settings={"partner_name": PARTNER_NAME, "base_url": base_url},
         )
-        await client.add_event_mapping(CONNECTION_ID, SOURCE_EVENT, TARGET_EVENT, PARAMETERS)
+        await client.create_event_mapping(CONNECTION_ID, SOURCE_EVENT, TARGET_EVENT, PARAMETERS)
 
 
 def antavo_event(number: int, customer: str, bench_id: str | None = None) -> dict[str, Any]:

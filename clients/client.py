@@ -77,11 +77,19 @@ class TidegateClient:
         )
         return response.connection
 
-    async def add_profile_mapping(
+    async def list_connections(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> connections_pb2.ListConnectionsResponse:
+        """One page of connections; pass its ``next_page_token`` back for the next."""
+        return await self.connections.ListConnections(
+            connections_pb2.ListConnectionsRequest(page_size=page_size, page_token=page_token)
+        )
+
+    async def create_profile_mapping(
         self, connection_id: str, source: str, target: str, *, custom: bool = False
     ) -> mappings_pb2.ProfileMapping:
-        response = await self.mappings.AddProfileMapping(
-            mappings_pb2.AddProfileMappingRequest(
+        response = await self.mappings.CreateProfileMapping(
+            mappings_pb2.CreateProfileMappingRequest(
                 mapping=mappings_pb2.ProfileMapping(
                     connection_id=connection_id,
                     source_attribute=source,
@@ -92,7 +100,7 @@ class TidegateClient:
         )
         return response.mapping
 
-    async def add_event_mapping(
+    async def create_event_mapping(
         self,
         connection_id: str,
         source: str,
@@ -100,8 +108,8 @@ class TidegateClient:
         parameters: Sequence[tuple[str, str, bool]] = (),
     ) -> mappings_pb2.EventMapping:
         """``parameters``: (antavo parameter, destination parameter, custom) triples."""
-        response = await self.mappings.AddEventMapping(
-            mappings_pb2.AddEventMappingRequest(
+        response = await self.mappings.CreateEventMapping(
+            mappings_pb2.CreateEventMappingRequest(
                 mapping=mappings_pb2.EventMapping(
                     connection_id=connection_id,
                     source_event=source,
@@ -116,6 +124,26 @@ class TidegateClient:
             )
         )
         return response.mapping
+
+    async def list_profile_mappings(
+        self, connection_id: str, page_size: int = 0, page_token: str = ""
+    ) -> mappings_pb2.ListProfileMappingsResponse:
+        """One page of a connection's profile mappings."""
+        return await self.mappings.ListProfileMappings(
+            mappings_pb2.ListProfileMappingsRequest(
+                connection_id=connection_id, page_size=page_size, page_token=page_token
+            )
+        )
+
+    async def list_event_mappings(
+        self, connection_id: str, page_size: int = 0, page_token: str = ""
+    ) -> mappings_pb2.ListEventMappingsResponse:
+        """One page of a connection's event mappings."""
+        return await self.mappings.ListEventMappings(
+            mappings_pb2.ListEventMappingsRequest(
+                connection_id=connection_id, page_size=page_size, page_token=page_token
+            )
+        )
 
     async def send_events(
         self, events: Sequence[Mapping[str, Any]]
@@ -137,8 +165,10 @@ class TidegateClient:
         return await self.ingest.IngestEvents(ingest_pb2.IngestEventsRequest(events=messages))
 
     async def list_logs(
-        self, page_size: int = 50, page_token: str = "", **filters: Any
+        self, page_size: int = 0, page_token: str = "", **filters: Any
     ) -> logs_pb2.ListLogsResponse:
+        """One page of the outbound log, newest first; ``filters`` are ``LogFilter``
+        fields. ``page_size`` 0 is the server's default (50), at most 1000."""
         return await self.logs.ListLogs(
             logs_pb2.ListLogsRequest(
                 filter=logs_pb2.LogFilter(**filters), page_size=page_size, page_token=page_token

@@ -107,8 +107,8 @@ async def insider_connection(
         ("last_name", "surname", False),
         ("tier", "loyalty_tier", True),
     ]:
-        await client.add_profile_mapping(connection_id, source, target, custom=custom)
-    await client.add_event_mapping(
+        await client.create_profile_mapping(connection_id, source, target, custom=custom)
+    await client.create_event_mapping(
         connection_id,
         "checkout",
         "purchase",
@@ -119,6 +119,6 @@ async def insider_connection(
             ("channel", "sales_channel", True),
         ],
     )
-    await client.add_event_mapping(
+    await client.create_event_mapping(
         connection_id, "point_add", "loyalty_points_earned", [("points", "points", True)]
     )

@@ -307,7 +307,7 @@ async def create_connection(target: str, sandbox_url: str, api_key: str = API_KE
             api_key=api_key,
             settings={"partner_name": PARTNER, "base_url": sandbox_url},
         )
-        await client.add_event_mapping(
+        await client.create_event_mapping(
             CONNECTION_ID,
             SOURCE_EVENT,
             TARGET_EVENT,

@@ -143,8 +143,8 @@ async def test_deleted_connection_is_gone(client: TidegateClient) -> None:
 
 async def test_mapping_changes_raise_the_mapping_version(client: TidegateClient) -> None:
     created = await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
-    added = await client.mappings.AddProfileMapping(
-        mpb.AddProfileMappingRequest(
+    added = await client.mappings.CreateProfileMapping(
+        mpb.CreateProfileMappingRequest(
             mapping=mpb.ProfileMapping(
                 connection_id="c1", source_attribute="first_name", target_attribute="name"
             )
@@ -165,10 +165,10 @@ async def test_mapping_changes_raise_the_mapping_version(client: TidegateClient)
     assert [(m.source_attribute, m.target_attribute) for m in listed.mappings] == [
         ("handler", "name")
     ]
-    removed = await client.mappings.RemoveProfileMapping(
-        mpb.RemoveProfileMappingRequest(id=added.mapping.id)
+    deleted = await client.mappings.DeleteProfileMapping(
+        mpb.DeleteProfileMappingRequest(id=added.mapping.id)
     )
-    assert removed.mapping_version == created.mapping_version + 3
+    assert deleted.mapping_version == created.mapping_version + 3
     listed = await client.mappings.ListProfileMappings(
         mpb.ListProfileMappingsRequest(connection_id="c1")
     )
@@ -177,7 +177,7 @@ async def test_mapping_changes_raise_the_mapping_version(client: TidegateClient)
 
 async def test_event_mapping_keeps_parameters_and_custom_flags(client: TidegateClient) -> None:
     await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
-    mapping = await client.add_event_mapping(
+    mapping = await client.create_event_mapping(
         "c1",
         "checkout",
         "confirmation_page_view",
@@ -202,7 +202,7 @@ async def test_event_mapping_keeps_parameters_and_custom_flags(client: TidegateC
     )
     assert updated.mapping.target_event == "checkout_page_view"
     assert list(updated.mapping.parameters) == []
-    await client.mappings.RemoveEventMapping(mpb.RemoveEventMappingRequest(id=mapping.id))
+    await client.mappings.DeleteEventMapping(mpb.DeleteEventMappingRequest(id=mapping.id))
     listed = await client.mappings.ListEventMappings(
         mpb.ListEventMappingsRequest(connection_id="c1")
     )
@@ -239,7 +239,7 @@ async def test_invalid_profile_mapping_is_rejected_naming_the_field(
 ) -> None:
     await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
     await expect_error(
-        client.mappings.AddProfileMapping(mpb.AddProfileMappingRequest(mapping=mapping)),
+        client.mappings.CreateProfileMapping(mpb.CreateProfileMappingRequest(mapping=mapping)),
         grpc.StatusCode.INVALID_ARGUMENT,
         field,
     )
@@ -270,7 +270,7 @@ async def test_invalid_event_mapping_is_rejected_naming_the_field(
 ) -> None:
     await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
     await expect_error(
-        client.mappings.AddEventMapping(mpb.AddEventMappingRequest(mapping=mapping)),
+        client.mappings.CreateEventMapping(mpb.CreateEventMappingRequest(mapping=mapping)),
         grpc.StatusCode.INVALID_ARGUMENT,
         field,
     )
@@ -278,9 +278,9 @@ async def test_invalid_event_mapping_is_rejected_naming_the_field(
 
 async def test_same_antavo_event_cannot_be_mapped_twice(client: TidegateClient) -> None:
     await client.create_connection("c1", api_key=API_KEY, settings=SETTINGS)
-    await client.add_event_mapping("c1", "checkout", "confirmation_page_view")
+    await client.create_event_mapping("c1", "checkout", "confirmation_page_view")
     await expect_error(
-        client.add_event_mapping("c1", "checkout", "confirmation_page_view"),
+        client.create_event_mapping("c1", "checkout", "confirmation_page_view"),
         grpc.StatusCode.INVALID_ARGUMENT,
         "mapping.source_event",
         "already mapped",
@@ -289,7 +289,7 @@ async def test_same_antavo_event_cannot_be_mapped_twice(client: TidegateClient) 
 
 async def test_mapping_for_unknown_connection_is_not_found(client: TidegateClient) -> None:
     await expect_error(
-        client.add_profile_mapping("nope", "email", "email"), grpc.StatusCode.NOT_FOUND, "nope"
+        client.create_profile_mapping("nope", "email", "email"), grpc.StatusCode.NOT_FOUND, "nope"
     )
 
 

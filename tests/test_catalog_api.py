@@ -192,7 +192,7 @@ async def test_preview_reports_a_value_that_cannot_be_converted(
     sandbox: RunningSandbox,
 ) -> None:
     await insider_connection(client, sandbox)
-    await client.add_profile_mapping("insider-main", "gender", "gender")
+    await client.create_profile_mapping("insider-main", "gender", "gender")
 
     response = await catalog.PreviewDelivery(
         pb.PreviewDeliveryRequest(

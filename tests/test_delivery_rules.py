@@ -141,7 +141,7 @@ async def test_oversize_batch_is_split_and_a_lone_oversize_item_dead_lettered(
     await configure(http, sandbox, max_body_bytes=1500)
     small = [point(f"c{n}", n) for n in range(12)]
     huge = {"customer": "big", "action": "point_add", "data": {"points": 1, "note": "x" * 3000}}
-    await client.add_event_mapping(CONNECTION, "bulky", "bulky_event", [("note", "note", True)])
+    await client.create_event_mapping(CONNECTION, "bulky", "bulky_event", [("note", "note", True)])
     huge["action"] = "bulky"
     await post_events(http, engine, {"events": [*small, huge]})
     connection = await drained(client)

@@ -160,6 +160,8 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
     assert "mapping.parameters" in out  # the refused cart_page_view mapping
     assert '"stage": "destination"' in out and "not a valid email address" in out
     assert '"matched": 1' in out  # the dry run and the replay each found the dead letter
+    assert '"display_name": "Insider (EU workspace)"' in out  # the update with a mask
+    assert '"next_page_token": "' in out  # the first page of profile mappings
 
     assert "cust-1" in streamed, "StreamLogs opened before the traffic saw no row"
 

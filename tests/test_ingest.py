@@ -259,7 +259,7 @@ async def test_cleared_attribute_is_queued_as_none_with_its_previous_value(
         api_key="k" * 12,
         settings={"partner_name": "acme", "base_url": "http://127.0.0.1:9"},
     )
-    await client.add_profile_mapping("paused", "tier", "loyalty_tier", custom=True)
+    await client.create_profile_mapping("paused", "tier", "loyalty_tier", custom=True)
     await engine.registry.set_state("paused", "paused", "held for this test")
     await post_events(
         http, engine, {"customer": "c", "action": "profile", "data": {"tier": "gold"}}

@@ -147,7 +147,7 @@ async def test_a_mapping_is_in_force_for_the_next_event_the_worker_acknowledges(
     async with TidegateClient(harness.engine.target) as client:
         for n in range(20):
             action = f"custom_action_{n}"
-            await client.add_event_mapping(CONNECTION_ID, action, f"custom_event_{n}")
+            await client.create_event_mapping(CONNECTION_ID, action, f"custom_event_{n}")
             status, answer = await post(
                 harness.engine.ingest_url, {"customer": f"c{n}", "action": action}
             )

@@ -87,7 +87,8 @@ async def test_invalid_profile_mapping_is_refused_naming_the_field(
 ) -> None:
     mapping.connection_id = connection
     details = await refused(
-        client.mappings.AddProfileMapping(mpb.AddProfileMappingRequest(mapping=mapping)), field
+        client.mappings.CreateProfileMapping(mpb.CreateProfileMappingRequest(mapping=mapping)),
+        field,
     )
 
     assert says in details
@@ -161,7 +162,7 @@ async def test_invalid_event_mapping_is_refused_naming_the_field(
         parameters=parameters,
     )
     details = await refused(
-        client.mappings.AddEventMapping(mpb.AddEventMappingRequest(mapping=mapping)), field
+        client.mappings.CreateEventMapping(mpb.CreateEventMappingRequest(mapping=mapping)), field
     )
 
     assert says in details
@@ -170,7 +171,7 @@ async def test_invalid_event_mapping_is_refused_naming_the_field(
 async def test_a_per_line_purchase_mapping_is_accepted(
     client: TidegateClient, connection: str
 ) -> None:
-    mapping = await client.add_event_mapping(
+    mapping = await client.create_event_mapping(
         connection,
         "checkout",
         "purchase",
@@ -193,8 +194,8 @@ async def test_a_per_line_purchase_mapping_is_accepted(
 async def test_an_array_mode_is_kept_on_a_profile_mapping(
     client: TidegateClient, connection: str
 ) -> None:
-    added = await client.mappings.AddProfileMapping(
-        mpb.AddProfileMappingRequest(
+    added = await client.mappings.CreateProfileMapping(
+        mpb.CreateProfileMappingRequest(
             mapping=mpb.ProfileMapping(
                 connection_id=connection,
                 source_attribute="labels",

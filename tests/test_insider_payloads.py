@@ -604,8 +604,8 @@ async def connect(client: TidegateClient, sandbox: RunningSandbox, connection: C
     )
     modes = {"": mpb.ARRAY_MODE_UNSPECIFIED, "replace": mpb.ARRAY_MODE_REPLACE}
     for m in connection.profile_mappings:
-        await client.mappings.AddProfileMapping(
-            mpb.AddProfileMappingRequest(
+        await client.mappings.CreateProfileMapping(
+            mpb.CreateProfileMappingRequest(
                 mapping=mpb.ProfileMapping(
                     connection_id=connection.id,
                     source_attribute=m.source_attribute,
@@ -616,7 +616,7 @@ async def connect(client: TidegateClient, sandbox: RunningSandbox, connection: C
             )
         )
     for e in connection.event_mappings:
-        await client.add_event_mapping(
+        await client.create_event_mapping(
             connection.id,
             e.source_event,
             e.target_event,

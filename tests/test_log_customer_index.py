@@ -110,14 +110,14 @@ def brute_force(rows: list[LogRow], customer_id: str, extra: dict[str, Any]) -> 
 async def search(
     store: LogStore, customer_id: str, extra: dict[str, Any], size: int
 ) -> list[LogRow]:
-    """Every page of a customer search, followed by page token."""
+    """Every page of a customer search, followed by cursor."""
     found: list[LogRow] = []
-    token = ""
+    after = None
     for _ in range(1000):
-        page, token = await store.page(LogQuery(customer_id=customer_id, **extra), size, token)
+        page, after = await store.page(LogQuery(customer_id=customer_id, **extra), size, after)
         assert len(page) <= size
         found += page
-        if not token:
+        if after is None:
             return found
     raise AssertionError("paging did not end")
 

@@ -102,7 +102,7 @@ async def test_each_connector_delivers_only_its_own_connections(
             await client.create_connection(
                 "echo-1", connector=ECHO, api_key="k", settings={"url": url}
             )
-            await client.add_event_mapping("echo-1", "point_add", "points")
+            await client.create_event_mapping("echo-1", "point_add", "points")
             status, body = await post_events(
                 http, engine, {"customer": "c1", "action": "point_add", "data": {"points": 5}}
             )

@@ -250,7 +250,7 @@ async def test_tidegate_serve_delivers_an_event_through_the_guides_connector_and
         await client.create_connection(
             "webhook-1", connector="webhook", api_key=WEBHOOK_KEY, settings={"url": receiver.url}
         )
-        await client.add_event_mapping(
+        await client.create_event_mapping(
             "webhook-1", "point_add", "points_earned", [("points", "amount", False)]
         )
         async with http.post(ingest_url, json=EVENT) as answer:

@@ -3,14 +3,12 @@ write, and a preview of what a connection would send for a sample event."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
-
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
 from engine.admin.ingest import event_dict, whole_numbers
+from engine.admin.paging import Pager, keyset_page, offset_page, page_size
 from engine.delivery.preview import preview_delivery
 from engine.errors import InvalidInputError
 from engine.ingest.ingestor import Ingestor
@@ -26,8 +24,12 @@ from engine.pb import catalog_pb2_grpc
 from engine.plugins import Connectors
 from engine.state.connections import ConnectionRegistry
 
-DEFAULT_PAGE_SIZE = 500
-MAX_PAGE_SIZE = 1000
+SOURCE_PAGES = Pager[tuple[str, str, str]]("ListSourceCatalog", (str, str, str))
+"""ListSourceCatalog tokens: the kind, event and name of the page's last entry (the
+catalog is sorted by them; names seen in traffic join it anywhere)."""
+DESTINATION_PAGES = Pager[tuple[int]]("ListDestinationCatalog", (int,))
+"""ListDestinationCatalog tokens: the offset of the next page (a connector's catalog is
+fixed while the engine runs)."""
 
 SOURCE_KINDS = {
     CATALOG_ATTRIBUTE: pb.CATALOG_KIND_ATTRIBUTE,
@@ -40,22 +42,6 @@ DESTINATION_KINDS = {
     "event": pb.CATALOG_KIND_EVENT,
     "event_parameter": pb.CATALOG_KIND_EVENT_PARAMETER,
 }
-
-T = TypeVar("T")
-
-
-def page(entries: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
-    """One page of ``entries`` and the token of the next (empty on the last page)."""
-    if page_size < 0:
-        raise InvalidInputError("page_size", "must not be negative")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    start = 0
-    if page_token:
-        if not page_token.isdigit() or int(page_token) > len(entries):
-            raise InvalidInputError("page_token", "not a token from a previous response")
-        start = int(page_token)
-    end = start + size
-    return entries[start:end], (str(end) if end < len(entries) else "")
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -78,7 +64,12 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             for e in source_catalog(await self._ingestor.seen_names())
             if request.kind in (pb.CATALOG_KIND_UNSPECIFIED, SOURCE_KINDS[e.kind])
         ]
-        selected, next_token = page(entries, request.page_size, request.page_token)
+        selected, last = keyset_page(
+            entries,
+            lambda e: (e.kind, e.event, e.name),
+            page_size(request.page_size),
+            SOURCE_PAGES.cursor(request.page_token),
+        )
         messages = []
         for e in selected:
             message = pb.SourceCatalogEntry(
@@ -96,7 +87,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 first_seen.FromNanoseconds(int(e.first_seen * 1e9))
                 message.first_seen_time.CopyFrom(first_seen)
             messages.append(message)
-        return pb.ListSourceCatalogResponse(entries=messages, next_page_token=next_token)
+        return pb.ListSourceCatalogResponse(
+            entries=messages, next_page_token=SOURCE_PAGES.token(last)
+        )
 
     @rpc
     async def ListDestinationCatalog(
@@ -110,7 +103,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             for e in self._connectors.info(connector).catalog
             if request.kind in (pb.CATALOG_KIND_UNSPECIFIED, DESTINATION_KINDS.get(e.kind))
         ]
-        selected, next_token = page(entries, request.page_size, request.page_token)
+        selected, after = offset_page(
+            entries,
+            page_size(request.page_size),
+            DESTINATION_PAGES.cursor(request.page_token),
+        )
         return pb.ListDestinationCatalogResponse(
             connector=connector,
             entries=[
@@ -124,7 +121,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 )
                 for e in selected
             ],
-            next_page_token=next_token,
+            next_page_token=DESTINATION_PAGES.token(after),
         )
 
     @rpc

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
+from engine.admin.paging import Pager, keyset_page, page_size
 from engine.connector.records import CustomerIdMapping
 from engine.errors import InvalidInputError
 from engine.pb import connections_pb2 as pb
@@ -20,6 +21,8 @@ from engine.state.connections import (
     ConnectionView,
 )
 
+PAGES = Pager[tuple[str]]("ListConnections", (str,))
+"""ListConnections tokens: the id of the page's last connection."""
 UPDATABLE_FIELDS = (
     "display_name",
     "settings",
@@ -111,14 +114,12 @@ class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
     async def ListConnections(
         self, request: pb.ListConnectionsRequest, context: Context
     ) -> pb.ListConnectionsResponse:
-        size = request.page_size or 100
-        if size < 0:
-            raise InvalidInputError("page_size", "must not be negative")
-        views = [v for v in self._registry.views() if v.id > request.page_token]
-        page = views[:size]
-        token = page[-1].id if len(views) > size else ""
+        size = page_size(request.page_size)
+        after = PAGES.cursor(request.page_token)
+        page, last = keyset_page(self._registry.views(), lambda v: (v.id,), size, after)
         return pb.ListConnectionsResponse(
-            connections=[await self._message(v) for v in page], next_page_token=token
+            connections=[await self._message(v) for v in page],
+            next_page_token=PAGES.token(last),
         )
 
     @rpc

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from datetime import UTC
 
@@ -12,13 +10,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.connections import timestamp
 from engine.admin.errors import Context, rpc
+from engine.admin.paging import Pager, page_size
 from engine.errors import InvalidInputError
 from engine.pb import dead_letters_pb2 as pb
 from engine.pb import dead_letters_pb2_grpc
 from engine.queue.dead_letters import DeadLetterQuery, StoredDeadLetter
 from engine.queue.lanes import DurableQueue
 
-MAX_PAGE_SIZE = 1000
+PAGES = Pager[tuple[int]]("ListDeadLetters", (int,))
+"""ListDeadLetters tokens: the id of the page's last dead letter."""
 
 
 def query_from_pb(f: pb.DeadLetterFilter, ids: tuple[int, ...] = ()) -> DeadLetterQuery:
@@ -58,19 +58,6 @@ def dead_letter_pb(d: StoredDeadLetter) -> pb.DeadLetter:
     )
 
 
-def _page_token(last_id: int) -> str:
-    return base64.urlsafe_b64encode(str(last_id).encode()).decode()
-
-
-def _after_id(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
-    except (ValueError, binascii.Error):
-        raise InvalidInputError("page_token", "not a token from a previous response") from None
-
-
 class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
     def __init__(self, queue: DurableQueue, on_replayed: Callable[[set[str]], None]) -> None:
         self._queue = queue
@@ -80,16 +67,15 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise InvalidInputError("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-        size = request.page_size or 50
+        size = page_size(request.page_size)
+        after = PAGES.cursor(request.page_token)
         found = await self._queue.dead_letters(
-            query_from_pb(request.filter), size + 1, _after_id(request.page_token)
+            query_from_pb(request.filter), size + 1, after[0] if after else 0
         )
         page = found[:size]
-        token = _page_token(page[-1].id) if len(found) > size else ""
         return pb.ListDeadLettersResponse(
-            dead_letters=[dead_letter_pb(d) for d in page], next_page_token=token
+            dead_letters=[dead_letter_pb(d) for d in page],
+            next_page_token=PAGES.token((page[-1].id,) if len(found) > size else None),
         )
 
     @rpc

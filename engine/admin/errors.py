@@ -19,8 +19,17 @@ R = TypeVar("R")
 
 
 def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Wraps a unary servicer method: InvalidInputError -> INVALID_ARGUMENT naming the
-    field, NotFoundError -> NOT_FOUND, any other error -> INTERNAL with a short message."""
+    """Wraps a unary servicer method so its errors become gRPC statuses, checked in this
+    order:
+
+    - ``InvalidInputError`` -> ``INVALID_ARGUMENT``, the message starting with the field;
+    - ``NotFoundError`` -> ``NOT_FOUND``;
+    - ``BacklogFullError`` -> ``RESOURCE_EXHAUSTED`` (ingest refused; retry later);
+    - any other ``TidegateError`` -> ``FAILED_PRECONDITION`` (e.g. the log store stopped);
+    - any other exception -> ``INTERNAL`` with "internal error; see the engine log", the
+      stack trace logged as ``rpc_failed`` and never sent to the client.
+
+    An abort the method made itself (``context.abort``) passes through unchanged."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Context) -> R:

@@ -9,13 +9,24 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
+from engine.admin.paging import Pager, page_size
 from engine.errors import InvalidInputError, NotFoundError, TidegateError
-from engine.outbound_log.rows import LogQuery, LogRow
+from engine.outbound_log.rows import LogQuery, LogRow, from_micros
 from engine.outbound_log.store import LogStore
 from engine.pb import logs_pb2 as pb
 from engine.pb import logs_pb2_grpc
 
-MAX_PAGE_SIZE = 1000
+
+def _representable(cursor: tuple[int, str]) -> bool:
+    try:
+        from_micros(cursor[0])
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+PAGES = Pager[tuple[int, str]]("ListLogs", (int, str), _representable)
+"""ListLogs tokens: the time (Unix microseconds) and id of the page's last entry."""
 
 
 def query_from_pb(f: pb.LogFilter) -> LogQuery:
@@ -70,14 +81,12 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
 
     @rpc
     async def ListLogs(self, request: pb.ListLogsRequest, context: Context) -> pb.ListLogsResponse:
-        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
-            raise InvalidInputError(
-                "page_size", f"must be between 0 and {MAX_PAGE_SIZE} (0 means 50)"
-            )
-        rows, token = await self._logs.page(
-            query_from_pb(request.filter), request.page_size or 50, request.page_token
+        size = page_size(request.page_size)
+        after = PAGES.cursor(request.page_token)
+        rows, last = await self._logs.page(query_from_pb(request.filter), size, after)
+        return pb.ListLogsResponse(
+            logs=[entry_pb(r) for r in rows], next_page_token=PAGES.token(last)
         )
-        return pb.ListLogsResponse(logs=[entry_pb(r) for r in rows], next_page_token=token)
 
     @rpc
     async def GetLog(self, request: pb.GetLogRequest, context: Context) -> pb.GetLogResponse:

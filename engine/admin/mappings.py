@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from engine.admin.errors import Context, rpc
+from engine.admin.paging import Pager, offset_page, page_size
 from engine.connector.records import EventMapping, ParameterMapping, ProfileMapping
 from engine.errors import InvalidInputError
 from engine.pb import mappings_pb2 as pb
 from engine.pb import mappings_pb2_grpc
 from engine.state.connections import ConnectionRegistry
+
+PROFILE_PAGES = Pager[tuple[int]]("ListProfileMappings", (int,))
+EVENT_PAGES = Pager[tuple[int]]("ListEventMappings", (int,))
+"""Mapping list tokens: the offset of the next page. A connection's mappings are listed
+in the order they were created and new ones join at the end, so a page never repeats
+one; a mapping deleted between two pages moves the later ones up, and the next page
+misses one of them."""
 
 ARRAY_MODES: dict[int, str] = {pb.ARRAY_MODE_APPEND: "append", pb.ARRAY_MODE_REPLACE: "replace"}
 """ArrayMode values as ProfileMapping.array_mode holds them (unspecified: "")."""
@@ -78,9 +86,9 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
         self._registry = registry
 
     @rpc
-    async def AddProfileMapping(
-        self, request: pb.AddProfileMappingRequest, context: Context
-    ) -> pb.AddProfileMappingResponse:
+    async def CreateProfileMapping(
+        self, request: pb.CreateProfileMappingRequest, context: Context
+    ) -> pb.CreateProfileMappingResponse:
         m = request.mapping
         connection_id = required(m.connection_id, "mapping.connection_id")
         self._registry.view(connection_id)
@@ -92,7 +100,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             m.id,
             array_mode_from_pb(m.array_mode),
         )
-        return pb.AddProfileMappingResponse(
+        return pb.CreateProfileMappingResponse(
             mapping=profile_pb(connection_id, mapping), mapping_version=version
         )
 
@@ -101,9 +109,15 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
         self, request: pb.ListProfileMappingsRequest, context: Context
     ) -> pb.ListProfileMappingsResponse:
         connection = self._registry.runtime(required(request.connection_id, "connection_id"))
+        mappings, after = offset_page(
+            connection.profile_mappings,
+            page_size(request.page_size),
+            PROFILE_PAGES.cursor(request.page_token),
+        )
         return pb.ListProfileMappingsResponse(
-            mappings=[profile_pb(connection.id, m) for m in connection.profile_mappings],
+            mappings=[profile_pb(connection.id, m) for m in mappings],
             mapping_version=connection.mapping_version,
+            next_page_token=PROFILE_PAGES.token(after),
         )
 
     @rpc
@@ -123,16 +137,16 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
         )
 
     @rpc
-    async def RemoveProfileMapping(
-        self, request: pb.RemoveProfileMappingRequest, context: Context
-    ) -> pb.RemoveProfileMappingResponse:
+    async def DeleteProfileMapping(
+        self, request: pb.DeleteProfileMappingRequest, context: Context
+    ) -> pb.DeleteProfileMappingResponse:
         version = await self._registry.remove_mapping(required(request.id, "id"), "profile")
-        return pb.RemoveProfileMappingResponse(mapping_version=version)
+        return pb.DeleteProfileMappingResponse(mapping_version=version)
 
     @rpc
-    async def AddEventMapping(
-        self, request: pb.AddEventMappingRequest, context: Context
-    ) -> pb.AddEventMappingResponse:
+    async def CreateEventMapping(
+        self, request: pb.CreateEventMappingRequest, context: Context
+    ) -> pb.CreateEventMappingResponse:
         m = request.mapping
         connection_id = required(m.connection_id, "mapping.connection_id")
         self._registry.view(connection_id)
@@ -143,7 +157,7 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
             parameters_from_pb(m),
             m.id,
         )
-        return pb.AddEventMappingResponse(
+        return pb.CreateEventMappingResponse(
             mapping=event_pb(connection_id, mapping), mapping_version=version
         )
 
@@ -152,9 +166,15 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
         self, request: pb.ListEventMappingsRequest, context: Context
     ) -> pb.ListEventMappingsResponse:
         connection = self._registry.runtime(required(request.connection_id, "connection_id"))
+        mappings, after = offset_page(
+            connection.event_mappings,
+            page_size(request.page_size),
+            EVENT_PAGES.cursor(request.page_token),
+        )
         return pb.ListEventMappingsResponse(
-            mappings=[event_pb(connection.id, m) for m in connection.event_mappings],
+            mappings=[event_pb(connection.id, m) for m in mappings],
             mapping_version=connection.mapping_version,
+            next_page_token=EVENT_PAGES.token(after),
         )
 
     @rpc
@@ -173,8 +193,8 @@ class MappingServicer(mappings_pb2_grpc.MappingServiceServicer):
         )
 
     @rpc
-    async def RemoveEventMapping(
-        self, request: pb.RemoveEventMappingRequest, context: Context
-    ) -> pb.RemoveEventMappingResponse:
+    async def DeleteEventMapping(
+        self, request: pb.DeleteEventMappingRequest, context: Context
+    ) -> pb.DeleteEventMappingResponse:
         version = await self._registry.remove_mapping(required(request.id, "id"), "event")
-        return pb.RemoveEventMappingResponse(mapping_version=version)
+        return pb.DeleteEventMappingResponse(mapping_version=version)

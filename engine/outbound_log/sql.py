@@ -1,5 +1,5 @@
 """How outbound-log rows are stored and searched in DuckDB: the schema, the Arrow
-tables a batch is written as, the SQL a query becomes, page tokens, and the customer
+tables a batch is written as, the SQL a query becomes, and the customer
 rows a page shows. A search by customer goes through the customer index, which
 ``customer_index`` holds.
 
@@ -29,7 +29,6 @@ dictionary and FSST encodings read single rows; the file is 9% larger and full s
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -38,7 +37,6 @@ from itertools import chain, repeat
 from typing import Any
 
 import duckdb
-import orjson
 import pyarrow as pa
 
 from engine.errors import InvalidInputError
@@ -287,24 +285,6 @@ def id_window(request_id: str) -> tuple[datetime, datetime] | None:
         return None
     stamped = from_micros((parsed.int >> 80) * 1000)
     return stamped - ID_TIME_SLACK, stamped + ID_TIME_SLACK + timedelta(milliseconds=1)
-
-
-def encode_token(micros: int, request_id: str) -> str:
-    raw = orjson.dumps({"time": micros, "id": request_id})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_token(token: str) -> tuple[datetime, str]:
-    try:
-        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        micros, request_id = data["time"], data["id"]
-        if type(micros) is not int or type(request_id) is not str:
-            raise TypeError("malformed token")
-        return from_micros(micros), request_id
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise InvalidInputError(
-            "page_token", "is not a next_page_token from a previous ListLogs response"
-        ) from exc
 
 
 def _grouped(found: list[tuple[Any, ...]]) -> dict[str, tuple[LogCustomer, ...]]:

@@ -48,8 +48,6 @@ from engine.outbound_log.sql import (
     check_query,
     check_row,
     connect,
-    decode_token,
-    encode_token,
     id_window,
     listed,
     page_customers,
@@ -63,8 +61,6 @@ __all__ = ["LogCustomer", "LogQuery", "LogRow", "LogStore", "LogSubscription", "
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
 WRITE_RETRY_MAX_DELAY = 5.0
 CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
@@ -219,14 +215,17 @@ class LogStore:
         await done
 
     async def page(
-        self, query: LogQuery, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
-    ) -> tuple[list[LogRow], str]:
+        self, query: LogQuery, page_size: int, after: tuple[int, str] | None = None
+    ) -> tuple[list[LogRow], tuple[int, str] | None]:
         """Newest first, without bodies, at most ``LIST_CUSTOMERS`` customers per row (the
-        filtered customer first). Returns the rows and the next page token, "" at the end."""
+        filtered customer first). Returns at most ``page_size`` rows (which must be 1 or
+        more) and the keyset cursor of the last one, ``(time in Unix microseconds, id)``,
+        which ``after`` takes to continue after it; None at the end."""
         check_query(query)
-        size = DEFAULT_PAGE_SIZE if page_size == 0 else min(max(page_size, 1), MAX_PAGE_SIZE)
-        after = decode_token(page_token) if page_token else None
-        return await self._read(self._list, query, size, after)
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        bound = None if after is None else (from_micros(after[0]), after[1])
+        return await self._read(self._list, query, page_size, bound)
 
     async def indexed(self) -> None:
         """Returns once every row appended before the call is in the customer index's
@@ -426,7 +425,7 @@ class LogStore:
         query: LogQuery,
         size: int,
         after: tuple[datetime, str] | None,
-    ) -> tuple[list[LogRow], str]:
+    ) -> tuple[list[LogRow], tuple[int, str] | None]:
         if query.customer_id and not query.identifier:
             return self._list_by_customer(cur, query, size, after)
         where, params = where_clause(query, after)
@@ -438,7 +437,7 @@ class LogStore:
         more, recs = len(recs) > size, recs[:size]
         customers = page_customers(cur, recs, query.customer_id)
         rows = [row_from_record(rec, customers.get(rec[1], ())) for rec in recs]
-        return rows, encode_token(recs[-1][0], recs[-1][1]) if more else ""
+        return rows, (recs[-1][0], recs[-1][1]) if more else None
 
     def _list_by_customer(
         self,
@@ -446,7 +445,7 @@ class LogStore:
         query: LogQuery,
         size: int,
         after: tuple[datetime, str] | None,
-    ) -> tuple[list[LogRow], str]:
+    ) -> tuple[list[LogRow], tuple[int, str] | None]:
         """``_list`` for a customer search, through the customer index: the index gives the
         candidate entries newest first, a chunk of times at a time; the requests they point
         at that pass the other filters are fetched by rowid, and kept if the customer row
@@ -478,7 +477,7 @@ class LogStore:
                 cur.rollback()
         more, found = len(found) > size, found[:size]
         rows = [row_from_record(rec, carried) for rec, carried in found]
-        return rows, encode_token(found[-1][0][0], found[-1][0][1]) if more else ""
+        return rows, (found[-1][0][0], found[-1][0][1]) if more else None
 
     def _get(self, cur: duckdb.DuckDBPyConnection, request_id: str) -> LogRow | None:
         window = id_window(request_id)

@@ -29,6 +29,7 @@ class _CatalogKind:
 class _CatalogKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CatalogKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CATALOG_KIND_UNSPECIFIED: _CatalogKind.ValueType  # 0
+    """As a filter: every kind. Never set on an entry."""
     CATALOG_KIND_IDENTIFIER: _CatalogKind.ValueType  # 1
     """A destination identifier (destination catalog only)."""
     CATALOG_KIND_ATTRIBUTE: _CatalogKind.ValueType  # 2
@@ -42,6 +43,7 @@ class CatalogKind(_CatalogKind, metaclass=_CatalogKindEnumTypeWrapper):
     """What a catalog entry names."""
 
 CATALOG_KIND_UNSPECIFIED: CatalogKind.ValueType  # 0
+"""As a filter: every kind. Never set on an entry."""
 CATALOG_KIND_IDENTIFIER: CatalogKind.ValueType  # 1
 """A destination identifier (destination catalog only)."""
 CATALOG_KIND_ATTRIBUTE: CatalogKind.ValueType  # 2
@@ -68,6 +70,7 @@ class SourceCatalogEntry(_message.Message):
     SEEN_FIELD_NUMBER: _builtins.int
     FIRST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     kind: Global___CatalogKind.ValueType
+    """What the name is: an attribute, an event or an event parameter."""
     name: _builtins.str
     """Attribute name, event action, or parameter key (e.g. "items[].product_id" for a
     per-line parameter).
@@ -77,6 +80,7 @@ class SourceCatalogEntry(_message.Message):
     type: _builtins.str
     """Antavo's type, e.g. "string", "date YYYY-MM-DD", "array"; empty when only seen."""
     description: _builtins.str
+    """What it holds, from Antavo's reference; may be empty."""
     built_in: _builtins.bool
     """Listed in Antavo's reference."""
     read_only: _builtins.bool
@@ -110,15 +114,21 @@ Global___SourceCatalogEntry: _TypeAlias = SourceCatalogEntry  # noqa: Y015
 
 @_typing.final
 class ListSourceCatalogRequest(_message.Message):
+    """Request of CatalogService.ListSourceCatalog."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most this many entries (default 500, at most 1000)."""
+    """At most this many entries per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
-    """From a previous response's next_page_token."""
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     kind: Global___CatalogKind.ValueType
     """Only entries of this kind; unspecified lists every kind."""
     def __init__(
@@ -138,14 +148,18 @@ Global___ListSourceCatalogRequest: _TypeAlias = ListSourceCatalogRequest  # noqa
 
 @_typing.final
 class ListSourceCatalogResponse(_message.Message):
+    """Response of CatalogService.ListSourceCatalog."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Empty on the last page."""
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceCatalogEntry]: ...
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceCatalogEntry]:
+        """One page of entries, ordered by kind, then event, then name."""
+
     def __init__(
         self,
         *,
@@ -173,12 +187,15 @@ class DestinationCatalogEntry(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUIRED_FOR_EVENTS_FIELD_NUMBER: _builtins.int
     kind: Global___CatalogKind.ValueType
+    """What the name is: an identifier, an attribute, an event or an event parameter."""
     name: _builtins.str
+    """The destination's name for it, e.g. Insider "phone_number" or "purchase"."""
     type: _builtins.str
     """Value type, e.g. "string", "boolean", "array<number>"."""
     format: _builtins.str
     """Value format, e.g. "E.164", "ISO 4217"; empty when free."""
     description: _builtins.str
+    """What it holds, from the destination's reference; may be empty."""
     @_builtins.property
     def required_for_events(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """For an event parameter: the events a mapping must provide it for."""
@@ -203,6 +220,8 @@ Global___DestinationCatalogEntry: _TypeAlias = DestinationCatalogEntry  # noqa: 
 
 @_typing.final
 class ListDestinationCatalogRequest(_message.Message):
+    """Request of CatalogService.ListDestinationCatalog."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
@@ -210,11 +229,15 @@ class ListDestinationCatalogRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
-    """The connection whose connector's catalog to list."""
+    """The connection whose connector's catalog to list. Required."""
     page_size: _builtins.int
-    """At most this many entries (default 500, at most 1000)."""
+    """At most this many entries per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
-    """From a previous response's next_page_token."""
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     kind: Global___CatalogKind.ValueType
     """Only entries of this kind; unspecified lists every kind."""
     def __init__(
@@ -235,6 +258,8 @@ Global___ListDestinationCatalogRequest: _TypeAlias = ListDestinationCatalogReque
 
 @_typing.final
 class ListDestinationCatalogResponse(_message.Message):
+    """Response of CatalogService.ListDestinationCatalog."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTOR_FIELD_NUMBER: _builtins.int
@@ -243,9 +268,11 @@ class ListDestinationCatalogResponse(_message.Message):
     connector: _builtins.str
     """The connector the catalog belongs to, e.g. "insider"."""
     next_page_token: _builtins.str
-    """Empty on the last page."""
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationCatalogEntry]: ...
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationCatalogEntry]:
+        """One page of entries, in the connector's order."""
+
     def __init__(
         self,
         *,
@@ -263,12 +290,15 @@ Global___ListDestinationCatalogResponse: _TypeAlias = ListDestinationCatalogResp
 
 @_typing.final
 class PreviewDeliveryRequest(_message.Message):
+    """Request of CatalogService.PreviewDelivery."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
+    """The connection whose mappings and connector render the sample. Required."""
     @_builtins.property
     def event(self) -> _ingest_pb2.AntavoEvent:
         """A sample Antavo event, as IngestEvents takes it. An opt_in or profile event changes
@@ -307,7 +337,9 @@ class PreviewedRequest(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     method: _builtins.str
+    """HTTP method, e.g. "POST"."""
     url: _builtins.str
+    """The full URL it would request."""
     body: _builtins.str
     """The exact request body (JSON text). Headers are not shown: they carry the API key."""
     @_builtins.property
@@ -341,6 +373,7 @@ class PreviewProblem(_message.Message):
     stage: _builtins.str
     """Where it failed: "identify", "map_profile", "map_event" or "send"."""
     message: _builtins.str
+    """What is wrong, as the connector said it."""
     def __init__(
         self,
         *,
@@ -357,6 +390,8 @@ Global___PreviewProblem: _TypeAlias = PreviewProblem  # noqa: Y015
 
 @_typing.final
 class PreviewDeliveryResponse(_message.Message):
+    """Response of CatalogService.PreviewDelivery."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
@@ -369,7 +404,9 @@ class PreviewDeliveryResponse(_message.Message):
         """In the order they would be sent; empty when nothing maps or a problem stops it."""
 
     @_builtins.property
-    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreviewProblem]: ...
+    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreviewProblem]:
+        """Why the sample would fail, in pipeline order; empty when it would be delivered."""
+
     def __init__(
         self,
         *,

@@ -58,7 +58,8 @@ class CatalogServiceServicer:
 
     def ListSourceCatalog(self, request, context):
         """Antavo customer attributes, events and event parameters: Antavo's built-in ones and
-        every one seen in traffic, each marked built_in, seen or both.
+        every one seen in traffic, each marked built_in, seen or both. Ordered by kind, then
+        event, then name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,7 +67,8 @@ class CatalogServiceServicer:
 
     def ListDestinationCatalog(self, request, context):
         """The default identifiers, attributes, events and event parameters of the destination
-        a connection sends to, with their types and formats. Anything else is custom.
+        a connection sends to, with their types and formats, in the connector's order.
+        Anything else is custom.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,11 +35,13 @@ class CatalogServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CatalogServiceAsyncStub: ...
     ListSourceCatalog: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListSourceCatalogRequest, _catalog_pb2.ListSourceCatalogResponse]
     """Antavo customer attributes, events and event parameters: Antavo's built-in ones and
-    every one seen in traffic, each marked built_in, seen or both.
+    every one seen in traffic, each marked built_in, seen or both. Ordered by kind, then
+    event, then name.
     """
     ListDestinationCatalog: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.ListDestinationCatalogRequest, _catalog_pb2.ListDestinationCatalogResponse]
     """The default identifiers, attributes, events and event parameters of the destination
-    a connection sends to, with their types and formats. Anything else is custom.
+    a connection sends to, with their types and formats, in the connector's order.
+    Anything else is custom.
     """
     PreviewDelivery: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.PreviewDeliveryRequest, _catalog_pb2.PreviewDeliveryResponse]
     """The exact requests a connection would send for a sample Antavo event, and the
@@ -53,11 +55,13 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListSourceCatalog: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListSourceCatalogRequest, _catalog_pb2.ListSourceCatalogResponse]  # type: ignore[assignment]
     """Antavo customer attributes, events and event parameters: Antavo's built-in ones and
-    every one seen in traffic, each marked built_in, seen or both.
+    every one seen in traffic, each marked built_in, seen or both. Ordered by kind, then
+    event, then name.
     """
     ListDestinationCatalog: _aio.UnaryUnaryMultiCallable[_catalog_pb2.ListDestinationCatalogRequest, _catalog_pb2.ListDestinationCatalogResponse]  # type: ignore[assignment]
     """The default identifiers, attributes, events and event parameters of the destination
-    a connection sends to, with their types and formats. Anything else is custom.
+    a connection sends to, with their types and formats, in the connector's order.
+    Anything else is custom.
     """
     PreviewDelivery: _aio.UnaryUnaryMultiCallable[_catalog_pb2.PreviewDeliveryRequest, _catalog_pb2.PreviewDeliveryResponse]  # type: ignore[assignment]
     """The exact requests a connection would send for a sample Antavo event, and the
@@ -74,7 +78,8 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ListSourceCatalogResponse, _abc.Awaitable[_catalog_pb2.ListSourceCatalogResponse]]:
         """Antavo customer attributes, events and event parameters: Antavo's built-in ones and
-        every one seen in traffic, each marked built_in, seen or both.
+        every one seen in traffic, each marked built_in, seen or both. Ordered by kind, then
+        event, then name.
         """
 
     @_abc_1.abstractmethod
@@ -84,7 +89,8 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.ListDestinationCatalogResponse, _abc.Awaitable[_catalog_pb2.ListDestinationCatalogResponse]]:
         """The default identifiers, attributes, events and event parameters of the destination
-        a connection sends to, with their types and formats. Anything else is custom.
+        a connection sends to, with their types and formats, in the connector's order.
+        Anything else is custom.
         """
 
     @_abc_1.abstractmethod

@@ -28,19 +28,25 @@ class _ConnectionState:
 class _ConnectionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConnectionState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CONNECTION_STATE_UNSPECIFIED: _ConnectionState.ValueType  # 0
+    """Not used: every connection is active or paused."""
     CONNECTION_STATE_ACTIVE: _ConnectionState.ValueType  # 1
     """Delivering normally."""
     CONNECTION_STATE_PAUSED: _ConnectionState.ValueType  # 2
-    """Delivery stopped because the destination refused the credentials; the backlog is kept."""
+    """Delivery stopped because the destination refused the credentials, or the connector
+    cannot serve the connection; the backlog is kept. state_reason says why.
+    """
 
 class ConnectionState(_ConnectionState, metaclass=_ConnectionStateEnumTypeWrapper):
     """Delivery state of a connection."""
 
 CONNECTION_STATE_UNSPECIFIED: ConnectionState.ValueType  # 0
+"""Not used: every connection is active or paused."""
 CONNECTION_STATE_ACTIVE: ConnectionState.ValueType  # 1
 """Delivering normally."""
 CONNECTION_STATE_PAUSED: ConnectionState.ValueType  # 2
-"""Delivery stopped because the destination refused the credentials; the backlog is kept."""
+"""Delivery stopped because the destination refused the credentials, or the connector
+cannot serve the connection; the backlog is kept. state_reason says why.
+"""
 Global___ConnectionState: _TypeAlias = ConnectionState  # noqa: Y015
 
 @_typing.final
@@ -57,11 +63,11 @@ class CustomerIdMapping(_message.Message):
     attribute flagged as an external ID in Antavo.
     """
     target_identifier: _builtins.str
-    """Destination identifier. Insider: "uuid", "email", "phone_number", or the name of a
-    custom identifier when custom is true.
+    """Destination identifier. Insider: "uuid" (the default), "email", "phone_number", or
+    the name of a custom identifier when custom is true.
     """
     custom: _builtins.bool
-    """True when target_identifier is a custom identifier of the destination."""
+    """True when target_identifier is a custom identifier of the destination. Default false."""
     def __init__(
         self,
         *,
@@ -79,6 +85,10 @@ Global___CustomerIdMapping: _TypeAlias = CustomerIdMapping  # noqa: Y015
 
 @_typing.final
 class Connection(_message.Message):
+    """One destination account: where to deliver, with which credentials, and how customers
+    are identified there.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -118,43 +128,62 @@ class Connection(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RETRY_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Unique id, lowercase letters, digits and dashes. Chosen on create or generated."""
+    """Unique id: 1-63 lowercase letters, digits and dashes, starting with a letter or
+    digit. Chosen on create, or generated ("conn-" and 8 hex digits) when empty.
+    Immutable; selects the connection on update.
+    """
     display_name: _builtins.str
-    """Free text shown to people."""
+    """Free text shown to people. Optional."""
     connector: _builtins.str
-    """Connector plugin that serves this connection, e.g. "insider"."""
+    """Connector plugin that serves this connection, e.g. "insider". Set on create only;
+    may be left empty when exactly one connector is installed.
+    """
     api_key: _builtins.str
-    """Write-only. Never returned: reads return api_key_hint instead."""
+    """Input only: the destination API key. Required on create when the connector needs
+    one (Insider does). Never returned: responses carry api_key_hint instead.
+    """
     api_key_hint: _builtins.str
-    """Output only: the last four characters of the API key, masked."""
+    """Output only: the API key masked, "****" followed by its last four characters
+    (only "****" for a key of 8 characters or fewer).
+    """
     state: Global___ConnectionState.ValueType
-    """Output only."""
+    """Output only: whether delivery is running."""
     state_reason: _builtins.str
-    """Output only: why the connection is paused."""
+    """Output only: why the connection is paused; empty when it is active."""
     mapping_version: _builtins.int
     """Output only: increases with every mapping change; each log row records it."""
     queue_depth: _builtins.int
     """Output only: items waiting for delivery."""
     dead_letter_count: _builtins.int
-    """Output only: items that failed permanently."""
+    """Output only: items that failed permanently (see DeadLetterService)."""
     oldest_pending_age_seconds: _builtins.float
     """Output only: age of the oldest pending item in seconds, 0 when the queue is empty."""
     retry_window_seconds: _builtins.int
-    """How long transient failures (429, 5xx, timeouts) are retried, counted from an
-    item's first attempt, before it becomes a dead letter. 0: the default, 6 hours.
+    """How long transient failures (429, 5xx, timeouts) are retried, in seconds, counted
+    from an item's first attempt, before it becomes a dead letter. 0: the default,
+    6 hours; at most 604800 (7 days).
     """
     @_builtins.property
     def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Connector settings. Insider: partner_name (required, lowercase), base_url (optional,
-        default https://unification.useinsider.com).
+        """Connector settings, checked on write. Insider: partner_name (required, lowercase),
+        base_url (default https://unification.useinsider.com), default_phone_region,
+        array_mode, profile_scope and backfill (see the README's Insider mapping reference).
         """
 
     @_builtins.property
-    def customer_id_mapping(self) -> Global___CustomerIdMapping: ...
+    def customer_id_mapping(self) -> Global___CustomerIdMapping:
+        """Which Antavo value identifies a customer at the destination. Unset on create: the
+        Antavo customer ID as Insider "uuid".
+        """
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when the connection was created."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when the connection was last changed."""
+
     def __init__(
         self,
         *,
@@ -185,11 +214,15 @@ Global___Connection: _TypeAlias = Connection  # noqa: Y015
 
 @_typing.final
 class CreateConnectionRequest(_message.Message):
+    """Request of ConnectionService.CreateConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def connection(self) -> Global___Connection: ...
+    def connection(self) -> Global___Connection:
+        """The connection to create. Output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -205,11 +238,15 @@ Global___CreateConnectionRequest: _TypeAlias = CreateConnectionRequest  # noqa: 
 
 @_typing.final
 class CreateConnectionResponse(_message.Message):
+    """Response of ConnectionService.CreateConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def connection(self) -> Global___Connection: ...
+    def connection(self) -> Global___Connection:
+        """The connection as stored, with its id and api_key_hint."""
+
     def __init__(
         self,
         *,
@@ -225,10 +262,13 @@ Global___CreateConnectionResponse: _TypeAlias = CreateConnectionResponse  # noqa
 
 @_typing.final
 class GetConnectionRequest(_message.Message):
+    """Request of ConnectionService.GetConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id of the connection. Required."""
     def __init__(
         self,
         *,
@@ -244,11 +284,15 @@ Global___GetConnectionRequest: _TypeAlias = GetConnectionRequest  # noqa: Y015
 
 @_typing.final
 class GetConnectionResponse(_message.Message):
+    """Response of ConnectionService.GetConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def connection(self) -> Global___Connection: ...
+    def connection(self) -> Global___Connection:
+        """The connection with its delivery state and queue figures."""
+
     def __init__(
         self,
         *,
@@ -264,12 +308,20 @@ Global___GetConnectionResponse: _TypeAlias = GetConnectionResponse  # noqa: Y015
 
 @_typing.final
 class ListConnectionsRequest(_message.Message):
+    """Request of ConnectionService.ListConnections."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many connections per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -286,13 +338,18 @@ Global___ListConnectionsRequest: _TypeAlias = ListConnectionsRequest  # noqa: Y0
 
 @_typing.final
 class ListConnectionsResponse(_message.Message):
+    """Response of ConnectionService.ListConnections."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]: ...
+    def connections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Connection]:
+        """One page of connections, ordered by id."""
+
     def __init__(
         self,
         *,
@@ -309,6 +366,8 @@ Global___ListConnectionsResponse: _TypeAlias = ListConnectionsResponse  # noqa: 
 
 @_typing.final
 class UpdateConnectionRequest(_message.Message):
+    """Request of ConnectionService.UpdateConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
@@ -319,7 +378,11 @@ class UpdateConnectionRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Field names to update, e.g. "api_key,settings". Empty: every non-empty field."""
+        """The fields of connection to update: any of display_name, settings, api_key,
+        customer_id_mapping, retry_window_seconds. With grpcurl, write it as
+        {"paths": ["display_name"]} (grpcurl refuses the string form). Empty: every field
+        of connection that is set.
+        """
 
     def __init__(
         self,
@@ -337,11 +400,15 @@ Global___UpdateConnectionRequest: _TypeAlias = UpdateConnectionRequest  # noqa: 
 
 @_typing.final
 class UpdateConnectionResponse(_message.Message):
+    """Response of ConnectionService.UpdateConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def connection(self) -> Global___Connection: ...
+    def connection(self) -> Global___Connection:
+        """The connection after the update."""
+
     def __init__(
         self,
         *,
@@ -357,10 +424,13 @@ Global___UpdateConnectionResponse: _TypeAlias = UpdateConnectionResponse  # noqa
 
 @_typing.final
 class DeleteConnectionRequest(_message.Message):
+    """Request of ConnectionService.DeleteConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id of the connection. Required."""
     def __init__(
         self,
         *,
@@ -376,6 +446,8 @@ Global___DeleteConnectionRequest: _TypeAlias = DeleteConnectionRequest  # noqa: 
 
 @_typing.final
 class DeleteConnectionResponse(_message.Message):
+    """Response of ConnectionService.DeleteConnection: empty on success."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -391,10 +463,13 @@ Global___DeleteConnectionResponse: _TypeAlias = DeleteConnectionResponse  # noqa
 
 @_typing.final
 class ResumeConnectionRequest(_message.Message):
+    """Request of ConnectionService.ResumeConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id of the connection. Required."""
     def __init__(
         self,
         *,
@@ -410,11 +485,15 @@ Global___ResumeConnectionRequest: _TypeAlias = ResumeConnectionRequest  # noqa: 
 
 @_typing.final
 class ResumeConnectionResponse(_message.Message):
+    """Response of ConnectionService.ResumeConnection."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def connection(self) -> Global___Connection: ...
+    def connection(self) -> Global___Connection:
+        """The connection after the resume: active (a paused one restarts with one probe)."""
+
     def __init__(
         self,
         *,

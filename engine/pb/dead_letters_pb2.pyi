@@ -27,8 +27,9 @@ class _ReplayMode:
 class _ReplayModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplayMode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     REPLAY_MODE_UNSPECIFIED: _ReplayMode.ValueType  # 0
+    """The default: REPLAY_MODE_RERENDER."""
     REPLAY_MODE_RERENDER: _ReplayMode.ValueType  # 1
-    """Queue the Antavo record again: it is rendered with the current mapping (default)."""
+    """Queue the Antavo record again: it is rendered with the current mapping."""
     REPLAY_MODE_STORED_REQUEST: _ReplayMode.ValueType  # 2
     """Resend the destination fragment stored when it failed, as it was."""
 
@@ -36,14 +37,19 @@ class ReplayMode(_ReplayMode, metaclass=_ReplayModeEnumTypeWrapper):
     """How replayed items are sent."""
 
 REPLAY_MODE_UNSPECIFIED: ReplayMode.ValueType  # 0
+"""The default: REPLAY_MODE_RERENDER."""
 REPLAY_MODE_RERENDER: ReplayMode.ValueType  # 1
-"""Queue the Antavo record again: it is rendered with the current mapping (default)."""
+"""Queue the Antavo record again: it is rendered with the current mapping."""
 REPLAY_MODE_STORED_REQUEST: ReplayMode.ValueType  # 2
 """Resend the destination fragment stored when it failed, as it was."""
 Global___ReplayMode: _TypeAlias = ReplayMode  # noqa: Y015
 
 @_typing.final
 class DeadLetter(_message.Message):
+    """One queued item that failed for good. Output only: dead letters are made by delivery
+    and removed by a replay.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -60,18 +66,34 @@ class DeadLetter(_message.Message):
     RECORD_JSON_FIELD_NUMBER: _builtins.int
     RENDERED_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.int
+    """Unique id, increasing in the order items were queued."""
     connection_id: _builtins.str
+    """The connection the item was queued for."""
     customer_id: _builtins.str
+    """The Antavo customer ID of the item."""
     kind: _builtins.str
     """"event" or "profile" (the Antavo record), or "rendered" (a resent stored request)."""
     event_id: _builtins.str
     """Antavo event id (or content hash) of the record."""
     stage: _builtins.str
-    """Where it failed: "identify", "map_profile", "map_event", "batch", "send" or
-    "destination" (the destination rejected this customer).
+    """Where it failed:
+      "identify"     the connector found no identifier for the customer;
+      "map_profile"  the connector could not map the profile change (its MappingError);
+      "map_event"    the connector could not map the event (its MappingError);
+      "map"          the engine refused what a hook returned (a wrong type, a value JSON
+                     cannot carry, an unexpected exception), or the item alone is over
+                     the connector's byte limit for one request;
+      "prepare"      the connector's prepare hook failed;
+      "send"         the request failed for good (the destination refused it as a
+                     whole, or it was too large with this item alone), transient
+                     failures outlasted the retry window, or the connector's send left
+                     the item out of its result;
+      "destination"  the destination rejected this customer (e.g. Insider's fail map).
     """
     error: _builtins.str
+    """What went wrong, as the connector or the destination said it."""
     attempts: _builtins.int
+    """Delivery attempts, counting the one that failed."""
     request_id: _builtins.str
     """The outbound-log request identifier of the last attempt, when one was sent."""
     record_json: _builtins.str
@@ -79,9 +101,13 @@ class DeadLetter(_message.Message):
     rendered_json: _builtins.str
     """The destination fragment it was rendered to (JSON); empty when it failed earlier."""
     @_builtins.property
-    def enqueue_time(self) -> _timestamp_pb2.Timestamp: ...
+    def enqueue_time(self) -> _timestamp_pb2.Timestamp:
+        """When the item was queued."""
+
     @_builtins.property
-    def fail_time(self) -> _timestamp_pb2.Timestamp: ...
+    def fail_time(self) -> _timestamp_pb2.Timestamp:
+        """When the item became a dead letter."""
+
     def __init__(
         self,
         *,
@@ -109,6 +135,8 @@ Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
 
 @_typing.final
 class DeadLetterFilter(_message.Message):
+    """Selects dead letters: every field that is set must match; an empty filter matches all."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
@@ -118,16 +146,21 @@ class DeadLetterFilter(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
+    """Only this connection's dead letters (exact id)."""
     customer_id: _builtins.str
+    """Only this Antavo customer's dead letters (exact ID)."""
     stage: _builtins.str
+    """Only dead letters of this stage (exact; see DeadLetter.stage)."""
     error_contains: _builtins.str
     """Case-insensitive substring of the error."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Failure time range: start inclusive, end exclusive."""
+        """Failure time range start, inclusive."""
 
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Failure time range end, exclusive; must be after start_time when both are set."""
+
     def __init__(
         self,
         *,
@@ -148,16 +181,25 @@ Global___DeadLetterFilter: _TypeAlias = DeadLetterFilter  # noqa: Y015
 
 @_typing.final
 class ListDeadLettersRequest(_message.Message):
+    """Request of DeadLetterService.ListDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most 1000; default 50."""
+    """At most this many dead letters per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     @_builtins.property
-    def filter(self) -> Global___DeadLetterFilter: ...
+    def filter(self) -> Global___DeadLetterFilter:
+        """Which dead letters to list; unset lists them all."""
+
     def __init__(
         self,
         *,
@@ -175,13 +217,18 @@ Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y0
 
 @_typing.final
 class ListDeadLettersResponse(_message.Message):
+    """Response of DeadLetterService.ListDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]: ...
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]:
+        """One page of dead letters, oldest first."""
+
     def __init__(
         self,
         *,
@@ -198,6 +245,8 @@ Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: 
 
 @_typing.final
 class ReplayDeadLettersRequest(_message.Message):
+    """Request of DeadLetterService.ReplayDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
@@ -205,14 +254,19 @@ class ReplayDeadLettersRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     mode: Global___ReplayMode.ValueType
+    """How to send them again; unspecified re-renders them."""
     dry_run: _builtins.bool
     """Count what would be replayed, change nothing."""
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Dead letters to replay. Either ids or a filter with at least one field is required."""
+        """Dead letters to replay. Either ids or a filter with at least one field is required;
+        with both, a dead letter must be in ids and match the filter.
+        """
 
     @_builtins.property
-    def filter(self) -> Global___DeadLetterFilter: ...
+    def filter(self) -> Global___DeadLetterFilter:
+        """Dead letters to replay, by filter (see ids)."""
+
     def __init__(
         self,
         *,
@@ -231,6 +285,8 @@ Global___ReplayDeadLettersRequest: _TypeAlias = ReplayDeadLettersRequest  # noqa
 
 @_typing.final
 class ReplayDeadLettersResponse(_message.Message):
+    """Response of DeadLetterService.ReplayDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MATCHED_FIELD_NUMBER: _builtins.int

@@ -40,10 +40,17 @@ class AntavoEvent(_message.Message):
     external_id: _builtins.str
     """Name of the external-ID attribute that `customer` holds a value of."""
     account: _builtins.str
+    """Antavo account of the event (programs with several accounts). Optional; handed to
+    the connector with the event.
+    """
     id: _builtins.str
     """Antavo event id; used to drop re-sent duplicates. Derived from the content when empty."""
     @_builtins.property
-    def data(self) -> _struct_pb2.Struct: ...
+    def data(self) -> _struct_pb2.Struct:
+        """The event's data: for opt_in and profile, the customer attributes that changed (a
+        null clears one); for other actions, the event's parameters.
+        """
+
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When it happened; the time of receipt when unset."""
@@ -69,11 +76,15 @@ Global___AntavoEvent: _TypeAlias = AntavoEvent  # noqa: Y015
 
 @_typing.final
 class IngestEventsRequest(_message.Message):
+    """Request of IngestService.IngestEvents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AntavoEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AntavoEvent]:
+        """The records to store: 1 to 10,000."""
+
     def __init__(
         self,
         *,
@@ -89,6 +100,8 @@ Global___IngestEventsRequest: _TypeAlias = IngestEventsRequest  # noqa: Y015
 
 @_typing.final
 class IngestEventsResponse(_message.Message):
+    """Response of IngestService.IngestEvents, sent once the records are committed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCEPTED_FIELD_NUMBER: _builtins.int

@@ -30,10 +30,13 @@ class LogCustomer(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
+    """The Antavo customer ID."""
     name: _builtins.str
     """"First Last" from the customer's profile, when known."""
     outcome: _builtins.str
-    """"delivered", "failed", "retry" or "paused"."""
+    """"delivered", "failed" (dead-lettered), "retry" (sent again later) or "paused" (the
+    connection paused; the items wait).
+    """
     error: _builtins.str
     """The destination's message for this customer, when it failed."""
     def __init__(
@@ -54,6 +57,8 @@ Global___LogCustomer: _TypeAlias = LogCustomer  # noqa: Y015
 
 @_typing.final
 class LogEntry(_message.Message):
+    """One request sent to a destination. Output only."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -73,18 +78,23 @@ class LogEntry(_message.Message):
     RESPONSE_BODY_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Request identifier: time-ordered, unique."""
+    """Request identifier: a time-ordered UUIDv7, unique."""
     connection_id: _builtins.str
+    """The connection that sent it."""
     method: _builtins.str
+    """HTTP method, e.g. "POST"."""
     url: _builtins.str
+    """The full URL requested."""
     status_code: _builtins.int
     """HTTP status code; 0 when no response arrived (timeout, connection error)."""
     response_time_seconds: _builtins.float
+    """Seconds from sending the request to the end of its response (or to the failure)."""
     error: _builtins.str
     """Empty when the request succeeded for every customer."""
     customer_count: _builtins.int
     """Number of customers in the request (customers may be truncated in lists)."""
     mapping_version: _builtins.int
+    """The connection's mapping version the request was rendered with."""
     attempt: _builtins.int
     """Delivery attempt number of the request's items (1 for a first try)."""
     ambiguous: _builtins.bool
@@ -94,9 +104,15 @@ class LogEntry(_message.Message):
     response_body: _builtins.str
     """Response body as received. Set by GetLog only."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the request was sent."""
+
     @_builtins.property
-    def customers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogCustomer]: ...
+    def customers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogCustomer]:
+        """The customers the request carried, with their outcomes. Lists and streams show at
+        most 100 (a filtered customer first); GetLog shows them all.
+        """
+
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Labels of the request, e.g. "backfill" (historical data) or "replay"."""
@@ -131,7 +147,7 @@ Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015
 
 @_typing.final
 class LogFilter(_message.Message):
-    """Every field that is set must match."""
+    """Selects log entries: every field that is set must match; an empty filter matches all."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -148,18 +164,23 @@ class LogFilter(_message.Message):
     customer_id: _builtins.str
     """Antavo customer id carried by the request, alone or in a batch."""
     error_contains: _builtins.str
-    """Case-insensitive substring of the error text."""
+    """Case-insensitive substring of the error text (the request's or a customer's)."""
     connection_id: _builtins.str
+    """Only this connection's requests (exact id)."""
     errors_only: _builtins.bool
     """Only entries with an error (status not 2xx or per-customer failures)."""
     @_builtins.property
     def status_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Any of these HTTP status codes."""
+        """Any of these HTTP status codes (0-599; 0 for no response)."""
 
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Time range start, inclusive."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Time range end, exclusive; must be after start_time when both are set."""
+
     def __init__(
         self,
         *,
@@ -182,16 +203,25 @@ Global___LogFilter: _TypeAlias = LogFilter  # noqa: Y015
 
 @_typing.final
 class ListLogsRequest(_message.Message):
+    """Request of LogService.ListLogs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most 1000; default 50."""
+    """At most this many entries per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     @_builtins.property
-    def filter(self) -> Global___LogFilter: ...
+    def filter(self) -> Global___LogFilter:
+        """Which entries to list; unset lists them all."""
+
     def __init__(
         self,
         *,
@@ -209,13 +239,18 @@ Global___ListLogsRequest: _TypeAlias = ListLogsRequest  # noqa: Y015
 
 @_typing.final
 class ListLogsResponse(_message.Message):
+    """Response of LogService.ListLogs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LOGS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]: ...
+    def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]:
+        """One page of entries, newest first, without bodies."""
+
     def __init__(
         self,
         *,
@@ -232,10 +267,13 @@ Global___ListLogsResponse: _TypeAlias = ListLogsResponse  # noqa: Y015
 
 @_typing.final
 class GetLogRequest(_message.Message):
+    """Request of LogService.GetLog."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The request identifier (LogEntry.id). Required."""
     def __init__(
         self,
         *,
@@ -251,11 +289,15 @@ Global___GetLogRequest: _TypeAlias = GetLogRequest  # noqa: Y015
 
 @_typing.final
 class GetLogResponse(_message.Message):
+    """Response of LogService.GetLog."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LOG_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def log(self) -> Global___LogEntry: ...
+    def log(self) -> Global___LogEntry:
+        """The entry, with its bodies and every customer."""
+
     def __init__(
         self,
         *,
@@ -271,11 +313,15 @@ Global___GetLogResponse: _TypeAlias = GetLogResponse  # noqa: Y015
 
 @_typing.final
 class StreamLogsRequest(_message.Message):
+    """Request of LogService.StreamLogs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def filter(self) -> Global___LogFilter: ...
+    def filter(self) -> Global___LogFilter:
+        """Which new entries to stream; unset streams them all."""
+
     def __init__(
         self,
         *,
@@ -291,11 +337,17 @@ Global___StreamLogsRequest: _TypeAlias = StreamLogsRequest  # noqa: Y015
 
 @_typing.final
 class StreamLogsResponse(_message.Message):
+    """One batch of new entries on a StreamLogs stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LOGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]: ...
+    def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogEntry]:
+        """Entries committed to the log since the previous batch, in the order written, without
+        bodies.
+        """
+
     def __init__(
         self,
         *,

@@ -71,7 +71,9 @@ class LogServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamLogs(self, request, context):
-        """Streams entries written from now on that match the filter, in batches.
+        """Streams entries written from now on that match the filter, in batches, until the
+        client cancels. The only streaming RPC of the API. A client that leaves more than
+        10,000 entries unread gets RESOURCE_EXHAUSTED and should reconnect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

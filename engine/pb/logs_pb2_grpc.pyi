@@ -38,7 +38,10 @@ class LogServiceStub:
     GetLog: _grpc.UnaryUnaryMultiCallable[_logs_pb2.GetLogRequest, _logs_pb2.GetLogResponse]
     """Returns one entry with its request and response bodies."""
     StreamLogs: _grpc.UnaryStreamMultiCallable[_logs_pb2.StreamLogsRequest, _logs_pb2.StreamLogsResponse]
-    """Streams entries written from now on that match the filter, in batches."""
+    """Streams entries written from now on that match the filter, in batches, until the
+    client cancels. The only streaming RPC of the API. A client that leaves more than
+    10,000 entries unread gets RESOURCE_EXHAUSTED and should reconnect.
+    """
 
 @_typing.type_check_only
 class LogServiceAsyncStub(LogServiceStub):
@@ -50,7 +53,10 @@ class LogServiceAsyncStub(LogServiceStub):
     GetLog: _aio.UnaryUnaryMultiCallable[_logs_pb2.GetLogRequest, _logs_pb2.GetLogResponse]  # type: ignore[assignment]
     """Returns one entry with its request and response bodies."""
     StreamLogs: _aio.UnaryStreamMultiCallable[_logs_pb2.StreamLogsRequest, _logs_pb2.StreamLogsResponse]  # type: ignore[assignment]
-    """Streams entries written from now on that match the filter, in batches."""
+    """Streams entries written from now on that match the filter, in batches, until the
+    client cancels. The only streaming RPC of the API. A client that leaves more than
+    10,000 entries unread gets RESOURCE_EXHAUSTED and should reconnect.
+    """
 
 class LogServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reads the outbound log: one entry per request sent to a destination."""
@@ -77,6 +83,9 @@ class LogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _logs_pb2.StreamLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_logs_pb2.StreamLogsResponse], _abc.AsyncIterator[_logs_pb2.StreamLogsResponse]]:
-        """Streams entries written from now on that match the filter, in batches."""
+        """Streams entries written from now on that match the filter, in batches, until the
+        client cancels. The only streaming RPC of the API. A client that leaves more than
+        10,000 entries unread gets RESOURCE_EXHAUSTED and should reconnect.
+        """
 
 def add_LogServiceServicer_to_server(servicer: LogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

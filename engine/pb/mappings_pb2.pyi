@@ -56,14 +56,23 @@ class ProfileMapping(_message.Message):
     CUSTOM_FIELD_NUMBER: _builtins.int
     ARRAY_MODE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Chosen on add (lowercase letters, digits, dashes) or generated."""
+    """Unique across all mappings: 1-63 lowercase letters, digits and dashes, starting
+    with a letter or digit. Chosen on create, or generated when empty. Immutable.
+    """
     connection_id: _builtins.str
+    """The connection the mapping belongs to. Required on create; ignored on update."""
     source_attribute: _builtins.str
-    """Antavo attribute, e.g. "email", "first_name", "tier"."""
+    """Antavo attribute read from the customer profile, e.g. "email", "first_name", "tier".
+    Required.
+    """
     target_attribute: _builtins.str
-    """Destination attribute, e.g. Insider "name" or a custom attribute name."""
+    """Destination attribute written, e.g. Insider "name", or a custom attribute name when
+    custom is true. Required.
+    """
     custom: _builtins.bool
-    """True for a custom attribute of the destination (Insider: sent under attributes.custom)."""
+    """True for a custom attribute of the destination (Insider: sent under
+    attributes.custom). Default false: a default attribute of the destination.
+    """
     array_mode: Global___ArrayMode.ValueType
     """For array attributes: add to or replace the destination's values. Unspecified uses
     the connection's setting (Insider: array_mode, default append).
@@ -98,11 +107,16 @@ class ParameterMapping(_message.Message):
     source_parameter: _builtins.str
     """Antavo event data key, e.g. "transaction_id", "points"; or "<array>[].<key>", e.g.
     "items[].product_id", to send one destination event per element of that array.
+    Required.
     """
     target_parameter: _builtins.str
-    """Destination parameter, e.g. Insider "event_group_id"."""
+    """Destination parameter, e.g. Insider "event_group_id", or a custom parameter name
+    when custom is true.
+    """
     custom: _builtins.bool
-    """True for a custom parameter (Insider: sent under event_params.custom)."""
+    """True for a custom parameter (Insider: sent under event_params.custom). Default
+    false: a default parameter of the destination.
+    """
     def __init__(
         self,
         *,
@@ -130,14 +144,19 @@ class EventMapping(_message.Message):
     TARGET_EVENT_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Chosen on add (lowercase letters, digits, dashes) or generated."""
+    """Unique across all mappings: 1-63 lowercase letters, digits and dashes, starting
+    with a letter or digit. Chosen on create, or generated when empty. Immutable.
+    """
     connection_id: _builtins.str
+    """The connection the mapping belongs to. Required on create; ignored on update."""
     source_event: _builtins.str
-    """Antavo event action, e.g. "checkout", "point_add"."""
+    """Antavo event action, e.g. "checkout", "point_add". Required; unique per connection."""
     target_event: _builtins.str
-    """Destination event name, e.g. Insider "purchase"."""
+    """Destination event name, e.g. Insider "purchase". Required."""
     @_builtins.property
-    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterMapping]: ...
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterMapping]:
+        """The event's parameters, in order. Empty: the event is sent without parameters."""
+
     def __init__(
         self,
         *,
@@ -156,12 +175,18 @@ class EventMapping(_message.Message):
 Global___EventMapping: _TypeAlias = EventMapping  # noqa: Y015
 
 @_typing.final
-class AddProfileMappingRequest(_message.Message):
+class CreateProfileMappingRequest(_message.Message):
+    """Request of MappingService.CreateProfileMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def mapping(self) -> Global___ProfileMapping: ...
+    def mapping(self) -> Global___ProfileMapping:
+        """The mapping to create; connection_id, source_attribute and target_attribute are
+        required.
+        """
+
     def __init__(
         self,
         *,
@@ -173,17 +198,22 @@ class AddProfileMappingRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AddProfileMappingRequest: _TypeAlias = AddProfileMappingRequest  # noqa: Y015
+Global___CreateProfileMappingRequest: _TypeAlias = CreateProfileMappingRequest  # noqa: Y015
 
 @_typing.final
-class AddProfileMappingResponse(_message.Message):
+class CreateProfileMappingResponse(_message.Message):
+    """Response of MappingService.CreateProfileMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The connection's mapping version after the change."""
     @_builtins.property
-    def mapping(self) -> Global___ProfileMapping: ...
+    def mapping(self) -> Global___ProfileMapping:
+        """The mapping as stored, with its id."""
+
     def __init__(
         self,
         *,
@@ -196,22 +226,37 @@ class AddProfileMappingResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AddProfileMappingResponse: _TypeAlias = AddProfileMappingResponse  # noqa: Y015
+Global___CreateProfileMappingResponse: _TypeAlias = CreateProfileMappingResponse  # noqa: Y015
 
 @_typing.final
 class ListProfileMappingsRequest(_message.Message):
+    """Request of MappingService.ListProfileMappings."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
+    """The connection whose mappings to list. Required."""
+    page_size: _builtins.int
+    """At most this many mappings per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         connection_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,22 +264,31 @@ Global___ListProfileMappingsRequest: _TypeAlias = ListProfileMappingsRequest  # 
 
 @_typing.final
 class ListProfileMappingsResponse(_message.Message):
+    """Response of MappingService.ListProfileMappings."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPINGS_FIELD_NUMBER: _builtins.int
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The connection's current mapping version."""
+    next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileMapping]: ...
+    def mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileMapping]:
+        """One page of the connection's profile mappings."""
+
     def __init__(
         self,
         *,
         mappings: _abc.Iterable[Global___ProfileMapping] | None = ...,
         mapping_version: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mapping_version", b"mapping_version", "mappings", b"mappings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mapping_version", b"mapping_version", "mappings", b"mappings", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,12 +296,16 @@ Global___ListProfileMappingsResponse: _TypeAlias = ListProfileMappingsResponse  
 
 @_typing.final
 class UpdateProfileMappingRequest(_message.Message):
+    """Request of MappingService.UpdateProfileMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def mapping(self) -> Global___ProfileMapping:
-        """id selects the mapping; the other fields replace its values."""
+        """id selects the mapping; source_attribute, target_attribute, custom and array_mode
+        replace its values (all of them: unset ones are cleared or refused).
+        """
 
     def __init__(
         self,
@@ -264,13 +322,18 @@ Global___UpdateProfileMappingRequest: _TypeAlias = UpdateProfileMappingRequest  
 
 @_typing.final
 class UpdateProfileMappingResponse(_message.Message):
+    """Response of MappingService.UpdateProfileMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The connection's mapping version after the change."""
     @_builtins.property
-    def mapping(self) -> Global___ProfileMapping: ...
+    def mapping(self) -> Global___ProfileMapping:
+        """The mapping as stored after the update."""
+
     def __init__(
         self,
         *,
@@ -286,11 +349,14 @@ class UpdateProfileMappingResponse(_message.Message):
 Global___UpdateProfileMappingResponse: _TypeAlias = UpdateProfileMappingResponse  # noqa: Y015
 
 @_typing.final
-class RemoveProfileMappingRequest(_message.Message):
+class DeleteProfileMappingRequest(_message.Message):
+    """Request of MappingService.DeleteProfileMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id of the profile mapping to delete. Required."""
     def __init__(
         self,
         *,
@@ -302,14 +368,17 @@ class RemoveProfileMappingRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RemoveProfileMappingRequest: _TypeAlias = RemoveProfileMappingRequest  # noqa: Y015
+Global___DeleteProfileMappingRequest: _TypeAlias = DeleteProfileMappingRequest  # noqa: Y015
 
 @_typing.final
-class RemoveProfileMappingResponse(_message.Message):
+class DeleteProfileMappingResponse(_message.Message):
+    """Response of MappingService.DeleteProfileMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The mapping version of the connection the mapping belonged to, after the change."""
     def __init__(
         self,
         *,
@@ -321,15 +390,19 @@ class RemoveProfileMappingResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RemoveProfileMappingResponse: _TypeAlias = RemoveProfileMappingResponse  # noqa: Y015
+Global___DeleteProfileMappingResponse: _TypeAlias = DeleteProfileMappingResponse  # noqa: Y015
 
 @_typing.final
-class AddEventMappingRequest(_message.Message):
+class CreateEventMappingRequest(_message.Message):
+    """Request of MappingService.CreateEventMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def mapping(self) -> Global___EventMapping: ...
+    def mapping(self) -> Global___EventMapping:
+        """The mapping to create; connection_id, source_event and target_event are required."""
+
     def __init__(
         self,
         *,
@@ -341,17 +414,22 @@ class AddEventMappingRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AddEventMappingRequest: _TypeAlias = AddEventMappingRequest  # noqa: Y015
+Global___CreateEventMappingRequest: _TypeAlias = CreateEventMappingRequest  # noqa: Y015
 
 @_typing.final
-class AddEventMappingResponse(_message.Message):
+class CreateEventMappingResponse(_message.Message):
+    """Response of MappingService.CreateEventMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The connection's mapping version after the change."""
     @_builtins.property
-    def mapping(self) -> Global___EventMapping: ...
+    def mapping(self) -> Global___EventMapping:
+        """The mapping as stored, with its id."""
+
     def __init__(
         self,
         *,
@@ -364,22 +442,37 @@ class AddEventMappingResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AddEventMappingResponse: _TypeAlias = AddEventMappingResponse  # noqa: Y015
+Global___CreateEventMappingResponse: _TypeAlias = CreateEventMappingResponse  # noqa: Y015
 
 @_typing.final
 class ListEventMappingsRequest(_message.Message):
+    """Request of MappingService.ListEventMappings."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
+    """The connection whose mappings to list. Required."""
+    page_size: _builtins.int
+    """At most this many mappings per page. 0: the default, 50; more than 1000: 1000.
+    Negative: INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. A token of
+    another list is refused with INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         connection_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -387,22 +480,31 @@ Global___ListEventMappingsRequest: _TypeAlias = ListEventMappingsRequest  # noqa
 
 @_typing.final
 class ListEventMappingsResponse(_message.Message):
+    """Response of MappingService.ListEventMappings."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPINGS_FIELD_NUMBER: _builtins.int
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The connection's current mapping version."""
+    next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty on the last page."""
     @_builtins.property
-    def mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventMapping]: ...
+    def mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventMapping]:
+        """One page of the connection's event mappings."""
+
     def __init__(
         self,
         *,
         mappings: _abc.Iterable[Global___EventMapping] | None = ...,
         mapping_version: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mapping_version", b"mapping_version", "mappings", b"mappings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mapping_version", b"mapping_version", "mappings", b"mappings", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,12 +512,16 @@ Global___ListEventMappingsResponse: _TypeAlias = ListEventMappingsResponse  # no
 
 @_typing.final
 class UpdateEventMappingRequest(_message.Message):
+    """Request of MappingService.UpdateEventMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def mapping(self) -> Global___EventMapping:
-        """id selects the mapping; the other fields replace its values (parameters as a whole)."""
+        """id selects the mapping; source_event, target_event and parameters replace its
+        values (parameters as a whole: an empty list removes them all).
+        """
 
     def __init__(
         self,
@@ -432,13 +538,18 @@ Global___UpdateEventMappingRequest: _TypeAlias = UpdateEventMappingRequest  # no
 
 @_typing.final
 class UpdateEventMappingResponse(_message.Message):
+    """Response of MappingService.UpdateEventMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_FIELD_NUMBER: _builtins.int
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The connection's mapping version after the change."""
     @_builtins.property
-    def mapping(self) -> Global___EventMapping: ...
+    def mapping(self) -> Global___EventMapping:
+        """The mapping as stored after the update."""
+
     def __init__(
         self,
         *,
@@ -454,11 +565,14 @@ class UpdateEventMappingResponse(_message.Message):
 Global___UpdateEventMappingResponse: _TypeAlias = UpdateEventMappingResponse  # noqa: Y015
 
 @_typing.final
-class RemoveEventMappingRequest(_message.Message):
+class DeleteEventMappingRequest(_message.Message):
+    """Request of MappingService.DeleteEventMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id of the event mapping to delete. Required."""
     def __init__(
         self,
         *,
@@ -470,14 +584,17 @@ class RemoveEventMappingRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RemoveEventMappingRequest: _TypeAlias = RemoveEventMappingRequest  # noqa: Y015
+Global___DeleteEventMappingRequest: _TypeAlias = DeleteEventMappingRequest  # noqa: Y015
 
 @_typing.final
-class RemoveEventMappingResponse(_message.Message):
+class DeleteEventMappingResponse(_message.Message):
+    """Response of MappingService.DeleteEventMapping."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAPPING_VERSION_FIELD_NUMBER: _builtins.int
     mapping_version: _builtins.int
+    """The mapping version of the connection the mapping belonged to, after the change."""
     def __init__(
         self,
         *,
@@ -489,4 +606,4 @@ class RemoveEventMappingResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RemoveEventMappingResponse: _TypeAlias = RemoveEventMappingResponse  # noqa: Y015
+Global___DeleteEventMappingResponse: _TypeAlias = DeleteEventMappingResponse  # noqa: Y015

@@ -37,10 +37,10 @@ class MappingServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.AddProfileMapping = channel.unary_unary(
-                '/tidegate.admin.v1.MappingService/AddProfileMapping',
-                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddProfileMappingRequest.SerializeToString,
-                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddProfileMappingResponse.FromString,
+        self.CreateProfileMapping = channel.unary_unary(
+                '/tidegate.admin.v1.MappingService/CreateProfileMapping',
+                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateProfileMappingRequest.SerializeToString,
+                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateProfileMappingResponse.FromString,
                 _registered_method=True)
         self.ListProfileMappings = channel.unary_unary(
                 '/tidegate.admin.v1.MappingService/ListProfileMappings',
@@ -52,15 +52,15 @@ class MappingServiceStub:
                 request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateProfileMappingRequest.SerializeToString,
                 response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateProfileMappingResponse.FromString,
                 _registered_method=True)
-        self.RemoveProfileMapping = channel.unary_unary(
-                '/tidegate.admin.v1.MappingService/RemoveProfileMapping',
-                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveProfileMappingRequest.SerializeToString,
-                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveProfileMappingResponse.FromString,
+        self.DeleteProfileMapping = channel.unary_unary(
+                '/tidegate.admin.v1.MappingService/DeleteProfileMapping',
+                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteProfileMappingRequest.SerializeToString,
+                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteProfileMappingResponse.FromString,
                 _registered_method=True)
-        self.AddEventMapping = channel.unary_unary(
-                '/tidegate.admin.v1.MappingService/AddEventMapping',
-                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddEventMappingRequest.SerializeToString,
-                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddEventMappingResponse.FromString,
+        self.CreateEventMapping = channel.unary_unary(
+                '/tidegate.admin.v1.MappingService/CreateEventMapping',
+                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateEventMappingRequest.SerializeToString,
+                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateEventMappingResponse.FromString,
                 _registered_method=True)
         self.ListEventMappings = channel.unary_unary(
                 '/tidegate.admin.v1.MappingService/ListEventMappings',
@@ -72,10 +72,10 @@ class MappingServiceStub:
                 request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateEventMappingRequest.SerializeToString,
                 response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateEventMappingResponse.FromString,
                 _registered_method=True)
-        self.RemoveEventMapping = channel.unary_unary(
-                '/tidegate.admin.v1.MappingService/RemoveEventMapping',
-                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveEventMappingRequest.SerializeToString,
-                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveEventMappingResponse.FromString,
+        self.DeleteEventMapping = channel.unary_unary(
+                '/tidegate.admin.v1.MappingService/DeleteEventMapping',
+                request_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteEventMappingRequest.SerializeToString,
+                response_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteEventMappingResponse.FromString,
                 _registered_method=True)
 
 
@@ -85,50 +85,70 @@ class MappingServiceServicer:
     connection's mapping_version.
     """
 
-    def AddProfileMapping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def CreateProfileMapping(self, request, context):
+        """Creates a profile mapping on a connection. The mapping is checked against the
+        connection's connector (Insider: default or custom attribute, naming rules) and
+        refused with INVALID_ARGUMENT naming the field.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListProfileMappings(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists a connection's profile mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateProfileMapping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Replaces the source, target, custom flag and array mode of a profile mapping.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RemoveProfileMapping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def DeleteProfileMapping(self, request, context):
+        """Deletes a profile mapping. Items already queued are rendered with the mappings in
+        force when they are sent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AddEventMapping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def CreateEventMapping(self, request, context):
+        """Creates an event mapping on a connection. The mapping is checked against the
+        connection's connector (Insider: event naming, required parameters) and refused
+        with INVALID_ARGUMENT naming the field. An Antavo event can be mapped once per
+        connection.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListEventMappings(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists a connection's event mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateEventMapping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Replaces the source event, target event and the whole parameter list of an event
+        mapping.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RemoveEventMapping(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def DeleteEventMapping(self, request, context):
+        """Deletes an event mapping. Items already queued are rendered with the mappings in
+        force when they are sent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,10 +156,10 @@ class MappingServiceServicer:
 
 def add_MappingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'AddProfileMapping': grpc.unary_unary_rpc_method_handler(
-                    servicer.AddProfileMapping,
-                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddProfileMappingRequest.FromString,
-                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddProfileMappingResponse.SerializeToString,
+            'CreateProfileMapping': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateProfileMapping,
+                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateProfileMappingRequest.FromString,
+                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateProfileMappingResponse.SerializeToString,
             ),
             'ListProfileMappings': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProfileMappings,
@@ -151,15 +171,15 @@ def add_MappingServiceServicer_to_server(servicer, server):
                     request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateProfileMappingRequest.FromString,
                     response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateProfileMappingResponse.SerializeToString,
             ),
-            'RemoveProfileMapping': grpc.unary_unary_rpc_method_handler(
-                    servicer.RemoveProfileMapping,
-                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveProfileMappingRequest.FromString,
-                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveProfileMappingResponse.SerializeToString,
+            'DeleteProfileMapping': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProfileMapping,
+                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteProfileMappingRequest.FromString,
+                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteProfileMappingResponse.SerializeToString,
             ),
-            'AddEventMapping': grpc.unary_unary_rpc_method_handler(
-                    servicer.AddEventMapping,
-                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddEventMappingRequest.FromString,
-                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddEventMappingResponse.SerializeToString,
+            'CreateEventMapping': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEventMapping,
+                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateEventMappingRequest.FromString,
+                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateEventMappingResponse.SerializeToString,
             ),
             'ListEventMappings': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEventMappings,
@@ -171,10 +191,10 @@ def add_MappingServiceServicer_to_server(servicer, server):
                     request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateEventMappingRequest.FromString,
                     response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.UpdateEventMappingResponse.SerializeToString,
             ),
-            'RemoveEventMapping': grpc.unary_unary_rpc_method_handler(
-                    servicer.RemoveEventMapping,
-                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveEventMappingRequest.FromString,
-                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveEventMappingResponse.SerializeToString,
+            'DeleteEventMapping': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEventMapping,
+                    request_deserializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteEventMappingRequest.FromString,
+                    response_serializer=tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteEventMappingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,7 +211,7 @@ class MappingService:
     """
 
     @staticmethod
-    def AddProfileMapping(request,
+    def CreateProfileMapping(request,
             target,
             options=(),
             channel_credentials=None,
@@ -204,9 +224,9 @@ class MappingService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tidegate.admin.v1.MappingService/AddProfileMapping',
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddProfileMappingRequest.SerializeToString,
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddProfileMappingResponse.FromString,
+            '/tidegate.admin.v1.MappingService/CreateProfileMapping',
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateProfileMappingRequest.SerializeToString,
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateProfileMappingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -272,7 +292,7 @@ class MappingService:
             _registered_method=True)
 
     @staticmethod
-    def RemoveProfileMapping(request,
+    def DeleteProfileMapping(request,
             target,
             options=(),
             channel_credentials=None,
@@ -285,9 +305,9 @@ class MappingService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tidegate.admin.v1.MappingService/RemoveProfileMapping',
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveProfileMappingRequest.SerializeToString,
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveProfileMappingResponse.FromString,
+            '/tidegate.admin.v1.MappingService/DeleteProfileMapping',
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteProfileMappingRequest.SerializeToString,
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteProfileMappingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -299,7 +319,7 @@ class MappingService:
             _registered_method=True)
 
     @staticmethod
-    def AddEventMapping(request,
+    def CreateEventMapping(request,
             target,
             options=(),
             channel_credentials=None,
@@ -312,9 +332,9 @@ class MappingService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tidegate.admin.v1.MappingService/AddEventMapping',
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddEventMappingRequest.SerializeToString,
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.AddEventMappingResponse.FromString,
+            '/tidegate.admin.v1.MappingService/CreateEventMapping',
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateEventMappingRequest.SerializeToString,
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.CreateEventMappingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -380,7 +400,7 @@ class MappingService:
             _registered_method=True)
 
     @staticmethod
-    def RemoveEventMapping(request,
+    def DeleteEventMapping(request,
             target,
             options=(),
             channel_credentials=None,
@@ -393,9 +413,9 @@ class MappingService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tidegate.admin.v1.MappingService/RemoveEventMapping',
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveEventMappingRequest.SerializeToString,
-            tidegate_dot_admin_dot_v1_dot_mappings__pb2.RemoveEventMappingResponse.FromString,
+            '/tidegate.admin.v1.MappingService/DeleteEventMapping',
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteEventMappingRequest.SerializeToString,
+            tidegate_dot_admin_dot_v1_dot_mappings__pb2.DeleteEventMappingResponse.FromString,
             options,
             channel_credentials,
             insecure,

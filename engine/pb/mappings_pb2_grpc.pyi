@@ -36,14 +36,41 @@ class MappingServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MappingServiceAsyncStub: ...
-    AddProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.AddProfileMappingRequest, _mappings_pb2.AddProfileMappingResponse]
+    CreateProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.CreateProfileMappingRequest, _mappings_pb2.CreateProfileMappingResponse]
+    """Creates a profile mapping on a connection. The mapping is checked against the
+    connection's connector (Insider: default or custom attribute, naming rules) and
+    refused with INVALID_ARGUMENT naming the field.
+    """
     ListProfileMappings: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.ListProfileMappingsRequest, _mappings_pb2.ListProfileMappingsResponse]
+    """Lists a connection's profile mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.UpdateProfileMappingRequest, _mappings_pb2.UpdateProfileMappingResponse]
-    RemoveProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.RemoveProfileMappingRequest, _mappings_pb2.RemoveProfileMappingResponse]
-    AddEventMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.AddEventMappingRequest, _mappings_pb2.AddEventMappingResponse]
+    """Replaces the source, target, custom flag and array mode of a profile mapping."""
+    DeleteProfileMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.DeleteProfileMappingRequest, _mappings_pb2.DeleteProfileMappingResponse]
+    """Deletes a profile mapping. Items already queued are rendered with the mappings in
+    force when they are sent.
+    """
+    CreateEventMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.CreateEventMappingRequest, _mappings_pb2.CreateEventMappingResponse]
+    """Creates an event mapping on a connection. The mapping is checked against the
+    connection's connector (Insider: event naming, required parameters) and refused
+    with INVALID_ARGUMENT naming the field. An Antavo event can be mapped once per
+    connection.
+    """
     ListEventMappings: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.ListEventMappingsRequest, _mappings_pb2.ListEventMappingsResponse]
+    """Lists a connection's event mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateEventMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.UpdateEventMappingRequest, _mappings_pb2.UpdateEventMappingResponse]
-    RemoveEventMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.RemoveEventMappingRequest, _mappings_pb2.RemoveEventMappingResponse]
+    """Replaces the source event, target event and the whole parameter list of an event
+    mapping.
+    """
+    DeleteEventMapping: _grpc.UnaryUnaryMultiCallable[_mappings_pb2.DeleteEventMappingRequest, _mappings_pb2.DeleteEventMappingResponse]
+    """Deletes an event mapping. Items already queued are rendered with the mappings in
+    force when they are sent.
+    """
 
 @_typing.type_check_only
 class MappingServiceAsyncStub(MappingServiceStub):
@@ -53,14 +80,41 @@ class MappingServiceAsyncStub(MappingServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    AddProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.AddProfileMappingRequest, _mappings_pb2.AddProfileMappingResponse]  # type: ignore[assignment]
+    CreateProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.CreateProfileMappingRequest, _mappings_pb2.CreateProfileMappingResponse]  # type: ignore[assignment]
+    """Creates a profile mapping on a connection. The mapping is checked against the
+    connection's connector (Insider: default or custom attribute, naming rules) and
+    refused with INVALID_ARGUMENT naming the field.
+    """
     ListProfileMappings: _aio.UnaryUnaryMultiCallable[_mappings_pb2.ListProfileMappingsRequest, _mappings_pb2.ListProfileMappingsResponse]  # type: ignore[assignment]
+    """Lists a connection's profile mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.UpdateProfileMappingRequest, _mappings_pb2.UpdateProfileMappingResponse]  # type: ignore[assignment]
-    RemoveProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.RemoveProfileMappingRequest, _mappings_pb2.RemoveProfileMappingResponse]  # type: ignore[assignment]
-    AddEventMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.AddEventMappingRequest, _mappings_pb2.AddEventMappingResponse]  # type: ignore[assignment]
+    """Replaces the source, target, custom flag and array mode of a profile mapping."""
+    DeleteProfileMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.DeleteProfileMappingRequest, _mappings_pb2.DeleteProfileMappingResponse]  # type: ignore[assignment]
+    """Deletes a profile mapping. Items already queued are rendered with the mappings in
+    force when they are sent.
+    """
+    CreateEventMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.CreateEventMappingRequest, _mappings_pb2.CreateEventMappingResponse]  # type: ignore[assignment]
+    """Creates an event mapping on a connection. The mapping is checked against the
+    connection's connector (Insider: event naming, required parameters) and refused
+    with INVALID_ARGUMENT naming the field. An Antavo event can be mapped once per
+    connection.
+    """
     ListEventMappings: _aio.UnaryUnaryMultiCallable[_mappings_pb2.ListEventMappingsRequest, _mappings_pb2.ListEventMappingsResponse]  # type: ignore[assignment]
+    """Lists a connection's event mappings, in the order they were created. Pages hold
+    their place by position: a mapping deleted while you page makes the next page miss
+    one.
+    """
     UpdateEventMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.UpdateEventMappingRequest, _mappings_pb2.UpdateEventMappingResponse]  # type: ignore[assignment]
-    RemoveEventMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.RemoveEventMappingRequest, _mappings_pb2.RemoveEventMappingResponse]  # type: ignore[assignment]
+    """Replaces the source event, target event and the whole parameter list of an event
+    mapping.
+    """
+    DeleteEventMapping: _aio.UnaryUnaryMultiCallable[_mappings_pb2.DeleteEventMappingRequest, _mappings_pb2.DeleteEventMappingResponse]  # type: ignore[assignment]
+    """Deletes an event mapping. Items already queued are rendered with the mappings in
+    force when they are sent.
+    """
 
 class MappingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages what is synced: Antavo customer attributes to destination attributes, and
@@ -69,59 +123,86 @@ class MappingServiceServicer(metaclass=_abc_1.ABCMeta):
     """
 
     @_abc_1.abstractmethod
-    def AddProfileMapping(
+    def CreateProfileMapping(
         self,
-        request: _mappings_pb2.AddProfileMappingRequest,
+        request: _mappings_pb2.CreateProfileMappingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.AddProfileMappingResponse, _abc.Awaitable[_mappings_pb2.AddProfileMappingResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.CreateProfileMappingResponse, _abc.Awaitable[_mappings_pb2.CreateProfileMappingResponse]]:
+        """Creates a profile mapping on a connection. The mapping is checked against the
+        connection's connector (Insider: default or custom attribute, naming rules) and
+        refused with INVALID_ARGUMENT naming the field.
+        """
 
     @_abc_1.abstractmethod
     def ListProfileMappings(
         self,
         request: _mappings_pb2.ListProfileMappingsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.ListProfileMappingsResponse, _abc.Awaitable[_mappings_pb2.ListProfileMappingsResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.ListProfileMappingsResponse, _abc.Awaitable[_mappings_pb2.ListProfileMappingsResponse]]:
+        """Lists a connection's profile mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
+        """
 
     @_abc_1.abstractmethod
     def UpdateProfileMapping(
         self,
         request: _mappings_pb2.UpdateProfileMappingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.UpdateProfileMappingResponse, _abc.Awaitable[_mappings_pb2.UpdateProfileMappingResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.UpdateProfileMappingResponse, _abc.Awaitable[_mappings_pb2.UpdateProfileMappingResponse]]:
+        """Replaces the source, target, custom flag and array mode of a profile mapping."""
 
     @_abc_1.abstractmethod
-    def RemoveProfileMapping(
+    def DeleteProfileMapping(
         self,
-        request: _mappings_pb2.RemoveProfileMappingRequest,
+        request: _mappings_pb2.DeleteProfileMappingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.RemoveProfileMappingResponse, _abc.Awaitable[_mappings_pb2.RemoveProfileMappingResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.DeleteProfileMappingResponse, _abc.Awaitable[_mappings_pb2.DeleteProfileMappingResponse]]:
+        """Deletes a profile mapping. Items already queued are rendered with the mappings in
+        force when they are sent.
+        """
 
     @_abc_1.abstractmethod
-    def AddEventMapping(
+    def CreateEventMapping(
         self,
-        request: _mappings_pb2.AddEventMappingRequest,
+        request: _mappings_pb2.CreateEventMappingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.AddEventMappingResponse, _abc.Awaitable[_mappings_pb2.AddEventMappingResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.CreateEventMappingResponse, _abc.Awaitable[_mappings_pb2.CreateEventMappingResponse]]:
+        """Creates an event mapping on a connection. The mapping is checked against the
+        connection's connector (Insider: event naming, required parameters) and refused
+        with INVALID_ARGUMENT naming the field. An Antavo event can be mapped once per
+        connection.
+        """
 
     @_abc_1.abstractmethod
     def ListEventMappings(
         self,
         request: _mappings_pb2.ListEventMappingsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.ListEventMappingsResponse, _abc.Awaitable[_mappings_pb2.ListEventMappingsResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.ListEventMappingsResponse, _abc.Awaitable[_mappings_pb2.ListEventMappingsResponse]]:
+        """Lists a connection's event mappings, in the order they were created. Pages hold
+        their place by position: a mapping deleted while you page makes the next page miss
+        one.
+        """
 
     @_abc_1.abstractmethod
     def UpdateEventMapping(
         self,
         request: _mappings_pb2.UpdateEventMappingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.UpdateEventMappingResponse, _abc.Awaitable[_mappings_pb2.UpdateEventMappingResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.UpdateEventMappingResponse, _abc.Awaitable[_mappings_pb2.UpdateEventMappingResponse]]:
+        """Replaces the source event, target event and the whole parameter list of an event
+        mapping.
+        """
 
     @_abc_1.abstractmethod
-    def RemoveEventMapping(
+    def DeleteEventMapping(
         self,
-        request: _mappings_pb2.RemoveEventMappingRequest,
+        request: _mappings_pb2.DeleteEventMappingRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_mappings_pb2.RemoveEventMappingResponse, _abc.Awaitable[_mappings_pb2.RemoveEventMappingResponse]]: ...
+    ) -> _typing.Union[_mappings_pb2.DeleteEventMappingResponse, _abc.Awaitable[_mappings_pb2.DeleteEventMappingResponse]]:
+        """Deletes an event mapping. Items already queued are rendered with the mappings in
+        force when they are sent.
+        """
 
 def add_MappingServiceServicer_to_server(servicer: MappingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

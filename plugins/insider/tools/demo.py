@@ -189,9 +189,9 @@ async def _demo(args: argparse.Namespace) -> int:
                 settings={"partner_name": PARTNER, "base_url": sandbox.url},
             )
             for source, target, custom in PROFILE_MAPPINGS:
-                await client.add_profile_mapping(CONNECTION_ID, source, target, custom=custom)
+                await client.create_profile_mapping(CONNECTION_ID, source, target, custom=custom)
             for source, target, params in EVENT_MAPPINGS:
-                await client.add_event_mapping(CONNECTION_ID, source, target, params)
+                await client.create_event_mapping(CONNECTION_ID, source, target, params)
             _print(
                 f"\nConnection {CONNECTION_ID!r}: Antavo customer ID -> Insider uuid, "
                 f"{len(PROFILE_MAPPINGS)} profile mappings, {len(EVENT_MAPPINGS)} event mappings"
