@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import hashlib
+import importlib
 import logging
 import os
 import random
@@ -199,17 +200,20 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
 
 
 def _settle_collector() -> None:
-    """What ``tidegate serve`` does to the collector once started (``engine.runtime``);
-    an engine from before that module only froze its start-up objects. (The module is
-    looked for beside the measured engine: the editable install would supply this
-    checkout's.)"""
+    """What ``tidegate serve`` does to the collector once started (``engine.gc_settings``,
+    earlier ``engine.runtime``); an engine from before either module only froze its
+    start-up objects. (The module is looked for beside the measured engine: the editable
+    install would supply this checkout's.)"""
     import engine
 
-    if not (Path(engine.__file__).parent / "runtime.py").exists():
+    here = Path(engine.__file__).parent
+    if (here / "gc_settings.py").exists():
+        from engine.gc_settings import settle_collector
+    elif (here / "runtime.py").exists():
+        settle_collector = importlib.import_module("engine.runtime").settle_collector
+    else:
         gc.freeze()
         return
-    from engine.gc_settings import settle_collector
-
     settle_collector()
 
 

@@ -331,15 +331,12 @@ class ConnectionHooks:
         self.connection = connection
         self.plan = plan
         self.plugin = connector.plugin_name
+        self.info: ConnectorInfo = connector.info
         fixed = {"connection": connection, "plan": plan}
         self._identify = _bind(connector.call("identify"), fixed, ("customer",))
         self._map_profile = _bind(connector.call("map_profile"), fixed, ("customer", "change"))
         self._map_event = _bind(connector.call("map_event"), fixed, ("customer", "event"))
         self._send = _bind(connector.call("send"), fixed, ("deliveries", "transport"))
-
-    @property
-    def info(self) -> ConnectorInfo:
-        return self.connector.info
 
     def broken(self, message: str, stage: str = "map") -> ContractError:
         """The error for a hook that broke the contract, naming the plugin."""

@@ -98,8 +98,10 @@ class IngestTransaction:
                 self.duplicates += 1
                 continue
             self.accepted += 1
-            customer_id = self.customer_of(event)
-            profile = self.apply_profile(customer_id, event)
+            customer_id = self.customer_of(event) if event.external_id else event.customer
+            profile = None
+            if event.action in PROFILE_ACTIONS and event.data:
+                profile = self.apply_profile(customer_id, event)
             self.route_event(customer_id, event, profile)
         # Hot path (bench.ingest_cpu): one statement over a JSON array of the ids, not
         # executemany's statement per row.
@@ -149,12 +151,10 @@ class IngestTransaction:
         )
         return event.customer
 
-    def apply_profile(self, customer_id: str, event: AntavoEvent) -> dict[str, Any] | None:
-        """Merges a profile event into the customer's profile and queues the change for
-        every connection that routes a changed attribute. Returns the merged profile, or
-        ``None`` for an event that is not a profile event."""
-        if event.action not in PROFILE_ACTIONS or not event.data:
-            return None
+    def apply_profile(self, customer_id: str, event: AntavoEvent) -> dict[str, Any]:
+        """Merges a profile event (``opt_in``, ``profile``) into the customer's profile and
+        queues the change for every connection that routes a changed attribute. Returns
+        the merged profile."""
         c, routes = self.c, self.routes
         changes, previous, profile = update_profile(c, customer_id, event.data, self.now)
         for attribute in routes.external_id_attributes & changes.keys():

@@ -19,9 +19,9 @@ from engine.queue.items import (
     KIND_RENDERED,
     ORIGIN_REPLAY,
     ORIGIN_REPLAY_STORED,
-    NewItem,
     QueueItem,
     enqueue_rows,
+    new_items,
 )
 
 
@@ -180,7 +180,7 @@ def requeue_dead_letters(
             else:
                 origin = ORIGIN_REPLAY
             enqueue_rows(
-                c, [NewItem(connection_id, customer_id, kind, event_id, payload, now, now, origin)]
+                c, new_items([connection_id], customer_id, kind, event_id, payload, now, origin)
             )
             c.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
     return ReplayResult(

@@ -42,17 +42,10 @@ class QueueItem(NamedTuple):
     origin: str = ""
 
 
-class NewItem(NamedTuple):
-    """An item to add to a lane. ``payload`` is the JSON text of the payload."""
-
-    connection_id: str
-    customer_id: str
-    kind: str
-    event_id: str
-    payload: bytes
-    enqueue_time: float
-    next_attempt_time: float
-    origin: str = ""
+NewItem = tuple[str, str, str, str, bytes, float, float, str]
+"""An item to add to a lane, in ``INSERT_ITEM``'s column order: connection id, customer
+id, kind, event id, the payload's JSON, enqueue time, next attempt time, origin. A plain
+tuple: SQLite binds a named tuple's fields several times slower (bench.ingest_cpu)."""
 
 
 INSERT_ITEM = (
@@ -72,7 +65,7 @@ def new_items(
 ) -> list[NewItem]:
     """One item of the same record for each of ``connection_ids``, ready now."""
     return [
-        NewItem(connection_id, customer_id, kind, event_id, payload, now, now, origin)
+        (connection_id, customer_id, kind, event_id, payload, now, now, origin)
         for connection_id in connection_ids
     ]
 
