@@ -24,7 +24,7 @@ from engine.connector.records import (
     ParameterMapping,
     ProfileMapping,
 )
-from engine.errors import InvalidInputError, NotFoundError
+from engine.errors import InvalidInputError, NotFoundError, TidegateError
 from engine.plugins import Connectors
 from engine.state.database import Database
 from engine.state.secrets import SecretBox, hint
@@ -63,6 +63,55 @@ class ConnectionUpdate:
     api_key: str | None = None
     customer_id_mapping: CustomerIdMapping | None = None
     retry_window_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class NewConnection:
+    """A connection to create, already validated (``write_batch`` creates these)."""
+
+    id: str
+    display_name: str
+    connector: str
+    settings: Mapping[str, str]
+    api_key: str
+    customer_id_mapping: CustomerIdMapping
+    retry_window_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConfigBatch:
+    """Changes to several connections that ``write_batch`` makes in one transaction, or
+    not at all. Everything in it is validated already; it is written in this order:
+    ``deletes``, ``removed_mappings`` ((``"profile"`` or ``"event"``, id)), ``updates``,
+    ``creates``, then the mappings, each created or, when its id is already on that
+    connection, replaced in place (it keeps its position). ``mappings_changed``: existing
+    connections whose ``mapping_version`` rises by one.
+
+    ``expected`` holds, for each existing connection the changes were worked out from,
+    its ``update_time`` and ``mapping_version`` then: when another write changed one of
+    them in between, nothing is written."""
+
+    expected: Mapping[str, tuple[float, int]]
+    deletes: tuple[str, ...] = ()
+    removed_mappings: tuple[tuple[str, str], ...] = ()
+    updates: tuple[tuple[str, ConnectionUpdate], ...] = ()
+    creates: tuple[NewConnection, ...] = ()
+    profile_mappings: tuple[tuple[str, ProfileMapping], ...] = ()
+    event_mappings: tuple[tuple[str, EventMapping], ...] = ()
+    mappings_changed: tuple[str, ...] = ()
+
+    def connection_ids(self) -> list[str]:
+        """Every connection the batch touches, each once."""
+        ids = [*self.deletes, *(i for i, _ in self.updates), *(n.id for n in self.creates)]
+        ids += [i for i, _ in self.profile_mappings] + [i for i, _ in self.event_mappings]
+        ids += self.mappings_changed
+        return list(dict.fromkeys(ids))
+
+
+CONFIG_CHANGED = (
+    "the configuration changed while this change was being written (another admin call "
+    "or apply); nothing was changed: run it again"
+)
 
 
 def check_retry_window(seconds: float) -> float:
@@ -165,31 +214,22 @@ class ConnectionRegistry:
         check_retry_window(retry_window_seconds)
         now = time.time()
 
+        new = NewConnection(
+            connection_id,
+            display_name,
+            info.name,
+            settings,
+            api_key,
+            id_mapping,
+            retry_window_seconds,
+        )
+
         def insert(c: sqlite3.Connection) -> None:
             if c.execute("SELECT 1 FROM connections WHERE id=?", (connection_id,)).fetchone():
                 raise InvalidInputError(
                     "connection.id", f"connection {connection_id!r} already exists"
                 )
-            c.execute(
-                "INSERT INTO connections (id, display_name, connector, settings, api_key_encrypted,"
-                " api_key_hint, id_source_attribute, id_target_identifier, id_custom,"
-                " create_time, update_time, retry_window_seconds)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    connection_id,
-                    display_name,
-                    info.name,
-                    orjson.dumps(dict(settings)).decode(),
-                    self._secrets.encrypt(api_key),
-                    hint(api_key),
-                    id_mapping.source_attribute,
-                    id_mapping.target_identifier,
-                    int(id_mapping.custom),
-                    now,
-                    now,
-                    retry_window_seconds,
-                ),
-            )
+            self._insert_row(c, new, now)
 
         await self._db.write(insert)
         await self._reload(connection_id)
@@ -207,43 +247,10 @@ class ConnectionRegistry:
             info.validate_customer_id_mapping(id_mapping)
         if update.api_key is not None and info.secret_required and not update.api_key:
             raise InvalidInputError("connection.api_key", "must not be empty")
-        credentials_changed = update.api_key is not None or update.settings is not None
-        retry_window = current.retry_window_seconds
         if update.retry_window_seconds is not None:
-            retry_window = check_retry_window(update.retry_window_seconds)
-
-        def apply(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE connections SET display_name=?, settings=?, id_source_attribute=?,"
-                " id_target_identifier=?, id_custom=?, retry_window_seconds=?, update_time=?"
-                " WHERE id=?",
-                (
-                    current.display_name if update.display_name is None else update.display_name,
-                    orjson.dumps(dict(settings)).decode(),
-                    id_mapping.source_attribute,
-                    id_mapping.target_identifier,
-                    int(id_mapping.custom),
-                    retry_window,
-                    time.time(),
-                    connection_id,
-                ),
-            )
-            if update.api_key is not None:
-                c.execute(
-                    "UPDATE connections SET api_key_encrypted=?, api_key_hint=? WHERE id=?",
-                    (self._secrets.encrypt(update.api_key), hint(update.api_key), connection_id),
-                )
-            if credentials_changed:
-                # New credentials deserve a new try: delivery resumes and probes with one
-                # request. Decided here, inside the write, not on the view read above: a
-                # pause may have landed in between.
-                c.execute(
-                    "UPDATE connections SET credentials_version = credentials_version + 1,"
-                    " state = ?, state_reason = '' WHERE id = ?",
-                    (STATE_ACTIVE, connection_id),
-                )
-
-        await self._db.write(apply)
+            check_retry_window(update.retry_window_seconds)
+        now = time.time()
+        await self._db.write(lambda c: self._update_row(c, current, update, now))
         await self._reload(connection_id)
         await self._changed(connection_id)
         return self.view(connection_id)
@@ -259,6 +266,138 @@ class ConnectionRegistry:
         self._views.pop(connection_id, None)
         self._runtime.pop(connection_id, None)
         await self._changed(connection_id)
+
+    async def write_batch(self, batch: ConfigBatch) -> None:
+        """Writes ``batch`` in one transaction, then reloads every connection it touched
+        and tells the listeners (the ingest worker reloads each). Raises ``TidegateError``
+        and writes nothing when another write changed those connections in between."""
+        now = time.time()
+        updates = [(self.view(connection_id), update) for connection_id, update in batch.updates]
+
+        def apply(c: sqlite3.Connection) -> None:
+            for connection_id, expected in batch.expected.items():
+                row = c.execute(
+                    "SELECT update_time, mapping_version FROM connections WHERE id=?",
+                    (connection_id,),
+                ).fetchone()
+                if row is None or (float(row[0]), int(row[1])) != expected:
+                    raise TidegateError(CONFIG_CHANGED)
+            for connection_id in batch.deletes:
+                c.execute("DELETE FROM queue WHERE connection_id=?", (connection_id,))
+                c.execute("DELETE FROM connections WHERE id=?", (connection_id,))
+            for kind, mapping_id in batch.removed_mappings:
+                table = "profile_mappings" if kind == "profile" else "event_mappings"
+                c.execute(f"DELETE FROM {table} WHERE id=?", (mapping_id,))
+            for current, update in updates:
+                self._update_row(c, current, update, now)
+            for new in batch.creates:
+                self._insert_row(c, new, now)
+            for connection_id, profile in batch.profile_mappings:
+                values = (
+                    profile.source_attribute,
+                    profile.target_attribute,
+                    int(profile.custom),
+                    profile.array_mode,
+                )
+                if not c.execute(
+                    "UPDATE profile_mappings SET source_attribute=?, target_attribute=?,"
+                    " custom=?, array_mode=? WHERE id=? AND connection_id=?",
+                    (*values, profile.id, connection_id),
+                ).rowcount:
+                    c.execute(
+                        "INSERT INTO profile_mappings (source_attribute, target_attribute,"
+                        " custom, array_mode, id, connection_id) VALUES (?,?,?,?,?,?)",
+                        (*values, profile.id, connection_id),
+                    )
+            for connection_id, event in batch.event_mappings:
+                params = (event.source_event, event.target_event, _params_json(event.parameters))
+                if not c.execute(
+                    "UPDATE event_mappings SET source_event=?, target_event=?, parameters=?"
+                    " WHERE id=? AND connection_id=?",
+                    (*params, event.id, connection_id),
+                ).rowcount:
+                    c.execute(
+                        "INSERT INTO event_mappings (source_event, target_event, parameters,"
+                        " id, connection_id) VALUES (?,?,?,?,?)",
+                        (*params, event.id, connection_id),
+                    )
+            for connection_id in batch.mappings_changed:
+                c.execute(
+                    "UPDATE connections SET mapping_version = mapping_version + 1,"
+                    " update_time=? WHERE id=?",
+                    (now, connection_id),
+                )
+
+        try:
+            await self._db.write(apply)
+        except sqlite3.IntegrityError:  # an id another write took in between
+            raise TidegateError(CONFIG_CHANGED) from None
+        touched = batch.connection_ids()
+        for connection_id in touched:
+            await self._reload(connection_id)
+        for connection_id in touched:
+            await self._changed(connection_id)
+
+    def _insert_row(self, c: sqlite3.Connection, new: NewConnection, now: float) -> None:
+        id_mapping = new.customer_id_mapping
+        c.execute(
+            "INSERT INTO connections (id, display_name, connector, settings, api_key_encrypted,"
+            " api_key_hint, id_source_attribute, id_target_identifier, id_custom,"
+            " create_time, update_time, retry_window_seconds)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                new.id,
+                new.display_name,
+                new.connector,
+                orjson.dumps(dict(new.settings)).decode(),
+                self._secrets.encrypt(new.api_key),
+                hint(new.api_key),
+                id_mapping.source_attribute,
+                id_mapping.target_identifier,
+                int(id_mapping.custom),
+                now,
+                now,
+                new.retry_window_seconds,
+            ),
+        )
+
+    def _update_row(
+        self, c: sqlite3.Connection, current: ConnectionView, update: ConnectionUpdate, now: float
+    ) -> None:
+        settings = current.settings if update.settings is None else update.settings
+        id_mapping = update.customer_id_mapping or current.customer_id_mapping
+        retry_window = current.retry_window_seconds
+        if update.retry_window_seconds is not None:
+            retry_window = update.retry_window_seconds
+        c.execute(
+            "UPDATE connections SET display_name=?, settings=?, id_source_attribute=?,"
+            " id_target_identifier=?, id_custom=?, retry_window_seconds=?, update_time=?"
+            " WHERE id=?",
+            (
+                current.display_name if update.display_name is None else update.display_name,
+                orjson.dumps(dict(settings)).decode(),
+                id_mapping.source_attribute,
+                id_mapping.target_identifier,
+                int(id_mapping.custom),
+                retry_window,
+                now,
+                current.id,
+            ),
+        )
+        if update.api_key is not None:
+            c.execute(
+                "UPDATE connections SET api_key_encrypted=?, api_key_hint=? WHERE id=?",
+                (self._secrets.encrypt(update.api_key), hint(update.api_key), current.id),
+            )
+        if update.api_key is not None or update.settings is not None:
+            # New credentials deserve a new try: delivery resumes and probes with one
+            # request. Decided here, inside the write, not on the view read before: a
+            # pause may have landed in between.
+            c.execute(
+                "UPDATE connections SET credentials_version = credentials_version + 1,"
+                " state = ?, state_reason = '' WHERE id = ?",
+                (STATE_ACTIVE, current.id),
+            )
 
     async def pause(self, connection: Connection, reason: str) -> bool:
         """Pauses ``connection`` unless its credentials changed since that snapshot was
