@@ -11,6 +11,8 @@ import grpc
 from google.protobuf import struct_pb2
 
 from engine.pb import (
+    config_pb2,
+    config_pb2_grpc,
     connections_pb2,
     connections_pb2_grpc,
     ingest_pb2,
@@ -29,6 +31,7 @@ class TidegateClient:
         self.mappings = mappings_pb2_grpc.MappingServiceStub(self.channel)
         self.logs = logs_pb2_grpc.LogServiceStub(self.channel)
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self.channel)
+        self.config = config_pb2_grpc.ConfigServiceStub(self.channel)
 
     async def __aenter__(self) -> TidegateClient:
         return self
@@ -142,6 +145,28 @@ class TidegateClient:
         return await self.mappings.ListEventMappings(
             mappings_pb2.ListEventMappingsRequest(
                 connection_id=connection_id, page_size=page_size, page_token=page_token
+            )
+        )
+
+    async def export_config(self) -> str:
+        """The whole configuration as one YAML document (without API keys)."""
+        response = await self.config.ExportConfig(config_pb2.ExportConfigRequest())
+        return response.document
+
+    async def apply_config(
+        self,
+        document: str,
+        *,
+        api_keys: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+        prune: bool = False,
+    ) -> config_pb2.ApplyConfigResponse:
+        """Applies a YAML document, all of it or nothing; ``api_keys`` holds the values of
+        the environment variables it names (by name). ``dry_run`` changes nothing;
+        ``prune`` deletes what the document does not mention."""
+        return await self.config.ApplyConfig(
+            config_pb2.ApplyConfigRequest(
+                document=document, dry_run=dry_run, prune=prune, api_keys=dict(api_keys or {})
             )
         )
 

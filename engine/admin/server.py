@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.admin.catalog import CatalogServicer
+from engine.admin.config import ConfigServicer
 from engine.admin.connections import ConnectionServicer
 from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.ingest import IngestServicer
@@ -20,6 +21,8 @@ from engine.outbound_log.store import LogStore
 from engine.pb import (
     catalog_pb2,
     catalog_pb2_grpc,
+    config_pb2,
+    config_pb2_grpc,
     connections_pb2,
     connections_pb2_grpc,
     dead_letters_pb2,
@@ -42,6 +45,7 @@ SERVICE_NAMES = (
     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
     dead_letters_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+    config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
 )
 
 
@@ -68,6 +72,9 @@ async def start_grpc_server(
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
         CatalogServicer(registry, connectors, ingestor), server
+    )
+    config_pb2_grpc.add_ConfigServiceServicer_to_server(
+        ConfigServicer(registry, connectors, queue), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
