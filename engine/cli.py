@@ -9,10 +9,14 @@ import gc
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 import uvloop
 
+from clients.client import TidegateClient
 from engine import __version__
 from engine.app import (
     DEFAULT_DATA_DIR,
@@ -28,7 +32,11 @@ from engine.gc_settings import settle_collector
 from engine.ingest.http import INGEST_TOKEN_ENV
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
+from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
+from engine.state.config_document import key_env_names
+
+T = TypeVar("T")
 
 
 def positive(text: str) -> float:
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         " own (uses one core instead of two)",
     )
     serve.set_defaults(func=run_serve)
+    add_config_command(sub)
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
         command.configure(added)
@@ -149,6 +158,158 @@ async def _serve(config: EngineConfig) -> int:
     await engine.stop()
     gc.unfreeze()  # let the interpreter's exit release them (DuckDB reports any it cannot)
     return 0
+
+
+# -- tidegate config ---------------------------------------------------------------------
+
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_GRPC_PORT}"
+VERBS = {
+    config_pb2.CHANGE_ACTION_CREATE: ("created", "would create"),
+    config_pb2.CHANGE_ACTION_UPDATE: ("updated", "would update"),
+    config_pb2.CHANGE_ACTION_DELETE: ("deleted", "would delete"),
+}
+OBJECT_NAMES = {
+    config_pb2.CONFIG_OBJECT_KIND_CONNECTION: "connection",
+    config_pb2.CONFIG_OBJECT_KIND_PROFILE_MAPPING: "profile mapping",
+    config_pb2.CONFIG_OBJECT_KIND_EVENT_MAPPING: "event mapping",
+}
+
+
+def add_config_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tidegate config export`` and ``tidegate config apply``: they talk to a running
+    engine over gRPC, which holds the configuration and reloads ingest on a change."""
+    config = sub.add_parser(
+        "config",
+        help="export or apply the whole configuration as one YAML document (over gRPC, to a"
+        " running engine)",
+    )
+    actions = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="print the configuration as YAML (no API keys)")
+    export.add_argument(
+        "-o", "--output", type=Path, help="write the document to this file, not standard output"
+    )
+    _target_argument(export)
+    export.set_defaults(func=run_config_export)
+    apply = actions.add_parser(
+        "apply", help="apply a YAML document: all of it or nothing; prints the changes"
+    )
+    apply.add_argument(
+        "-f", "--file", required=True, help="the document to apply ('-': standard input)"
+    )
+    apply.add_argument(
+        "--dry-run", action="store_true", help="validate and print the changes; change nothing"
+    )
+    apply.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete the connections and mappings the document does not mention (without it"
+        " they are kept and listed)",
+    )
+    _target_argument(apply)
+    apply.set_defaults(func=run_config_apply)
+
+
+def _target_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"the engine's gRPC admin address (default {DEFAULT_TARGET})",
+    )
+
+
+def run_config_export(args: argparse.Namespace) -> int:
+    document = _engine_call(args.target, lambda client: client.export_config())
+    if args.output is None:
+        sys.stdout.write(document)
+        return 0
+    try:
+        args.output.write_text(document, encoding="utf-8")
+    except OSError as exc:
+        raise TidegateError(f"cannot write {args.output}: {exc.strerror}") from None
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_config_apply(args: argparse.Namespace) -> int:
+    text = _read_document(args.file)
+    # The keys the document names, from this command's environment; the engine says
+    # which one is missing, so a missing one is reported like every other problem.
+    keys = {name: os.environ[name] for name in key_env_names(text) if name in os.environ}
+    response = _engine_call(
+        args.target,
+        lambda client: client.apply_config(
+            text, api_keys=keys, dry_run=args.dry_run, prune=args.prune
+        ),
+    )
+    for line in describe_apply(response, args.dry_run):
+        print(line)
+    return 0
+
+
+def _read_document(name: str) -> str:
+    try:
+        if name == "-":
+            return sys.stdin.read()
+        return Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TidegateError(f"cannot read {name}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TidegateError(f"cannot read {name}: it is not UTF-8 text") from None
+
+
+def describe_apply(response: config_pb2.ApplyConfigResponse, dry_run: bool) -> list[str]:
+    """What ``tidegate config apply`` prints: each change with its changed fields, what
+    the document left out, and a last line that says what happened."""
+    lines = []
+    for change in response.changes:
+        done, planned = VERBS[change.action]
+        lines.append(f"{planned if dry_run else done} {_object_name(change.object)}")
+        for field in change.fields:
+            old, new = field.old_value or "(none)", field.new_value or "(none)"
+            lines.append(f"    {field.field}: {old} -> {new}")
+    if response.unmentioned:
+        lines.append("not in the document, kept (apply with --prune to delete them):")
+        lines += [f"    {_object_name(ref)}" for ref in response.unmentioned]
+    count = len(response.changes)
+    if not count:
+        lines.append("no changes: the engine's configuration already matches the document")
+    elif dry_run:
+        lines.append(f"dry run: {count} change(s) found, nothing was changed")
+    else:
+        lines.append(f"applied {count} change(s)")
+    return lines
+
+
+def _object_name(ref: config_pb2.ConfigObject) -> str:
+    name = OBJECT_NAMES.get(ref.kind, "object")
+    if ref.mapping_id:
+        return f"{name} {ref.mapping_id} of connection {ref.connection_id}"
+    return f"{name} {ref.connection_id}"
+
+
+def _engine_call(target: str, call: Callable[[TidegateClient], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with TidegateClient(target) as client:
+            return await call(client)
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        raise TidegateError(_rpc_failure(target, exc)) from None
+
+
+def _rpc_failure(target: str, exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"cannot reach the engine at {target}: nothing answers there. Start it with "
+            "`tidegate serve`, or name where it runs with --target HOST:PORT"
+        )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return f"the document was refused, nothing was changed: {exc.details()}"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"the engine at {target} has no ConfigService: it runs an older Tidegate"
+    return f"the engine at {target} answered {code.name}: {exc.details()}"
 
 
 def main(argv: list[str] | None = None) -> int:
