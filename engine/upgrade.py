@@ -194,7 +194,6 @@ def prepare(
 def _run_step(data_dir: Path, sp: StorePlan, step: Step, say: Progress) -> None:
     store = sp.store
     before = step.to - 1
-    say(f"{store.name}: schema {version_label(before)} -> {step.to}: {step.what} ...")
     _write_marker(
         data_dir,
         {
@@ -208,6 +207,7 @@ def _run_step(data_dir: Path, sp: StorePlan, step: Step, say: Progress) -> None:
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
+    say(f"{store.name}: schema {version_label(before)} -> {step.to}: {step.what} ...")
     started = time.monotonic()
     try:
         if step.apply is not None:
