@@ -258,6 +258,20 @@ def test_two_processes_never_migrate_a_folder_at_once(folder: Path) -> None:
     assert digest(folder) == before
 
 
+async def test_migrate_says_when_a_running_engine_holds_the_folder(tmp_path: Path) -> None:
+    engine = Engine(EngineConfig(data_dir=tmp_path / "served", grpc_port=0, http_port=0))
+    await engine.start()
+    try:
+        done = tidegate("migrate", "--data-dir", str(tmp_path / "served"), "--dry-run")
+    finally:
+        await engine.stop(grace=0.5)
+    assert done.returncode == 1
+    assert "another process has it open (stop the Tidegate that uses this data folder" in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr
+
+
 # -- steps that fail, and migrations that are killed --------------------------------------
 
 
@@ -291,6 +305,21 @@ def test_a_failing_step_leaves_its_store_as_it_was_and_names_both_versions(
     assert "added_by_step_3" not in layout
     assert "note" not in [column[1] for column in layout["dead_letters"][0]]
     assert not (folder / MARKER).exists()  # one transaction: nothing to finish
+
+
+def test_sqlite_rolls_back_a_version_stamp_with_its_transaction(tmp_path: Path) -> None:
+    """What a step of the state database relies on: its stamp and DDL commit together."""
+    conn = sqlite3.connect(tmp_path / STATE, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE added (n INTEGER)")
+        conn.execute("PRAGMA user_version = 7")
+        conn.execute("ROLLBACK")
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+    finally:
+        conn.close()
 
 
 def test_duckdb_rolls_back_the_ddl_of_a_failing_step(folder: Path) -> None:
