@@ -95,10 +95,6 @@ class Plan:
     def steps(self) -> int:
         return sum(len(store.steps) for store in self.stores)
 
-    @property
-    def pending(self) -> bool:
-        return bool(self.steps or self.interrupted)
-
     def lines(self) -> list[str]:
         """The plan as ``tidegate migrate --dry-run`` lists it."""
         lines = [f"data folder {self.data_dir}:"]
@@ -117,8 +113,10 @@ class Plan:
             lines += [f"    step {step.to}: {step.what}" for step in sp.steps]
         if self.steps:
             lines.append(f"{self.steps} step(s) pending")
-        else:
+        elif self.interrupted is None:
             lines.append("nothing to migrate")
+        else:
+            lines.append("nothing to migrate once the interrupted step is finished")
         return lines
 
 
