@@ -37,8 +37,10 @@ from typing import Any
 
 import duckdb
 
+from engine.outbound_log.migrations import open_schema
 from engine.outbound_log.sql import SCHEMA, connect
 from engine.outbound_log.store import LogStore
+from engine.upgrade import migrate
 
 GENERATOR_VERSION = "4"  # 4: the storage format the engine creates (engine.outbound_log.sql.CONFIG)
 CHUNK = 1_000_000
@@ -147,7 +149,7 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
     try:
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute("SET enable_progress_bar = false")
-        conn.execute(SCHEMA)
+        open_schema(conn, building / LOG_FILE)  # the tables, at the log's schema version
         _check_columns(conn)
         end_ms = int(time.time() * 1000)
         step_us = SPAN_SECONDS * 1_000_000 // rows
@@ -173,7 +175,9 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
 
 def index_log(path: Path, log: Any = print) -> None:
     """Opens the log with ``LogStore`` and waits until its customer index covers every
-    row (it builds or completes the index if needed; quick when it is complete)."""
+    row (it builds or completes the index if needed; quick when it is complete). A file
+    cached before the log recorded its schema version is migrated first."""
+    migrate(path.parent)
 
     async def run() -> None:
         store = LogStore(path)

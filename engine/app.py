@@ -3,6 +3,7 @@ started and stopped together."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,9 +23,17 @@ from engine.outbound_log.outbox import LogOutbox
 from engine.outbound_log.store import LogStore
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
+from engine.queue.retention import (
+    DAY,
+    DEFAULT_RETENTION_DAYS,
+    RETENTION_INTERVAL,
+    RETENTION_START_DELAY,
+    DeadLetterSweeper,
+)
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox
+from engine.upgrade import prepare
 
 log = structlog.get_logger("tidegate.engine")
 
@@ -54,6 +63,14 @@ class EngineConfig:
     dedupe_sweep_delay: float = SWEEP_START_DELAY
     dedupe_sweep_interval: float = SWEEP_INTERVAL
     """When re-send marks past their window are first deleted, and how often after."""
+    migrate: bool = True
+    """Migrate the data folder's stores at start; False (``serve --no-migrate``) refuses
+    to start when a migration step is pending."""
+    dead_letter_retention: float = DEFAULT_RETENTION_DAYS * DAY
+    dead_letter_sweep_delay: float = RETENTION_START_DELAY
+    dead_letter_sweep_interval: float = RETENTION_INTERVAL
+    """Dead letters are deleted ``dead_letter_retention`` seconds after they failed, first
+    ``dead_letter_sweep_delay`` seconds after start, then every ``..._interval``."""
 
 
 class Engine:
@@ -71,6 +88,7 @@ class Engine:
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
         self._sweeper: DedupeSweeper | None = None
+        self._dead_letter_sweeper: DeadLetterSweeper | None = None
 
     async def start(self) -> None:
         """Starts every part; on failure (a busy port, say) stops what had started."""
@@ -83,6 +101,7 @@ class Engine:
     async def _start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(prepare, cfg.data_dir, migrate_now=cfg.migrate)
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
         self.pm = plugin_manager(cfg.extra_plugins)
@@ -110,6 +129,13 @@ class Engine:
         await self.deliverer.start()
         self._sweeper = DedupeSweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay)
         self._sweeper.start()
+        self._dead_letter_sweeper = DeadLetterSweeper(
+            self.db,
+            cfg.dead_letter_retention,
+            cfg.dead_letter_sweep_interval,
+            cfg.dead_letter_sweep_delay,
+        )
+        self._dead_letter_sweeper.start()
         if cfg.ingest_worker:
             await self._start_worker()
         else:
@@ -168,6 +194,9 @@ class Engine:
         if self._sweeper is not None:
             await self._sweeper.stop()
             self._sweeper = None
+        if self._dead_letter_sweeper is not None:
+            await self._dead_letter_sweeper.stop()
+            self._dead_letter_sweeper = None
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None

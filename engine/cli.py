@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import uvloop
@@ -34,7 +34,9 @@ from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
+from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
 from engine.state.config_document import key_env_names
+from engine.upgrade import migrate, plan
 
 T = TypeVar("T")
 
@@ -106,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve ingest HTTP from the engine process instead of a worker process of its"
         " own (uses one core instead of two)",
     )
+    add_upgrade_options(serve)
     serve.set_defaults(func=run_serve)
     add_config_command(sub)
+    add_migrate_command(sub)
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
         command.configure(added)
@@ -130,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
             base_backoff=args.retry_base_seconds,
             max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),
         ),
+        **upgrade_settings(args),
     )
     # uvloop: the libuv event loop serves aiohttp and grpc.aio with less CPU per request.
     return uvloop.run(_serve(config))
@@ -310,6 +315,71 @@ def _rpc_failure(target: str, exc: grpc.aio.AioRpcError) -> str:
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"the engine at {target} has no ConfigService: it runs an older Tidegate"
     return f"the engine at {target} answered {code.name}: {exc.details()}"
+
+
+def add_upgrade_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s flags for schema migrations and dead-letter retention."""
+    serve.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="refuse to start when the data folder needs migrating, instead of migrating it"
+        " (then run `tidegate migrate`)",
+    )
+    serve.add_argument(
+        "--dead-letter-retention-days",
+        type=positive,
+        default=DEFAULT_RETENTION_DAYS,
+        help="delete dead letters this many days after they failed"
+        f" (default {DEFAULT_RETENTION_DAYS:g})",
+    )
+
+
+def upgrade_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` fields that ``add_upgrade_options`` sets."""
+    return {
+        "migrate": not args.no_migrate,
+        "dead_letter_retention": args.dead_letter_retention_days * DAY,
+    }
+
+
+def add_migrate_command(sub: Any) -> None:
+    command = sub.add_parser(
+        "migrate",
+        help="bring a data folder to this Tidegate's schema, without serving",
+        description="Runs the pending schema migration steps of a data folder's state"
+        " database and outbound log (or lists them with --dry-run), then exits: 0 when the"
+        " folder is ready for this Tidegate, 1 when it is refused or a step failed. Stop"
+        " `tidegate serve` on the folder first.",
+    )
+    command.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"the data folder (default ./{DEFAULT_DATA_DIR})",
+    )
+    command.add_argument(
+        "--dry-run", action="store_true", help="list the pending steps and change nothing"
+    )
+    command.set_defaults(func=run_migrate)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir
+    if not data_dir.is_dir():
+        print(f"tidegate migrate: data folder {data_dir} does not exist", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print("\n".join(plan(data_dir).lines()))
+        return 0
+
+    def progress(text: str) -> None:
+        print(f"tidegate migrate: {text}", file=sys.stderr, flush=True)
+
+    ran = migrate(data_dir, progress)
+    stores = ", ".join(f"{sp.store.name} schema {sp.store.current}" for sp in ran.stores)
+    done = f"{ran.steps} step(s) applied" if ran.steps else "nothing to migrate"
+    progress(f"{done}; data folder {data_dir} is ready ({stores})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,11 @@ import duckdb
 import pytest
 import structlog
 
+from engine.outbound_log.migrations import LOG_FILE
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, new_request_id
 from engine.outbound_log.sql import SCHEMA, arrow_tables
 from engine.outbound_log.store import LogStore
+from engine.upgrade import migrate
 
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 POOL = [f"customer-{n:06d}" for n in range(12)]  # a shared prefix, as real ids have
@@ -272,13 +274,14 @@ async def test_search_is_exact_while_runs_are_being_merged(tmp_path: Path) -> No
 
 
 async def test_a_log_written_before_the_index_existed_is_indexed_on_open(tmp_path: Path) -> None:
-    path = tmp_path / "log.duckdb"
+    path = tmp_path / LOG_FILE
     rows = rows_at(random.Random(3), 80, 0, 100)
     with duckdb.connect(str(path)) as conn:  # as an older Tidegate left it: no index tables
         conn.execute(SCHEMA)
         for name, table in arrow_tables(rows).items():
             conn.register("batch", table)
             conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM batch")
+    migrate(tmp_path)  # it recorded no schema version: the store refuses it until then
     store = LogStore(path, index_seal_rows=50, index_fanout=4, index_pass_rows=40)
     with structlog.testing.capture_logs() as logs:
         await store.start()

@@ -322,7 +322,9 @@ async def _work(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = socket.socket(fileno=args.listen_fd)
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=args.channel_fd))
-    db = Database(args.data_dir / STATE_FILE)
+    # Never migrates nor creates: the engine did before it started this worker, and a
+    # version this code does not use is refused (SchemaError, a TidegateError).
+    db = Database(args.data_dir / STATE_FILE, create=False)
     await db.start()
     runner: web.AppRunner | None = None
     try:

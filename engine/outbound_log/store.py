@@ -40,10 +40,10 @@ from engine.outbound_log.customer_index import (
     read_index,
     requests_at_rows,
 )
+from engine.outbound_log.migrations import open_schema
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
 from engine.outbound_log.sql import (
     REQUEST_COLUMNS,
-    SCHEMA,
     arrow_tables,
     check_query,
     check_row,
@@ -291,7 +291,7 @@ class LogStore:
         except duckdb.IOException as exc:  # most often: another process holds the file
             raise TidegateError(f"cannot open the log database {self._path}: {exc}") from exc
         try:
-            conn.execute(SCHEMA)
+            open_schema(conn, self._path)  # a new file's tables, or a check of its version
             self._indexer.open(conn)
         except BaseException:
             conn.close()

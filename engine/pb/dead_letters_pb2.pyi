@@ -47,7 +47,8 @@ Global___ReplayMode: _TypeAlias = ReplayMode  # noqa: Y015
 @_typing.final
 class DeadLetter(_message.Message):
     """One queued item that failed for good. Output only: dead letters are made by delivery
-    and removed by a replay.
+    and removed by a replay, or by retention once fail_time is older than
+    `tidegate serve --dead-letter-retention-days` (default 30).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -59,7 +59,9 @@ class DeadLetterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReplayDeadLetters(self, request, context):
-        """Queues dead letters again, by id or by filter. With dry_run, only counts them.
+        """Queues dead letters again, by id or by filter. With dry_run, only counts them. Ids of
+        dead letters that retention deleted are refused with NOT_FOUND naming them, and
+        nothing is replayed then; an id that was never a dead letter just matches nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

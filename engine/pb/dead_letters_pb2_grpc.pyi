@@ -36,7 +36,10 @@ class DeadLetterServiceStub:
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_dead_letters_pb2.ListDeadLettersRequest, _dead_letters_pb2.ListDeadLettersResponse]
     """Lists dead letters, oldest first, matching every filter field that is set."""
     ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_dead_letters_pb2.ReplayDeadLettersRequest, _dead_letters_pb2.ReplayDeadLettersResponse]
-    """Queues dead letters again, by id or by filter. With dry_run, only counts them."""
+    """Queues dead letters again, by id or by filter. With dry_run, only counts them. Ids of
+    dead letters that retention deleted are refused with NOT_FOUND naming them, and
+    nothing is replayed then; an id that was never a dead letter just matches nothing.
+    """
 
 @_typing.type_check_only
 class DeadLetterServiceAsyncStub(DeadLetterServiceStub):
@@ -46,7 +49,10 @@ class DeadLetterServiceAsyncStub(DeadLetterServiceStub):
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_dead_letters_pb2.ListDeadLettersRequest, _dead_letters_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
     """Lists dead letters, oldest first, matching every filter field that is set."""
     ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_dead_letters_pb2.ReplayDeadLettersRequest, _dead_letters_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
-    """Queues dead letters again, by id or by filter. With dry_run, only counts them."""
+    """Queues dead letters again, by id or by filter. With dry_run, only counts them. Ids of
+    dead letters that retention deleted are refused with NOT_FOUND naming them, and
+    nothing is replayed then; an id that was never a dead letter just matches nothing.
+    """
 
 class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
     """Items that failed for good, and replaying them."""
@@ -65,6 +71,9 @@ class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dead_letters_pb2.ReplayDeadLettersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dead_letters_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_dead_letters_pb2.ReplayDeadLettersResponse]]:
-        """Queues dead letters again, by id or by filter. With dry_run, only counts them."""
+        """Queues dead letters again, by id or by filter. With dry_run, only counts them. Ids of
+        dead letters that retention deleted are refused with NOT_FOUND naming them, and
+        nothing is replayed then; an id that was never a dead letter just matches nothing.
+        """
 
 def add_DeadLetterServiceServicer_to_server(servicer: DeadLetterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,6 +4,11 @@ A dead letter keeps the queued record and, when it got that far, the fragment re
 the destination, so it can be replayed: re-rendered with the current mapping, or resent
 as it was (a ``rendered`` item). Rows are written in the transaction that settles the
 send (``DurableQueue.settle``), so an item is always either queued or dead.
+
+Retention (``engine.queue.retention``) deletes dead letters some days after they failed
+and keeps, in ``dead_letter_expiry``, the highest id it deleted: a replay that names an
+id at or below it that is gone is refused as expired (``DeadLettersExpiredError``),
+not answered with "0 replayed".
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from engine.errors import NotFoundError
 from engine.queue.items import (
     KIND_RENDERED,
     ORIGIN_REPLAY,
@@ -100,6 +106,41 @@ class ReplayResult:
     connections: frozenset[str] = frozenset()
 
 
+class DeadLettersExpiredError(NotFoundError):
+    """A replay named dead letters that retention has deleted; nothing was replayed."""
+
+    def __init__(self, ids: Sequence[int], expired_through: int, retention_seconds: float) -> None:
+        shown = ", ".join(str(i) for i in ids[:20]) + (", ..." if len(ids) > 20 else "")
+        letters = "dead letter" if len(ids) == 1 else "dead letters"
+        super().__init__(
+            f"ids: {letters} {shown} expired: dead letters are deleted"
+            f" {retention_seconds / 86400:g} days after they failed (tidegate serve"
+            f" --dead-letter-retention-days), and ids up to {expired_through} have been."
+            " Nothing was replayed: send the request again without them"
+        )
+        self.ids = tuple(ids)
+        self.expired_through = expired_through
+
+
+def expired_ids(c: sqlite3.Connection, ids: Sequence[int]) -> DeadLettersExpiredError | None:
+    """The error naming those of ``ids`` that retention deleted, or None when none was."""
+    expiry = c.execute(
+        "SELECT expired_through, retention_seconds FROM dead_letter_expiry WHERE id = 1"
+    ).fetchone()
+    if expiry is None:
+        return None
+    gone = [
+        seq
+        for (seq,) in c.execute(
+            "SELECT DISTINCT j.value FROM json_each(?) AS j WHERE j.value <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = j.value)"
+            " ORDER BY j.value",
+            (orjson.dumps(list(ids)), expiry[0]),
+        )
+    ]
+    return DeadLettersExpiredError(gone, expiry[0], expiry[1]) if gone else None
+
+
 def insert_dead_letters(c: sqlite3.Connection, dead: Sequence[DeadLetter], now: float) -> None:
     """Stores ``dead`` inside the caller's transaction (which deletes their items)."""
     c.executemany(
@@ -165,7 +206,12 @@ def requeue_dead_letters(
     c: sqlite3.Connection, query: DeadLetterQuery, stored: bool, dry_run: bool, now: float
 ) -> ReplayResult:
     """Moves matching dead letters back to the end of their lanes, inside the caller's
-    transaction (see ``DurableQueue.replay``)."""
+    transaction (see ``DurableQueue.replay``). Raises ``DeadLettersExpiredError``, having
+    changed nothing, when ``query.ids`` names dead letters retention deleted."""
+    if query.ids:
+        expired = expired_ids(c, query.ids)
+        if expired is not None:
+            raise expired
     where, params = query.where()
     rows = c.execute(
         "SELECT seq, connection_id, customer_id, kind, event_id, payload, rendered"

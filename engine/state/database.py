@@ -18,15 +18,32 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine import __version__
+from engine.schema import Found, SchemaError, check_current, not_tidegate_message
+
 T = TypeVar("T")
 STATE_FILE = "state.sqlite3"
 """The state database's name in the data directory."""
+STORE_NAME = "state database"
 _STOP: Any = object()
+
+SCHEMA_VERSION = 2
+"""The version of ``SCHEMA``, kept in ``PRAGMA user_version``. A change to ``SCHEMA``
+bumps it and adds the step that makes the change to ``engine.state.migrations``
+(tests/test_migrations.py checks that the steps lead to exactly this schema)."""
+V1_TABLES = frozenset(
+    {
+        "connections", "profile_mappings", "event_mappings", "profiles", "external_ids",
+        "log_outbox", "source_catalog", "seen_events", "queue", "dead_letters",
+    }
+)  # fmt: skip
+"""The tables of Tidegate 0.1.0, which recorded no version: version 1."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS connections (
@@ -126,16 +143,113 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     origin TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_connection ON dead_letters (connection_id, seq);
+-- Retention deletes by fail_time (engine.queue.retention), oldest first.
+CREATE INDEX IF NOT EXISTS dead_letters_by_fail_time ON dead_letters (fail_time);
+-- One row: what dead-letter retention has deleted, so that a replay of an id it deleted
+-- is told so. expired_through is the highest id it deleted.
+CREATE TABLE IF NOT EXISTS dead_letter_expiry (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    expired_through INTEGER NOT NULL,
+    expired_count INTEGER NOT NULL,
+    retention_seconds REAL NOT NULL,
+    last_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schema_history (
+    version INTEGER PRIMARY KEY,
+    tidegate TEXT NOT NULL,
+    applied_time REAL NOT NULL,
+    what TEXT NOT NULL
+);
 """
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one at a time (``executescript`` would commit
+    the caller's transaction first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        yield pending.strip()
+
+
+def execute_script(conn: sqlite3.Connection, script: str) -> None:
+    """Runs ``script`` statement by statement, inside the caller's transaction."""
+    for statement in statements(script):
+        conn.execute(statement)
+
+
+def stored_schema(conn: sqlite3.Connection, path: Path) -> Found:
+    """The schema version of the database ``conn`` has open (see ``engine.schema``)."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    tables = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    }
+    if version:
+        written_by = ""
+        try:  # a newer release may keep its history otherwise: then it is not named
+            row = conn.execute(
+                "SELECT tidegate FROM schema_history ORDER BY version DESC LIMIT 1"
+            ).fetchone()
+            written_by = str(row[0]) if row else ""
+        except sqlite3.Error:
+            pass
+        return Found(int(version), True, written_by)
+    if not tables:
+        return Found(0)
+    if V1_TABLES <= tables:
+        return Found(1, recorded=False)
+    raise SchemaError(not_tidegate_message(path.parent, STORE_NAME, path.name, sorted(tables)))
+
+
+def record_version(conn: sqlite3.Connection, version: int, what: str) -> None:
+    """Stamps ``version`` inside the caller's transaction (``PRAGMA user_version`` is
+    part of the transaction: a rollback undoes it)."""
+    conn.execute(f"PRAGMA user_version = {int(version)}")
+    conn.execute(
+        "INSERT OR REPLACE INTO schema_history (version, tidegate, applied_time, what)"
+        " VALUES (?, ?, ?, ?)",
+        (version, __version__, time.time(), what),
+    )
+
+
+def open_schema(conn: sqlite3.Connection, path: Path, *, create: bool = True) -> None:
+    """Creates the schema in a database without tables (at ``SCHEMA_VERSION``), or checks
+    that the database is at that version: an older one needs ``tidegate migrate``, a
+    newer one a newer Tidegate (``SchemaError`` either way; nothing is written)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = stored_schema(conn, path)
+        if found.version == 0 and create:
+            execute_script(conn, SCHEMA)
+            record_version(conn, SCHEMA_VERSION, "created")
+            conn.execute("COMMIT")
+            return
+        if found.version == 0:
+            raise SchemaError(f"{path} holds no Tidegate state: start `tidegate serve` first")
+        check_current(path.parent, STORE_NAME, path.name, found, SCHEMA_VERSION)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class Database:
     """The state database. ``read`` runs a function on the database thread; ``write``
     runs it inside a grouped transaction and returns once that transaction is committed."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", create: bool = True) -> None:
+        """``create``: give a new file the current schema. The ingest worker passes False:
+        the engine has made the database before it starts the worker."""
         self.path = path
         self._synchronous = synchronous
+        self._create = create
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-sqlite")
         self._read_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tidegate-sqlite-read"
@@ -156,20 +270,40 @@ class Database:
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: an acknowledged ingest survives power loss, not only a process crash.
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
-        self._lock_fd = os.open(f"{self.path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        with self._turn():
-            conn.executescript(SCHEMA)
+        if self._create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        else:
+            try:
+                conn = sqlite3.connect(
+                    f"{self.path.absolute().as_uri()}?mode=rw",
+                    isolation_level=None,
+                    check_same_thread=False,
+                    uri=True,
+                )
+            except sqlite3.OperationalError as exc:
+                raise SchemaError(f"cannot open the state database {self.path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._lock_fd = writer_lock(self.path)
+            # Checked before anything else is written: a database of another version is
+            # left as it was (its journal mode too).
+            with self._turn():
+                open_schema(conn, self.path, create=self._create)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged ingest survives power loss, not only a process crash.
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            conn.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+            raise
         self._conn = conn
 
-    def _turn(self) -> _WriterTurn:
-        return _WriterTurn(self._lock_fd)
+    def _turn(self) -> WriterTurn:
+        return WriterTurn(self._lock_fd)
 
     def _open_reader(self) -> None:
         reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -278,7 +412,13 @@ class Database:
         self._read_executor.shutdown(wait=True)
 
 
-class _WriterTurn:
+def writer_lock(path: Path) -> int:
+    """The file descriptor of the database's cross-process writer lock (see
+    ``WriterTurn``); the caller closes it."""
+    return os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+class WriterTurn:
     """Holds the cross-process writer lock for one transaction (a blocking ``flock``; the
     writer thread waits in the kernel with the GIL released)."""
 
