@@ -14,12 +14,20 @@ from aiohttp import web
 
 from engine.admin.server import start_grpc_server
 from engine.delivery.worker import Deliverer, DeliverySettings
-from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, DedupeSweeper
+from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
 from engine.ingest.http import create_ingest_app
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
 from engine.ingest.worker import IngestWorker
 from engine.outbound_log.outbox import LogOutbox
+from engine.outbound_log.partitions import LOG_DIR
+from engine.outbound_log.retention import (
+    LOG_RETENTION_DAYS,
+    RETENTION_INTERVAL,
+    RETENTION_START_DELAY,
+    log_retention,
+)
 from engine.outbound_log.store import LogStore
+from engine.periodic import Periodic
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
 from engine.state.connections import ConnectionRegistry
@@ -31,7 +39,6 @@ log = structlog.get_logger("tidegate.engine")
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_DATA_DIR = Path("tidegate-data")
-LOG_FILE = "outbound-log.duckdb"
 
 
 @dataclass
@@ -54,6 +61,12 @@ class EngineConfig:
     dedupe_sweep_delay: float = SWEEP_START_DELAY
     dedupe_sweep_interval: float = SWEEP_INTERVAL
     """When re-send marks past their window are first deleted, and how often after."""
+    log_retention_days: float = LOG_RETENTION_DAYS
+    """Outbound-log partitions whose rows are all older are deleted; 0 keeps them."""
+    log_max_bytes: int | None = None
+    """If set, the oldest partitions are deleted while the log takes more on disk."""
+    log_retention_delay: float = RETENTION_START_DELAY
+    log_retention_interval: float = RETENTION_INTERVAL
 
 
 class Engine:
@@ -70,7 +83,8 @@ class Engine:
         self._db: Database | None = None
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
-        self._sweeper: DedupeSweeper | None = None
+        self._sweeper: Periodic | None = None
+        self._retention: Periodic | None = None
 
     async def start(self) -> None:
         """Starts every part; on failure (a busy port, say) stops what had started."""
@@ -93,7 +107,7 @@ class Engine:
         await self.registry.load()
         self.queue = DurableQueue(self.db)
         self.outbox = LogOutbox(self.db)
-        self.logs = self._logs = LogStore(cfg.data_dir / LOG_FILE, on_committed=self.outbox.forget)
+        self.logs = self._logs = LogStore(cfg.data_dir / LOG_DIR, on_committed=self.outbox.forget)
         await self.logs.start()
         recovered = await self.outbox.recover(self.logs)
         if recovered:
@@ -108,8 +122,16 @@ class Engine:
         )
         await self.ingestor.load()
         await self.deliverer.start()
-        self._sweeper = DedupeSweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay)
+        self._sweeper = dedupe_sweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay)
         self._sweeper.start()
+        self._retention = log_retention(
+            self.logs,
+            cfg.log_retention_days,
+            cfg.log_max_bytes,
+            interval=cfg.log_retention_interval,
+            start_delay=cfg.log_retention_delay,
+        )
+        self._retention.start()
         if cfg.ingest_worker:
             await self._start_worker()
         else:
@@ -165,9 +187,10 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
-        if self._sweeper is not None:
-            await self._sweeper.stop()
-            self._sweeper = None
+        for job in (self._sweeper, self._retention):
+            if job is not None:
+                await job.stop()
+        self._sweeper = self._retention = None
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None

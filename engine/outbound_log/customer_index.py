@@ -55,6 +55,7 @@ import duckdb
 import structlog
 
 from engine.errors import TidegateError
+from engine.outbound_log.partitions import Partition, PartitionSet
 from engine.outbound_log.rows import LIST_CUSTOMERS, LogCustomer, from_micros
 from engine.outbound_log.sql import REQUEST_COLUMNS, REQUEST_FIELD_INDEX
 
@@ -397,12 +398,14 @@ def carried_customers(
 
 
 class CustomerIndexer:
-    """Keeps the customer index up to date on a thread and a connection of its own, so
-    that sorting a run never holds up the store's writer.
+    """Keeps the customer index of every partition up to date on a thread and a cursor of
+    its own, so that sorting a run never holds up the store's writer.
 
-    The store calls ``open`` with its connection before it starts, ``start`` on the event
-    loop, ``notify`` from its writer after each commit and ``close`` at the end. Between
-    ``start`` and ``close``, ``indexed`` waits for the index to cover every committed row.
+    The store calls ``prepare`` for each partition it attaches (through its
+    ``PartitionSet``), ``open`` with its connection and partitions before it starts,
+    ``start`` on the event loop, ``notify`` from its writer after each commit to a
+    partition, and ``close`` at the end. Between ``start`` and ``close``, ``indexed``
+    waits for the index to cover every committed row.
 
     ``should_stop``, if given, is asked before each sort pass of a run, as well as whether
     ``close`` was called: a true answer abandons the run (rolled back; the rows are sealed
@@ -422,35 +425,44 @@ class CustomerIndexer:
         self._pass_rows = max(pass_rows, 1)
         self._should_stop = should_stop
         self._conn: duckdb.DuckDBPyConnection | None = None
+        self._partitions: PartitionSet | None = None
         self._thread: threading.Thread | None = None
         # _cond guards the fields below it.
         self._cond = threading.Condition()
-        self._new_rows = 0  # log_customers rows committed since the indexer last looked
+        self._new_rows: dict[str, int] = {}  # per partition: rows committed since looked at
         self._waiters: list[asyncio.Future[None]] = []
         self._stop = False
 
-    def open(self, conn: duckdb.DuckDBPyConnection) -> None:
-        """Creates the index tables on ``conn``, or checks them and drops an index this
-        DuckDB cannot trust (see ``open_index``), then takes a cursor of ``conn`` for the
-        indexer thread. Blocks: run it where the store opens the file."""
-        dropped = open_index(conn)
+    @staticmethod
+    def prepare(cur: duckdb.DuckDBPyConnection, partition: Partition) -> None:
+        """Creates a partition's index tables on ``cur`` (which uses it), or checks them
+        and drops an index this DuckDB cannot trust (see ``open_index``)."""
+        dropped = open_index(cur)
         if dropped:
-            log.warning("log_customer_index_dropped", reason=dropped)
+            log.warning("log_customer_index_dropped", partition=partition.name, reason=dropped)
+
+    def open(self, conn: duckdb.DuckDBPyConnection, partitions: PartitionSet) -> None:
+        """Takes a cursor of ``conn`` for the indexer thread."""
         self._conn = conn.cursor()
+        self._partitions = partitions
 
     def start(self) -> None:
-        assert self._conn is not None, "open() first"
-        # The tail may hold rows written before there was an index, or before the last
-        # close: the indexer looks at once.
-        self._new_rows = self._seal_rows
+        assert self._conn is not None and self._partitions is not None, "open() first"
+        # A partition's tail may hold rows written before there was an index, or before the
+        # last close: the indexer looks at every partition at once.
+        with self._cond:
+            for partition in self._partitions.all():
+                self._new_rows[partition.name] = self._seal_rows
         self._thread = threading.Thread(target=self._run, name="tidegate-logindex", daemon=True)
         self._thread.start()
 
-    def notify(self, customer_rows: int) -> None:
-        """Called by the store's writer: ``customer_rows`` more rows are committed."""
+    def notify(self, partition: str, customer_rows: int) -> None:
+        """Called by the store's writer: ``customer_rows`` more rows are committed to
+        ``partition``."""
         with self._cond:
-            self._new_rows += customer_rows
-            if self._new_rows >= self._seal_rows:
+            rows = self._new_rows.get(partition, 0) + customer_rows
+            self._new_rows[partition] = rows
+            if rows >= self._seal_rows:
                 self._cond.notify()
 
     async def indexed(self) -> None:
@@ -477,7 +489,7 @@ class CustomerIndexer:
 
     async def close(self) -> None:
         """Stops the thread and waits for it, fails the ``indexed`` calls still waiting
-        and closes the indexer's connection."""
+        and closes the indexer's cursor."""
         self.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -491,20 +503,28 @@ class CustomerIndexer:
         if conn is not None:
             await asyncio.to_thread(conn.close)
 
+    def _due(self) -> list[str]:
+        return [name for name, rows in self._new_rows.items() if rows >= self._seal_rows]
+
     def _run(self) -> None:
         delay = 0.1
         while True:
             with self._cond:
-                while not self._stop and not self._waiters:
-                    if self._new_rows >= self._seal_rows:
-                        break
+                while not self._stop and not self._waiters and not self._due():
                     self._cond.wait()
                 if self._stop:
                     return
                 waiters, self._waiters = self._waiters, []
-                self._new_rows = 0
+                force = bool(waiters)
+                names = self._due()
+                for name in names:
+                    self._new_rows.pop(name, None)
+            if force:  # indexed() waits: every partition's tail, whatever its size
+                assert self._partitions is not None
+                names = [p.name for p in self._partitions.all()]
             try:
-                self._work(force=bool(waiters))
+                for name in names:
+                    self._work_on(name, force=force)
             except Exception as exc:  # the index is only an accelerator: keep the thread
                 with self._cond:
                     self._waiters[:0] = waiters  # close() fails them if it stops us
@@ -515,7 +535,8 @@ class CustomerIndexer:
                 else:
                     log.exception("log_customer_index_failed")
                 with self._cond:
-                    self._new_rows = self._seal_rows  # try again
+                    for name in names:  # try again
+                        self._new_rows[name] = max(self._new_rows.get(name, 0), self._seal_rows)
                     self._cond.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
                 continue
@@ -528,9 +549,23 @@ class CustomerIndexer:
         should_stop = self._should_stop
         return (should_stop is not None and should_stop()) or self._stop
 
+    def _work_on(self, name: str, *, force: bool) -> None:
+        """``_work`` on partition ``name``, held so a drop waits (gone: nothing to do)."""
+        conn, partitions = self._conn, self._partitions
+        assert conn is not None and partitions is not None
+        with partitions.taking(name) as partition:
+            if partition is None:
+                return
+            conn.execute(f"USE {name}")
+            try:
+                self._work(force=force)
+            finally:
+                conn.execute("USE memory")
+
     def _work(self, *, force: bool) -> None:
-        """Seals the tail (any size if ``force``; a run holds at most ``pass_rows`` rows,
-        so a long tail takes several), then merges until no level is full."""
+        """Seals the tail of the partition in use (any size if ``force``; a run holds at
+        most ``pass_rows`` rows, so a long tail takes several), then merges until no level
+        is full."""
         conn = self._conn
         assert conn is not None
         sealed = 0
