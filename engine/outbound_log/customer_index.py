@@ -69,6 +69,7 @@ INDEX_PASS_ROWS = 4_000_000  # rows sorted at once while writing a run (bounds i
 INDEX_LOG_ROWS = 1_000_000  # runs at least this large are logged at info level
 PROGRESS_INTERVAL = 5.0  # seconds between progress lines while a large run is written
 RETRY_MAX_DELAY = 5.0  # seconds between attempts after an indexing error, at most
+CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
 
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS log_index_state (
@@ -292,40 +293,117 @@ def write_run(
         progress(i + 1, passes)
 
 
+Entry = tuple[int, int, int, int, int]
+"""An index entry of a search: (time in epoch microseconds, partition number, customer
+row, position, request row); the partition number is the place of its catalog in the
+search's list."""
+Found = tuple[tuple[Any, ...], tuple[LogCustomer, ...]]
+"""A request record and the customers a list shows with it."""
+
+
+def customer_search(
+    cur: duckdb.DuckDBPyConnection,
+    catalogs: list[str],
+    customer_id: str,
+    where: str,
+    params: list[Any],
+    bounds: list[tuple[str, datetime]],
+    size: int,
+) -> list[Found]:
+    """Up to ``size + 1`` requests carrying the customer that satisfy ``where`` (SQL on
+    ``log_requests r``), newest first, across the partitions whose DuckDB catalogs are
+    ``catalogs``. Each step is one statement over all of them (a union of their runs and
+    tails), so a search costs about the same in one partition or fifteen. Reads in one
+    transaction: each partition's watermark, runs and tail agree."""
+    found: list[Found] = []
+    cur.begin()
+    try:
+        states = read_indexes(cur, catalogs)
+        before: int | None = None
+        chunk = size + 1
+        while len(found) <= size:
+            candidates = customer_entries(cur, catalogs, states, customer_id, bounds, before, chunk)
+            entries: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            for _time, part, customer_row, position, request_row in candidates:
+                entries.setdefault((part, request_row), []).append((customer_row, position))
+            recs = requests_at_rows(cur, catalogs, list(entries), where, params)
+            while recs and len(found) <= size:
+                batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
+                found += carried_customers(cur, catalogs, batch, entries, customer_id)
+            times = len({entry[0] for entry in candidates})
+            if times < chunk:
+                break
+            before, chunk = candidates[-1][0], min(chunk * 4, CANDIDATES_MAX)
+    finally:
+        _rollback(cur)  # read only: nothing to commit
+    return found
+
+
+def read_indexes(cur: duckdb.DuckDBPyConnection, catalogs: list[str]) -> list[IndexState]:
+    """The index state of each partition, in the order of ``catalogs`` (two statements)."""
+    if not catalogs:
+        return []
+    states = dict(
+        cur.execute(
+            " UNION ALL ".join(
+                f"SELECT {part} AS part, sealed_rows FROM {catalog}.log_index_state"
+                for part, catalog in enumerate(catalogs)
+            )
+        ).fetchall()
+    )
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for part, run, entries in cur.execute(
+        " UNION ALL ".join(
+            f"SELECT {part} AS part, run, entries FROM {catalog}.log_index_runs"
+            for part, catalog in enumerate(catalogs)
+        )
+        + " ORDER BY part, run"
+    ).fetchall():
+        runs.setdefault(part, []).append((run, entries))
+    return [IndexState(states[part], tuple(runs.get(part, ())), 0) for part in range(len(catalogs))]
+
+
 def customer_entries(
     cur: duckdb.DuckDBPyConnection,
-    state: IndexState,
+    catalogs: list[str],
+    states: list[IndexState],
     customer_id: str,
     bounds: list[tuple[str, datetime]],
     before: int | None,
     limit: int,
-) -> list[tuple[int, int, int, int]]:
-    """The index entries (time in epoch microseconds, customer_row, position, request_row)
-    at up to ``limit`` distinct times, newest first and before ``before`` when given, that
-    may be the customer's: every request carrying it has an entry. Entries of one time are
-    ordered by request, then position. Run it in the transaction that read ``state``."""
-    branches = [
-        f"SELECT {RUN_FIELDS} FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
-        for run, _ in state.runs
-    ]
-    params: list[Any] = [customer_id] * len(branches)
-    branches.append(
-        "SELECT 0::UBIGINT AS customer_hash, c.time AS time, c.rowid AS customer_row,"
-        " c.position AS position, r.rowid AS request_row FROM log_customers c"
-        " JOIN log_requests r ON r.time = c.time AND r.id = c.request_id"
-        " WHERE c.rowid >= ? AND c.customer_id = ?"
-    )
-    params += [state.sealed, customer_id]
+) -> list[Entry]:
+    """The index entries at up to ``limit`` distinct times, newest first and before
+    ``before`` when given, that may be the customer's: every request carrying it has an
+    entry. Entries of one time are ordered by partition, request, then position."""
+    branches: list[str] = []
+    params: list[Any] = []
+    for part, (catalog, state) in enumerate(zip(catalogs, states, strict=True)):
+        for run, _ in state.runs:
+            branches.append(
+                f"SELECT {part} AS part, time, customer_row, position, request_row"
+                f" FROM {catalog}.{run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
+            )
+            params.append(customer_id)
+        branches.append(
+            f"SELECT {part} AS part, c.time AS time, c.rowid AS customer_row,"
+            " c.position AS position, r.rowid AS request_row"
+            f" FROM {catalog}.log_customers c JOIN {catalog}.log_requests r"
+            " ON r.time = c.time AND r.id = c.request_id"
+            " WHERE c.rowid >= ? AND c.customer_id = ?"
+        )
+        params += [state.sealed, customer_id]
+    if not branches:
+        return []
     conds = [f"time {op} ?" for op, _ in bounds]
     params += [value for _, value in bounds]
     if before is not None:
         conds.append("time < ?")
         params.append(from_micros(before))
-    found = cur.execute(
-        "SELECT epoch_us(time) AS t, customer_row, position, request_row"
+    found: list[Entry] = cur.execute(
+        "SELECT epoch_us(time) AS t, part, customer_row, position, request_row"
         f" FROM ({' UNION ALL '.join(branches)}) WHERE {' AND '.join(conds) or 'TRUE'}"
         " QUALIFY dense_rank() OVER (ORDER BY t DESC) <= ?"
-        " ORDER BY t DESC, request_row, position",
+        " ORDER BY t DESC, part, request_row, position",
         [*params, limit],
     ).fetchall()
     return found
@@ -333,66 +411,84 @@ def customer_entries(
 
 def requests_at_rows(
     cur: duckdb.DuckDBPyConnection,
-    rows: list[int],
+    catalogs: list[str],
+    rows: list[tuple[int, int]],
     where: str,
     params: list[Any],
-) -> list[tuple[int, tuple[Any, ...]]]:
-    """(rowid, record) of the ``log_requests`` rows with these rowids that satisfy
-    ``where``, newest first."""
-    if not rows:
+) -> list[tuple[tuple[int, int], tuple[Any, ...]]]:
+    """((partition, rowid), record) of the ``log_requests`` rows at these places that
+    satisfy ``where``, newest first."""
+    by_part: dict[int, list[int]] = {}
+    for part, row in rows:
+        by_part.setdefault(part, []).append(row)
+    if not by_part:
         return []
-    found = cur.execute(
-        f"SELECT r.rowid, {REQUEST_COLUMNS} FROM log_requests r"
+    branches = [
+        f"SELECT {part} AS part, r.rowid AS row, {REQUEST_COLUMNS}"
+        f" FROM {catalogs[part]}.log_requests r"
         f" WHERE r.rowid IN (SELECT unnest(?::BIGINT[])) AND {where}"
-        " ORDER BY r.time DESC, r.id DESC",
-        [rows, *params],
+        for part in by_part
+    ]
+    values: list[Any] = []
+    for part_rows in by_part.values():
+        values += [part_rows, *params]
+    # Columns 3 and 4 are the request's time and id (REQUEST_COLUMNS begins with them).
+    found = cur.execute(
+        f"SELECT * FROM ({' UNION ALL '.join(branches)}) ORDER BY 3 DESC, 4 DESC", values
     ).fetchall()
-    return [(rec[0], rec[1:]) for rec in found]
+    return [((rec[0], rec[1]), rec[2:]) for rec in found]
 
 
 def carried_customers(
     cur: duckdb.DuckDBPyConnection,
-    requests: list[tuple[int, tuple[Any, ...]]],
-    entries: dict[int, list[tuple[int, int]]],
+    catalogs: list[str],
+    requests: list[tuple[tuple[int, int], tuple[Any, ...]]],
+    entries: dict[tuple[int, int], list[tuple[int, int]]],
     customer_id: str,
-) -> list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
-    """The ``requests`` (rowid, record) that carry the customer, each with its customers as
-    a list shows them: the customer's own rows first, then the others in request order,
-    ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's rowid to its index entries
-    (customer_row, position), by position: an entry whose row names another customer (a
-    hash collision) is not the customer's."""
+) -> list[Found]:
+    """The ``requests`` ((partition, rowid), record) that carry the customer, each with
+    its customers as a list shows them: the customer's own rows first, then the others in
+    request order, ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's place to its
+    index entries (customer_row, position), by position: an entry whose row names another
+    customer (a hash collision) is not the customer's."""
     count = REQUEST_FIELD_INDEX["customer_count"]
-    wanted: set[int] = set()
-    for request_row, rec in requests:
-        own = entries[request_row]
+    wanted: dict[int, set[int]] = {}
+    for (part, request_row), rec in requests:
+        own = entries[(part, request_row)]
         first = own[0][0] - own[0][1]
-        wanted.update(range(first, first + min(rec[count], LIST_CUSTOMERS)))
-        wanted.update(row for row, _ in own)
+        rows = wanted.setdefault(part, set())
+        rows.update(range(first, first + min(rec[count], LIST_CUSTOMERS)))
+        rows.update(row for row, _ in own)
+    branches = [
+        f"SELECT {part} AS part, rowid AS row, customer_id, name, outcome, error, position"
+        f" FROM {catalogs[part]}.log_customers WHERE rowid IN (SELECT unnest(?::BIGINT[]))"
+        for part in wanted
+    ]
     fetched = cur.execute(
-        "SELECT rowid, customer_id, name, outcome, error, position FROM log_customers"
-        " WHERE rowid IN (SELECT unnest(?::BIGINT[]))",
-        [sorted(wanted)],
+        " UNION ALL ".join(branches), [sorted(rows) for rows in wanted.values()]
     ).fetchall()
-    rows = {rec[0]: (LogCustomer(*rec[1:5]), rec[5]) for rec in fetched}
-    found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
-    for request_row, rec in requests:
-        own = entries[request_row]
+    stored = {(rec[0], rec[1]): (LogCustomer(*rec[2:6]), rec[6]) for rec in fetched}
+    found: list[Found] = []
+    for (part, request_row), rec in requests:
+        own = entries[(part, request_row)]
         mine = [
             row
             for row, position in own
-            if row in rows and rows[row][1] == position and rows[row][0].customer_id == customer_id
+            if (part, row) in stored
+            and stored[(part, row)][1] == position
+            and stored[(part, row)][0].customer_id == customer_id
         ]
         if not mine:
             continue
-        first = mine[0] - rows[mine[0]][1]
+        first = mine[0] - stored[(part, mine[0])][1]
         others = []
         for k in range(min(rec[count], LIST_CUSTOMERS)):
-            customer, position = rows.get(first + k, (None, -1))
+            customer, position = stored.get((part, first + k), (None, -1))
             if customer is None or position != k:  # past the request's stored customers
                 break
             if first + k not in mine:
                 others.append(customer)
-        shown = [rows[row][0] for row in mine] + others
+        shown = [stored[(part, row)][0] for row in mine] + others
         found.append((rec, tuple(shown[:LIST_CUSTOMERS])))
     return found
 

@@ -35,10 +35,7 @@ from engine.outbound_log.customer_index import (
     INDEX_PASS_ROWS,
     INDEX_SEAL_ROWS,
     CustomerIndexer,
-    carried_customers,
-    customer_entries,
-    read_index,
-    requests_at_rows,
+    customer_search,
 )
 from engine.outbound_log.partitions import PARTITION_SPAN, Partition, PartitionSet, week_of
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
@@ -64,7 +61,6 @@ T = TypeVar("T")
 
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
 WRITE_RETRY_MAX_DELAY = 5.0
-CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
 
 
 class LogSubscription:
@@ -496,23 +492,30 @@ class LogStore:
     ) -> tuple[list[LogRow], tuple[int, str] | None]:
         """A page across partitions: each partition that may hold matching rows gives its
         newest ``size + 1``, newest partition first, merged by (time, id). Partitions older
-        than the page's last row cannot change it, so the search stops before them."""
+        than the page's last row cannot change it, so the search stops before them. A
+        search by customer reads every partition's customer index in the same statements
+        (``customer_index.customer_search``)."""
         partitions = self._partitions
         assert partitions is not None
         low, high = _time_range(query, after)
         by_customer = bool(query.customer_id and not query.identifier)
         found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
         with partitions.using(low, high) as chosen:
-            for partition in chosen:
-                if len(found) > size and from_micros(found[size][0][0]) >= partition.end:
-                    break
-                cur.execute(f"USE {partition.name}")
-                if by_customer:
-                    found += self._customer_page(cur, query, size, after)
-                else:
+            if by_customer:  # through the customer index of every partition at once
+                where, params = where_clause(replace(query, customer_id=""), after)
+                catalogs = [partition.name for partition in chosen]
+                bounds = time_bounds(query, after)
+                found = customer_search(
+                    cur, catalogs, query.customer_id, where, params, bounds, size
+                )
+            else:
+                for partition in chosen:
+                    if len(found) > size and from_micros(found[size][0][0]) >= partition.end:
+                        break
+                    cur.execute(f"USE {partition.name}")
                     found += self._page(cur, query, size, after)
-                found.sort(key=lambda f: (f[0][0], f[0][1]), reverse=True)
-                del found[size + 1 :]
+                    found.sort(key=lambda f: (f[0][0], f[0][1]), reverse=True)
+                    del found[size + 1 :]
         more, found = len(found) > size, found[:size]
         rows = [row_from_record(rec, carried) for rec, carried in found]
         return rows, (found[-1][0][0], found[-1][0][1]) if more else None
@@ -534,44 +537,6 @@ class LogStore:
         ).fetchall()
         customers = page_customers(cur, recs, query.customer_id)
         return [(rec, customers.get(rec[1], ())) for rec in recs]
-
-    def _customer_page(
-        self,
-        cur: duckdb.DuckDBPyConnection,
-        query: LogQuery,
-        size: int,
-        after: tuple[datetime, str] | None,
-    ) -> list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
-        """``_page`` for a customer search, through the partition's customer index: the
-        index gives the candidate entries newest first, a chunk of times at a time; the
-        requests they point at that pass the other filters are fetched by rowid, and kept
-        if the customer row an entry points at is this customer's."""
-        customer_id = query.customer_id
-        where, params = where_clause(replace(query, customer_id=""), after)
-        bounds = time_bounds(query, after)
-        found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
-        cur.begin()  # one snapshot: the watermark, the runs and the tail agree
-        try:
-            state = read_index(cur)
-            before: int | None = None
-            chunk = size + 1
-            while len(found) <= size:
-                candidates = customer_entries(cur, state, customer_id, bounds, before, chunk)
-                entries: dict[int, list[tuple[int, int]]] = {}
-                for _time, customer_row, position, request_row in candidates:
-                    entries.setdefault(request_row, []).append((customer_row, position))
-                recs = requests_at_rows(cur, list(entries), where, params)
-                while recs and len(found) <= size:
-                    batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
-                    found += carried_customers(cur, batch, entries, customer_id)
-                times = len({entry[0] for entry in candidates})
-                if times < chunk:
-                    break
-                before, chunk = candidates[-1][0], min(chunk * 4, CANDIDATES_MAX)
-        finally:
-            with contextlib.suppress(duckdb.Error):  # read only: nothing to commit
-                cur.rollback()
-        return found
 
     def _get(self, cur: duckdb.DuckDBPyConnection, request_id: str) -> LogRow | None:
         window = id_window(request_id)
