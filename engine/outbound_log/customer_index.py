@@ -18,17 +18,19 @@ at or above it (the unsealed tail, small) are scanned. Rowids are the insertion 
 not the time order, so rows that arrive late (a restart writing the log outbox) are
 indexed like any other. That holds, and the rowids in the runs stay valid, because
 ``log_customers`` and ``log_requests`` are append-only and only the store's writer
-appends: deleting rows (a retention policy, say) would have to rebuild the index.
+appends: retention deletes whole partitions, each with its own index, never rows.
 
 The hash only narrows the search: a colliding customer's entries are candidates too, and
 a request counts only once its ``log_customers`` row shows the customer (the rows the
 list shows anyway).
 
-A search (``LogStore`` runs it on a reader cursor) reads the index state and the index
-in one transaction. ``customer_entries`` gives the customer's entries newest first, a
-chunk of times at a time; ``requests_at_rows`` fetches by rowid the requests they point
-at that pass the other filters; ``carried_customers`` keeps a request if the customer
-row an entry points at is this customer's. Only the requests a page needs are fetched.
+A search (``customer_search``, which ``LogStore`` runs on a reader cursor) reads the index
+state and the index of every partition it covers in one transaction, each step one
+statement over all of them. ``customer_entries`` gives the customer's entries newest
+first, a chunk of times at a time; ``requests_at_rows`` fetches by rowid the requests
+they point at that pass the other filters; ``carried_customers`` keeps a request if the
+customer row an entry points at is this customer's. Only the requests a page needs are
+fetched.
 
 The ``CustomerIndexer`` works on a connection of its own, so sorting a run never holds
 up the store's writer. It seals the rows the writer committed into a new run once

@@ -1,13 +1,16 @@
 """The outbound log's store: the threads and connections that write, read and stream
-its rows, one row per outbound HTTP request, in DuckDB.
+its rows, one row per outbound HTTP request, in DuckDB, one file per week
+(``partitions``), all attached to one in-memory DuckDB instance.
 
 - One writer thread owns the write connection and inserts Arrow batches, one transaction
-  per batch. A checkpoint can stall it for seconds, so ``append`` only adds the row to a
-  bounded buffer and never waits on DuckDB.
-- Readers run in worker threads on their own cursors. A search by customer goes through
-  the customer index, a chunk of candidates at a time, in one transaction.
-- The store owns a ``CustomerIndexer``, which keeps that index up to date on a thread of
-  its own: the writer tells it how many customer rows each commit added.
+  per batch and partition. A checkpoint can stall it for seconds, so ``append`` only adds
+  the row to a bounded buffer and never waits on DuckDB.
+- Readers run in worker threads on their own cursors, over the partitions a query may
+  touch, newest first. A search by customer goes through the customer indexes, a chunk
+  of candidates at a time, in one transaction.
+- ``drop_partitions`` is retention: whole partitions go, never rows.
+- The store owns a ``CustomerIndexer``, which keeps every partition's index up to date on
+  a thread of its own: the writer tells it how many customer rows each commit added.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
 """
