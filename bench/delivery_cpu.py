@@ -41,7 +41,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import orjson
 import structlog
 
@@ -54,6 +53,7 @@ from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.ingestor import Ingestor
 from engine.ingest.parse import parse_request
 from engine.outbound_log.outbox import LogOutbox
+from engine.outbound_log.partitions import LOG_DIR, read_only
 from engine.outbound_log.store import LogStore
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
@@ -136,7 +136,7 @@ async def run_once(
     )
     queue = DurableQueue(db)
     outbox = LogOutbox(db)
-    logs = LogStore(workdir / "outbound-log.duckdb", on_committed=outbox.forget)
+    logs = LogStore(workdir / LOG_DIR, on_committed=outbox.forget)
     await logs.start()
     ingestor = Ingestor(db, registry, queue)
     await ingestor.load()
@@ -181,7 +181,7 @@ async def run_once(
         "gc_us": collector.seconds / queued * 1e6,
     }
     if digest:
-        result["digest"] = _log_digest(workdir / "outbound-log.duckdb")
+        result["digest"] = _log_digest(workdir / LOG_DIR)
     return result
 
 
@@ -231,9 +231,9 @@ class _GcClock:
             self.seconds += time.perf_counter() - self._started
 
 
-def _log_digest(path: Path) -> str:
+def _log_digest(folder: Path) -> str:
     """A hash of every request body and each row's customers and outcomes, in order."""
-    conn = duckdb.connect(str(path), read_only=True)
+    conn = read_only(folder)
     try:
         rows = conn.execute(
             "SELECT r.status_code, r.error, r.customer_count, r.attempt, r.method,"

@@ -6,7 +6,8 @@ building the same rows in Python, which keeps a first run of the 10M-row file wi
 harness's time budget. Everything is derived from the row number by ``hash()``, so a
 file is the same on every machine. The shape:
 
-- rows spread evenly over ``SPAN``, ending when the file was made, in time order; ids
+- rows spread evenly over ``SPAN``, ending when the log was made, in time order, in one
+  file per week as the engine partitions the log (``engine.outbound_log.partitions``); ids
   are UUIDv7 carrying the row's millisecond, as ``new_request_id`` makes them;
 - two connections (80% / 20%); 1 to 4 customers per request (2.5 on average) drawn from
   a million customer ids, so one customer is in about 25 requests per 10M rows;
@@ -32,21 +33,22 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from engine.outbound_log.migrations import open_schema
+from engine.outbound_log.partitions import LOG_DIR, PARTITION_SPAN, read_only, week_of
 from engine.outbound_log.sql import SCHEMA, connect
 from engine.outbound_log.store import LogStore
 from engine.upgrade import migrate
 
-GENERATOR_VERSION = "4"  # 4: the storage format the engine creates (engine.outbound_log.sql.CONFIG)
+GENERATOR_VERSION = "5"  # 5: one file per week, as the engine partitions the log
 CHUNK = 1_000_000
 SPAN_SECONDS = 30 * 24 * 3600
 CUSTOMER_POOL = 1_000_000
-LOG_FILE = "outbound-log.duckdb"  # engine.app.LOG_FILE
 SAMPLES_FILE = "samples.json"
 EMAIL_ERROR = "users.0.attributes.email.email: The email must be a valid email address."
 
@@ -137,7 +139,7 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
     with ``samples.json`` beside it (ids, customers and the time range to query)."""
     data_dir = cache_dir / f"log-{rows}-{cache_key(rows)}"
     if (data_dir / SAMPLES_FILE).exists():
-        index_log(data_dir / LOG_FILE, log)
+        index_log(data_dir / LOG_DIR, log)
         return data_dir
     if data_dir.exists():
         shutil.rmtree(data_dir)  # an interrupted earlier run
@@ -145,32 +147,63 @@ def ensure_log(cache_dir: Path, rows: int, log: Any = print) -> Path:
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     started = time.monotonic()
-    conn = connect(str(building / LOG_FILE))  # in the format the engine creates
-    try:
-        conn.execute("SET TimeZone = 'UTC'")
-        conn.execute("SET enable_progress_bar = false")
-        open_schema(conn, building / LOG_FILE)  # the tables, at the log's schema version
-        _check_columns(conn)
-        end_ms = int(time.time() * 1000)
-        step_us = SPAN_SECONDS * 1_000_000 // rows
-        start_ms = end_ms - SPAN_SECONDS * 1000
-        for first in range(0, rows, CHUNK):
-            last = min(rows, first + CHUNK)
-            params = {"first": first, "last": last, "start_ms": start_ms, "step_us": step_us}
-            conn.begin()
-            for sql in GENERATED.values():
-                conn.execute(sql, params)
-            conn.commit()
-            log(f"  log rows generated: {last:,} of {rows:,}")
-        conn.execute("CHECKPOINT")
+    folder = building / LOG_DIR
+    folder.mkdir()
+    end_ms = int(time.time() * 1000)
+    step_us = SPAN_SECONDS * 1_000_000 // rows
+    start_ms = end_ms - SPAN_SECONDS * 1000
+    done = 0
+    for week, first, last in _weeks(rows, start_ms, step_us):
+        conn = connect(str(folder / f"{week:%Y-%m-%d}.duckdb"))  # as the engine creates one
+        try:
+            conn.execute("SET TimeZone = 'UTC'")
+            conn.execute("SET enable_progress_bar = false")
+            open_schema(conn, folder / f"{week:%Y-%m-%d}.duckdb")  # at the log's version
+            _check_columns(conn)
+            for chunk in range(first, last, CHUNK):
+                params = {
+                    "first": chunk,
+                    "last": min(last, chunk + CHUNK),
+                    "start_ms": start_ms,
+                    "step_us": step_us,
+                }
+                conn.begin()
+                for sql in GENERATED.values():
+                    conn.execute(sql, params)
+                conn.commit()
+                done += params["last"] - chunk
+                log(f"  log rows generated: {done:,} of {rows:,}")
+            conn.execute("CHECKPOINT")
+        finally:
+            conn.close()
+    with read_only(folder) as conn:
         samples = _samples(conn)
-    finally:
-        conn.close()
     samples["seconds_to_generate"] = round(time.monotonic() - started, 1)
     (building / SAMPLES_FILE).write_text(json.dumps(samples, indent=1))
     building.rename(data_dir)
-    index_log(data_dir / LOG_FILE, log)
+    index_log(data_dir / LOG_DIR, log)
     return data_dir
+
+
+def _weeks(rows: int, start_ms: int, step_us: int) -> list[tuple[datetime, int, int]]:
+    """(partition start, first row, end row) of each week the rows' times fall in: row
+    ``i`` is at ``start_ms + (i * step_us) // 1000`` milliseconds (``_BASE``)."""
+    weeks: list[tuple[datetime, int, int]] = []
+    first = 0
+    while first < rows:
+        week = week_of(datetime.fromtimestamp((start_ms + first * step_us // 1000) / 1000, UTC))
+        end_ms = int((week + PARTITION_SPAN).timestamp() * 1000)
+        # The first row at or after the week's end (times grow with the row number).
+        low, high = first + 1, rows
+        while low < high:
+            middle = (low + high) // 2
+            if start_ms + (middle * step_us) // 1000 < end_ms:
+                low = middle + 1
+            else:
+                high = middle
+        weeks.append((week, first, low))
+        first = low
+    return weeks
 
 
 def index_log(path: Path, log: Any = print) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.loggen import LOG_FILE, SAMPLES_FILE
+from bench.loggen import SAMPLES_FILE
 from bench.processes import start_engine
 from clients.client import TidegateClient
+from engine.outbound_log.partitions import LOG_DIR
 
 PAGE_SIZE = 50
 WARMUP_CALLS = 2
@@ -88,7 +89,9 @@ def _day(first: int, last: int, rng: random.Random) -> dict[str, Any]:
 
 async def run_search(data_dir: Path, workdir: Path, calls: int, seed: int = 5) -> SearchResult:
     samples = json.loads((data_dir / SAMPLES_FILE).read_text())
-    result = SearchResult(samples["rows"], (data_dir / LOG_FILE).stat().st_size)
+    result = SearchResult(
+        samples["rows"], sum(p.stat().st_size for p in (data_dir / LOG_DIR).glob("*.duckdb"))
+    )
     rng = random.Random(seed)
     with start_engine(data_dir, workdir / "engine.log") as engine:
         async with TidegateClient(engine.extra["grpc"]) as client:

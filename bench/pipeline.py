@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import duckdb
 
 from bench.processes import Process, start_engine, start_sink
 from bench.profiling import Profiler
 from bench.traffic import create_connection, ingest_bodies
-
-LOG_FILE = "outbound-log.duckdb"  # engine.app.LOG_FILE
+from engine.outbound_log.partitions import LOG_DIR, read_only
 
 
 @dataclass
@@ -150,7 +148,7 @@ async def run_pipeline(
     )
     result.total_seconds = (stats["last_time"] or t_offered) - t0
     result.steady_rate = _steady_rate(result.samples, t0, t_offered)
-    result.logged_requests, result.logged_customers = logged_counts(workdir / "data" / LOG_FILE)
+    result.logged_requests, result.logged_customers = logged_counts(workdir / "data" / LOG_DIR)
     return result
 
 
@@ -165,13 +163,10 @@ def _steady_rate(samples: list[tuple[float, int]], start: float, end: float) -> 
     return (n2 - n1) / (t2 - t1)
 
 
-def logged_counts(path: Path) -> tuple[int, int]:
+def logged_counts(folder: Path) -> tuple[int, int]:
     """(requests, customers) in the outbound log; the engine must have stopped."""
-    conn = duckdb.connect(str(path), read_only=True)
-    try:
+    with read_only(folder) as conn:
         requests, customers = conn.execute(
             "SELECT count(*), coalesce(sum(customer_count), 0) FROM log_requests"
         ).fetchone() or (0, 0)
         return int(requests), int(customers)
-    finally:
-        conn.close()

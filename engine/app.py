@@ -15,21 +15,25 @@ from aiohttp import web
 
 from engine.admin.server import start_grpc_server
 from engine.delivery.worker import Deliverer, DeliverySettings
-from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, DedupeSweeper
+from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
 from engine.ingest.http import create_ingest_app
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
 from engine.ingest.worker import IngestWorker
 from engine.outbound_log.outbox import LogOutbox
+from engine.outbound_log.partitions import LOG_DIR
+from engine.outbound_log.retention import (
+    LOG_RETENTION_DAYS,
+    LOG_RETENTION_INTERVAL,
+    LOG_RETENTION_START_DELAY,
+    log_retention,
+)
 from engine.outbound_log.store import LogStore
+from engine.periodic import Periodic
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
-from engine.queue.retention import (
-    DAY,
-    DEFAULT_RETENTION_DAYS,
-    RETENTION_INTERVAL,
-    RETENTION_START_DELAY,
-    DeadLetterSweeper,
-)
+from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS, dead_letter_sweeper
+from engine.queue.retention import RETENTION_INTERVAL as DEAD_LETTER_SWEEP_INTERVAL
+from engine.queue.retention import RETENTION_START_DELAY as DEAD_LETTER_SWEEP_DELAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox
@@ -40,7 +44,6 @@ log = structlog.get_logger("tidegate.engine")
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_DATA_DIR = Path("tidegate-data")
-LOG_FILE = "outbound-log.duckdb"
 
 
 @dataclass
@@ -67,10 +70,16 @@ class EngineConfig:
     """Migrate the data folder's stores at start; False (``serve --no-migrate``) refuses
     to start when a migration step is pending."""
     dead_letter_retention: float = DEFAULT_RETENTION_DAYS * DAY
-    dead_letter_sweep_delay: float = RETENTION_START_DELAY
-    dead_letter_sweep_interval: float = RETENTION_INTERVAL
+    dead_letter_sweep_delay: float = DEAD_LETTER_SWEEP_DELAY
+    dead_letter_sweep_interval: float = DEAD_LETTER_SWEEP_INTERVAL
     """Dead letters are deleted ``dead_letter_retention`` seconds after they failed, first
     ``dead_letter_sweep_delay`` seconds after start, then every ``..._interval``."""
+    log_retention_days: float = LOG_RETENTION_DAYS
+    """Outbound-log partitions whose rows are all older are deleted; 0 keeps them."""
+    log_max_bytes: int | None = None
+    """If set, the oldest partitions are deleted while the log takes more on disk."""
+    log_retention_delay: float = LOG_RETENTION_START_DELAY
+    log_retention_interval: float = LOG_RETENTION_INTERVAL
 
 
 class Engine:
@@ -87,8 +96,7 @@ class Engine:
         self._db: Database | None = None
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
-        self._sweeper: DedupeSweeper | None = None
-        self._dead_letter_sweeper: DeadLetterSweeper | None = None
+        self._jobs: list[Periodic] = []
 
     async def start(self) -> None:
         """Starts every part; on failure (a busy port, say) stops what had started."""
@@ -112,7 +120,7 @@ class Engine:
         await self.registry.load()
         self.queue = DurableQueue(self.db)
         self.outbox = LogOutbox(self.db)
-        self.logs = self._logs = LogStore(cfg.data_dir / LOG_FILE, on_committed=self.outbox.forget)
+        self.logs = self._logs = LogStore(cfg.data_dir / LOG_DIR, on_committed=self.outbox.forget)
         await self.logs.start()
         recovered = await self.outbox.recover(self.logs)
         if recovered:
@@ -127,15 +135,24 @@ class Engine:
         )
         await self.ingestor.load()
         await self.deliverer.start()
-        self._sweeper = DedupeSweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay)
-        self._sweeper.start()
-        self._dead_letter_sweeper = DeadLetterSweeper(
-            self.db,
-            cfg.dead_letter_retention,
-            cfg.dead_letter_sweep_interval,
-            cfg.dead_letter_sweep_delay,
-        )
-        self._dead_letter_sweeper.start()
+        self._jobs = [
+            dedupe_sweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay),
+            dead_letter_sweeper(
+                self.db,
+                cfg.dead_letter_retention,
+                cfg.dead_letter_sweep_interval,
+                cfg.dead_letter_sweep_delay,
+            ),
+            log_retention(
+                self.logs,
+                cfg.log_retention_days,
+                cfg.log_max_bytes,
+                interval=cfg.log_retention_interval,
+                start_delay=cfg.log_retention_delay,
+            ),
+        ]
+        for job in self._jobs:
+            job.start()
         if cfg.ingest_worker:
             await self._start_worker()
         else:
@@ -191,12 +208,9 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
-        if self._sweeper is not None:
-            await self._sweeper.stop()
-            self._sweeper = None
-        if self._dead_letter_sweeper is not None:
-            await self._dead_letter_sweeper.stop()
-            self._dead_letter_sweeper = None
+        for job in self._jobs:
+            await job.stop()
+        self._jobs = []
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import gc
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from engine.gc_settings import settle_collector
 from engine.ingest.http import INGEST_TOKEN_ENV
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
+from engine.outbound_log.retention import LOG_RETENTION_DAYS
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
@@ -45,6 +47,26 @@ def positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of 0 or more")
+    return value
+
+
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def byte_size(text: str) -> int:
+    """``20GB``, ``500MB`` or a number of bytes (decimal units, as disks are sold)."""
+    match = SIZE.fullmatch(text.strip())
+    value = 0 if match is None else int(float(match[1]) * SIZE_UNITS[match[2].upper()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a size such as 500MB or 20GB")
     return value
 
 
@@ -103,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"queued items past which ingest answers 503 (default {DEFAULT_MAX_BACKLOG})",
     )
     serve.add_argument(
+        "--log-retention-days",
+        type=non_negative,
+        default=LOG_RETENTION_DAYS,
+        help="delete outbound-log rows older than this, a week's partition at a time"
+        f" (default {LOG_RETENTION_DAYS:g}; 0 keeps them)",
+    )
+    serve.add_argument(
+        "--log-max-size",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="also delete the oldest outbound-log partitions while the log takes more than"
+        " SIZE on disk (e.g. 20GB; default: no limit)",
+    )
+    serve.add_argument(
         "--ingest-in-process",
         action="store_true",
         help="serve ingest HTTP from the engine process instead of a worker process of its"
@@ -128,6 +165,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
         max_backlog=args.max_backlog,
         ingest_worker=not args.ingest_in_process,
+        log_retention_days=args.log_retention_days,
+        log_max_bytes=args.log_max_size,
         log_format=args.log_format,
         log_level=args.log_level,
         delivery=DeliverySettings(

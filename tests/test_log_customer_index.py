@@ -19,7 +19,7 @@ import duckdb
 import pytest
 import structlog
 
-from engine.outbound_log.migrations import LOG_FILE
+from engine.outbound_log.partitions import LOG_DIR, SINGLE_FILE
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, new_request_id
 from engine.outbound_log.sql import SCHEMA, arrow_tables
 from engine.outbound_log.store import LogStore
@@ -147,11 +147,17 @@ POINTERS = (
 )
 
 
-def index_layout(path: Path) -> tuple[int, int, int]:
-    """(runs, sealed rows, log_customers rows) of a closed log file, after checking that
-    the runs plus the unsealed tail hold exactly one entry per customer row, pointing at
-    that row and at its request."""
-    with duckdb.connect(str(path)) as conn:
+def partition_file(folder: Path) -> Path:
+    """The one partition file of a closed log whose rows all fall in one week."""
+    [path] = folder.glob("*.duckdb")
+    return path
+
+
+def index_layout(folder: Path) -> tuple[int, int, int]:
+    """(runs, sealed rows, log_customers rows) of a closed one-partition log, after
+    checking that the runs plus the unsealed tail hold exactly one entry per customer
+    row, pointing at that row and at its request."""
+    with duckdb.connect(str(partition_file(folder))) as conn:
         sealed, _probe, _next = conn.execute("SELECT * FROM log_index_state").fetchone() or ()
         runs = [r for (r,) in conn.execute("SELECT run FROM log_index_runs").fetchall()]
         union = " UNION ALL ".join(
@@ -274,14 +280,15 @@ async def test_search_is_exact_while_runs_are_being_merged(tmp_path: Path) -> No
 
 
 async def test_a_log_written_before_the_index_existed_is_indexed_on_open(tmp_path: Path) -> None:
-    path = tmp_path / LOG_FILE
     rows = rows_at(random.Random(3), 80, 0, 100)
-    with duckdb.connect(str(path)) as conn:  # as an older Tidegate left it: no index tables
+    # As Tidegate 0.1.0 left it: one file, no index tables, no schema version.
+    with duckdb.connect(str(tmp_path / SINGLE_FILE)) as conn:
         conn.execute(SCHEMA)
         for name, table in arrow_tables(rows).items():
             conn.register("batch", table)
             conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM batch")
-    migrate(tmp_path)  # it recorded no schema version: the store refuses it until then
+    migrate(tmp_path)  # the store refuses it until then; it becomes the adopted partition
+    path = tmp_path / LOG_DIR
     store = LogStore(path, index_seal_rows=50, index_fanout=4, index_pass_rows=40)
     with structlog.testing.capture_logs() as logs:
         await store.start()
@@ -306,7 +313,7 @@ async def test_an_index_from_a_different_hash_function_is_rebuilt(tmp_path: Path
     await append_all(store, rows)
     await store.indexed()
     await store.close()
-    with duckdb.connect(str(path)) as conn:  # another DuckDB version hashing differently
+    with duckdb.connect(str(partition_file(path))) as conn:  # another DuckDB hashing differently
         conn.execute("UPDATE log_index_state SET hash_probe = hash_probe + 1")
         (run,) = conn.execute("SELECT min(run) FROM log_index_runs").fetchone() or ()
         conn.execute(f"UPDATE log_cidx_{run} SET customer_hash = customer_hash + 1")
@@ -335,7 +342,7 @@ async def test_an_index_entry_pointing_at_the_wrong_request_is_not_a_match(tmp_p
     await append_all(store, [carrying, other])
     await store.indexed()
     await store.close()
-    with duckdb.connect(str(path)) as conn:
+    with duckdb.connect(str(partition_file(path))) as conn:
         (run,) = conn.execute("SELECT max(run) FROM log_index_runs").fetchone() or ()
         conn.execute(
             f"INSERT INTO log_cidx_{run} SELECT hash('customer-000001'), c.time, c.rowid,"

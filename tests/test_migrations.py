@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pytest
 from engine.app import Engine, EngineConfig
 from engine.outbound_log.migrations import STEPS as LOG_STEPS
 from engine.outbound_log.migrations import LogSchema
+from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.outbound_log.store import LogStore
 from engine.schema import SchemaError, Step, StepContext
 from engine.state.database import Database
@@ -35,7 +37,10 @@ from tests.upgrade_fixture import RELEASE_0_1_0, digest, unpack
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 STATE = "state.sqlite3"
-LOG = "outbound-log.duckdb"
+LOG = "outbound-log/adopted.duckdb"
+"""0.1.0's one log file, once schema step 2 made it the adopted partition."""
+SINGLE_LOG = "outbound-log.duckdb"
+"""The log as 0.1.0 kept it, before the migration."""
 
 
 def tidegate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -68,8 +73,8 @@ def state_version(data_dir: Path) -> tuple[int, list[tuple[int, str]]]:
         conn.close()
 
 
-def log_history(data_dir: Path) -> list[tuple[int, str]]:
-    with duckdb.connect(str(data_dir / LOG), read_only=True) as conn:
+def log_history(data_dir: Path, partition: str = "adopted.duckdb") -> list[tuple[int, str]]:
+    with duckdb.connect(str(data_dir / "outbound-log" / partition), read_only=True) as conn:
         rows = conn.execute("SELECT version, what FROM schema_history ORDER BY version")
         return [(v, w) for v, w in rows.fetchall()]
 
@@ -77,14 +82,40 @@ def log_history(data_dir: Path) -> list[tuple[int, str]]:
 # -- new folders and the steps ------------------------------------------------------------
 
 
+async def fresh_partition(data_dir: Path) -> Path:
+    """A new data folder's engine, and the partition its first log row creates."""
+    engine = Engine(EngineConfig(data_dir=data_dir, grpc_port=0, http_port=0))
+    await engine.start()
+    try:
+        await engine.logs.append(make_row())
+        await engine.logs.flush()
+    finally:
+        await engine.stop(grace=0.5)
+    [partition] = (data_dir / "outbound-log").glob("*.duckdb")
+    return partition
+
+
+def make_row() -> LogRow:
+    return LogRow(
+        id=new_request_id(),
+        time=datetime.now(UTC),
+        connection_id="c",
+        method="POST",
+        url="http://127.0.0.1/",
+        status_code=200,
+        response_time=0.01,
+        error="",
+        customers=(LogCustomer("cust-1"),),
+        mapping_version=1,
+    )
+
+
 async def test_a_new_data_folder_gets_the_current_schemas_with_their_versions(
     tmp_path: Path,
 ) -> None:
-    engine = Engine(EngineConfig(data_dir=tmp_path / "new", grpc_port=0, http_port=0))
-    await engine.start()
-    await engine.stop(grace=0.5)
+    partition = await fresh_partition(tmp_path / "new")
     assert state_version(tmp_path / "new") == (2, [(2, "created")])
-    assert log_history(tmp_path / "new") == [(1, "created")]
+    assert log_history(tmp_path / "new", partition.name) == [(2, "created")]
     assert not (tmp_path / "new" / MARKER).exists()
 
 
@@ -130,20 +161,19 @@ async def test_the_steps_make_exactly_the_current_schema_of_0_1_0s(
 ) -> None:
     migrate(folder)
     fresh = tmp_path / "fresh"
-    engine = Engine(EngineConfig(data_dir=fresh, grpc_port=0, http_port=0))
-    await engine.start()
-    await engine.stop(grace=0.5)
+    partition = await fresh_partition(fresh)
     assert sqlite_layout(folder / STATE) == sqlite_layout(fresh / STATE)
-    assert duckdb_layout(folder / LOG) == duckdb_layout(fresh / LOG)
+    assert duckdb_layout(folder / LOG) == duckdb_layout(partition)
     assert state_version(folder)[0] == state_version(fresh)[0] == 2
-    assert [v for v, _ in log_history(folder)] == [1]
+    assert [v for v, _ in log_history(folder)] == [1, 2]
+    assert not (folder / SINGLE_LOG).exists()
 
 
 def test_a_0_1_0_folder_is_version_1_with_nothing_recorded(folder: Path) -> None:
     found = plan(folder)
     versions = [(sp.store.name, sp.found.version, sp.found.recorded) for sp in found.stores]
     assert versions == [("state database", 1, False), ("outbound log", 1, False)]
-    assert [[step.to for step in sp.steps] for sp in found.stores] == [[1, 2], [1]]
+    assert [[step.to for step in sp.steps] for sp in found.stores] == [[1, 2], [1, 2]]
 
 
 # -- tidegate migrate ---------------------------------------------------------------------
@@ -158,19 +188,20 @@ def test_migrate_dry_run_lists_the_pending_steps_and_changes_nothing(folder: Pat
     assert "state database (state.sqlite3): schema 1 (Tidegate 0.1.0, not recorded)" in out
     assert "step 1: record the schema version" in out
     assert "step 2: dead-letter retention" in out
-    assert "outbound log (outbound-log.duckdb)" in out
-    assert "3 step(s) pending" in out
+    assert "outbound log (outbound-log): schema 1 (Tidegate 0.1.0, not recorded)" in out
+    assert "step 2: keep the log in weekly partition files" in out
+    assert "4 step(s) pending" in out
 
 
 def test_migrate_runs_the_steps_with_progress_and_is_then_done(folder: Path) -> None:
     done = tidegate("migrate", "--data-dir", str(folder))
     assert done.returncode == 0, done.stderr
     assert "tidegate migrate: state database: schema 1 -> 2: dead-letter retention" in done.stderr
-    assert "3 step(s) applied" in done.stderr
+    assert "4 step(s) applied" in done.stderr
     assert "Traceback" not in done.stderr
     version, history = state_version(folder)
     assert version == 2 and [v for v, _ in history] == [1, 2]
-    assert [v for v, _ in log_history(folder)] == [1]
+    assert [v for v, _ in log_history(folder)] == [1, 2]
     assert not (folder / MARKER).exists()
     again = tidegate("migrate", "--data-dir", str(folder), "--dry-run")
     assert again.returncode == 0 and "nothing to migrate" in again.stdout
@@ -223,12 +254,12 @@ def test_a_state_database_from_a_newer_release_is_refused_unchanged(folder: Path
 def test_an_outbound_log_from_a_newer_release_is_refused_unchanged(folder: Path) -> None:
     migrate(folder)
     with duckdb.connect(str(folder / LOG)) as conn:
-        conn.execute("INSERT INTO schema_history VALUES (2, '0.9.0', now(), 'from the future')")
+        conn.execute("INSERT INTO schema_history VALUES (3, '0.9.0', now(), 'from the future')")
     before = digest(folder)
     done = tidegate("migrate", "--data-dir", str(folder), "--dry-run")
     assert done.returncode == 1
-    assert "the outbound log (outbound-log.duckdb) has schema 2, newer than this" in done.stderr
-    assert "Tidegate's 1: use Tidegate >= 0.9.0" in done.stderr
+    assert "the outbound log (outbound-log) has schema 3, newer than this" in done.stderr
+    assert "Tidegate's 2: use Tidegate >= 0.9.0" in done.stderr
     assert digest(folder) == before
 
 
@@ -262,6 +293,8 @@ async def test_migrate_says_when_a_running_engine_holds_the_folder(tmp_path: Pat
     engine = Engine(EngineConfig(data_dir=tmp_path / "served", grpc_port=0, http_port=0))
     await engine.start()
     try:
+        await engine.logs.append(make_row())  # the log's first partition, which it holds
+        await engine.logs.flush()
         done = tidegate("migrate", "--data-dir", str(tmp_path / "served"), "--dry-run")
     finally:
         await engine.stop(grace=0.5)
@@ -332,8 +365,8 @@ def test_duckdb_rolls_back_the_ddl_of_a_failing_step(folder: Path) -> None:
         raise duckdb.IOException("no space left on device")
 
     store = LogSchema()
-    store.steps = (*LOG_STEPS, Step(2, "a step that fails", half_done))
-    store.current = 2
+    store.steps = (*LOG_STEPS, Step(3, "a step that fails", half_done))
+    store.current = 3
     with pytest.raises(SchemaError, match="no space left on device"):
         migrate(folder, stores=[store])
     with duckdb.connect(str(folder / LOG), read_only=True) as conn:
@@ -341,7 +374,7 @@ def test_duckdb_rolls_back_the_ddl_of_a_failing_step(folder: Path) -> None:
         columns = [row[0] for row in conn.execute("DESCRIBE log_requests").fetchall()]
     assert "log_added" not in tables and "log_bodies" in tables
     assert "note" not in columns
-    assert [v for v, _ in log_history(folder)] == [1]
+    assert [v for v, _ in log_history(folder)] == [1, 2]
 
 
 KILLED_MIGRATION = """
@@ -434,7 +467,7 @@ def test_serve_refuses_a_half_migrated_folder_unchanged(folder: Path) -> None:
 def test_a_step_of_several_transactions_is_undone_and_run_again(folder: Path) -> None:
     """The kind of step that reorganises the log into more files: all or nothing."""
     migrate(folder)
-    part = folder / "outbound-log-part-1.duckdb"
+    part = folder / "outbound-log" / "split-1.duckdb.part"
     calls: list[str] = []
 
     def run(ctx: StepContext) -> None:
@@ -443,7 +476,7 @@ def test_a_step_of_several_transactions_is_undone_and_run_again(folder: Path) ->
             conn.execute("CREATE TABLE moved AS SELECT * FROM range(3)")
         if calls.count("run") == 1:
             raise OSError("killed halfway")
-        with duckdb.connect(str(ctx.path)) as conn:
+        with duckdb.connect(str(ctx.path / "adopted.duckdb")) as conn:
             conn.execute("CREATE TABLE log_parts (name VARCHAR)")
 
     def undo(ctx: StepContext) -> None:
@@ -451,18 +484,18 @@ def test_a_step_of_several_transactions_is_undone_and_run_again(folder: Path) ->
         part.unlink(missing_ok=True)
 
     store = LogSchema()
-    store.steps = (*LOG_STEPS, Step(2, "split the log", run=run, undo=undo))
-    store.current = 2
+    store.steps = (*LOG_STEPS, Step(3, "split the log", run=run, undo=undo))
+    store.current = 3
     with pytest.raises(SchemaError, match="killed halfway"):
         migrate(folder, stores=[store])
     marker = json.loads((folder / MARKER).read_text())
-    assert (marker["store"], marker["from"], marker["to"]) == ("outbound log", 1, 2)
+    assert (marker["store"], marker["from"], marker["to"]) == ("outbound log", 2, 3)
     assert marker["transactional"] is False
     with pytest.raises(SchemaError, match="more than one transaction: run `tidegate migrate"):
         prepare(folder, stores=[store])
     migrate(folder, stores=[store])
     assert calls == ["run", "undo", "run"]
-    assert [v for v, _ in log_history(folder)] == [1, 2]
+    assert [v for v, _ in log_history(folder)] == [1, 2, 3]
     assert not (folder / MARKER).exists()
 
 
@@ -523,8 +556,10 @@ def test_the_ingest_worker_never_migrates_and_refuses_other_versions(folder: Pat
 
 
 async def test_the_outbound_log_store_refuses_a_version_it_does_not_use(folder: Path) -> None:
+    (folder / "outbound-log").mkdir()  # as if step 2 had moved the file without step 1
+    (folder / SINGLE_LOG).rename(folder / LOG)
     before = digest(folder)
-    store = LogStore(folder / LOG)
+    store = LogStore(folder / "outbound-log")
     with pytest.raises(SchemaError, match="the outbound log .* is Tidegate 0.1.0's"):
         await store.start()
     await store.close()
@@ -543,7 +578,8 @@ def test_a_marker_is_written_before_each_step_and_removed_after(folder: Path) ->
         ("state database", 0, 1),
         ("state database", 1, 2),
         ("outbound log", 0, 1),
+        ("outbound log", 1, 2),
     ]
     assert all(m["pid"] == os.getpid() for m in seen)
-    assert all(m["transactional"] for m in seen)
+    assert [m["transactional"] for m in seen] == [True, True, True, False]
     assert not (folder / MARKER).exists()

@@ -83,7 +83,12 @@ async def check_migrated(engine: EngineProcess) -> None:
         for line in lines
         if line["event"] == "schema_migrated"
     ]
-    assert steps == [("state database", 0, 1), ("state database", 1, 2), ("outbound log", 0, 1)]
+    assert steps == [
+        ("state database", 0, 1),
+        ("state database", 1, 2),
+        ("outbound log", 0, 1),
+        ("outbound log", 1, 2),
+    ]
 
 
 async def check_read_back(client: TidegateClient, manifest: dict[str, Any]) -> None:

@@ -13,25 +13,20 @@ then every ``SWEEP_INTERVAL``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass
-
-import structlog
+from typing import Any
 
 from engine.ingest.ingestor import CONTENT_DEDUP_WINDOW, ID_DEDUP_WINDOW
+from engine.ingest.parse import CONTENT_ID_PREFIX
+from engine.periodic import Periodic
 from engine.state.database import Database
-
-log = structlog.get_logger("tidegate.dedupe")
 
 SWEEP_INTERVAL = 3600.0
 SWEEP_START_DELAY = 60.0
 """The first sweep waits this long after start-up, out of the way of a restart's backlog."""
 SWEEP_CHUNK = 5000
-CONTENT_MARK = "sha256:"
-"""The prefix of a content-hash mark (an event without an id)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +54,8 @@ async def sweep_seen_events(
             stale = [
                 (event_id,)
                 for event_id, received in marks
-                if received < (content_cutoff if event_id.startswith(CONTENT_MARK) else id_cutoff)
+                if received
+                < (content_cutoff if event_id.startswith(CONTENT_ID_PREFIX) else id_cutoff)
             ]
             c.executemany("DELETE FROM seen_events WHERE event_id = ?", stale)
             return (marks[-1][0] if len(marks) == chunk else None), len(stale), len(marks)
@@ -72,43 +68,11 @@ async def sweep_seen_events(
         after = last
 
 
-class DedupeSweeper:
-    """Runs ``sweep_seen_events`` in the background: ``start``, then ``stop``."""
+def dedupe_sweeper(db: Database, interval: float, start_delay: float) -> Periodic:
+    """``sweep_seen_events`` in the background, logged as ``seen_events_swept``."""
 
-    def __init__(
-        self,
-        db: Database,
-        interval: float = SWEEP_INTERVAL,
-        start_delay: float = SWEEP_START_DELAY,
-    ) -> None:
-        self._db = db
-        self._interval = interval
-        self._start_delay = start_delay
-        self._task: asyncio.Task[None] | None = None
+    async def sweep() -> dict[str, Any]:
+        result = await sweep_seen_events(db)
+        return {"removed": result.removed, "kept": result.kept}
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dedupe-sweep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        await asyncio.sleep(self._start_delay)
-        while True:
-            started = time.monotonic()
-            try:
-                result = await sweep_seen_events(self._db)
-            except Exception:  # a failed sweep only leaves marks for the next one
-                log.exception("seen_events_sweep_failed")
-            else:
-                log.info(
-                    "seen_events_swept",
-                    removed=result.removed,
-                    kept=result.kept,
-                    seconds=round(time.monotonic() - started, 2),
-                )
-            await asyncio.sleep(self._interval)
+    return Periodic("seen_events_swept", sweep, interval=interval, start_delay=start_delay)

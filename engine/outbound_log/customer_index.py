@@ -18,17 +18,19 @@ at or above it (the unsealed tail, small) are scanned. Rowids are the insertion 
 not the time order, so rows that arrive late (a restart writing the log outbox) are
 indexed like any other. That holds, and the rowids in the runs stay valid, because
 ``log_customers`` and ``log_requests`` are append-only and only the store's writer
-appends: deleting rows (a retention policy, say) would have to rebuild the index.
+appends: retention deletes whole partitions, each with its own index, never rows.
 
 The hash only narrows the search: a colliding customer's entries are candidates too, and
 a request counts only once its ``log_customers`` row shows the customer (the rows the
 list shows anyway).
 
-A search (``LogStore`` runs it on a reader cursor) reads the index state and the index
-in one transaction. ``customer_entries`` gives the customer's entries newest first, a
-chunk of times at a time; ``requests_at_rows`` fetches by rowid the requests they point
-at that pass the other filters; ``carried_customers`` keeps a request if the customer
-row an entry points at is this customer's. Only the requests a page needs are fetched.
+A search (``customer_search``, which ``LogStore`` runs on a reader cursor) reads the index
+state and the index of every partition it covers in one transaction, each step one
+statement over all of them. ``customer_entries`` gives the customer's entries newest
+first, a chunk of times at a time; ``requests_at_rows`` fetches by rowid the requests
+they point at that pass the other filters; ``carried_customers`` keeps a request if the
+customer row an entry points at is this customer's. Only the requests a page needs are
+fetched.
 
 The ``CustomerIndexer`` works on a connection of its own, so sorting a run never holds
 up the store's writer. It seals the rows the writer committed into a new run once
@@ -55,6 +57,7 @@ import duckdb
 import structlog
 
 from engine.errors import TidegateError
+from engine.outbound_log.partitions import Partition, PartitionSet
 from engine.outbound_log.rows import LIST_CUSTOMERS, LogCustomer, from_micros
 from engine.outbound_log.sql import REQUEST_COLUMNS, REQUEST_FIELD_INDEX
 
@@ -68,6 +71,7 @@ INDEX_PASS_ROWS = 4_000_000  # rows sorted at once while writing a run (bounds i
 INDEX_LOG_ROWS = 1_000_000  # runs at least this large are logged at info level
 PROGRESS_INTERVAL = 5.0  # seconds between progress lines while a large run is written
 RETRY_MAX_DELAY = 5.0  # seconds between attempts after an indexing error, at most
+CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
 
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS log_index_state (
@@ -291,40 +295,117 @@ def write_run(
         progress(i + 1, passes)
 
 
+Entry = tuple[int, int, int, int, int]
+"""An index entry of a search: (time in epoch microseconds, partition number, customer
+row, position, request row); the partition number is the place of its catalog in the
+search's list."""
+Found = tuple[tuple[Any, ...], tuple[LogCustomer, ...]]
+"""A request record and the customers a list shows with it."""
+
+
+def customer_search(
+    cur: duckdb.DuckDBPyConnection,
+    catalogs: list[str],
+    customer_id: str,
+    where: str,
+    params: list[Any],
+    bounds: list[tuple[str, datetime]],
+    size: int,
+) -> list[Found]:
+    """Up to ``size + 1`` requests carrying the customer that satisfy ``where`` (SQL on
+    ``log_requests r``), newest first, across the partitions whose DuckDB catalogs are
+    ``catalogs``. Each step is one statement over all of them (a union of their runs and
+    tails), so a search costs about the same in one partition or fifteen. Reads in one
+    transaction: each partition's watermark, runs and tail agree."""
+    found: list[Found] = []
+    cur.begin()
+    try:
+        states = read_indexes(cur, catalogs)
+        before: int | None = None
+        chunk = size + 1
+        while len(found) <= size:
+            candidates = customer_entries(cur, catalogs, states, customer_id, bounds, before, chunk)
+            entries: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            for _time, part, customer_row, position, request_row in candidates:
+                entries.setdefault((part, request_row), []).append((customer_row, position))
+            recs = requests_at_rows(cur, catalogs, list(entries), where, params)
+            while recs and len(found) <= size:
+                batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
+                found += carried_customers(cur, catalogs, batch, entries, customer_id)
+            times = len({entry[0] for entry in candidates})
+            if times < chunk:
+                break
+            before, chunk = candidates[-1][0], min(chunk * 4, CANDIDATES_MAX)
+    finally:
+        _rollback(cur)  # read only: nothing to commit
+    return found
+
+
+def read_indexes(cur: duckdb.DuckDBPyConnection, catalogs: list[str]) -> list[IndexState]:
+    """The index state of each partition, in the order of ``catalogs`` (two statements)."""
+    if not catalogs:
+        return []
+    states = dict(
+        cur.execute(
+            " UNION ALL ".join(
+                f"SELECT {part} AS part, sealed_rows FROM {catalog}.log_index_state"
+                for part, catalog in enumerate(catalogs)
+            )
+        ).fetchall()
+    )
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for part, run, entries in cur.execute(
+        " UNION ALL ".join(
+            f"SELECT {part} AS part, run, entries FROM {catalog}.log_index_runs"
+            for part, catalog in enumerate(catalogs)
+        )
+        + " ORDER BY part, run"
+    ).fetchall():
+        runs.setdefault(part, []).append((run, entries))
+    return [IndexState(states[part], tuple(runs.get(part, ())), 0) for part in range(len(catalogs))]
+
+
 def customer_entries(
     cur: duckdb.DuckDBPyConnection,
-    state: IndexState,
+    catalogs: list[str],
+    states: list[IndexState],
     customer_id: str,
     bounds: list[tuple[str, datetime]],
     before: int | None,
     limit: int,
-) -> list[tuple[int, int, int, int]]:
-    """The index entries (time in epoch microseconds, customer_row, position, request_row)
-    at up to ``limit`` distinct times, newest first and before ``before`` when given, that
-    may be the customer's: every request carrying it has an entry. Entries of one time are
-    ordered by request, then position. Run it in the transaction that read ``state``."""
-    branches = [
-        f"SELECT {RUN_FIELDS} FROM {run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
-        for run, _ in state.runs
-    ]
-    params: list[Any] = [customer_id] * len(branches)
-    branches.append(
-        "SELECT 0::UBIGINT AS customer_hash, c.time AS time, c.rowid AS customer_row,"
-        " c.position AS position, r.rowid AS request_row FROM log_customers c"
-        " JOIN log_requests r ON r.time = c.time AND r.id = c.request_id"
-        " WHERE c.rowid >= ? AND c.customer_id = ?"
-    )
-    params += [state.sealed, customer_id]
+) -> list[Entry]:
+    """The index entries at up to ``limit`` distinct times, newest first and before
+    ``before`` when given, that may be the customer's: every request carrying it has an
+    entry. Entries of one time are ordered by partition, request, then position."""
+    branches: list[str] = []
+    params: list[Any] = []
+    for part, (catalog, state) in enumerate(zip(catalogs, states, strict=True)):
+        for run, _ in state.runs:
+            branches.append(
+                f"SELECT {part} AS part, time, customer_row, position, request_row"
+                f" FROM {catalog}.{run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
+            )
+            params.append(customer_id)
+        branches.append(
+            f"SELECT {part} AS part, c.time AS time, c.rowid AS customer_row,"
+            " c.position AS position, r.rowid AS request_row"
+            f" FROM {catalog}.log_customers c JOIN {catalog}.log_requests r"
+            " ON r.time = c.time AND r.id = c.request_id"
+            " WHERE c.rowid >= ? AND c.customer_id = ?"
+        )
+        params += [state.sealed, customer_id]
+    if not branches:
+        return []
     conds = [f"time {op} ?" for op, _ in bounds]
     params += [value for _, value in bounds]
     if before is not None:
         conds.append("time < ?")
         params.append(from_micros(before))
-    found = cur.execute(
-        "SELECT epoch_us(time) AS t, customer_row, position, request_row"
+    found: list[Entry] = cur.execute(
+        "SELECT epoch_us(time) AS t, part, customer_row, position, request_row"
         f" FROM ({' UNION ALL '.join(branches)}) WHERE {' AND '.join(conds) or 'TRUE'}"
         " QUALIFY dense_rank() OVER (ORDER BY t DESC) <= ?"
-        " ORDER BY t DESC, request_row, position",
+        " ORDER BY t DESC, part, request_row, position",
         [*params, limit],
     ).fetchall()
     return found
@@ -332,77 +413,97 @@ def customer_entries(
 
 def requests_at_rows(
     cur: duckdb.DuckDBPyConnection,
-    rows: list[int],
+    catalogs: list[str],
+    rows: list[tuple[int, int]],
     where: str,
     params: list[Any],
-) -> list[tuple[int, tuple[Any, ...]]]:
-    """(rowid, record) of the ``log_requests`` rows with these rowids that satisfy
-    ``where``, newest first."""
-    if not rows:
+) -> list[tuple[tuple[int, int], tuple[Any, ...]]]:
+    """((partition, rowid), record) of the ``log_requests`` rows at these places that
+    satisfy ``where``, newest first."""
+    by_part: dict[int, list[int]] = {}
+    for part, row in rows:
+        by_part.setdefault(part, []).append(row)
+    if not by_part:
         return []
-    found = cur.execute(
-        f"SELECT r.rowid, {REQUEST_COLUMNS} FROM log_requests r"
+    branches = [
+        f"SELECT {part} AS part, r.rowid AS row, {REQUEST_COLUMNS}"
+        f" FROM {catalogs[part]}.log_requests r"
         f" WHERE r.rowid IN (SELECT unnest(?::BIGINT[])) AND {where}"
-        " ORDER BY r.time DESC, r.id DESC",
-        [rows, *params],
+        for part in by_part
+    ]
+    values: list[Any] = []
+    for part_rows in by_part.values():
+        values += [part_rows, *params]
+    # Columns 3 and 4 are the request's time and id (REQUEST_COLUMNS begins with them).
+    found = cur.execute(
+        f"SELECT * FROM ({' UNION ALL '.join(branches)}) ORDER BY 3 DESC, 4 DESC", values
     ).fetchall()
-    return [(rec[0], rec[1:]) for rec in found]
+    return [((rec[0], rec[1]), rec[2:]) for rec in found]
 
 
 def carried_customers(
     cur: duckdb.DuckDBPyConnection,
-    requests: list[tuple[int, tuple[Any, ...]]],
-    entries: dict[int, list[tuple[int, int]]],
+    catalogs: list[str],
+    requests: list[tuple[tuple[int, int], tuple[Any, ...]]],
+    entries: dict[tuple[int, int], list[tuple[int, int]]],
     customer_id: str,
-) -> list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
-    """The ``requests`` (rowid, record) that carry the customer, each with its customers as
-    a list shows them: the customer's own rows first, then the others in request order,
-    ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's rowid to its index entries
-    (customer_row, position), by position: an entry whose row names another customer (a
-    hash collision) is not the customer's."""
+) -> list[Found]:
+    """The ``requests`` ((partition, rowid), record) that carry the customer, each with
+    its customers as a list shows them: the customer's own rows first, then the others in
+    request order, ``LIST_CUSTOMERS`` at most. ``entries`` maps a request's place to its
+    index entries (customer_row, position), by position: an entry whose row names another
+    customer (a hash collision) is not the customer's."""
     count = REQUEST_FIELD_INDEX["customer_count"]
-    wanted: set[int] = set()
-    for request_row, rec in requests:
-        own = entries[request_row]
+    wanted: dict[int, set[int]] = {}
+    for (part, request_row), rec in requests:
+        own = entries[(part, request_row)]
         first = own[0][0] - own[0][1]
-        wanted.update(range(first, first + min(rec[count], LIST_CUSTOMERS)))
-        wanted.update(row for row, _ in own)
+        rows = wanted.setdefault(part, set())
+        rows.update(range(first, first + min(rec[count], LIST_CUSTOMERS)))
+        rows.update(row for row, _ in own)
+    branches = [
+        f"SELECT {part} AS part, rowid AS row, customer_id, name, outcome, error, position"
+        f" FROM {catalogs[part]}.log_customers WHERE rowid IN (SELECT unnest(?::BIGINT[]))"
+        for part in wanted
+    ]
     fetched = cur.execute(
-        "SELECT rowid, customer_id, name, outcome, error, position FROM log_customers"
-        " WHERE rowid IN (SELECT unnest(?::BIGINT[]))",
-        [sorted(wanted)],
+        " UNION ALL ".join(branches), [sorted(rows) for rows in wanted.values()]
     ).fetchall()
-    rows = {rec[0]: (LogCustomer(*rec[1:5]), rec[5]) for rec in fetched}
-    found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
-    for request_row, rec in requests:
-        own = entries[request_row]
+    stored = {(rec[0], rec[1]): (LogCustomer(*rec[2:6]), rec[6]) for rec in fetched}
+    found: list[Found] = []
+    for (part, request_row), rec in requests:
+        own = entries[(part, request_row)]
         mine = [
             row
             for row, position in own
-            if row in rows and rows[row][1] == position and rows[row][0].customer_id == customer_id
+            if (part, row) in stored
+            and stored[(part, row)][1] == position
+            and stored[(part, row)][0].customer_id == customer_id
         ]
         if not mine:
             continue
-        first = mine[0] - rows[mine[0]][1]
+        first = mine[0] - stored[(part, mine[0])][1]
         others = []
         for k in range(min(rec[count], LIST_CUSTOMERS)):
-            customer, position = rows.get(first + k, (None, -1))
+            customer, position = stored.get((part, first + k), (None, -1))
             if customer is None or position != k:  # past the request's stored customers
                 break
             if first + k not in mine:
                 others.append(customer)
-        shown = [rows[row][0] for row in mine] + others
+        shown = [stored[(part, row)][0] for row in mine] + others
         found.append((rec, tuple(shown[:LIST_CUSTOMERS])))
     return found
 
 
 class CustomerIndexer:
-    """Keeps the customer index up to date on a thread and a connection of its own, so
-    that sorting a run never holds up the store's writer.
+    """Keeps the customer index of every partition up to date on a thread and a cursor of
+    its own, so that sorting a run never holds up the store's writer.
 
-    The store calls ``open`` with its connection before it starts, ``start`` on the event
-    loop, ``notify`` from its writer after each commit and ``close`` at the end. Between
-    ``start`` and ``close``, ``indexed`` waits for the index to cover every committed row.
+    The store calls ``prepare`` for each partition it attaches (through its
+    ``PartitionSet``), ``open`` with its connection and partitions before it starts,
+    ``start`` on the event loop, ``notify`` from its writer after each commit to a
+    partition, and ``close`` at the end. Between ``start`` and ``close``, ``indexed``
+    waits for the index to cover every committed row.
 
     ``should_stop``, if given, is asked before each sort pass of a run, as well as whether
     ``close`` was called: a true answer abandons the run (rolled back; the rows are sealed
@@ -422,35 +523,44 @@ class CustomerIndexer:
         self._pass_rows = max(pass_rows, 1)
         self._should_stop = should_stop
         self._conn: duckdb.DuckDBPyConnection | None = None
+        self._partitions: PartitionSet | None = None
         self._thread: threading.Thread | None = None
         # _cond guards the fields below it.
         self._cond = threading.Condition()
-        self._new_rows = 0  # log_customers rows committed since the indexer last looked
+        self._new_rows: dict[str, int] = {}  # per partition: rows committed since looked at
         self._waiters: list[asyncio.Future[None]] = []
         self._stop = False
 
-    def open(self, conn: duckdb.DuckDBPyConnection) -> None:
-        """Creates the index tables on ``conn``, or checks them and drops an index this
-        DuckDB cannot trust (see ``open_index``), then takes a cursor of ``conn`` for the
-        indexer thread. Blocks: run it where the store opens the file."""
-        dropped = open_index(conn)
+    @staticmethod
+    def prepare(cur: duckdb.DuckDBPyConnection, partition: Partition) -> None:
+        """Creates a partition's index tables on ``cur`` (which uses it), or checks them
+        and drops an index this DuckDB cannot trust (see ``open_index``)."""
+        dropped = open_index(cur)
         if dropped:
-            log.warning("log_customer_index_dropped", reason=dropped)
+            log.warning("log_customer_index_dropped", partition=partition.name, reason=dropped)
+
+    def open(self, conn: duckdb.DuckDBPyConnection, partitions: PartitionSet) -> None:
+        """Takes a cursor of ``conn`` for the indexer thread."""
         self._conn = conn.cursor()
+        self._partitions = partitions
 
     def start(self) -> None:
-        assert self._conn is not None, "open() first"
-        # The tail may hold rows written before there was an index, or before the last
-        # close: the indexer looks at once.
-        self._new_rows = self._seal_rows
+        assert self._conn is not None and self._partitions is not None, "open() first"
+        # A partition's tail may hold rows written before there was an index, or before the
+        # last close: the indexer looks at every partition at once.
+        with self._cond:
+            for partition in self._partitions.all():
+                self._new_rows[partition.name] = self._seal_rows
         self._thread = threading.Thread(target=self._run, name="tidegate-logindex", daemon=True)
         self._thread.start()
 
-    def notify(self, customer_rows: int) -> None:
-        """Called by the store's writer: ``customer_rows`` more rows are committed."""
+    def notify(self, partition: str, customer_rows: int) -> None:
+        """Called by the store's writer: ``customer_rows`` more rows are committed to
+        ``partition``."""
         with self._cond:
-            self._new_rows += customer_rows
-            if self._new_rows >= self._seal_rows:
+            rows = self._new_rows.get(partition, 0) + customer_rows
+            self._new_rows[partition] = rows
+            if rows >= self._seal_rows:
                 self._cond.notify()
 
     async def indexed(self) -> None:
@@ -477,7 +587,7 @@ class CustomerIndexer:
 
     async def close(self) -> None:
         """Stops the thread and waits for it, fails the ``indexed`` calls still waiting
-        and closes the indexer's connection."""
+        and closes the indexer's cursor."""
         self.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -491,20 +601,28 @@ class CustomerIndexer:
         if conn is not None:
             await asyncio.to_thread(conn.close)
 
+    def _due(self) -> list[str]:
+        return [name for name, rows in self._new_rows.items() if rows >= self._seal_rows]
+
     def _run(self) -> None:
         delay = 0.1
         while True:
             with self._cond:
-                while not self._stop and not self._waiters:
-                    if self._new_rows >= self._seal_rows:
-                        break
+                while not self._stop and not self._waiters and not self._due():
                     self._cond.wait()
                 if self._stop:
                     return
                 waiters, self._waiters = self._waiters, []
-                self._new_rows = 0
+                force = bool(waiters)
+                names = self._due()
+                for name in names:
+                    self._new_rows.pop(name, None)
+            if force:  # indexed() waits: every partition's tail, whatever its size
+                assert self._partitions is not None
+                names = [p.name for p in self._partitions.all()]
             try:
-                self._work(force=bool(waiters))
+                for name in names:
+                    self._work_on(name, force=force)
             except Exception as exc:  # the index is only an accelerator: keep the thread
                 with self._cond:
                     self._waiters[:0] = waiters  # close() fails them if it stops us
@@ -515,7 +633,8 @@ class CustomerIndexer:
                 else:
                     log.exception("log_customer_index_failed")
                 with self._cond:
-                    self._new_rows = self._seal_rows  # try again
+                    for name in names:  # try again
+                        self._new_rows[name] = max(self._new_rows.get(name, 0), self._seal_rows)
                     self._cond.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
                 continue
@@ -528,9 +647,23 @@ class CustomerIndexer:
         should_stop = self._should_stop
         return (should_stop is not None and should_stop()) or self._stop
 
+    def _work_on(self, name: str, *, force: bool) -> None:
+        """``_work`` on partition ``name``, held so a drop waits (gone: nothing to do)."""
+        conn, partitions = self._conn, self._partitions
+        assert conn is not None and partitions is not None
+        with partitions.taking(name) as partition:
+            if partition is None:
+                return
+            conn.execute(f"USE {name}")
+            try:
+                self._work(force=force)
+            finally:
+                conn.execute("USE memory")
+
     def _work(self, *, force: bool) -> None:
-        """Seals the tail (any size if ``force``; a run holds at most ``pass_rows`` rows,
-        so a long tail takes several), then merges until no level is full."""
+        """Seals the tail of the partition in use (any size if ``force``; a run holds at
+        most ``pass_rows`` rows, so a long tail takes several), then merges until no level
+        is full."""
         conn = self._conn
         assert conn is not None
         sealed = 0

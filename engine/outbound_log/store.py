@@ -1,13 +1,16 @@
 """The outbound log's store: the threads and connections that write, read and stream
-its rows, one row per outbound HTTP request, in DuckDB.
+its rows, one row per outbound HTTP request, in DuckDB, one file per week
+(``partitions``), all attached to one in-memory DuckDB instance.
 
 - One writer thread owns the write connection and inserts Arrow batches, one transaction
-  per batch. A checkpoint can stall it for seconds, so ``append`` only adds the row to a
-  bounded buffer and never waits on DuckDB.
-- Readers run in worker threads on their own cursors. A search by customer goes through
-  the customer index, a chunk of candidates at a time, in one transaction.
-- The store owns a ``CustomerIndexer``, which keeps that index up to date on a thread of
-  its own: the writer tells it how many customer rows each commit added.
+  per batch and partition. A checkpoint can stall it for seconds, so ``append`` only adds
+  the row to a bounded buffer and never waits on DuckDB.
+- Readers run in worker threads on their own cursors, over the partitions a query may
+  touch, newest first. A search by customer goes through the customer indexes, a chunk
+  of candidates at a time, in one transaction.
+- ``drop_partitions`` is retention: whole partitions go, never rows.
+- The store owns a ``CustomerIndexer``, which keeps every partition's index up to date on
+  a thread of its own: the writer tells it how many customer rows each commit added.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
   subscriber.
 """
@@ -20,7 +23,7 @@ import threading
 import time as monotime
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -35,12 +38,10 @@ from engine.outbound_log.customer_index import (
     INDEX_PASS_ROWS,
     INDEX_SEAL_ROWS,
     CustomerIndexer,
-    carried_customers,
-    customer_entries,
-    read_index,
-    requests_at_rows,
+    customer_search,
 )
 from engine.outbound_log.migrations import open_schema
+from engine.outbound_log.partitions import PARTITION_SPAN, Partition, PartitionSet, week_of
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
 from engine.outbound_log.sql import (
     REQUEST_COLUMNS,
@@ -63,7 +64,6 @@ T = TypeVar("T")
 
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
 WRITE_RETRY_MAX_DELAY = 5.0
-CANDIDATES_MAX = 4096  # candidate times a customer search takes from the index at once
 
 
 class LogSubscription:
@@ -124,6 +124,15 @@ class LogSubscription:
             self._wakeup.set()
 
 
+@dataclass(frozen=True)
+class Retention:
+    """What one retention pass did: partitions dropped, bytes freed, bytes left."""
+
+    dropped: int
+    freed_bytes: int
+    size_bytes: int
+
+
 class LogStore:
     """The outbound log. Call ``start()`` before use and ``close()`` at the end.
 
@@ -137,7 +146,7 @@ class LogStore:
 
     def __init__(
         self,
-        path: Path,
+        folder: Path,
         *,
         flush_interval: float = 0.1,
         flush_rows: int = 5_000,
@@ -148,7 +157,7 @@ class LogStore:
         index_pass_rows: int = INDEX_PASS_ROWS,
         index_should_stop: Callable[[], bool] | None = None,
     ) -> None:
-        self._path = path
+        self._folder = folder
         # Called on the event loop with the ids of every batch DuckDB committed.
         self._on_committed = on_committed
         self._flush_interval = flush_interval
@@ -169,6 +178,7 @@ class LogStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._read_root: duckdb.DuckDBPyConnection | None = None
+        self._partitions: PartitionSet | None = None
         self._thread: threading.Thread | None = None
         self._indexer = CustomerIndexer(
             seal_rows=index_seal_rows,
@@ -239,11 +249,45 @@ class LogStore:
         return await self._read(self._get, request_id)
 
     async def count(self) -> int:
+        """The requests in the log, every partition."""
+
         def count(cur: duckdb.DuckDBPyConnection) -> int:
-            (total,) = cur.execute("SELECT count(*) FROM log_requests").fetchall()[0]
-            return int(total)
+            assert self._partitions is not None
+            total = 0
+            with self._partitions.using() as chosen:
+                for partition in chosen:
+                    (n,) = cur.execute(
+                        f"SELECT count(*) FROM {partition.name}.log_requests"
+                    ).fetchall()[0]
+                    total += int(n)
+            return total
 
         return await self._read(count)
+
+    async def drop_partitions(
+        self, *, older_than: datetime | None = None, max_bytes: int | None = None
+    ) -> Retention:
+        """Retention: deletes every partition whose rows are all older than ``older_than``,
+        then the oldest ones while the log takes more than ``max_bytes`` on disk. The
+        newest partition is always kept. Runs on a worker thread; writes, reads and
+        streams go on meanwhile (a drop waits for the reads of its partition)."""
+
+        def drop() -> Retention:
+            partitions = self._partitions
+            if partitions is None:
+                raise TidegateError("log store is not running")
+            dropped = freed = 0
+            chosen = partitions.all()[1:]  # newest first; the newest stays
+            for partition in reversed(chosen):  # oldest first
+                over_age = older_than is not None and partition.end <= older_than
+                over_size = max_bytes is not None and partitions.size() > max_bytes
+                if not (over_age or over_size):
+                    break
+                freed += partitions.drop(partition)
+                dropped += 1
+            return Retention(dropped, freed, partitions.size())
+
+        return await asyncio.to_thread(drop)
 
     def subscribe(
         self, query: LogQuery, *, max_pending: int = STREAM_MAX_PENDING
@@ -286,16 +330,18 @@ class LogStore:
     # --- writer thread -------------------------------------------------------------------
 
     def _open(self) -> tuple[duckdb.DuckDBPyConnection, duckdb.DuckDBPyConnection]:
+        conn = connect(":memory:")
+        partitions = PartitionSet(conn, self._folder, _prepare_partition)
         try:
-            conn = connect(str(self._path))
-        except duckdb.IOException as exc:  # most often: another process holds the file
-            raise TidegateError(f"cannot open the log database {self._path}: {exc}") from exc
-        try:
-            open_schema(conn, self._path)  # a new file's tables, or a check of its version
-            self._indexer.open(conn)
+            partitions.open()
+        except duckdb.IOException as exc:  # most often: another process holds a file
+            conn.close()
+            raise TidegateError(f"cannot open the outbound log in {self._folder}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
+        self._partitions = partitions
+        self._indexer.open(conn, partitions)
         # A separate root for reader cursors, so creating one never waits on the writer.
         return conn, conn.cursor()
 
@@ -312,10 +358,7 @@ class LogStore:
                 self._flush_waiters = [(s, f) for s, f in self._flush_waiters if s > last_seq]
                 subscribers = list(self._subscribers)
             if stored:
-                self._indexer.notify(sum(len(row.customers) for row in batch))
                 self._publish(batch, subscribers)
-                if self._on_committed is not None:
-                    self._call_soon(self._on_committed, [row.id for row in batch])
             # Queued after the publish callbacks, so flush() returns after subscribers have rows.
             self._call_soon(self._settled, done)
 
@@ -337,28 +380,52 @@ class LogStore:
             return batch, self._appended - len(self._buffer)
 
     def _write(self, batch: list[LogRow]) -> bool:
+        """Commits ``batch``, one transaction per partition its rows fall in (DuckDB writes
+        one attached database per transaction); False if none of it could be stored."""
         # Sorting keeps each table in time order even when lanes append slightly out of order.
         batch.sort(key=lambda row: (row.time, row.id))
+        partitions = self._partitions
+        assert partitions is not None
+        stored = False
+        start = 0
+        while start < len(batch):
+            partition = partitions.for_time(batch[start].time)
+            week_end = week_of(batch[start].time) + PARTITION_SPAN
+            end = start + 1
+            while end < len(batch) and batch[end].time < week_end:
+                end += 1
+            if partition is None:  # its week is being dropped: past the retention period
+                log.warning("log_rows_dropped", rows=end - start, reason="past retention")
+            else:
+                stored = self._write_to(partition, batch[start:end]) or stored
+            start = end
+        return stored
+
+    def _write_to(self, partition: Partition, rows: list[LogRow]) -> bool:
         try:
-            tables = arrow_tables(batch)
+            tables = arrow_tables(rows)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            log.exception("log_rows_dropped", rows=len(batch), reason="cannot encode")
+            log.exception("log_rows_dropped", rows=len(rows), reason="cannot encode")
             return False
         delay = 0.1
         while True:
             try:
-                self._insert(tables)
-                return True
+                self._insert(partition, tables)
+                break
             except duckdb.Error as exc:
-                log.error("log_write_failed", rows=len(batch), error=str(exc))
+                log.error("log_write_failed", rows=len(rows), error=str(exc))
                 with self._cond:
                     if self._closing:
-                        log.error("log_rows_dropped", rows=len(batch), reason="closing")
+                        log.error("log_rows_dropped", rows=len(rows), reason="closing")
                         return False
                     self._cond.wait(delay)
                 delay = min(delay * 2, WRITE_RETRY_MAX_DELAY)
+        self._indexer.notify(partition.name, sum(len(row.customers) for row in rows))
+        if self._on_committed is not None:
+            self._call_soon(self._on_committed, [row.id for row in rows])
+        return True
 
-    def _insert(self, tables: dict[str, pa.Table]) -> None:
+    def _insert(self, partition: Partition, tables: dict[str, pa.Table]) -> None:
         conn = self._conn
         assert conn is not None
         # One string of INSERTs, each reading its Arrow table from the local variable it
@@ -369,7 +436,7 @@ class LogStore:
         batch_log_bodies = tables["log_bodies"]  # noqa: F841
         batch_log_customers = tables["log_customers"]  # noqa: F841
         inserts = "; ".join(
-            f"INSERT INTO {name} BY NAME SELECT * FROM batch_{name}"
+            f"INSERT INTO {partition.name}.{name} BY NAME SELECT * FROM batch_{name}"
             for name, table in tables.items()
             if table.num_rows
         )
@@ -426,63 +493,70 @@ class LogStore:
         size: int,
         after: tuple[datetime, str] | None,
     ) -> tuple[list[LogRow], tuple[int, str] | None]:
-        if query.customer_id and not query.identifier:
-            return self._list_by_customer(cur, query, size, after)
+        """A page across partitions: each partition that may hold matching rows gives its
+        newest ``size + 1``, newest partition first, merged by (time, id). Partitions older
+        than the page's last row cannot change it, so the search stops before them. A
+        search by customer reads every partition's customer index in the same statements
+        (``customer_index.customer_search``)."""
+        partitions = self._partitions
+        assert partitions is not None
+        low, high = _time_range(query, after)
+        by_customer = bool(query.customer_id and not query.identifier)
+        found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
+        with partitions.using(low, high) as chosen:
+            if by_customer:  # through the customer index of every partition at once
+                where, params = where_clause(replace(query, customer_id=""), after)
+                catalogs = [partition.name for partition in chosen]
+                bounds = time_bounds(query, after)
+                found = customer_search(
+                    cur, catalogs, query.customer_id, where, params, bounds, size
+                )
+            else:
+                for partition in chosen:
+                    if len(found) > size and from_micros(found[size][0][0]) >= partition.end:
+                        break
+                    cur.execute(f"USE {partition.name}")
+                    found += self._page(cur, query, size, after)
+                    found.sort(key=lambda f: (f[0][0], f[0][1]), reverse=True)
+                    del found[size + 1 :]
+        more, found = len(found) > size, found[:size]
+        rows = [row_from_record(rec, carried) for rec, carried in found]
+        return rows, (found[-1][0][0], found[-1][0][1]) if more else None
+
+    def _page(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        query: LogQuery,
+        size: int,
+        after: tuple[datetime, str] | None,
+    ) -> list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]]:
+        """The newest ``size + 1`` matching requests of the partition in use, with the
+        customers a list shows."""
         where, params = where_clause(query, after)
         recs = cur.execute(
             f"SELECT {REQUEST_COLUMNS} FROM log_requests r WHERE {where}"
             " ORDER BY r.time DESC, r.id DESC LIMIT ?",
             [*params, size + 1],
         ).fetchall()
-        more, recs = len(recs) > size, recs[:size]
         customers = page_customers(cur, recs, query.customer_id)
-        rows = [row_from_record(rec, customers.get(rec[1], ())) for rec in recs]
-        return rows, (recs[-1][0], recs[-1][1]) if more else None
-
-    def _list_by_customer(
-        self,
-        cur: duckdb.DuckDBPyConnection,
-        query: LogQuery,
-        size: int,
-        after: tuple[datetime, str] | None,
-    ) -> tuple[list[LogRow], tuple[int, str] | None]:
-        """``_list`` for a customer search, through the customer index: the index gives the
-        candidate entries newest first, a chunk of times at a time; the requests they point
-        at that pass the other filters are fetched by rowid, and kept if the customer row
-        an entry points at is this customer's."""
-        customer_id = query.customer_id
-        where, params = where_clause(replace(query, customer_id=""), after)
-        bounds = time_bounds(query, after)
-        found: list[tuple[tuple[Any, ...], tuple[LogCustomer, ...]]] = []
-        cur.begin()  # one snapshot: the watermark, the runs and the tail agree
-        try:
-            state = read_index(cur)
-            before: int | None = None
-            chunk = size + 1
-            while len(found) <= size:
-                candidates = customer_entries(cur, state, customer_id, bounds, before, chunk)
-                entries: dict[int, list[tuple[int, int]]] = {}
-                for _time, customer_row, position, request_row in candidates:
-                    entries.setdefault(request_row, []).append((customer_row, position))
-                recs = requests_at_rows(cur, list(entries), where, params)
-                while recs and len(found) <= size:
-                    batch, recs = recs[: size + 1 - len(found)], recs[size + 1 - len(found) :]
-                    found += carried_customers(cur, batch, entries, customer_id)
-                times = len({entry[0] for entry in candidates})
-                if times < chunk:
-                    break
-                before, chunk = candidates[-1][0], min(chunk * 4, CANDIDATES_MAX)
-        finally:
-            with contextlib.suppress(duckdb.Error):  # read only: nothing to commit
-                cur.rollback()
-        more, found = len(found) > size, found[:size]
-        rows = [row_from_record(rec, carried) for rec, carried in found]
-        return rows, (found[-1][0][0], found[-1][0][1]) if more else None
+        return [(rec, customers.get(rec[1], ())) for rec in recs]
 
     def _get(self, cur: duckdb.DuckDBPyConnection, request_id: str) -> LogRow | None:
         window = id_window(request_id)
-        if window is None:
+        partitions = self._partitions
+        if window is None or partitions is None:
             return None
+        with partitions.using(*window) as chosen:
+            for partition in chosen:
+                cur.execute(f"USE {partition.name}")
+                row = self._get_in(cur, request_id, window)
+                if row is not None:
+                    return row
+        return None
+
+    def _get_in(
+        self, cur: duckdb.DuckDBPyConnection, request_id: str, window: tuple[datetime, datetime]
+    ) -> LogRow | None:
         rec = cur.execute(
             f"SELECT {REQUEST_COLUMNS} FROM log_requests r"
             " WHERE r.id = ? AND r.time BETWEEN ? AND ?",
@@ -500,3 +574,25 @@ class LogStore:
             at,
         ).fetchall()
         return row_from_record(rec, tuple(LogCustomer(*c) for c in customers), bodies or ("", ""))
+
+
+def _prepare_partition(cur: duckdb.DuckDBPyConnection, partition: Partition) -> None:
+    """A partition's log tables (created at the current schema version, or checked to be
+    at it) and customer index, on a cursor that uses it."""
+    open_schema(cur, partition.path)
+    CustomerIndexer.prepare(cur, partition)
+
+
+def _time_range(
+    query: LogQuery, after: tuple[datetime, str] | None
+) -> tuple[datetime | None, datetime | None]:
+    """The times a matching row may have, as an inclusive range (None: unbounded)."""
+    low, high = query.start_time, query.end_time
+    if after is not None:
+        high = after[0] if high is None else min(high, after[0])
+    if query.identifier:
+        window = id_window(query.identifier)
+        if window is not None:
+            low = window[0] if low is None else max(low, window[0])
+            high = window[1] if high is None else min(high, window[1])
+    return low, high

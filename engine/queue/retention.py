@@ -15,16 +15,12 @@ replay tells an expired id from one that never existed
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 import time
+from typing import Any
 
-import structlog
-
+from engine.periodic import Periodic
 from engine.state.database import Database
-
-log = structlog.get_logger("tidegate.dead_letters")
 
 DAY = 86400.0
 DEFAULT_RETENTION_DAYS = 30.0
@@ -72,45 +68,16 @@ async def expire_dead_letters(
             return removed
 
 
-class DeadLetterSweeper:
-    """Runs ``expire_dead_letters`` in the background: ``start``, then ``stop``."""
+def dead_letter_sweeper(
+    db: Database,
+    retention: float = DEFAULT_RETENTION_DAYS * DAY,
+    interval: float = RETENTION_INTERVAL,
+    start_delay: float = RETENTION_START_DELAY,
+) -> Periodic:
+    """``expire_dead_letters`` in the background, logged as ``dead_letters_expired``."""
 
-    def __init__(
-        self,
-        db: Database,
-        retention: float = DEFAULT_RETENTION_DAYS * DAY,
-        interval: float = RETENTION_INTERVAL,
-        start_delay: float = RETENTION_START_DELAY,
-    ) -> None:
-        self._db = db
-        self._retention = retention
-        self._interval = interval
-        self._start_delay = start_delay
-        self._task: asyncio.Task[None] | None = None
+    async def expire() -> dict[str, Any]:
+        removed = await expire_dead_letters(db, retention)
+        return {"removed": removed, "retention_days": round(retention / DAY, 3)}
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dead-letter-retention")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        await asyncio.sleep(self._start_delay)
-        while True:
-            started = time.monotonic()
-            try:
-                removed = await expire_dead_letters(self._db, self._retention)
-            except Exception:  # a failed pass only leaves dead letters for the next one
-                log.exception("dead_letters_expiry_failed")
-            else:
-                log.info(
-                    "dead_letters_expired",
-                    removed=removed,
-                    retention_days=round(self._retention / DAY, 3),
-                    seconds=round(time.monotonic() - started, 2),
-                )
-            await asyncio.sleep(self._interval)
+    return Periodic("dead_letters_expired", expire, interval=interval, start_delay=start_delay)
