@@ -11,6 +11,8 @@ import grpc
 from google.protobuf import struct_pb2
 
 from engine.pb import (
+    backup_pb2,
+    backup_pb2_grpc,
     config_pb2,
     config_pb2_grpc,
     connections_pb2,
@@ -31,6 +33,7 @@ class TidegateClient:
         self.mappings = mappings_pb2_grpc.MappingServiceStub(self.channel)
         self.logs = logs_pb2_grpc.LogServiceStub(self.channel)
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self.channel)
+        self.backups = backup_pb2_grpc.BackupServiceStub(self.channel)
         self.config = config_pb2_grpc.ConfigServiceStub(self.channel)
 
     async def __aenter__(self) -> TidegateClient:
@@ -214,3 +217,10 @@ class TidegateClient:
                     yield entry
         finally:
             call.cancel()
+
+    async def create_backup(self, destination: str) -> backup_pb2.CreateBackupResponse:
+        """A consistent copy of the engine's data folder at ``destination`` (an absolute
+        path on the engine's machine)."""
+        return await self.backups.CreateBackup(
+            backup_pb2.CreateBackupRequest(destination=destination)
+        )

@@ -4,6 +4,8 @@ started and stopped together."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,6 +46,8 @@ log = structlog.get_logger("tidegate.engine")
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_DATA_DIR = Path("tidegate-data")
+ENGINE_FILE = "engine.json"
+"""In the data folder while an engine serves it: its process id and admin address."""
 
 
 @dataclass
@@ -172,7 +176,17 @@ class Engine:
             self.ingestor,
             self.deliverer.wake,
             self.connectors,
+            cfg.data_dir,
         )
+        self._announce()
+
+    def _announce(self) -> None:
+        """Writes ``engine.json`` (this process and its admin address) in the data folder,
+        so ``tidegate backup`` finds the engine that serves it."""
+        cfg = self.config
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        address = {"pid": os.getpid(), "grpc": f"{host}:{self.grpc_port}"}
+        (cfg.data_dir / ENGINE_FILE).write_text(json.dumps(address) + "\n")
 
     async def _start_worker(self) -> None:
         cfg = self.config
@@ -196,6 +210,8 @@ class Engine:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
+        if self._grpc is not None:  # started: the announcement is this engine's
+            (self.config.data_dir / ENGINE_FILE).unlink(missing_ok=True)
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import re
 import signal
@@ -23,9 +24,11 @@ from engine.app import (
     DEFAULT_DATA_DIR,
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
+    ENGINE_FILE,
     Engine,
     EngineConfig,
 )
+from engine.backup import back_up_stopped
 from engine.connector.info import tcp_port
 from engine.delivery.worker import DeliverySettings
 from engine.errors import TidegateError
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upgrade_options(serve)
     serve.set_defaults(func=run_serve)
     add_config_command(sub)
+    add_backup_command(sub)
     add_migrate_command(sub)
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
@@ -331,7 +335,11 @@ def _object_name(ref: config_pb2.ConfigObject) -> str:
     return f"{name} {ref.connection_id}"
 
 
-def _engine_call(target: str, call: Callable[[TidegateClient], Awaitable[T]]) -> T:
+def _engine_call(
+    target: str,
+    call: Callable[[TidegateClient], Awaitable[T]],
+    refused: str = "the document was refused, nothing was changed",
+) -> T:
     async def run() -> T:
         async with TidegateClient(target) as client:
             return await call(client)
@@ -339,10 +347,10 @@ def _engine_call(target: str, call: Callable[[TidegateClient], Awaitable[T]]) ->
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        raise TidegateError(_rpc_failure(target, exc)) from None
+        raise TidegateError(_rpc_failure(target, exc, refused)) from None
 
 
-def _rpc_failure(target: str, exc: grpc.aio.AioRpcError) -> str:
+def _rpc_failure(target: str, exc: grpc.aio.AioRpcError, refused: str) -> str:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return (
@@ -350,10 +358,76 @@ def _rpc_failure(target: str, exc: grpc.aio.AioRpcError) -> str:
             "`tidegate serve`, or name where it runs with --target HOST:PORT"
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return f"the document was refused, nothing was changed: {exc.details()}"
+        return f"{refused}: {exc.details()}"
     if code == grpc.StatusCode.UNIMPLEMENTED:
-        return f"the engine at {target} has no ConfigService: it runs an older Tidegate"
+        return f"the engine at {target} does not offer that call: it runs an older Tidegate"
     return f"the engine at {target} answered {code.name}: {exc.details()}"
+
+
+# -- tidegate backup ---------------------------------------------------------------------
+
+
+def add_backup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tidegate backup``: through the engine that serves the folder, or by itself."""
+    backup = sub.add_parser(
+        "backup",
+        help="copy a data folder consistently, while its engine serves it or while none does",
+    )
+    backup.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"the data folder to back up (default ./{DEFAULT_DATA_DIR})",
+    )
+    backup.add_argument(
+        "--to",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the folder to create (it must not exist, or be empty)",
+    )
+    backup.set_defaults(func=run_backup)
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    destination = args.to.resolve()
+    target = serving_engine(args.data_dir)
+    if target is None:
+        result = back_up_stopped(args.data_dir, destination)
+        how = "no engine serves it: copied its files"
+        parts, log_bytes, key = result.log_partitions, result.log_bytes, result.secret_key_copied
+    else:
+        answer = _engine_call(
+            target,
+            lambda client: client.create_backup(str(destination)),
+            refused="the backup was refused, nothing was written",
+        )
+        how = f"through the engine serving it at {target}"
+        parts, log_bytes, key = answer.log_partitions, answer.log_bytes, answer.secret_key_copied
+    print(
+        f"tidegate backup: {args.data_dir} -> {destination} ({how}):"
+        f" state database, {parts} outbound-log file(s) ({log_bytes:,} bytes)"
+        + ("" if key else "; the secret key is not in the folder: keep TIDEGATE_SECRET_KEY"),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def serving_engine(data_dir: Path) -> str | None:
+    """The admin address of the engine serving ``data_dir`` (from its ``engine.json``),
+    or None when none runs."""
+    try:
+        announced = json.loads((data_dir / ENGINE_FILE).read_text())
+        pid, address = int(announced["pid"]), str(announced["grpc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # left by an engine that was killed
+    except PermissionError:
+        pass  # alive, another user's
+    return address
 
 
 def add_upgrade_options(serve: argparse.ArgumentParser) -> None:

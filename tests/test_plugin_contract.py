@@ -97,7 +97,7 @@ FLOORS = [
     {"engine.plugins"},
     {"engine.state"},
     {"engine.outbound_log"},
-    {"engine.upgrade"},
+    {"engine.upgrade", "engine.backup"},
     {"engine.queue"},
     {"engine.ingest", "engine.delivery"},
     {"engine.admin"},

@@ -4,11 +4,13 @@ proto files."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.admin.backup import BackupServicer
 from engine.admin.catalog import CatalogServicer
 from engine.admin.config import ConfigServicer
 from engine.admin.connections import ConnectionServicer
@@ -19,6 +21,8 @@ from engine.admin.mappings import MappingServicer
 from engine.ingest.ingestor import Ingestor
 from engine.outbound_log.store import LogStore
 from engine.pb import (
+    backup_pb2,
+    backup_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
     config_pb2,
@@ -46,6 +50,7 @@ SERVICE_NAMES = (
     dead_letters_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
+    backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
 )
 
 
@@ -58,9 +63,11 @@ async def start_grpc_server(
     ingestor: Ingestor,
     on_replayed: Callable[[set[str]], None],
     connectors: Connectors,
+    data_dir: Path,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (useful with port 0)."""
     server = grpc.aio.server()
+    backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
     connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
         ConnectionServicer(registry, queue), server
     )

@@ -654,11 +654,12 @@ class CustomerIndexer:
         with partitions.taking(name) as partition:
             if partition is None:
                 return
-            conn.execute(f"USE {name}")
-            try:
-                self._work(force=force)
-            finally:
-                conn.execute("USE memory")
+            with partitions.writing(partition):  # a backup's copy waits for the runs
+                conn.execute(f"USE {name}")
+                try:
+                    self._work(force=force)
+                finally:
+                    conn.execute("USE memory")
 
     def _work(self, *, force: bool) -> None:
         """Seals the tail of the partition in use (any size if ``force``; a run holds at

@@ -61,6 +61,10 @@ class Partition:
     end: datetime
     users: int = 0
     dropping: bool = False
+    writers: int = 0
+    """Write transactions in progress (the store's writer, the indexer)."""
+    frozen: bool = False
+    """A backup is copying the file: writes wait."""
 
     def size(self) -> int:
         """Bytes on disk: the file and its write-ahead log."""
@@ -158,6 +162,37 @@ class PartitionSet:
         finally:
             if partition is not None:
                 self._release([partition])
+
+    @contextlib.contextmanager
+    def writing(self, partition: Partition) -> Iterator[None]:
+        """Held around a write to ``partition``: waits while a backup copies it."""
+        with self._cond:
+            while partition.frozen:
+                self._cond.wait()
+            partition.writers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                partition.writers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def frozen(self, partition: Partition) -> Iterator[None]:
+        """Held while a backup copies ``partition``: no write starts, and the writes in
+        progress have finished."""
+        with self._cond:
+            while partition.frozen:
+                self._cond.wait()
+            partition.frozen = True
+            while partition.writers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                partition.frozen = False
+                self._cond.notify_all()
 
     def drop(self, partition: Partition) -> int:
         """Deletes ``partition`` once nobody uses it; returns the bytes freed."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 import time as monotime
 from collections import deque
@@ -264,6 +265,32 @@ class LogStore:
 
         return await self._read(count)
 
+    async def copy_to(self, folder: Path) -> tuple[int, int]:
+        """Copies every partition into ``folder`` (which must exist), each as it is at one
+        moment: its writes wait while it is checkpointed and copied. Returns (partitions,
+        bytes). The copies open as a log of their own (``LogStore(folder)``)."""
+
+        def copy() -> tuple[int, int]:
+            partitions, conn = self._partitions, self._read_root
+            if partitions is None or conn is None:
+                raise TidegateError("log store is not running")
+            copied = size = 0
+            cur = conn.cursor()
+            try:
+                with partitions.using() as chosen:
+                    for partition in chosen:
+                        with partitions.frozen(partition):
+                            cur.execute(f"CHECKPOINT {partition.name}")
+                            target = folder / partition.path.name
+                            shutil.copyfile(partition.path, target)
+                        copied += 1
+                        size += target.stat().st_size
+            finally:
+                cur.close()
+            return copied, size
+
+        return await asyncio.to_thread(copy)
+
     async def drop_partitions(
         self, *, older_than: datetime | None = None, max_bytes: int | None = None
     ) -> Retention:
@@ -402,6 +429,8 @@ class LogStore:
         return stored
 
     def _write_to(self, partition: Partition, rows: list[LogRow]) -> bool:
+        partitions = self._partitions
+        assert partitions is not None
         try:
             tables = arrow_tables(rows)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -410,7 +439,8 @@ class LogStore:
         delay = 0.1
         while True:
             try:
-                self._insert(partition, tables)
+                with partitions.writing(partition):
+                    self._insert(partition, tables)
                 break
             except duckdb.Error as exc:
                 log.error("log_write_failed", rows=len(rows), error=str(exc))

@@ -1,0 +1,34 @@
+"""BackupService: a consistent copy of the data folder, taken while the engine serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.admin.errors import Context, rpc
+from engine.backup import back_up_running
+from engine.errors import InvalidInputError
+from engine.outbound_log.store import LogStore
+from engine.pb import backup_pb2 as pb
+from engine.pb import backup_pb2_grpc
+
+
+class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
+    def __init__(self, data_dir: Path, logs: LogStore) -> None:
+        self._data_dir = data_dir
+        self._logs = logs
+
+    @rpc
+    async def CreateBackup(
+        self, request: pb.CreateBackupRequest, context: Context
+    ) -> pb.CreateBackupResponse:
+        if not request.destination:
+            raise InvalidInputError("destination", "required: an absolute path")
+        result = await back_up_running(self._data_dir, self._logs, Path(request.destination))
+        return pb.CreateBackupResponse(
+            destination=str(result.destination),
+            state_bytes=result.state_bytes,
+            log_partitions=result.log_partitions,
+            log_bytes=result.log_bytes,
+            secret_key_copied=result.secret_key_copied,
+            seconds=result.seconds,
+        )
