@@ -18,6 +18,7 @@ from engine.app import (
     DEFAULT_DATA_DIR,
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
     Engine,
     EngineConfig,
 )
@@ -36,6 +37,16 @@ def positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def metrics_port(text: str) -> int | None:
+    """``--metrics-port``: a TCP port (0: any free one), or ``off`` for no endpoint."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return tcp_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is neither a TCP port nor off") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=tcp_port,
         default=DEFAULT_HTTP_PORT,
         help=f"ingest port (default {DEFAULT_HTTP_PORT})",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=metrics_port,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus GET /metrics port, or off (default {DEFAULT_METRICS_PORT})",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(
@@ -114,6 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
         max_backlog=args.max_backlog,
+        metrics_port=args.metrics_port,
         ingest_worker=not args.ingest_in_process,
         log_format=args.log_format,
         log_level=args.log_level,
@@ -136,7 +154,8 @@ async def _serve(config: EngineConfig) -> int:
     settle_collector()
     print(
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
-        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}",
+        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}"
+        f"{_metrics_address(config, engine)}",
         file=sys.stderr,
         flush=True,
     )
@@ -149,6 +168,14 @@ async def _serve(config: EngineConfig) -> int:
     await engine.stop()
     gc.unfreeze()  # let the interpreter's exit release them (DuckDB reports any it cannot)
     return 0
+
+
+def _metrics_address(config: EngineConfig, engine: Engine) -> str:
+    """The start line's ending: where Prometheus scrapes (the line's other parts keep
+    their order; bench and tests read them)."""
+    if config.metrics_port is None:
+        return ", metrics off"
+    return f", metrics on http://{config.host}:{engine.metrics_port}/metrics"
 
 
 def main(argv: list[str] | None = None) -> int:
