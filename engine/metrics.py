@@ -176,9 +176,9 @@ class DeliveryMetrics:
         )
         self.dead_lettered = Counter(
             "tidegate_items_dead_lettered",
-            "Items that became dead letters, by the stage that failed: identify, map,"
-            " send (the request, or retries ran out) or destination (refused for that"
-            " customer).",
+            "Items that became dead letters, by the stage that failed, as ListDeadLetters"
+            " names it: identify, map_profile, map_event, map, send (the request failed for"
+            " good, or retries ran out), destination (refused for that customer).",
             ["connection", "stage"],
             registry=registry,
         )
