@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -35,6 +36,8 @@ from prometheus_client.samples import Sample
 
 from engine.outbound_log.store import LogStore
 from engine.state.connections import STATE_PAUSED, ConnectionRegistry
+
+log = structlog.get_logger("tidegate.metrics")
 
 METRICS_PATH = "/metrics"
 
@@ -102,7 +105,7 @@ class ScrapeGauges:
         ]
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
-        self._queue: QueueFigures = {}
+        self._queue: QueueFigures | None = None
 
     async def open(self) -> None:
         self._db = await asyncio.to_thread(self._connect)
@@ -121,14 +124,21 @@ class ScrapeGauges:
 
     async def refresh(self) -> None:
         async with self._lock:  # one thread at a time on the connection
-            if self._db is not None:
+            self._queue = None
+            if self._db is None:
+                return
+            try:
                 self._queue = await asyncio.to_thread(_queue_figures, self._db)
+            except sqlite3.Error as exc:
+                # The scrape goes on without the queue figures (absent, not stale).
+                log.warning("metrics_queue_read_failed", error=str(exc))
 
     def collect(self) -> Iterator[Metric]:
         now = time.time()
         paused = {view.id: view.state == STATE_PAUSED for view in self._connections.views()}
-        queue = self._queue
-        ids = sorted(set(paused) | set(queue))
+        queue = self._queue or {}
+        # Without the figures (the read failed), no queue samples rather than zeros.
+        ids = [] if self._queue is None else sorted(set(paused) | set(queue))
         depth = _gauge("tidegate_queue_items", "Items queued for delivery.")
         age = _gauge(
             "tidegate_queue_oldest_item_age_seconds",
