@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -277,3 +278,15 @@ def test_serve_with_metrics_off_says_so_and_leaves_no_metric_files(tmp_path: Pat
 
 def serve_args(*args: str) -> argparse.Namespace:
     return build_parser().parse_args(["serve", *args])
+
+
+def test_a_busy_metrics_port_is_a_clear_error_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = tidegate("serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port",
+                          str(port), "--data-dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and str(port) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
