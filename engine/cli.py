@@ -29,6 +29,7 @@ from engine.gc_settings import settle_collector
 from engine.ingest.http import INGEST_TOKEN_ENV
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
+from engine.metrics import inherited_multiprocess_dir_problem
 from engine.plugins import plugin_commands, plugin_manager
 
 
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    problem = inherited_multiprocess_dir_problem()
+    if problem is not None:
+        print(f"tidegate: cannot start: {problem}", file=sys.stderr)
+        return 1
     config = EngineConfig(
         data_dir=args.data_dir,
         host=args.host,

@@ -61,6 +61,17 @@ def multiprocess_env(path: Path | None) -> dict[str, str]:
     return env
 
 
+def inherited_multiprocess_dir_problem() -> str | None:
+    """What is wrong with a ``PROMETHEUS_MULTIPROC_DIR`` this process was started with,
+    if anything. prometheus_client read it on import: this process then counts in files
+    there, which must be a folder (``tidegate serve`` needs none: it sets the variable
+    for its ingest worker itself)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path is None or os.path.isdir(path):
+        return None
+    return f"{MULTIPROC_ENV}={path} is not a folder; unset it (tidegate serve needs none)"
+
+
 class EngineMetrics:
     """The counters of one engine process, in a registry of their own."""
 

@@ -290,3 +290,16 @@ def test_a_busy_metrics_port_is_a_clear_error_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot start" in result.stderr and str(port) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_inherited_multiprocess_folder_that_is_missing_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [str(BIN / "tidegate"), "serve", "--grpc-port", "0", "--http-port", "0",
+         "--metrics-port", "0", "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(missing)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"PROMETHEUS_MULTIPROC_DIR={missing} is not a folder; unset it" in result.stderr
+    assert "Traceback" not in result.stderr
