@@ -154,13 +154,19 @@ def start_engine(data_dir: Path, log_path: Path) -> Process:
     argv = [
         sys.executable, "-m", "engine.cli", "--log-format", "json",
         "serve", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(data_dir),
-        *ENGINE_ARGS,
+        *_metrics_args(ENGINE_SRC), *ENGINE_ARGS,
     ]  # fmt: skip
     process = _spawn("engine", argv, log_path, ENGINE_SRC)
     match = _wait_for(process, SERVING)
     process.extra["grpc"] = f"127.0.0.1:{match.group(1)}"
     process.extra["ingest"] = f"http://127.0.0.1:{match.group(2)}/v1/events"
     return process
+
+
+def _metrics_args(src: Path) -> list[str]:
+    """The metrics endpoint on a free port, for an engine that has one (measured with its
+    counting on; ``--engine-src`` may name a checkout from before it)."""
+    return ["--metrics-port", "0"] if (src / "engine" / "metrics_server.py").exists() else []
 
 
 def free_port() -> int:

@@ -21,6 +21,8 @@ from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe
 from engine.ingest.http import create_ingest_app
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
 from engine.ingest.worker import IngestWorker
+from engine.metrics import EngineMetrics, multiprocess_dir, reset_multiprocess_dir
+from engine.metrics_server import BothProcesses, MetricsServer, ScrapeGauges
 from engine.outbound_log.outbox import LogOutbox
 from engine.outbound_log.partitions import LOG_DIR
 from engine.outbound_log.retention import (
@@ -45,6 +47,7 @@ log = structlog.get_logger("tidegate.engine")
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
+DEFAULT_METRICS_PORT = 9464
 DEFAULT_DATA_DIR = Path("tidegate-data")
 ENGINE_FILE = "engine.json"
 """In the data folder while an engine serves it: its process id and admin address."""
@@ -67,6 +70,9 @@ class EngineConfig:
     log_format: str = "json"
     log_level: str = "info"
     """How the ingest worker logs (``tidegate serve`` passes its own settings)."""
+    metrics_port: int | None = None
+    """Port of ``GET /metrics`` (Prometheus); None serves no endpoint (the engine still
+    counts). ``tidegate serve`` passes ``--metrics-port`` (default 9464)."""
     dedupe_sweep_delay: float = SWEEP_START_DELAY
     dedupe_sweep_interval: float = SWEEP_INTERVAL
     """When re-send marks past their window are first deleted, and how often after."""
@@ -93,6 +99,9 @@ class Engine:
         self.config = config
         self.grpc_port = 0
         self.http_port = 0
+        self.metrics_port = 0
+        self.metrics = EngineMetrics()
+        self._metrics_server: MetricsServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._worker: IngestWorker | None = None
@@ -130,7 +139,13 @@ class Engine:
         if recovered:
             log.info("log_rows_recovered", rows=recovered)
         self.deliverer = self._deliverer = Deliverer(
-            self.registry, self.queue, self.db, self.connectors, self.logs, cfg.delivery
+            self.registry,
+            self.queue,
+            self.db,
+            self.connectors,
+            self.logs,
+            cfg.delivery,
+            self.metrics.delivery,
         )
         self.registry.on_change(self.deliverer.connection_changed)
         await self.queue.load()
@@ -161,7 +176,8 @@ class Engine:
             await self._start_worker()
         else:
             self._http = web.AppRunner(
-                create_ingest_app(self.ingestor, cfg.ingest_token), access_log=None
+                create_ingest_app(self.ingestor, cfg.ingest_token, self.metrics.ingest),
+                access_log=None,
             )
             await self._http.setup()
             site = web.TCPSite(self._http, cfg.host, cfg.http_port)
@@ -177,8 +193,10 @@ class Engine:
             self.deliverer.wake,
             self.connectors,
             cfg.data_dir,
+            self.metrics.ingest,
         )
         self._announce()
+        await self._start_metrics()
 
     def _announce(self) -> None:
         """Writes ``engine.json`` (this process and its admin address) in the data folder,
@@ -204,14 +222,41 @@ class Engine:
             every_connection=lambda: [c.id for c in self.registry.runtimes()],
             log_format=cfg.log_format,
             log_level=cfg.log_level,
+            metrics_dir=self._worker_metrics_dir(),
         )
         await self._worker.start()
         self.registry.on_change(self._worker.refresh)
+
+    def _worker_metrics_dir(self) -> Path | None:
+        """Where the ingest worker keeps its metrics for the endpoint to read, emptied of
+        an earlier run's (the log store is open by now: no other engine uses this data
+        directory). None without the endpoint."""
+        if self.config.metrics_port is None:
+            return None
+        path = multiprocess_dir(self.config.data_dir)
+        reset_multiprocess_dir(path)
+        return path
+
+    async def _start_metrics(self) -> None:
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        worker_dir = multiprocess_dir(cfg.data_dir) if cfg.ingest_worker else None
+        self._metrics_server = MetricsServer(
+            cfg.host,
+            cfg.metrics_port,
+            BothProcesses(self.metrics.registry, worker_dir),
+            ScrapeGauges(self.registry, self.logs, self.db.path, cfg.data_dir / LOG_DIR),
+        )
+        self.metrics_port = await self._metrics_server.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
         if self._grpc is not None:  # started: the announcement is this engine's
             (self.config.data_dir / ENGINE_FILE).unlink(missing_ok=True)
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None

@@ -24,6 +24,7 @@ from engine.app import (
     DEFAULT_DATA_DIR,
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORT,
     ENGINE_FILE,
     Engine,
     EngineConfig,
@@ -36,6 +37,7 @@ from engine.gc_settings import settle_collector
 from engine.ingest.http import INGEST_TOKEN_ENV
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
+from engine.metrics import inherited_multiprocess_dir_problem
 from engine.outbound_log.retention import LOG_RETENTION_DAYS
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
@@ -73,6 +75,16 @@ def byte_size(text: str) -> int:
     return value
 
 
+def metrics_port(text: str) -> int | None:
+    """``--metrics-port``: a TCP port (0: any free one), or ``off`` for no endpoint."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return tcp_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is neither a TCP port nor off") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidegate", description="Outbound sync engine: Antavo to customer data platforms."
@@ -100,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=tcp_port,
         default=DEFAULT_HTTP_PORT,
         help=f"ingest port (default {DEFAULT_HTTP_PORT})",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=metrics_port,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus GET /metrics port, or off (default {DEFAULT_METRICS_PORT})",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(
@@ -161,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    problem = inherited_multiprocess_dir_problem()
+    if problem is not None:
+        print(f"tidegate: cannot start: {problem}", file=sys.stderr)
+        return 1
     config = EngineConfig(
         data_dir=args.data_dir,
         host=args.host,
@@ -168,6 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
         max_backlog=args.max_backlog,
+        metrics_port=args.metrics_port,
         ingest_worker=not args.ingest_in_process,
         log_retention_days=args.log_retention_days,
         log_max_bytes=args.log_max_size,
@@ -193,7 +216,8 @@ async def _serve(config: EngineConfig) -> int:
     settle_collector()
     print(
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
-        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}",
+        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}"
+        f"{_metrics_address(config, engine)}",
         file=sys.stderr,
         flush=True,
     )
@@ -493,6 +517,14 @@ def run_migrate(args: argparse.Namespace) -> int:
     done = f"{ran.steps} step(s) applied" if ran.steps else "nothing to migrate"
     progress(f"{done}; data folder {data_dir} is ready ({stores})")
     return 0
+
+
+def _metrics_address(config: EngineConfig, engine: Engine) -> str:
+    """The start line's ending: where Prometheus scrapes (the line's other parts keep
+    their order; bench and tests read them)."""
+    if config.metrics_port is None:
+        return ", metrics off"
+    return f", metrics on http://{config.host}:{engine.metrics_port}/metrics"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,10 +192,12 @@ class EngineProcess(_Process):
     def __init__(self, log_path: Path, data_dir: Path) -> None:
         self.grpc_port = free_port()
         self.http_port = free_port()
-        super().__init__(log_path, [self.grpc_port, self.http_port])
+        self.metrics_port = free_port()
+        super().__init__(log_path, [self.grpc_port, self.http_port, self.metrics_port])
         self.data_dir = data_dir
         self.target = f"{HOST}:{self.grpc_port}"
         self.ingest_url = f"http://{HOST}:{self.http_port}/v1/events"
+        self.metrics_url = f"http://{HOST}:{self.metrics_port}/metrics"
         self.extra_args: list[str] = []  # more ``serve`` options, from the next start on
 
     def command(self) -> list[str]:
@@ -208,6 +210,8 @@ class EngineProcess(_Process):
             str(self.grpc_port),
             "--http-port",
             str(self.http_port),
+            "--metrics-port",
+            str(self.metrics_port),
             "--data-dir",
             str(self.data_dir),
             # Short retries: an outage of seconds then sees dozens of attempts, as a long

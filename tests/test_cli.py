@@ -65,7 +65,15 @@ def test_busy_port_gives_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = tidegate(
-            "serve", "--http-port", str(port), "--grpc-port", "0", "--data-dir", str(tmp_path)
+            "serve",
+            "--http-port",
+            str(port),
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
         )
     assert result.returncode == 1
     assert "cannot start" in result.stderr

@@ -75,6 +75,8 @@ def processes(
             str(ports["grpc"]),
             "--http-port",
             str(ports["http"]),
+            "--metrics-port",
+            "0",
             "--data-dir",
             str(tmp_path / "data"),
         ],

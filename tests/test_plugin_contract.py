@@ -89,6 +89,7 @@ FLOORS = [
         "engine.logconfig",
         "engine.gc_settings",
         "engine.periodic",
+        "engine.metrics",
         "engine.pb",
         "engine",
     },
@@ -101,6 +102,7 @@ FLOORS = [
     {"engine.queue"},
     {"engine.ingest", "engine.delivery"},
     {"engine.admin"},
+    {"engine.metrics_server"},
     {"engine.app"},
     {"engine.cli"},
 ]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from google.protobuf import json_format
 
 from engine.admin.errors import Context, rpc
-from engine.errors import InvalidInputError
-from engine.ingest.ingestor import Ingestor
+from engine.errors import BacklogFullError, InvalidInputError, NotFoundError, TidegateError
+from engine.ingest.ingestor import Ingestor, IngestResult
 from engine.ingest.parse import MAX_EVENTS_PER_REQUEST, parse_event
+from engine.metrics import TRANSPORT_GRPC, IngestMetrics
 from engine.pb import ingest_pb2 as pb
 from engine.pb import ingest_pb2_grpc
 
@@ -40,14 +42,48 @@ def event_dict(message: pb.AntavoEvent) -> dict[str, Any]:
     return raw
 
 
+def status_name(exc: Exception) -> str:
+    """The gRPC status ``rpc`` answers ``exc`` with, for the metrics."""
+    if isinstance(exc, InvalidInputError):
+        return "INVALID_ARGUMENT"
+    if isinstance(exc, NotFoundError):
+        return "NOT_FOUND"
+    if isinstance(exc, BacklogFullError):
+        return "RESOURCE_EXHAUSTED"
+    if isinstance(exc, TidegateError):
+        return "FAILED_PRECONDITION"
+    return "INTERNAL"
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, ingestor: Ingestor) -> None:
+    def __init__(self, ingestor: Ingestor, metrics: IngestMetrics | None = None) -> None:
         self._ingestor = ingestor
+        self._metrics = metrics or IngestMetrics()
 
     @rpc
     async def IngestEvents(
         self, request: pb.IngestEventsRequest, context: Context
     ) -> pb.IngestEventsResponse:
+        started = time.perf_counter()
+        try:
+            result = await self._ingest(request)
+        except Exception as exc:
+            self._metrics.refused(TRANSPORT_GRPC, status_name(exc))
+            raise
+        self._metrics.acknowledged(
+            TRANSPORT_GRPC,
+            result.accepted,
+            result.duplicates,
+            result.deliveries_queued,
+            time.perf_counter() - started,
+        )
+        return pb.IngestEventsResponse(
+            accepted=result.accepted,
+            duplicates=result.duplicates,
+            deliveries_queued=result.deliveries_queued,
+        )
+
+    async def _ingest(self, request: pb.IngestEventsRequest) -> IngestResult:
         if not request.events:
             raise InvalidInputError("events", "expected at least one event")
         if len(request.events) > MAX_EVENTS_PER_REQUEST:
@@ -55,9 +91,4 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 "events", f"at most {MAX_EVENTS_PER_REQUEST} events per request"
             )
         events = [parse_event(event_dict(e), f"events[{i}]") for i, e in enumerate(request.events)]
-        result = await self._ingestor.ingest(events)
-        return pb.IngestEventsResponse(
-            accepted=result.accepted,
-            duplicates=result.duplicates,
-            deliveries_queued=result.deliveries_queued,
-        )
+        return await self._ingestor.ingest(events)

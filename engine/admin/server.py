@@ -19,6 +19,7 @@ from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
 from engine.ingest.ingestor import Ingestor
+from engine.metrics import IngestMetrics
 from engine.outbound_log.store import LogStore
 from engine.pb import (
     backup_pb2,
@@ -64,8 +65,10 @@ async def start_grpc_server(
     on_replayed: Callable[[set[str]], None],
     connectors: Connectors,
     data_dir: Path,
+    ingest_metrics: IngestMetrics | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Starts the server; returns it and the bound port (useful with port 0)."""
+    """Starts the server; returns it and the bound port (useful with port 0).
+    ``IngestEvents`` counts its requests in ``ingest_metrics``."""
     server = grpc.aio.server()
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
     connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
@@ -73,7 +76,9 @@ async def start_grpc_server(
     )
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
-    ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(
+        IngestServicer(ingestor, ingest_metrics), server
+    )
     dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(
         DeadLetterServicer(queue, on_replayed), server
     )

@@ -25,6 +25,7 @@ from engine.delivery.outcomes import Settlement, log_rows, settle
 from engine.delivery.pace import Pace
 from engine.delivery.transport import RecordingTransport
 from engine.errors import ContractError, DeliveryError, InvalidInputError, NotFoundError
+from engine.metrics import DeliveryMetrics
 from engine.outbound_log import outbox
 from engine.outbound_log.rows import LogRow, Outcome
 from engine.outbound_log.store import LogStore
@@ -71,6 +72,7 @@ class Deliverer:
         connectors: Connectors,
         logs: LogStore,
         settings: DeliverySettings | None = None,
+        metrics: DeliveryMetrics | None = None,
     ) -> None:
         self._registry = registry
         self._queue = queue
@@ -84,6 +86,7 @@ class Deliverer:
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._settles: set[asyncio.Task[None]] = set()
+        self._metrics = metrics or DeliveryMetrics()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
@@ -112,6 +115,7 @@ class Deliverer:
     def _ensure_worker(self, connection_id: str) -> None:
         if self._stopping or connection_id in self._workers:
             return
+        self._metrics.connection(connection_id)  # its counters show 0 from the start
         self._wakes[connection_id] = asyncio.Event()
         self._workers[connection_id] = asyncio.create_task(
             self._run(connection_id), name=f"deliver-{connection_id}"
@@ -238,6 +242,9 @@ class Deliverer:
         if not batch.deliveries:
             await self._drain(settling)
             await self._queue.settle(delivered=batch.skipped, dead=batch.dead)
+            self._metrics.connection(hooks.connection.id).settled(
+                skipped=len(batch.skipped), dead=_by_stage(batch.dead)
+            )
             return
         assert self._session is not None
         origins = sorted({item.origin for item in batch.items.values()} - {""})
@@ -305,6 +312,8 @@ class Deliverer:
             left = frozenset(settlement.delivered) | {d.item.seq for d in dead}
             settling.append(_Settling(task, left))
         last = transport.exchanges[-1] if transport.exchanges else None
+        delivered = len(settlement.delivered) - len(batch.skipped)
+        self._count(hooks, transport, batch, settlement, delivered, dead)
         log.info(
             "delivery",
             connection=hooks.connection.id,
@@ -314,10 +323,31 @@ class Deliverer:
             attempt=attempt,
             customers=len(names),
             items=len(batch.deliveries),
-            delivered=len(settlement.delivered) - len(batch.skipped),
+            delivered=delivered,
             retried=len(settlement.retries),
             dead=len(dead),
             error=settlement.error or None,
+        )
+
+    def _count(
+        self,
+        hooks: ConnectionHooks,
+        transport: RecordingTransport,
+        batch: Batch,
+        settlement: Settlement,
+        delivered: int,
+        dead: list[DeadLetter],
+    ) -> None:
+        """Counts one send for the metrics: with the counts the delivery line has."""
+        counted = self._metrics.connection(hooks.connection.id)
+        for exchange in transport.exchanges:
+            counted.request(exchange.status, exchange.elapsed)
+        counted.settled(
+            delivered=delivered,
+            skipped=len(batch.skipped),
+            failed=len(batch.deliveries) - delivered,
+            retried=len(settlement.retries),
+            dead=_by_stage(dead) if dead else None,
         )
 
     async def _adjust(
@@ -368,6 +398,10 @@ class Deliverer:
         await self._queue.settle(
             retries=retries, attempt_time=now, log_rows=[outbox.encode(r) for r in rows]
         )
+        counted = self._metrics.connection(hooks.connection.id)
+        for exchange in transport.exchanges:
+            counted.request(exchange.status, exchange.elapsed)
+        counted.settled(failed=len(retries), retried=len(retries))
         for row in rows:
             await self._logs.append(row)
 
@@ -378,3 +412,11 @@ class Deliverer:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.settings.max_retry_after))
         return delay
+
+
+def _by_stage(dead: Sequence[DeadLetter]) -> dict[str, int]:
+    """Dead letters counted per stage (none, mostly)."""
+    counts: dict[str, int] = {}
+    for letter in dead:
+        counts[letter.stage] = counts.get(letter.stage, 0) + 1
+    return counts

@@ -24,6 +24,9 @@ JSON object per line:
   worker has reloaded it, so an event acknowledged afterwards is routed by the new
   mappings.
 
+Its metrics (``engine.metrics``) go to files under ``<data-dir>/metrics``, which the
+engine reads at each scrape of ``GET /metrics`` (prometheus_client's multiprocess mode).
+
 The worker dies with the engine (``PR_SET_PDEATHSIG``): a ``kill -9`` of the engine
 leaves no orphan holding the port. It stops gracefully on SIGTERM or when the engine
 closes the socket pair, and ignores SIGINT, which a terminal's Ctrl-C sends to both
@@ -59,6 +62,7 @@ from engine.gc_settings import settle_collector
 from engine.ingest.http import INGEST_TOKEN_ENV, create_ingest_app
 from engine.ingest.ingestor import Ingestor
 from engine.logconfig import configure_logging
+from engine.metrics import IngestMetrics, multiprocess_env
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
 from engine.state.connections import ConnectionRegistry
@@ -115,8 +119,12 @@ class IngestWorker:
         every_connection: Callable[[], Iterable[str]],
         log_format: str = "json",
         log_level: str = "info",
+        metrics_dir: Path | None = None,
     ) -> None:
+        """``metrics_dir``: where the worker keeps its metric files for the engine to
+        read (prometheus_client's multiprocess mode); None keeps them in its memory."""
         self._data_dir = data_dir
+        self._metrics_dir = metrics_dir
         self._listener = listener
         self._token = token
         self._max_backlog = max_backlog
@@ -182,7 +190,7 @@ class IngestWorker:
                 *self._log_args,
             ],
             pass_fds=fds, stdin=subprocess.DEVNULL,
-            env={**os.environ, INGEST_TOKEN_ENV: self._token},
+            env={**multiprocess_env(self._metrics_dir), INGEST_TOKEN_ENV: self._token},
         )  # fmt: skip
 
     async def _supervise(self) -> None:
@@ -339,7 +347,9 @@ async def _work(args: argparse.Namespace) -> int:
 
         ingestor = Ingestor(db, registry, queue, announce, args.max_backlog)
         await ingestor.load()
-        app = create_ingest_app(ingestor, os.environ.get(INGEST_TOKEN_ENV, ""))
+        # Counted in files when the engine set PROMETHEUS_MULTIPROC_DIR (engine.metrics).
+        metrics = IngestMetrics()
+        app = create_ingest_app(ingestor, os.environ.get(INGEST_TOKEN_ENV, ""), metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, listener).start()

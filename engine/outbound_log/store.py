@@ -316,6 +316,13 @@ class LogStore:
 
         return await asyncio.to_thread(drop)
 
+    def backlog(self) -> tuple[int, float]:
+        """For the metrics: rows appended and not yet committed, and the seconds the oldest
+        row still in the buffer has waited (0 when the writer has taken every row)."""
+        with self._cond:
+            waited = monotime.monotonic() - self._buffered_since if self._buffer else 0.0
+            return self._unsettled, waited
+
     def subscribe(
         self, query: LogQuery, *, max_pending: int = STREAM_MAX_PENDING
     ) -> LogSubscription:
