@@ -1,3 +1,3 @@
 """Tidegate engine: the generic outbound-sync core. It never imports ``plugins``."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
