@@ -22,6 +22,7 @@ import contextlib
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +61,11 @@ async def back_up_running(data_dir: Path, logs: LogStore, destination: Path) -> 
     """The backup of the folder a running engine serves (``logs`` is its log store)."""
     check_destination(destination)
     started = time.monotonic()
-    partial = _fresh(destination)
-    try:
+    with _writing(destination) as partial:
         state_bytes = copy_state(data_dir / STATE_FILE, partial / STATE_FILE)
         (partial / LOG_DIR).mkdir()
         partitions, log_bytes = await logs.copy_to(partial / LOG_DIR)
         key = _copy_key(data_dir, partial)
-        _finish(partial, destination)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return BackupResult(
         destination, state_bytes, partitions, log_bytes, key, time.monotonic() - started
     )
@@ -81,15 +77,10 @@ def back_up_stopped(data_dir: Path, destination: Path) -> BackupResult:
     if not (data_dir / STATE_FILE).exists():
         raise TidegateError(f"{data_dir} holds no {STATE_FILE}: is it a Tidegate data folder?")
     started = time.monotonic()
-    partial = _fresh(destination)
-    try:
+    with _writing(destination) as partial:
         state_bytes = copy_state(data_dir / STATE_FILE, partial / STATE_FILE)
         partitions = log_bytes = 0
-        logs = (
-            [p for p in (data_dir / LOG_DIR).glob("*.duckdb")]
-            if (data_dir / LOG_DIR).is_dir()
-            else []
-        )
+        logs = list((data_dir / LOG_DIR).glob("*.duckdb")) if (data_dir / LOG_DIR).is_dir() else []
         single = data_dir / "outbound-log.duckdb"  # a log from before partitions
         for path in [*logs, *([single] if single.exists() else [])]:
             _check_not_open(path)
@@ -102,10 +93,6 @@ def back_up_stopped(data_dir: Path, destination: Path) -> BackupResult:
                     log_bytes += source.stat().st_size
             partitions += 1
         key = _copy_key(data_dir, partial)
-        _finish(partial, destination)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return BackupResult(
         destination, state_bytes, partitions, log_bytes, key, time.monotonic() - started
     )
@@ -147,14 +134,18 @@ def _copy_key(data_dir: Path, partial: Path) -> bool:
     return True
 
 
-def _fresh(destination: Path) -> Path:
+@contextlib.contextmanager
+def _writing(destination: Path) -> Iterator[Path]:
+    """A sibling ``<destination>.partial`` folder to write into, renamed to
+    ``destination`` only when everything is in it and removed if anything fails."""
     partial = destination.with_name(destination.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted backup left
     partial.mkdir(mode=0o700)
-    return partial
-
-
-def _finish(partial: Path, destination: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        destination.rmdir()  # an empty folder the operator made for it
-    partial.rename(destination)
+    try:
+        yield partial
+        with contextlib.suppress(FileNotFoundError):
+            destination.rmdir()  # an empty folder the operator made for it
+        partial.rename(destination)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
