@@ -341,18 +341,27 @@ def customer_search(
     return found
 
 
-def read_indexes(cur: duckdb.DuckDBPyConnection, catalogs: list[str]) -> list[IndexState]:
-    """The index state of each partition, in the order of ``catalogs`` (two statements)."""
+def read_indexes(
+    cur: duckdb.DuckDBPyConnection, catalogs: list[str]
+) -> list[tuple[IndexState, int]]:
+    """The index state of each partition, in the order of ``catalogs``, with the number of
+    its ``log_customers`` rows (two statements). A partition whose rows are all sealed
+    (every partition but the one being written, once the indexer caught up) has no tail
+    to search: its count, read from DuckDB's row-group metadata, says so for less than
+    the join a tail branch costs even when empty."""
     if not catalogs:
         return []
-    states = dict(
-        cur.execute(
+    states = {
+        part: (sealed, rows)
+        for part, sealed, rows in cur.execute(
             " UNION ALL ".join(
-                f"SELECT {part} AS part, sealed_rows FROM {catalog}.log_index_state"
+                f"SELECT {part} AS part, sealed_rows,"
+                f" (SELECT count(*) FROM {catalog}.log_customers)"
+                f" FROM {catalog}.log_index_state"
                 for part, catalog in enumerate(catalogs)
             )
         ).fetchall()
-    )
+    }
     runs: dict[int, list[tuple[int, int]]] = {}
     for part, run, entries in cur.execute(
         " UNION ALL ".join(
@@ -362,13 +371,16 @@ def read_indexes(cur: duckdb.DuckDBPyConnection, catalogs: list[str]) -> list[In
         + " ORDER BY part, run"
     ).fetchall():
         runs.setdefault(part, []).append((run, entries))
-    return [IndexState(states[part], tuple(runs.get(part, ())), 0) for part in range(len(catalogs))]
+    return [
+        (IndexState(states[part][0], tuple(runs.get(part, ())), 0), states[part][1])
+        for part in range(len(catalogs))
+    ]
 
 
 def customer_entries(
     cur: duckdb.DuckDBPyConnection,
     catalogs: list[str],
-    states: list[IndexState],
+    states: list[tuple[IndexState, int]],
     customer_id: str,
     bounds: list[tuple[str, datetime]],
     before: int | None,
@@ -379,13 +391,15 @@ def customer_entries(
     entry. Entries of one time are ordered by partition, request, then position."""
     branches: list[str] = []
     params: list[Any] = []
-    for part, (catalog, state) in enumerate(zip(catalogs, states, strict=True)):
+    for part, (catalog, (state, rows)) in enumerate(zip(catalogs, states, strict=True)):
         for run, _ in state.runs:
             branches.append(
                 f"SELECT {part} AS part, time, customer_row, position, request_row"
                 f" FROM {catalog}.{run_table(run)} WHERE customer_hash = hash(?::VARCHAR)"
             )
             params.append(customer_id)
+        if rows <= state.sealed:
+            continue  # no tail
         branches.append(
             f"SELECT {part} AS part, c.time AS time, c.rowid AS customer_row,"
             " c.position AS position, r.rowid AS request_row"
