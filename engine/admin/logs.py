@@ -8,7 +8,8 @@ from datetime import UTC
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engine.admin.errors import Context, rpc
+from engine.admin.errors import Context, bounded, refuse_undecodable, rpc
+from engine.admin.limits import check_request, shown
 from engine.admin.paging import Pager, page_size
 from engine.errors import InvalidInputError, NotFoundError, TidegateError
 from engine.outbound_log.rows import LogQuery, LogRow, from_micros
@@ -94,16 +95,18 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
             raise InvalidInputError("id", "required: a request identifier")
         row = await self._logs.get(request.id)
         if row is None:
-            raise NotFoundError(f"no log entry with id {request.id!r}")
+            raise NotFoundError(f"no log entry with id {shown(request.id)}")
         return pb.GetLogResponse(log=entry_pb(row))
 
     async def StreamLogs(
         self, request: pb.StreamLogsRequest, context: Context
     ) -> AsyncIterator[pb.StreamLogsResponse]:
+        await refuse_undecodable(request, context)
         try:
+            check_request(request)
             query = query_from_pb(request.filter)
         except InvalidInputError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc)))
         subscription = self._logs.subscribe(query)
         # Headers go out at once so a client knows the stream is live before rows arrive.
         await context.send_initial_metadata(())

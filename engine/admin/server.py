@@ -15,6 +15,7 @@ from engine.admin.catalog import CatalogServicer
 from engine.admin.config import ConfigServicer
 from engine.admin.connections import ConnectionServicer
 from engine.admin.dead_letters import DeadLetterServicer
+from engine.admin.errors import DecodeGuard
 from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
@@ -69,7 +70,7 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (useful with port 0).
     ``IngestEvents`` counts its requests in ``ingest_metrics``."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[DecodeGuard()])
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
     connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
         ConnectionServicer(registry, queue), server
