@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,7 +16,9 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from clients.client import TidegateClient
+from engine.pb import backup_pb2 as bpb
 from engine.pb import catalog_pb2 as cpb
+from engine.pb import config_pb2 as cfgpb
 from engine.pb import connections_pb2 as conpb
 from engine.pb import dead_letters_pb2 as dpb
 from engine.pb import ingest_pb2 as ipb
@@ -314,3 +317,21 @@ async def test_a_long_string_that_is_not_found_is_echoed_cut(client: TidegateCli
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "y" * 100 in details and "y" * 101 not in details
     assert "150 more characters" in details
+
+
+async def test_a_config_document_nested_thousands_deep_is_invalid_argument(
+    client: TidegateClient,
+) -> None:
+    document = "connections: " + "[" * 5000 + "]" * 5000
+    error = await call(
+        client, "ConfigService/ApplyConfig", cfgpb.ApplyConfigRequest(document=document)
+    )
+    assert_clear(error, grpc.StatusCode.INVALID_ARGUMENT, "document")
+
+
+async def test_a_backup_destination_with_a_nul_is_invalid_argument(
+    client: TidegateClient, tmp_path: Path
+) -> None:
+    request = bpb.CreateBackupRequest(destination=f"{tmp_path}/a\0b")
+    error = await call(client, "BackupService/CreateBackup", request)
+    assert_clear(error, grpc.StatusCode.INVALID_ARGUMENT, "destination")

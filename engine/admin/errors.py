@@ -18,17 +18,18 @@ log = structlog.get_logger("tidegate.admin")
 Context = grpc.aio.ServicerContext[Any, Any]
 """The servicer context of any admin RPC."""
 R = TypeVar("R")
-MAX_MESSAGE = 500
-"""Characters of an error message sent to a client at most: gRPC carries it in a
+MAX_MESSAGE_BYTES = 900
+"""UTF-8 bytes of an error message sent to a client at most: gRPC carries it in a
 trailer, and a client refuses trailers past its metadata limit."""
 
 
 def bounded(message: str) -> str:
-    """``message`` cut to ``MAX_MESSAGE`` characters, saying how much was cut."""
-    if len(message) <= MAX_MESSAGE:
+    """``message`` cut to ``MAX_MESSAGE_BYTES`` of UTF-8, saying how much was cut."""
+    encoded = message.encode()
+    if len(encoded) <= MAX_MESSAGE_BYTES:
         return message
-    cut = MAX_MESSAGE - 40
-    return f"{message[:cut]}... ({len(message) - cut} more characters)"
+    kept = encoded[: MAX_MESSAGE_BYTES - 60].decode(errors="ignore")
+    return f"{kept}... ({len(message) - len(kept)} more characters)"
 
 
 def status_of(exc: TidegateError) -> grpc.StatusCode:
@@ -103,7 +104,7 @@ def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
 
     Before the method runs, the request is checked against the limits of
     ``engine.admin.limits`` (``INVALID_ARGUMENT`` past one). Every message is cut to
-    ``MAX_MESSAGE`` characters. An abort the method made itself (``context.abort``)
+    ``MAX_MESSAGE_BYTES``. An abort the method made itself (``context.abort``)
     passes through unchanged."""
 
     @functools.wraps(method)
