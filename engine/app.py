@@ -40,7 +40,7 @@ from engine.queue.retention import RETENTION_INTERVAL as DEAD_LETTER_SWEEP_INTER
 from engine.queue.retention import RETENTION_START_DELAY as DEAD_LETTER_SWEEP_DELAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
-from engine.state.secrets import SecretBox
+from engine.state.secrets import SecretBox, secure_data_dir
 from engine.upgrade import prepare
 
 log = structlog.get_logger("tidegate.engine")
@@ -121,7 +121,7 @@ class Engine:
 
     async def _start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(cfg.data_dir)  # 0700/0600, and umask 077 for what comes next
         await asyncio.to_thread(prepare, cfg.data_dir, migrate_now=cfg.migrate)
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()

@@ -43,6 +43,7 @@ from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
 from engine.state.config_document import key_env_names
+from engine.state.secrets import SECRET_KEY_ENV, rotate_secrets
 from engine.upgrade import migrate, plan
 
 T = TypeVar("T")
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub)
     add_backup_command(sub)
     add_migrate_command(sub)
+    add_secrets_command(sub)
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
         command.configure(added)
@@ -519,6 +521,53 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_secrets_command(sub: Any) -> None:
+    secrets = sub.add_parser(
+        "secrets",
+        help="manage the master key that encrypts the stored API keys",
+    )
+    actions = secrets.add_subparsers(dest="secrets_command", required=True, metavar="ACTION")
+    rotate = actions.add_parser(
+        "rotate",
+        help="re-encrypt every stored API key under a new master key (engine stopped)",
+        description="Generates a new master key, re-encrypts every stored API key under it"
+        " in one transaction, then replaces <data-dir>/secret.key; safe to interrupt (run it"
+        f" again to finish). With {SECRET_KEY_ENV} set, the new key is its first one (give"
+        " 'NEW,OLD') and no file is written. Stop `tidegate serve` on the folder first.",
+    )
+    rotate.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"the data folder (default ./{DEFAULT_DATA_DIR})",
+    )
+    rotate.set_defaults(func=run_secrets_rotate)
+
+
+def run_secrets_rotate(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir
+    target = serving_engine(data_dir)
+    if target is not None:
+        print(
+            f"tidegate secrets rotate: an engine serves {data_dir} (gRPC {target}): stop it"
+            " first; the running engine holds the old key and would keep writing with it",
+            file=sys.stderr,
+        )
+        return 1
+    done = rotate_secrets(data_dir)
+    print(
+        f"tidegate secrets rotate: {done.api_keys} API key(s) re-encrypted under the new"
+        f" key in {done.key_in}"
+        + (
+            f"; drop the old key from {SECRET_KEY_ENV} once every engine uses the new one"
+            if done.key_in == SECRET_KEY_ENV
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _metrics_address(config: EngineConfig, engine: Engine) -> str:
     """The start line's ending: where Prometheus scrapes (the line's other parts keep
     their order; bench and tests read them)."""
@@ -534,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidegate: {exc}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
+    os.umask(0o077)  # every file a command writes in a data folder or backup is private
     configure_logging(args.log_format, args.log_level)
     try:
         return int(args.func(args) or 0)
