@@ -31,7 +31,7 @@ from engine.outbound_log.retention import (
     LOG_RETENTION_START_DELAY,
     log_retention,
 )
-from engine.outbound_log.store import LogStore
+from engine.outbound_log.store import MAX_SUBSCRIBERS, LogStore
 from engine.periodic import Periodic
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
@@ -90,6 +90,8 @@ class EngineConfig:
     """If set, the oldest partitions are deleted while the log takes more on disk."""
     log_retention_delay: float = LOG_RETENTION_START_DELAY
     log_retention_interval: float = LOG_RETENTION_INTERVAL
+    max_log_streams: int = MAX_SUBSCRIBERS
+    """StreamLogs calls served at a time (``serve --max-log-streams``)."""
 
 
 class Engine:
@@ -133,7 +135,11 @@ class Engine:
         await self.registry.load()
         self.queue = DurableQueue(self.db)
         self.outbox = LogOutbox(self.db)
-        self.logs = self._logs = LogStore(cfg.data_dir / LOG_DIR, on_committed=self.outbox.forget)
+        self.logs = self._logs = LogStore(
+            cfg.data_dir / LOG_DIR,
+            on_committed=self.outbox.forget,
+            max_subscribers=cfg.max_log_streams,
+        )
         await self.logs.start()
         recovered = await self.outbox.recover(self.logs)
         if recovered:

@@ -39,6 +39,7 @@ from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
 from engine.logconfig import configure_logging
 from engine.metrics import inherited_multiprocess_dir_problem
 from engine.outbound_log.retention import LOG_RETENTION_DAYS
+from engine.outbound_log.store import MAX_SUBSCRIBERS
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
@@ -53,6 +54,16 @@ def positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
     return value
 
 
@@ -147,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"queued items past which ingest answers 503 (default {DEFAULT_MAX_BACKLOG})",
     )
     serve.add_argument(
+        "--max-log-streams",
+        type=positive_int,
+        default=MAX_SUBSCRIBERS,
+        help="StreamLogs calls served at a time; more are refused with RESOURCE_EXHAUSTED"
+        f" (default {MAX_SUBSCRIBERS})",
+    )
+    serve.add_argument(
         "--log-retention-days",
         type=non_negative,
         default=LOG_RETENTION_DAYS,
@@ -192,6 +210,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
         max_backlog=args.max_backlog,
+        max_log_streams=args.max_log_streams,
         metrics_port=args.metrics_port,
         ingest_worker=not args.ingest_in_process,
         log_retention_days=args.log_retention_days,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC
 
 import grpc
+import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, bounded, refuse_undecodable, rpc
@@ -13,9 +14,16 @@ from engine.admin.limits import check_request, shown
 from engine.admin.paging import Pager, page_size
 from engine.errors import InvalidInputError, NotFoundError, TidegateError
 from engine.outbound_log.rows import LogQuery, LogRow, from_micros
-from engine.outbound_log.store import LogStore
+from engine.outbound_log.store import (
+    LogStore,
+    StreamBehindError,
+    TooManySubscribersError,
+    row_bytes,
+)
 from engine.pb import logs_pb2 as pb
 from engine.pb import logs_pb2_grpc
+
+log = structlog.get_logger("tidegate.admin")
 
 
 def _representable(cursor: tuple[int, str]) -> bool:
@@ -76,6 +84,26 @@ def entry_pb(row: LogRow) -> pb.LogEntry:
     )
 
 
+STREAM_MESSAGE_BYTES = 1024 * 1024
+"""Rows per StreamLogs message at most, by ``row_bytes``: a client refuses messages past
+4 MB unless told otherwise, and one commit can carry thousands of rows."""
+
+
+def message_chunks(rows: list[LogRow]) -> Iterator[list[LogRow]]:
+    """``rows`` in runs of at most ``STREAM_MESSAGE_BYTES`` (a longer row goes alone)."""
+    chunk: list[LogRow] = []
+    size = 0
+    for row in rows:
+        estimate = row_bytes(row)
+        if chunk and size + estimate > STREAM_MESSAGE_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += estimate
+    if chunk:
+        yield chunk
+
+
 class LogServicer(logs_pb2_grpc.LogServiceServicer):
     def __init__(self, logs: LogStore) -> None:
         self._logs = logs
@@ -107,13 +135,21 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
             query = query_from_pb(request.filter)
         except InvalidInputError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc)))
-        subscription = self._logs.subscribe(query)
-        # Headers go out at once so a client knows the stream is live before rows arrive.
-        await context.send_initial_metadata(())
         try:
+            subscription = self._logs.subscribe(query)
+        except TooManySubscribersError as exc:
+            log.warning("log_stream_refused", peer=context.peer(), reason=str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TidegateError as exc:  # the log store is stopping
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        try:
+            # Headers go out at once so a client knows the stream is live before rows arrive.
+            await context.send_initial_metadata(())
             async for rows in subscription:
-                yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in rows])
-        except TidegateError as exc:
+                for chunk in message_chunks(rows):
+                    yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in chunk])
+        except StreamBehindError as exc:
+            log.warning("log_stream_cut", peer=context.peer(), reason=str(exc))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finally:
-            subscription.close()
+            subscription.close()  # its unread rows go at once, whoever ended the stream
