@@ -239,18 +239,8 @@ async def test_rotated_keys_still_deliver(folder: Path, sandbox: RunningSandbox)
         await engine.stop(grace=0.5)
 
 
-ROTATION_STEPS = [
-    "new-key-written",
-    "re-encrypting",
-    "re-encrypted",
-    "key-replacing",
-    "key-replaced",
-]
-
-
-@pytest.mark.parametrize("step", ROTATION_STEPS)
-async def test_a_kill_at_any_step_of_a_rotation_loses_no_key(folder: Path, step: str) -> None:
-    old_key = (folder / "secret.key").read_bytes()
+async def kill_rotation_at(folder: Path, step: str) -> None:
+    """Runs ``tidegate secrets rotate`` and SIGKILLs it when it reaches ``step``."""
     process = await asyncio.create_subprocess_exec(
         TIDEGATE,
         "secrets",
@@ -266,6 +256,21 @@ async def test_a_kill_at_any_step_of_a_rotation_loses_no_key(folder: Path, step:
     assert line.decode().strip() == f"paused at {step}"
     process.send_signal(signal.SIGKILL)
     await process.wait()
+
+
+ROTATION_STEPS = [
+    "new-key-written",
+    "re-encrypting",
+    "re-encrypted",
+    "key-replacing",
+    "key-replaced",
+]
+
+
+@pytest.mark.parametrize("step", ROTATION_STEPS)
+async def test_a_kill_at_any_step_of_a_rotation_loses_no_key(folder: Path, step: str) -> None:
+    old_key = (folder / "secret.key").read_bytes()
+    await kill_rotation_at(folder, step)
     # An engine started now decrypts every key, whichever key each is stored under.
     assert await decrypted_keys(folder) == CONNECTIONS
     # Running the rotation again finishes it.
@@ -321,3 +326,14 @@ def test_rotate_without_a_data_folder_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "is it a Tidegate data folder?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_backup_taken_in_the_middle_of_a_rotation_decrypts(
+    folder: Path, tmp_path: Path
+) -> None:
+    await kill_rotation_at(folder, "re-encrypted")  # rows under the new key, file the old
+    backup = tmp_path / "backup"
+    result = await asyncio.to_thread(run, "backup", "--data-dir", str(folder), "--to", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert (backup / "secret.key.new").exists()
+    assert await decrypted_keys(backup) == CONNECTIONS
