@@ -335,3 +335,21 @@ async def test_a_backup_destination_with_a_nul_is_invalid_argument(
     request = bpb.CreateBackupRequest(destination=f"{tmp_path}/a\0b")
     error = await call(client, "BackupService/CreateBackup", request)
     assert_clear(error, grpc.StatusCode.INVALID_ARGUMENT, "destination")
+
+
+async def test_a_valid_page_token_with_a_trailing_newline_is_refused(
+    client: TidegateClient,
+) -> None:
+    token = token_of({"v": 1, "list": "ListSourceCatalog", "after": ["a", "b", "c"]})
+    stub = client.channel.unary_unary(
+        "/tidegate.admin.v1.CatalogService/ListSourceCatalog",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=cpb.ListSourceCatalogResponse.FromString,
+    )
+    await stub(cpb.ListSourceCatalogRequest(page_token=token))  # the token itself is fine
+    error = await call(
+        client,
+        "CatalogService/ListSourceCatalog",
+        cpb.ListSourceCatalogRequest(page_token=token + "\n"),
+    )
+    assert_clear(error, grpc.StatusCode.INVALID_ARGUMENT, "page_token")
