@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.admin.errors import Context, rpc
-from engine.admin.limits import shown
 from engine.backup import back_up_running
-from engine.errors import InvalidInputError, TidegateError
+from engine.errors import InvalidInputError, TidegateError, shown
 from engine.outbound_log.store import LogStore
 from engine.pb import backup_pb2 as pb
 from engine.pb import backup_pb2_grpc

@@ -14,7 +14,7 @@ without a line here.
   levels and ``MAX_STRUCT_NODES`` values, keys and strings within the string limit.
 
 A request past a limit is ``INVALID_ARGUMENT`` naming the field and the limit. Errors
-echo at most ``MAX_ECHO`` characters of what the client sent (``shown``).
+echo at most ``engine.errors.MAX_ECHO`` characters of what the client sent (``shown``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, shown
 
 MAX_ID_LENGTH = 256
 MAX_STRING_LENGTH = 65_536
@@ -32,7 +32,6 @@ MAX_REPLAY_IDS = 10_000
 MAX_MAP_ENTRIES = 1_000
 MAX_STRUCT_DEPTH = 32
 MAX_STRUCT_NODES = 100_000
-MAX_ECHO = 100
 MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
@@ -41,15 +40,6 @@ _STRUCT_TYPES = {
     "google.protobuf.Value",
     "google.protobuf.ListValue",
 }
-
-
-def shown(value: object, limit: int = MAX_ECHO) -> str:
-    """``value`` as an error message may echo it: a string's first ``limit`` characters
-    quoted, with a count of the rest."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text) - limit} more characters)"
 
 
 def check_request(request: Message) -> None:

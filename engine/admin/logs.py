@@ -10,9 +10,9 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, bounded, refuse_undecodable, rpc
-from engine.admin.limits import check_request, shown
+from engine.admin.limits import check_request
 from engine.admin.paging import Pager, page_size
-from engine.errors import InvalidInputError, NotFoundError, TidegateError
+from engine.errors import InvalidInputError, NotFoundError, TidegateError, shown
 from engine.outbound_log.rows import LogQuery, LogRow, from_micros
 from engine.outbound_log.store import (
     LogStore,
