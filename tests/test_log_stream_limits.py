@@ -7,7 +7,9 @@ process with clients that never read."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,6 +161,7 @@ async def test_a_client_that_never_reads_is_cut_off_over_grpc(tmp_path: Path) ->
         call = logs_pb2_grpc.LogServiceStub(channel).StreamLogs(logs_pb2.StreamLogsRequest())
         await call.initial_metadata()
         assert engine.logs.subscribers == 1
+        subscription = weakref.ref(next(iter(engine.logs._subscribers)))
         appended = 0
         while engine.logs.subscribers:  # cut off: the store let it go
             assert appended < 20_000, "a client that never reads was never cut off"
@@ -173,6 +176,9 @@ async def test_a_client_that_never_reads_is_cut_off_over_grpc(tmp_path: Path) ->
         assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         details = cut.value.details() or ""
         assert "fell behind" in details and "the limit is 2048 KiB" in details
+        gc.collect()
+        left = subscription()  # gRPC may still hold the abort's traceback, and it
+        assert left is None or (left._pending_rows, left._pending_bytes) == (0, 0)
     finally:
         await channel.close()
         await engine.stop(grace=0.5)
@@ -185,9 +191,10 @@ IDLE_STREAMS = 31  # and one more: the default limit of 32
 OBSERVE_SECONDS = 40
 GROWTH_BOUND_MB = 250
 """32 idle subscribers hold at most 2 MiB (estimated) of unread rows each in the engine,
-about 64 MB, plus what gRPC itself buffers for a stream (a few MB each) and what the
-load alone adds (20-60 MB in 40 s on the shared test machine); with margin."""
-AFTER_BOUND_MB = 80
+about 64 MB, plus a message in gRPC's hands per stream, on top of what the load alone
+adds: 50-170 MB in 40 s on the shared test machine, with or without streams (measured
+side by side), and not given back at once after it stops. So the test bounds the growth
+during and after; that a stream's rows go when it ends is checked in process."""
 
 
 def rss_mb(pid: int) -> float:
@@ -261,7 +268,7 @@ async def test_clients_that_never_read_do_not_grow_a_real_engine(tmp_path: Path)
         )
         print(report)
         assert peak - before < GROWTH_BOUND_MB, report
-        assert after - before < AFTER_BOUND_MB, report
+        assert after - before < GROWTH_BOUND_MB, report
     finally:
         for channel in channels:
             await channel.close()

@@ -142,6 +142,9 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TidegateError as exc:  # the log store is stopping
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        rows: list[LogRow] = []
+        chunk: list[LogRow] = []
+        cut = ""
         try:
             # Headers go out at once so a client knows the stream is live before rows arrive.
             await context.send_initial_metadata(())
@@ -149,7 +152,12 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
                 for chunk in message_chunks(rows):
                     yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in chunk])
         except StreamBehindError as exc:
-            log.warning("log_stream_cut", peer=context.peer(), reason=str(exc))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            cut = str(exc)
         finally:
             subscription.close()  # its unread rows go at once, whoever ended the stream
+        # Aborted outside the handler, with nothing in hand: gRPC may keep the abort's
+        # traceback, and with it this frame, for a while after the call.
+        rows = chunk = []
+        if cut:
+            log.warning("log_stream_cut", peer=context.peer(), reason=cut)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, cut)
