@@ -192,8 +192,8 @@ OBSERVE_SECONDS = 40
 GROWTH_BOUND_MB = 250
 """32 idle subscribers hold at most 2 MiB (estimated) of unread rows each in the engine,
 about 64 MB, plus a message in gRPC's hands per stream, on top of what the load alone
-adds: 50-170 MB in 40 s on the shared test machine, with or without streams (measured
-side by side), and not given back at once after it stops. So the test bounds the growth
+adds (with or without streams, measured side by side; not given back at once after it
+stops). So the test bounds the growth
 during and after; that a stream's rows go when it ends is checked in process."""
 
 
@@ -229,7 +229,10 @@ async def test_clients_that_never_read_do_not_grow_a_real_engine(tmp_path: Path)
         pid = harness.engine.process.pid
         # Long customer ids (within the 256 allowed) make each row, and what it costs a
         # subscriber, big: the limit is reached sooner on a busy machine.
-        load = harness.load(customers=2000, workers=4, batch=100, run_id="r" * 230)
+        # The load is kept moderate: the engine's memory grows with the events it takes
+        # (about 6 KB each on the shared test machine, streams or not), which would drown
+        # what the streams hold.
+        load = harness.load(customers=2000, workers=2, batch=50, pause=0.5, run_id="r" * 230)
         load.start()
         await asyncio.sleep(5)
         before = rss_mb(pid)
