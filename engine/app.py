@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from engine.admin.server import start_grpc_server
+from engine.delivery.erasure import CustomerEraser
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
 from engine.ingest.http import create_ingest_app
@@ -193,6 +194,15 @@ class Engine:
             self.deliverer.wake,
             self.connectors,
             cfg.data_dir,
+            CustomerEraser(
+                self.db,
+                self.queue,
+                self.logs,
+                self.outbox,
+                self.deliverer,
+                self.registry,
+                self.connectors,
+            ),
             self.metrics.ingest,
         )
         self._announce()

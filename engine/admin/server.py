@@ -18,6 +18,8 @@ from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
+from engine.admin.privacy import PrivacyServicer
+from engine.delivery.erasure import CustomerEraser
 from engine.ingest.ingestor import Ingestor
 from engine.metrics import IngestMetrics
 from engine.outbound_log.store import LogStore
@@ -38,6 +40,8 @@ from engine.pb import (
     logs_pb2_grpc,
     mappings_pb2,
     mappings_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
 )
 from engine.plugins import Connectors
 from engine.queue.lanes import DurableQueue
@@ -52,6 +56,7 @@ SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
     backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
+    privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name,
 )
 
 
@@ -65,6 +70,7 @@ async def start_grpc_server(
     on_replayed: Callable[[set[str]], None],
     connectors: Connectors,
     data_dir: Path,
+    eraser: CustomerEraser,
     ingest_metrics: IngestMetrics | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (useful with port 0).
@@ -75,6 +81,7 @@ async def start_grpc_server(
         ConnectionServicer(registry, queue), server
     )
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
+    privacy_pb2_grpc.add_PrivacyServiceServicer_to_server(PrivacyServicer(eraser), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(ingestor, ingest_metrics), server
