@@ -207,6 +207,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: EngineConfig) -> int:
+    # The handlers come first: a SIGTERM that arrives while the engine starts (its ports
+    # are open before start() returns) stops it cleanly once it has started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     engine = Engine(config)
     try:
         await engine.start()
@@ -221,10 +227,6 @@ async def _serve(config: EngineConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("tidegate: stopping (finishing in-flight deliveries)", file=sys.stderr, flush=True)
     await engine.stop()
