@@ -136,7 +136,12 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
         assert walk.returncode == 0, walk.stdout[-3000:] + walk.stderr[-3000:]
     finally:
         stream.send_signal(signal.SIGINT)
-        streamed, _ = stream.communicate(timeout=10)
+        try:
+            streamed, _ = stream.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            stream.kill()  # not left running into the next tests
+            stream.communicate()
+            raise
 
     out = walk.stdout + walk.stderr
     for service in (
