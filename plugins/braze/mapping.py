@@ -72,9 +72,14 @@ def identifiers_reader(
                 return {"user_alias": {"alias_name": text, "alias_label": settings.alias_label}}
             if target == catalog.EMAIL:
                 return {"email": values.standard_converter("email", "")(text)}
-            return {"phone": phone(text)}
+            if target == catalog.PHONE:
+                return {"phone": phone(text)}
         except values.ConversionError as exc:
             raise MappingError("identify", f"{target} {echo(text)}: {exc}") from None
+        raise MappingError(
+            "identify",
+            f"{echo(target)} is not a Braze identifier ({', '.join(catalog.IDENTIFIERS)})",
+        )
 
     return identifiers
 
