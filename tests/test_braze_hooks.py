@@ -166,19 +166,22 @@ def test_braze_hosts_constant_covers_both_braze_domains() -> None:
     assert BRAZE_HOSTS == ("*.braze.com", "*.braze.eu")
 
 
+PM, EM, CM = "validate_profile_mapping", "validate_event_mapping", "validate_customer_id_mapping"
+
+
 @pytest.mark.parametrize(
     ("validator", "value", "field"),
     [
-        ("validate_profile_mapping", profile_mapping("city", "hometown"), "target_attribute"),
-        ("validate_profile_mapping", profile_mapping("c", "email", custom=True), "target_attribute"),
-        ("validate_profile_mapping", profile_mapping("c", "$bad", custom=True), "target_attribute"),
-        ("validate_event_mapping", event_mapping("a", "purchase", ("sku", "product_id")), "parameters"),
-        ("validate_event_mapping", event_mapping("a", "ev", ("x", "time")), "parameters[0].target_parameter"),
-        ("validate_event_mapping", event_mapping("a", "ev", ("items[].x", "x")), "parameters"),
-        ("validate_customer_id_mapping", CustomerIdMapping("customer_id", "uuid"), "target_identifier"),
-        ("validate_customer_id_mapping", CustomerIdMapping("customer_id", "email"), "source_attribute"),
+        (PM, profile_mapping("city", "hometown"), "target_attribute"),
+        (PM, profile_mapping("c", "email", custom=True), "target_attribute"),
+        (PM, profile_mapping("c", "$bad", custom=True), "target_attribute"),
+        (EM, event_mapping("a", "purchase", ("sku", "product_id")), "parameters"),
+        (EM, event_mapping("a", "ev", ("x", "time")), "parameters[0].target_parameter"),
+        (EM, event_mapping("a", "ev", ("items[].x", "x")), "parameters"),
+        (CM, CustomerIdMapping("customer_id", "uuid"), "target_identifier"),
+        (CM, CustomerIdMapping("customer_id", "email"), "source_attribute"),
     ],
-)  # fmt: skip
+)
 def test_validators_refuse_what_braze_refuses(validator: str, value: Any, field: str) -> None:
     with pytest.raises(InvalidInputError) as raised:
         getattr(BRAZE.info, validator)(value)
