@@ -622,3 +622,31 @@ def test_erasure_bodies_hold_one_identifier_type_and_at_most_50() -> None:
         {"external_ids": ids[50:]},
         {"user_aliases": [alias]},
     ]
+
+
+def test_the_braze_connector_imports_only_the_kit_of_the_engine() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(plugin.__file__).parent
+    engine_imports: set[str] = set()
+    plugin_imports: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            engine_imports |= {n for n in names if n.split(".")[0] == "engine"}
+            plugin_imports |= {n for n in names if n.startswith("plugins.")}
+    assert engine_imports == {"engine.connector"}
+    assert all(name.startswith("plugins.braze") for name in plugin_imports)
+    sandbox = {p for p in plugin_imports if p.startswith("plugins.braze.sandbox")}
+    connector_files = [p for p in root.glob("*.py")]
+    for path in connector_files:  # the connector never imports its sandbox
+        assert "plugins.braze.sandbox" not in path.read_text(), path
+    assert sandbox  # the sandbox imports its own rules, and nothing of the connector:
+    for path in (root / "sandbox").glob("*.py"):
+        text = path.read_text()
+        assert "plugins.braze." not in text.replace("plugins.braze.sandbox", ""), path
