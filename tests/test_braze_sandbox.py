@@ -6,6 +6,7 @@ share)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -475,3 +476,45 @@ async def test_antavo_records_become_exact_braze_bodies_the_sandbox_accepts(
     assert orjson.loads(request["body"]) == expected
     assert request["status"] == 201
     assert "errors" not in request["response"]
+
+
+@pytest.mark.parametrize("alias_events_create", [False, True])
+async def test_an_alias_customers_event_lands_whichever_way_braze_reads_the_flag(
+    braze_sandbox: RunningBrazeSandbox, alias_events_create: bool
+) -> None:
+    braze_sandbox.state.config.alias_events_create = alias_events_create
+    c = table_connection(braze_sandbox, {}, CustomerIdMapping("customer_id", "user_alias"))
+    deliveries = BRAZE.deliveries(c, customer("cust-7"), event("point_add", {"points": 4}))
+    async with aiohttp.ClientSession() as session:
+        await BRAZE.send(c, deliveries, RecordingTransport(session, timeout=5.0))
+    profile = braze_sandbox.state.find({"user_alias": ALIAS})
+    assert profile is not None
+    assert [e["properties"] for e in profile.events] == [{"points": 4}]
+
+
+@pytest.mark.parametrize(("mode", "success"), [("epoch", 201), ("delta", 200)])
+async def test_the_connector_paces_itself_on_the_sandboxs_rate_limit(
+    braze_sandbox: RunningBrazeSandbox, mode: str, success: int
+) -> None:
+    from engine.connector import RetryableError
+
+    config = braze_sandbox.state.config
+    config.rate_limit, config.rate_window, config.reset_mode = 1, 20.0, mode
+    config.success_status = success
+    c = table_connection(braze_sandbox, {}, CustomerIdMapping("customer_id", "external_id"))
+    hooks = BRAZE.hooks(c)
+    deliveries = BRAZE.deliveries(c, customer("cust-7"), event("point_add", {"points": 1}))
+    async with aiohttp.ClientSession() as session:
+        transport = RecordingTransport(session, timeout=5.0)
+        first = await hooks.send(deliveries, transport)
+        assert first.outcomes[1].delivered  # 200 or 201: both are Braze's success
+        with pytest.raises(RetryableError) as paced:
+            await hooks.send(deliveries, transport)  # remaining 0: waits, sends nothing
+        assert len(braze_sandbox.state.requests) == 1
+        assert 10 <= (paced.value.retry_after or 0) <= 21
+        # A changed connection gets a fresh plan, which knows nothing yet: Braze answers 429.
+        other = BRAZE.hooks(dataclasses.replace(c, mapping_version=2))
+        with pytest.raises(RetryableError) as limited:
+            await other.send(deliveries, transport)
+        assert limited.value.throttled
+        assert 10 <= (limited.value.retry_after or 0) <= 21
