@@ -650,3 +650,17 @@ def test_the_braze_connector_imports_only_the_kit_of_the_engine() -> None:
     for path in (root / "sandbox").glob("*.py"):
         text = path.read_text()
         assert "plugins.braze." not in text.replace("plugins.braze.sandbox", ""), path
+
+
+async def test_hook_send_an_error_on_an_alias_profile_object_fails_that_customers_items() -> None:
+    c = braze(id_mapping=CustomerIdMapping("customer_id", "user_alias"))
+    batch = BRAZE.deliveries(c, customer("c-9"), event("point_add", {"points": 3}))
+    answer = response(
+        201,
+        {"message": "success", "errors": [
+            {"type": "'user_alias' must have 'alias_name' and 'alias_label'",
+             "input_array": "attributes", "index": 0}]},
+    )  # fmt: skip
+    result = await BRAZE.send(c, batch, FakeTransport(answer))
+    assert not result.outcomes[1].delivered
+    assert "attributes[0]" in result.outcomes[1].error

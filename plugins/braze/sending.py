@@ -156,6 +156,15 @@ def track_body(plan: ConnectionPlan, deliveries: Sequence[Delivery]) -> TrackBod
             if update_only:
                 obj[UPDATE_EXISTING_ONLY] = True
             body.add("purchases" if "name" not in fragment else "events", obj, [delivery.item_id])
+    # An alias's profile-creating object that no attribute change owns belongs to the
+    # items it was added for: an error on it is theirs, never dropped.
+    items_of: dict[str, list[int]] = {}
+    for delivery in deliveries:
+        items_of.setdefault(delivery.customer.id, []).append(delivery.item_id)
+    for customer_id, index in body._attributes_of.items():
+        owners = body.owners[("attributes", index)]
+        if not owners:
+            owners.extend(items_of[customer_id])
     return body
 
 
@@ -319,7 +328,16 @@ async def send_batch(
     raise_for_request_failure(response, "/users/track", client.secrets)
     errors: dict[int, list[str]] = {}
     for array, index, text in object_errors(response.body, client.secrets):
-        for item_id in body.owners.get((array, index), []):
+        owners = body.owners.get((array, index))
+        if owners is None:
+            log.warning(
+                "braze_error_for_unknown_object",
+                connection=connection.id,
+                input_array=array[:100],
+                index=index,
+            )
+            continue
+        for item_id in owners:
             errors.setdefault(item_id, []).append(f"{array}[{index}]: {text}")
     if response.status == 400:
         # Nothing was processed: every object was invalid (§5.3).
