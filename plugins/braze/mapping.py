@@ -58,7 +58,8 @@ def identifiers_reader(
         if value is None or value == "" or isinstance(value, bool | dict | list):
             raise MappingError(
                 "identify",
-                f"customer has no usable {mapping.source_attribute!r} to send as Braze {target}",
+                f"customer has no usable {echo(mapping.source_attribute)} to send as Braze "
+                f"{echo(target)}",
             )
         text = str(value)
         try:
