@@ -284,3 +284,39 @@ async def test_stream_logs_preview_and_catalog_for_a_braze_connection(
     entry = await asyncio.wait_for(streamed, 10)
     assert entry.url == braze_sandbox.url + "/users/track"
     assert entry.status_code == 201
+
+
+async def test_an_identifier_change_renames_the_braze_profile_before_its_later_events(
+    engine: Engine,
+    client: TidegateClient,
+    braze_sandbox: RunningBrazeSandbox,
+    http: aiohttp.ClientSession,
+) -> None:
+    await client.create_connection(
+        BRAZE_ID,
+        connector="braze",
+        api_key=BRAZE_KEY,
+        settings={"rest_endpoint": braze_sandbox.url},
+        source_attribute="card",
+        target_identifier="external_id",
+    )
+    await client.create_event_mapping(
+        BRAZE_ID, "point_add", "points_earned", [("points", "points", False)]
+    )
+    first = {"customer": "ana", "action": "opt_in", "id": "r1", "data": {"card": "CARD-1"}}
+    await post_events(http, engine, {"events": [first, {**points("ana", 1), "id": "r2"}]})
+    await drained(client, BRAZE_ID)
+    moved = {"customer": "ana", "action": "profile", "id": "r3", "data": {"card": "CARD-2"}}
+    await post_events(http, engine, {"events": [moved, {**points("ana", 2), "id": "r4"}]})
+    await drained(client, BRAZE_ID)
+    profile = braze_sandbox.state.find({"external_id": "CARD-2"})
+    assert profile is not None
+    assert profile.deprecated_ids == ["CARD-1"]
+    assert [e["properties"]["points"] for e in profile.events] == [1, 2]  # one profile
+    paths = [r["path"] for r in braze_sandbox.state.requests]
+    assert paths.count("/users/external_ids/rename") == 1
+    assert paths.index("/users/external_ids/rename") < len(paths) - 1
+    rename = next(r for r in braze_sandbox.state.requests if "rename" in r["path"])
+    assert orjson.loads(rename["body"]) == {
+        "external_id_renames": [{"current_external_id": "CARD-1", "new_external_id": "CARD-2"}]
+    }
