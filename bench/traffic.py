@@ -42,6 +42,33 @@ async def create_connection(grpc_target: str, base_url: str, api_key: str = API_
         await client.create_event_mapping(CONNECTION_ID, SOURCE_EVENT, TARGET_EVENT, PARAMETERS)
 
 
+BRAZE_EVENT = "checkout_completed"
+BRAZE_PROPERTIES = [
+    ("transaction_id", "order_id", False),
+    ("total", "total", False),
+    ("currency", "currency", False),
+    ("store", "store_code", False),
+    ("bench_id", "bench_id", False),
+]
+
+
+async def create_braze_connection(grpc_target: str, base_url: str) -> None:
+    """The bench connection for Braze: Antavo customer ID -> ``external_id``, ``checkout``
+    mapped to a custom event with the same five values as properties (one object per
+    event, as Insider's is one event per checkout)."""
+    async with TidegateClient(grpc_target) as client:
+        await client.create_connection(
+            CONNECTION_ID,
+            connector="braze",
+            api_key=API_KEY,
+            settings={"rest_endpoint": base_url},
+            target_identifier="external_id",
+        )
+        await client.create_event_mapping(
+            CONNECTION_ID, SOURCE_EVENT, BRAZE_EVENT, BRAZE_PROPERTIES
+        )
+
+
 def antavo_event(number: int, customer: str, bench_id: str | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "transaction_id": f"ORD-{number}",

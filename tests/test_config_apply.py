@@ -39,6 +39,7 @@ version: 1
 connections:
   - id: insider-main
     display_name: {main_name}
+    connector: insider
     api_key_env: MAIN_KEY
     settings:
       partner_name: acme
@@ -60,6 +61,7 @@ connections:
             target_parameter: {points_target}
             custom: true
   - id: insider-eu
+    connector: insider
     api_key_env: EU_KEY
     retry_window_seconds: 600
     settings:
@@ -219,7 +221,10 @@ async def test_a_missing_environment_variable_is_refused_naming_it(
 async def test_a_connection_created_without_a_key_variable_is_refused(
     client: TidegateClient,
 ) -> None:
-    text = "connections:\n  - id: new-one\n    settings: {partner_name: acme}\n"
+    text = (
+        "connections:\n  - id: new-one\n    connector: insider\n"
+        "    settings: {partner_name: acme}\n"
+    )
 
     message = await refusal(client, text)
 
@@ -395,7 +400,7 @@ async def test_a_connection_id_listed_twice_is_refused(client: TidegateClient) -
 
 async def test_the_connector_is_checked_and_cannot_change(client: TidegateClient) -> None:
     unknown = document().replace(
-        "  - id: insider-eu\n", "  - id: insider-eu\n    connector: hook\n"
+        "  - id: insider-eu\n    connector: insider\n", "  - id: insider-eu\n    connector: hook\n"
     )
     message = await refusal(client, unknown, api_keys=KEYS)
     assert message.startswith("connections[1].connector: unknown connector 'hook'")

@@ -224,11 +224,11 @@ class Naive:
 
     @hookimpl
     def connector_info(self) -> ConnectorInfo:
-        return ConnectorInfo(name="braze", max_batch_items=75, max_batch_bytes=100_000)
+        return ConnectorInfo(name="naivecdp", max_batch_items=75, max_batch_bytes=100_000)
 
     @hookimpl
     def identify(self, connection: Connection, customer: Customer) -> Mapping[str, Any] | None:
-        return {"external_id": customer.id} if connection.connector == "braze" else None
+        return {"external_id": customer.id} if connection.connector == "naivecdp" else None
 
     @hookimpl
     def map_profile(self) -> Mapping[str, Any]:
@@ -241,7 +241,7 @@ class Naive:
     @hookimpl
     async def send(self, connection: Connection) -> SendResult | None:
         self.calls += 1
-        if connection.connector != "braze":
+        if connection.connector != "naivecdp":
             return None
         return SendResult()
 

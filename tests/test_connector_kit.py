@@ -12,6 +12,7 @@ hook swapped for one that breaks a rule.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -66,8 +67,19 @@ from engine.plugins import plugin_manager
 SAMPLES: dict[str, Callable[[], Sample]] = {
     # Insider requires its account name (README, "Insider mapping reference").
     "insider": lambda: default_sample("insider", {"partner_name": "acme"}),
+    # Braze requires its REST endpoint and has no "uuid" identifier (README, "Braze
+    # mapping reference").
+    "braze": lambda: braze_sample(),
 }
 """Samples of the connectors whose settings ``default_sample`` does not satisfy."""
+
+
+def braze_sample() -> Sample:
+    sample = default_sample("braze", {"rest_endpoint": "https://rest.iad-01.braze.com"})
+    mapping = CustomerIdMapping(target_identifier="external_id")
+    return dataclasses.replace(
+        sample, connection=dataclasses.replace(sample.connection, customer_id_mapping=mapping)
+    )
 
 
 def installed_connectors() -> list[tuple[str, object, str]]:
