@@ -223,8 +223,6 @@ def check_destination(
         raise DestinationError(f"{echo(url)} is not an https URL (https://host/...)")
     if parsed.user is not None or parsed.password is not None or "@" in parsed.raw_authority:
         raise DestinationError(f"{echo(url)} holds credentials; the URL must not carry any")
-    if parsed.raw_query_string or parsed.raw_fragment:
-        raise DestinationError(f"{echo(url)} must not hold a query or fragment")
     raw_host = parsed.raw_host
     if raw_host.endswith("."):
         raise DestinationError(f"{echo(url)}: remove the trailing dot from the host")
