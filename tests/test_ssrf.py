@@ -3,6 +3,11 @@ real engine (gRPC on loopback), the Insider sandbox and small HTTP receivers of 
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -462,3 +467,105 @@ async def test_an_unexpected_send_failure_is_logged_counted_retried_then_dead_le
     assert sorted(e.attempt for e in logs)[:2] == [1, 2]
     assert all("could not be sent" in e.error and not e.ambiguous for e in logs)
     assert all(API_KEY not in e.error for e in logs) and API_KEY not in letter.error
+
+
+class LocalhostConnector(HeaderBreaker):
+    """Declares ``localhost`` as its destination's host: a name that passes the list but
+    resolves to loopback, as a rebinding DNS answer would make any name do."""
+
+    @hookimpl
+    def connector_info(self) -> ConnectorInfo:
+        return ConnectorInfo(
+            name="rebound",
+            max_batch_items=10,
+            max_batch_bytes=100_000,
+            destination_hosts=("localhost",),
+        )
+
+    @hookimpl
+    async def send(
+        self, connection: Connection, deliveries: Sequence[Delivery], transport: Transport
+    ) -> SendResult:
+        await transport.request("POST", "https://localhost/hook", headers={}, body=b"{}")
+        return SendResult.of(deliveries)
+
+
+async def test_a_declared_name_resolving_to_loopback_is_not_connected_to(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    engine = Engine(
+        EngineConfig(
+            data_dir=tmp_path,
+            grpc_port=0,
+            http_port=0,
+            delivery=FAST_DELIVERY,
+            extra_plugins=[LocalhostConnector()],
+            allowed_destinations=TEST_DESTINATIONS,  # 127.0.0.1 by address, not localhost
+        )
+    )
+    await engine.start()
+    try:
+        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+            await client.create_connection("rebound-1", connector="rebound", api_key=API_KEY,
+                                           settings={})  # fmt: skip
+            await client.create_event_mapping("rebound-1", "point_add", "points", [])
+            await post_events(
+                http, engine, {"customer": "c-1", "action": "point_add", "data": {"points": 5}}
+            )
+
+            async def logged() -> bool:
+                return bool((await client.list_logs(connection_id="rebound-1")).logs)
+
+            await eventually(logged)
+            entry = (await client.list_logs(connection_id="rebound-1")).logs[-1]
+    finally:
+        await engine.stop(grace=1.0)
+
+    assert entry.status_code == 0 and entry.url == "https://localhost/hook"
+    assert "cannot connect" in entry.error and "non-public addresses" in entry.error
+
+
+# -- serve --allow-destination -----------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+
+
+def test_serve_refuses_a_bad_allowance_with_a_usage_error() -> None:
+    result = subprocess.run(
+        [str(BIN / "tidegate"), "serve", "--allow-destination", "ftp://files.example"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "--allow-destination" in result.stderr and "only http and https" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_logs_each_allowed_destination_at_start(tmp_path: Path) -> None:
+    output = tmp_path / "serve.out"
+    with output.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "tidegate"), "--log-format", "json", "serve", "--grpc-port", "0",
+             "--http-port", "0", "--metrics-port", "off", "--ingest-in-process",
+             "--data-dir", str(tmp_path / "data"),
+             "--allow-destination", "http://127.0.0.1:8090",
+             "--allow-destination", "[::1]:9000",
+             "--allow-destination", "Sandbox.Internal"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "tidegate serving" not in output.read_text():
+            assert process.poll() is None, output.read_text()
+            assert time.monotonic() < deadline, output.read_text()
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    lines = [json.loads(line) for line in output.read_text().splitlines() if line.startswith("{")]
+
+    allowed = [line["destination"] for line in lines if line["event"] == "destination_allowed"]
+    assert allowed == ["http://127.0.0.1:8090", "[::1]:9000", "sandbox.internal"]

@@ -22,6 +22,7 @@ import aiohttp
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.connector import Allowance
 from plugins.insider.sandbox import SandboxConfig, start_sandbox
 
 CONNECTION_ID = "insider-demo"
@@ -169,7 +170,13 @@ async def _demo(args: argparse.Namespace) -> int:
     api_key = "demo-" + secrets.token_hex(8)
     sandbox = await start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=api_key))
     engine = Engine(
-        EngineConfig(data_dir=data_dir, grpc_port=args.grpc_port, http_port=args.http_port)
+        EngineConfig(
+            data_dir=data_dir,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            # The sandbox is on loopback: the demo allows it, as serve --allow-destination.
+            allowed_destinations=(Allowance.parse(sandbox.url),),
+        )
     )
     await engine.start()
     _print("Tidegate demo")
