@@ -52,7 +52,7 @@ UPSERT = "/api/user/v1/upsert"  # Insider's upsert endpoint (reference §1.2)
 ACCESS_DENIED = "Access Denied. You do not have sufficient access to perform this action."
 EMAIL_RULE = "users.1.identifiers.*.regexp(^.+@.+\\..+$)"
 NOW = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
-INSIDER = ConnectorTester(plugin)
+INSIDER = ConnectorTester(plugin, allow_destinations=["127.0.0.1"])  # the sandbox
 
 
 def insider_connection(**changes: Any) -> Connection:
