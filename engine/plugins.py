@@ -52,6 +52,7 @@ from engine.connector.records import (
     Connection,
     Customer,
     Delivery,
+    ItemOutcome,
     ProfileChange,
     SendResult,
     Transport,
@@ -506,6 +507,14 @@ class ConnectionHooks:
             raise ConnectorCrashError(self.plugin, _describe(exc, self.connection), exc) from None
         if not isinstance(result, SendResult):
             raise self.broken(f"send returned {_kind(result)}, not a SendResult", "send")
+        for outcome in result.outcomes.values():
+            if not isinstance(outcome, ItemOutcome) or not isinstance(outcome.error, str):
+                # Settling it would fail on every try, and the batch would go out again.
+                raise self.broken(
+                    f"send reported {_kind(outcome)} as an outcome, not an ItemOutcome with "
+                    "a text error",
+                    "send",
+                )
         return result
 
 

@@ -26,6 +26,7 @@ from engine.connector import (
     ConnectorInfo,
     Customer,
     Delivery,
+    ItemOutcome,
     SendResult,
     Transport,
     hookimpl,
@@ -569,3 +570,53 @@ def test_serve_logs_each_allowed_destination_at_start(tmp_path: Path) -> None:
 
     allowed = [line["destination"] for line in lines if line["event"] == "destination_allowed"]
     assert allowed == ["http://127.0.0.1:8090", "[::1]:9000", "sandbox.internal"]
+
+
+class OddOutcome(HeaderBreaker):
+    """Reports a failed item with a dict as its error: storing that dead letter would fail
+    on every try, and the batch would be sent again and again."""
+
+    @hookimpl
+    def connector_info(self) -> ConnectorInfo:
+        return ConnectorInfo(name="odd", max_batch_items=10, max_batch_bytes=100_000)
+
+    @hookimpl
+    async def send(self, deliveries: Sequence[Delivery]) -> SendResult:
+        self.calls = getattr(self, "calls", 0) + 1
+        return SendResult({d.item_id: ItemOutcome(False, {"code": 7}) for d in deliveries})  # type: ignore[arg-type]
+
+
+async def test_an_outcome_that_cannot_be_stored_is_a_contract_error_not_a_resend_loop(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    odd = OddOutcome()
+    engine = Engine(
+        EngineConfig(
+            data_dir=tmp_path, grpc_port=0, http_port=0, delivery=FAST_DELIVERY,
+            extra_plugins=[odd], allowed_destinations=TEST_DESTINATIONS,
+        )
+    )  # fmt: skip
+    await engine.start()
+    try:
+        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+            await client.create_connection("odd-1", connector="odd", api_key=API_KEY, settings={})
+            await client.create_event_mapping("odd-1", "point_add", "points", [])
+            await post_events(
+                http, engine, {"customer": "c-1", "action": "point_add", "data": {"points": 5}}
+            )
+            dead = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+
+            async def dead_lettered() -> bool:
+                letters = await dead.ListDeadLetters(dead_letters_pb2.ListDeadLettersRequest())
+                return bool(letters.dead_letters)
+
+            await eventually(dead_lettered)
+            [letter] = (
+                await dead.ListDeadLetters(dead_letters_pb2.ListDeadLettersRequest())
+            ).dead_letters
+            depth = (await client.get_connection("odd-1")).queue_depth
+    finally:
+        await engine.stop(grace=1.0)
+
+    assert letter.stage == "send" and "plugin" in letter.error and "ItemOutcome" in letter.error
+    assert depth == 0 and odd.calls == 1

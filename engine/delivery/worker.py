@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ class Deliverer:
                 # for each item, which is retried with backoff within the retry window
                 # and then dead-lettered, and one log row says what happened.
                 log.exception("delivery_failed_unexpectedly", connection=connection_id)
+                with contextlib.suppress(Exception):
+                    await self._drain(settling)  # what it settled is not counted twice
                 await self._failed_unexpectedly(hooks, items, exc, pace)
             if len(items) < info.max_batch_items and self.settings.linger:
                 # The queue held less than a full request: let more arrive before the next
@@ -417,6 +420,16 @@ class Deliverer:
         """Settles ``items`` after an unexpected error outside ``send`` (a bug): each
         attempt counts; items within the retry window are retried after the backoff,
         the others dead-lettered at stage ``send``; one log row records it."""
+        try:
+            # Only items still queued: the error may have come after some were settled.
+            queued = await self._db.read(lambda c: _still_queued(c, [i.seq for i in items]))
+        except Exception:
+            log.exception("settle_failed", connection=hooks.connection.id)
+            pace.hold_until = time.time() + self.settings.base_backoff
+            return
+        items = [item for item in items if item.seq in queued]
+        if not items:
+            return
         now = time.time()
         text = redact(f"{exc.__class__.__name__}: {exc}", hooks.secrets())[:300]
         error = f"delivery failed unexpectedly: {text}"
@@ -484,6 +497,17 @@ class Deliverer:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.settings.max_retry_after))
         return delay
+
+
+def _still_queued(c: sqlite3.Connection, seqs: list[int]) -> set[int]:
+    found: set[int] = set()
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            row[0] for row in c.execute(f"SELECT seq FROM queue WHERE seq IN ({marks})", chunk)
+        )
+    return found
 
 
 def _no_request(
