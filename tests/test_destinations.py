@@ -74,6 +74,11 @@ def test_https_urls_under_the_declared_domains_pass(url: str) -> None:
         ("https://unification.useinsider.com\\@evil.example/", "backslash"),
         ("https://evil.example\\.useinsider.com/", "backslash"),
         ("https://ｕnification.useinsider.com/", "non-ASCII"),  # fullwidth u (NFKC)
+        ("https://%31%32%37.0.0.1/", "percent-encoded"),
+        ("https://unification%2euseinsider.com/", "percent-encoded"),
+        ("https://a.useinsider.com%00.evil.example/", "percent-encoded"),
+        ("https://0/", "unusual form"),
+        ("https://[::]/", "unspecified"),
         ("https://unification.useinsider.com\n/", "control"),
         ("https://unification.useinsider.com /", "spaces"),
         ("HTTP://LOCALHOST/", "not a destination"),

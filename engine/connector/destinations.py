@@ -68,7 +68,8 @@ def address_of(host: str) -> IPAddress | None:
     """
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if "%" in bare:
-        raise DestinationError("an IPv6 address with a zone index is not a destination")
+        what = "an IPv6 address with a zone index" if ":" in bare else "a percent-encoded host"
+        raise DestinationError(f"{echo(host)} is {what}; write the host name plainly")
     try:
         return ipaddress.ip_address(bare)
     except ValueError:
