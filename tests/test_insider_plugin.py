@@ -96,7 +96,7 @@ def test_a_connection_without_base_url_sends_to_insiders_host() -> None:
 
 
 def test_hook_connector_info_is_loaded_through_the_entry_point() -> None:
-    assert "insider" in Connectors(plugin_manager(), TEST_DESTINATIONS).names()
+    assert "insider" in Connectors(plugin_manager()).names()
 
 
 def test_validate_settings_accepts_valid_settings() -> None:
