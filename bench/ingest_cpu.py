@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 
 from bench.traffic import PARAMETERS, SOURCE_EVENT, TARGET_EVENT, ingest_bodies
+from engine.connector.destinations import Allowance
 from engine.connector.records import ParameterMapping
 from engine.ingest.ingestor import Ingestor
 from engine.ingest.parse import parse_request
@@ -41,7 +42,9 @@ async def one_run(data_dir: Path, events: int, batch: int, customers: int) -> fl
     await db.start()
     try:
         registry = ConnectionRegistry(
-            db, Connectors(plugin_manager()), SecretBox.for_data_dir(data_dir)
+            db,
+            Connectors(plugin_manager(), [Allowance.parse("127.0.0.1")]),
+            SecretBox.for_data_dir(data_dir),
         )
         await registry.load()
         await registry.create(

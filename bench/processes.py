@@ -154,7 +154,7 @@ def start_engine(data_dir: Path, log_path: Path) -> Process:
     argv = [
         sys.executable, "-m", "engine.cli", "--log-format", "json",
         "serve", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(data_dir),
-        *_metrics_args(ENGINE_SRC), *ENGINE_ARGS,
+        *_metrics_args(ENGINE_SRC), *_allow_args(ENGINE_SRC), *ENGINE_ARGS,
     ]  # fmt: skip
     process = _spawn("engine", argv, log_path, ENGINE_SRC)
     match = _wait_for(process, SERVING)
@@ -167,6 +167,14 @@ def _metrics_args(src: Path) -> list[str]:
     """The metrics endpoint on a free port, for an engine that has one (measured with its
     counting on; ``--engine-src`` may name a checkout from before it)."""
     return ["--metrics-port", "0"] if (src / "engine" / "metrics_server.py").exists() else []
+
+
+def _allow_args(src: Path) -> list[str]:
+    """Lets an engine that checks destinations send to the loopback sink (``--engine-src``
+    may name a checkout from before the check)."""
+    if (src / "engine" / "connector" / "destinations.py").exists():
+        return ["--allow-destination", "127.0.0.1"]
+    return []
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from engine.admin.server import start_grpc_server
+from engine.connector.destinations import Allowance
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
 from engine.ingest.http import create_ingest_app
@@ -90,6 +91,9 @@ class EngineConfig:
     """If set, the oldest partitions are deleted while the log takes more on disk."""
     log_retention_delay: float = LOG_RETENTION_START_DELAY
     log_retention_interval: float = LOG_RETENTION_INTERVAL
+    allowed_destinations: tuple[Allowance, ...] = ()
+    """Destinations connections may send to besides their connectors' own hosts
+    (``serve --allow-destination``): the only way to loopback, private addresses or http."""
 
 
 class Engine:
@@ -126,7 +130,9 @@ class Engine:
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
         self.pm = plugin_manager(cfg.extra_plugins)
-        self.connectors = Connectors(self.pm)
+        self.connectors = Connectors(self.pm, cfg.allowed_destinations)
+        for allowance in cfg.allowed_destinations:
+            log.info("destination_allowed", destination=str(allowance))
         self.registry = ConnectionRegistry(
             self.db, self.connectors, SecretBox.for_data_dir(cfg.data_dir)
         )

@@ -30,6 +30,7 @@ from engine.app import (
     EngineConfig,
 )
 from engine.backup import back_up_stopped
+from engine.connector.destinations import Allowance, DestinationError
 from engine.connector.info import tcp_port
 from engine.delivery.worker import DeliverySettings
 from engine.errors import TidegateError
@@ -73,6 +74,14 @@ def byte_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a size such as 500MB or 20GB")
     return value
+
+
+def allowance(text: str) -> Allowance:
+    """An ``argparse`` type for ``--allow-destination``."""
+    try:
+        return Allowance.parse(text)
+    except DestinationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def metrics_port(text: str) -> int | None:
@@ -161,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
         " SIZE on disk (e.g. 20GB; default: no limit)",
     )
     serve.add_argument(
+        "--allow-destination",
+        type=allowance,
+        action="append",
+        default=[],
+        metavar="URL_OR_HOST[:PORT]",
+        help="also let connections send here (repeatable): a host no connector declares, a"
+        " loopback or private address, or plain http, e.g. http://127.0.0.1:8090 for the"
+        " sandbox",
+    )
+    serve.add_argument(
         "--ingest-in-process",
         action="store_true",
         help="serve ingest HTTP from the engine process instead of a worker process of its"
@@ -196,6 +215,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log_max_bytes=args.log_max_size,
         log_format=args.log_format,
         log_level=args.log_level,
+        allowed_destinations=tuple(args.allow_destination),
         delivery=DeliverySettings(
             base_backoff=args.retry_base_seconds,
             max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),

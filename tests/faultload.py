@@ -220,6 +220,8 @@ class EngineProcess(_Process):
             "0.05",
             "--retry-max-seconds",
             "0.25",
+            "--allow-destination",
+            HOST,
             *self.extra_args,
         ]
 

@@ -18,7 +18,13 @@ import pytest
 from clients.client import TidegateClient
 from engine.app import ENGINE_FILE, Engine, EngineConfig
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -57,7 +63,15 @@ async def log_ids(client: TidegateClient) -> list[str]:
 
 
 def engine_at(data_dir: Path) -> Engine:
-    return Engine(EngineConfig(data_dir=data_dir, grpc_port=0, http_port=0, delivery=FAST_DELIVERY))
+    return Engine(
+        EngineConfig(
+            data_dir=data_dir,
+            grpc_port=0,
+            http_port=0,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
+    )
 
 
 async def test_a_backup_under_load_holds_everything_acknowledged_before_it(

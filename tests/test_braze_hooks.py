@@ -15,14 +15,17 @@ from typing import Any
 import pytest
 
 from engine.connector import (
+    Allowance,
     AuthError,
     Connection,
     CustomerIdMapping,
+    DestinationError,
     InvalidInputError,
     MappingError,
     PayloadTooLargeError,
     PermanentError,
     RetryableError,
+    check_destination,
 )
 from engine.connector.testing import (
     ConnectorTester,
@@ -39,7 +42,7 @@ from engine.connector.testing import (
 )
 from plugins.braze import plugin
 from plugins.braze.sending import erasure_bodies
-from plugins.braze.settings import BRAZE_HOSTS, validate_settings
+from plugins.braze.settings import validate_settings
 
 KEY = "braze-rest-key-0123456789"
 ENDPOINT = "https://rest.fra-01.braze.eu"
@@ -135,11 +138,9 @@ def test_settings_accept_braze_rest_endpoints(endpoint: str) -> None:
     ("endpoint", "says"),
     [
         ("http://rest.iad-01.braze.com", "not a Braze REST endpoint"),
-        ("https://rest.iad-01.braze.com.evil.example", "not a Braze REST endpoint"),
         ("https://dashboard-01.braze.com", "not a Braze REST endpoint"),
         ("https://rest.iad-01.braze.com/users/track", "host alone"),
         ("https://user:pw@rest.iad-01.braze.com", "credentials"),
-        ("https://example.com", "not a Braze REST endpoint"),
         ("US-01", "not a URL"),
         ("https://rest.iad-01.braze.com/" + "x" * 300, "host alone"),
     ],
@@ -152,6 +153,26 @@ def test_settings_refuse_other_hosts_and_say_what_to_use(endpoint: str, says: st
     assert len(raised.value.message) < 400  # the echo is bounded
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://rest.iad-01.braze.com.evil.example",
+        "https://example.com",
+        "https://rest.iad-01.braze.com:8443",
+        "http://127.0.0.1:8091",  # a loopback sandbox, unless the operator allows it
+    ],
+)
+def test_only_brazes_hosts_are_destinations(endpoint: str) -> None:
+    """Which hosts a connection may name is the engine's check of the connector's
+    declaration (the settings validator leaves other hosts to it)."""
+    hosts = plugin.connector_info().destination_hosts
+    with pytest.raises(DestinationError):
+        check_destination(endpoint, hosts, connector="braze")
+    check_destination("https://rest.fra-02.braze.eu", hosts, connector="braze")
+    allowed = (Allowance.parse("http://127.0.0.1:8091"),)
+    check_destination("http://127.0.0.1:8091", hosts, allowed, connector="braze")
+
+
 def test_settings_require_the_endpoint_and_name_unknown_keys() -> None:
     with pytest.raises(InvalidInputError, match="rest_endpoint: required"):
         validate_settings({})
@@ -160,10 +181,6 @@ def test_settings_require_the_endpoint_and_name_unknown_keys() -> None:
     assert raised.value.field == "region"
     with pytest.raises(InvalidInputError, match="batch_rule"):
         validate_settings({"rest_endpoint": ENDPOINT, "batch_rule": "225"})
-
-
-def test_braze_hosts_constant_covers_both_braze_domains() -> None:
-    assert BRAZE_HOSTS == ("*.braze.com", "*.braze.eu")
 
 
 PM, EM, CM = "validate_profile_mapping", "validate_event_mapping", "validate_customer_id_mapping"

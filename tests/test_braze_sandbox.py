@@ -32,7 +32,7 @@ from plugins.braze import plugin
 from plugins.braze.sandbox import RunningBrazeSandbox, SandboxConfig, start_sandbox
 
 KEY = "braze-sandbox-key-0123456789"
-BRAZE = ConnectorTester(plugin)
+BRAZE = ConnectorTester(plugin, allow_destinations=["127.0.0.1"])  # the sandbox
 NOW = datetime(2026, 11, 30, 10, 0, 5, 250000, tzinfo=UTC)
 T = "2026-11-30T10:00:05.250Z"
 

@@ -19,7 +19,14 @@ from engine.errors import TidegateError
 from engine.pb import config_pb2 as pb
 from engine.state.config_apply import plan_apply
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import API_KEY, FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    API_KEY,
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 NOWHERE = "http://127.0.0.1:9"
 MAIN_KEY = "main-key-aaaa-1111"
@@ -122,7 +129,13 @@ async def connection_ids(client: TidegateClient) -> list[str]:
 async def other_engine(tmp_path: Path) -> AsyncIterator[Engine]:
     """A second, empty engine."""
     running = Engine(
-        EngineConfig(data_dir=tmp_path / "other", grpc_port=0, http_port=0, delivery=FAST_DELIVERY)
+        EngineConfig(
+            data_dir=tmp_path / "other",
+            grpc_port=0,
+            http_port=0,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
     )
     await running.start()
     yield running

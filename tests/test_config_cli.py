@@ -57,6 +57,8 @@ class Running:
                 str(self.ports["http"]),
                 "--data-dir",
                 str(self.tmp_path / "data"),
+                "--allow-destination",
+                "127.0.0.1",
             ],
         ):
             self.processes.append(

@@ -38,7 +38,13 @@ from engine.outbound_log.rows import LogQuery
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.dead_letters import DeadLetterQuery, StoredDeadLetter
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 
 class Recorder:
@@ -279,6 +285,7 @@ class running:
                 http_port=0,
                 delivery=config.pop("delivery", FAST_DELIVERY),
                 extra_plugins=plugins,
+                allowed_destinations=TEST_DESTINATIONS,
             )
         )
 

@@ -139,6 +139,7 @@ def connector_info() -> ConnectorInfo:
         max_batch_bytes=100_000,
         validate_profile_mapping=_required("target_attribute"),
         validate_event_mapping=_required("target_event"),
+        destination_hosts=("destination.example",),
     )
 
 
@@ -259,7 +260,23 @@ def map_profile_nothing(change: ProfileChange) -> Mapping[str, Any]:
 
 @hookimpl
 def connector_info_without_validators() -> ConnectorInfo:
-    return ConnectorInfo(name=NAME, max_batch_items=10, max_batch_bytes=100_000)
+    return ConnectorInfo(
+        name=NAME,
+        max_batch_items=10,
+        max_batch_bytes=100_000,
+        destination_hosts=("destination.example",),
+    )
+
+
+@hookimpl
+def connector_info_without_hosts() -> ConnectorInfo:
+    return ConnectorInfo(
+        name=NAME,
+        max_batch_items=10,
+        max_batch_bytes=100_000,
+        validate_profile_mapping=_required("target_attribute"),
+        validate_event_mapping=_required("target_event"),
+    )
 
 
 @hookimpl
@@ -268,6 +285,7 @@ def connector_info_with_no_room() -> ConnectorInfo:
         name=NAME,
         max_batch_items=0,
         max_batch_bytes=100_000,
+        destination_hosts=("destination.example",),
         validate_profile_mapping=_required("target_attribute"),
         validate_event_mapping=_required("target_event"),
     )
@@ -416,6 +434,11 @@ BROKEN = [
         {"connector_info": connector_info_without_validators},
         "validators_refuse_a_mapping_without_a_target",
         id="no-validators",
+    ),
+    pytest.param(
+        {"connector_info": connector_info_without_hosts},
+        "send_goes_only_to_its_destinations",
+        id="undeclared-host",
     ),
     pytest.param(
         {"connector_info": connector_info_with_no_room}, "declares_usable_limits", id="no-room"

@@ -22,6 +22,7 @@ from tests.conftest import (
     API_KEY,
     FAST_DELIVERY,
     PARTNER,
+    TEST_DESTINATIONS,
     eventually,
     insider_connection,
     post_events,
@@ -251,7 +252,12 @@ async def test_ingest_answers_503_when_the_backlog_is_full(
 ) -> None:
     engine = Engine(
         EngineConfig(
-            data_dir=tmp_path, grpc_port=0, http_port=0, max_backlog=3, delivery=FAST_DELIVERY
+            data_dir=tmp_path,
+            grpc_port=0,
+            http_port=0,
+            max_backlog=3,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
         )
     )
     await engine.start()

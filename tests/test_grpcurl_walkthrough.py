@@ -79,6 +79,8 @@ def processes(
             "0",
             "--data-dir",
             str(tmp_path / "data"),
+            "--allow-destination",
+            f"http://127.0.0.1:{ports['sandbox']}",
         ],
         env=env,
         stdout=serve_out,

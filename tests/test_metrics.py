@@ -24,7 +24,13 @@ from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.cli import build_parser
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 from tests.faultload import (
     CONNECTION_ID,
     SOURCE_EVENT,
@@ -202,7 +208,7 @@ async def test_a_paused_connection_and_its_backlog_show_in_one_process(
     """``--ingest-in-process``: the engine process counts HTTP ingest itself."""
     config = EngineConfig(
         data_dir=tmp_path / "data", grpc_port=0, http_port=0, metrics_port=0,
-        delivery=FAST_DELIVERY,
+        delivery=FAST_DELIVERY, allowed_destinations=TEST_DESTINATIONS,
     )  # fmt: skip
     engine = Engine(config)
     await engine.start()

@@ -27,7 +27,13 @@ from engine.connector.records import (
     Transport,
 )
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 ECHO = "echo"
 
@@ -92,6 +98,7 @@ async def test_each_connector_delivers_only_its_own_connections(
             grpc_port=0,
             http_port=0,
             delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
             extra_plugins=[EchoConnector()],
         )
     )

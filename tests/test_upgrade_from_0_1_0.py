@@ -224,11 +224,21 @@ async def check_queued_items_are_delivered(
     in order per customer, with the API key it encrypted (the sandbox checks it)."""
     connection_id = manifest["connection_id"]
     queued = manifest["events"]["blocked"] + manifest["events"]["while_paused"]
+    # The key 0.1.0 encrypted is the key: applying the export with it changes nothing.
+    key_env = f"TIDEGATE_API_KEY_{connection_id.upper().replace('-', '_')}"
+    document = await client.export_config()
+    same_key = await client.apply_config(
+        document, api_keys={key_env: manifest["api_key"]}, dry_run=True
+    )
+    assert key_env in document and list(same_key.changes) == []
+    # A new base_url needs the key in the same request (it decides where the key goes).
     settings = {**manifest["connection"]["settings"], "base_url": sandbox.url}
     await client.connections.UpdateConnection(
         connections_pb2.UpdateConnectionRequest(
-            connection=connections_pb2.Connection(id=connection_id, settings=settings),
-            update_mask=field_mask_pb2.FieldMask(paths=["settings"]),
+            connection=connections_pb2.Connection(
+                id=connection_id, settings=settings, api_key=manifest["api_key"]
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["settings", "api_key"]),
         )
     )
     connection = await client.get_connection(connection_id)

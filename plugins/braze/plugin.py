@@ -26,7 +26,7 @@ from engine.connector import (
 from plugins.braze.catalog import catalog_entries
 from plugins.braze.mapping import ConnectionPlan, braze_events, plan_of, profile_attributes
 from plugins.braze.sending import MAX_OBJECTS, send_batch
-from plugins.braze.settings import validate_settings
+from plugins.braze.settings import BRAZE_HOSTS, REST_ENDPOINT, validate_settings
 from plugins.braze.validation import (
     validate_customer_id_mapping,
     validate_event_mapping,
@@ -46,6 +46,8 @@ def connector_info() -> ConnectorInfo:
         name=CONNECTOR,
         max_batch_items=MAX_OBJECTS,
         max_batch_bytes=MAX_REQUEST_BYTES,
+        destination_hosts=BRAZE_HOSTS,
+        url_settings=(REST_ENDPOINT,),
         validate_settings=validate_settings,
         validate_customer_id_mapping=validate_customer_id_mapping,
         validate_profile_mapping=validate_profile_mapping,

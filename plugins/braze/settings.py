@@ -20,14 +20,14 @@ default_phone_region     ISO 3166-1 alpha-2 region of phone numbers written   (n
                          without +country, e.g. HU
 =======================  ===================================================  ============
 
-Only Braze's own hosts are accepted (``BRAZE_HOSTS``), over https. A loopback host
-(127.0.0.1, ::1, localhost) is accepted over http or https too, for the Braze sandbox in
-tests and the demo.
+The connector declares Braze's own hosts (``BRAZE_HOSTS``) as its destinations: the
+engine refuses any other URL unless the operator allows it (``serve
+--allow-destination``, as the tests and the demo do for the Braze sandbox on loopback).
+A host under Braze's domains must be a REST host (``rest.<cluster>.braze.com``).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +41,6 @@ BRAZE_HOSTS = ("*.braze.com", "*.braze.eu")
 """The hosts a Braze connection may send to (exact host or ``*.suffix``): every Braze
 cluster's REST host is ``rest.<cluster>.braze.com`` or ``rest.<cluster>.braze.eu``."""
 REST_HOST = re.compile(r"rest\.[a-z0-9-]+\.braze\.(com|eu)")
-LOOPBACK_NAMES = frozenset({"localhost"})
 
 REST_ENDPOINT = "rest_endpoint"
 APP_ID = "app_id"
@@ -162,18 +161,10 @@ def _check_choice(settings: Mapping[str, str], key: str, allowed: tuple[str, ...
         )
 
 
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_rest_endpoint(endpoint: str) -> None:
-    """Raises ``InvalidInputError`` unless ``endpoint`` is a Braze REST host over https (or
-    a loopback sandbox), with no path, credentials, query or fragment."""
+    """Raises ``InvalidInputError`` unless ``endpoint`` is an http(s) URL with no path,
+    credentials, query or fragment, and, under Braze's domains, a REST host over https.
+    Which hosts it may name is the engine's check (``destination_hosts``)."""
     try:
         parts = urlsplit(endpoint)
         _ = parts.port  # raises ValueError for a malformed port
@@ -190,8 +181,8 @@ def check_rest_endpoint(endpoint: str) -> None:
             REST_ENDPOINT, "must be the host alone, with no path, query or fragment"
         )
     host = parts.hostname
-    if is_loopback(host):
-        return
+    if not host.endswith((".braze.com", ".braze.eu")):
+        return  # not Braze's: the engine refuses it unless the operator allowed it
     if parts.scheme != "https" or not REST_HOST.fullmatch(host) or parts.port not in (None, 443):
         raise InvalidInputError(
             REST_ENDPOINT,

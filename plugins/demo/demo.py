@@ -23,6 +23,7 @@ import aiohttp
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.connector import Allowance
 from plugins.braze.sandbox import SandboxConfig as BrazeSandboxConfig
 from plugins.braze.sandbox import start_sandbox as start_braze_sandbox
 from plugins.insider.sandbox import SandboxConfig, start_sandbox
@@ -206,7 +207,14 @@ async def _demo(args: argparse.Namespace) -> int:
     sandbox = await start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=api_key))
     braze = await start_braze_sandbox(config=BrazeSandboxConfig(api_key=api_key))
     engine = Engine(
-        EngineConfig(data_dir=data_dir, grpc_port=args.grpc_port, http_port=args.http_port)
+        EngineConfig(
+            data_dir=data_dir,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            # The sandboxes are on loopback: the demo allows them, as serve
+            # --allow-destination does.
+            allowed_destinations=(Allowance.parse(sandbox.url), Allowance.parse(braze.url)),
+        )
     )
     await engine.start()
     _print("Tidegate demo")
