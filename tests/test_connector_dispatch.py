@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.connector import (
     AntavoEvent,
@@ -38,7 +37,7 @@ from engine.outbound_log.rows import LogQuery
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.dead_letters import DeadLetterQuery, StoredDeadLetter
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import FAST_DELIVERY, engine_client, eventually, insider_connection, post_events
 
 
 class Recorder:
@@ -251,7 +250,7 @@ async def test_a_natural_second_connector_never_answers_for_insiders_connections
 ) -> None:
     naive = Naive()
     async with running(tmp_path, naive) as engine:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
         status, _ = await post_events(
             http, engine, {"customer": "c1", "action": "point_add", "data": {"points": 5}}

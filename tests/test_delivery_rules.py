@@ -22,6 +22,7 @@ from tests.conftest import (
     API_KEY,
     FAST_DELIVERY,
     PARTNER,
+    engine_client,
     eventually,
     insider_connection,
     post_events,
@@ -256,7 +257,7 @@ async def test_ingest_answers_503_when_the_backlog_is_full(
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox, api_key="wrong-key-0000000")
             status, _ = await post_events(
                 http, engine, {"events": [point(f"c{n}", n) for n in range(3)]}

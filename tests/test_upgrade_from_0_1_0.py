@@ -29,7 +29,7 @@ from engine.pb import (
 )
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from tests.conftest import eventually
-from tests.faultload import EngineProcess
+from tests.faultload import EngineProcess, admin_client
 from tests.upgrade_fixture import RELEASE_0_1_0, refresh_resend_marks, unpack
 
 LONG_RETENTION = "36500"
@@ -63,7 +63,7 @@ async def test_serve_migrates_a_0_1_0_folder_and_keeps_everything_usable(tmp_pat
     engine.extra_args = ["--dead-letter-retention-days", LONG_RETENTION]
     try:
         await asyncio.to_thread(engine.start)
-        async with TidegateClient(engine.target) as client, aiohttp.ClientSession() as http:
+        async with admin_client(engine.target) as client, aiohttp.ClientSession() as http:
             await check_migrated(engine)
             await check_read_back(client, manifest)
             await check_logs(client, manifest)
@@ -86,6 +86,7 @@ async def check_migrated(engine: EngineProcess) -> None:
     assert steps == [
         ("state database", 0, 1),
         ("state database", 1, 2),
+        ("state database", 2, 3),
         ("outbound log", 0, 1),
         ("outbound log", 1, 2),
     ]
