@@ -37,32 +37,38 @@ def read_token(data_dir: Path) -> str:
         return ""
 
 
-class _Bearer(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call on the channel, stubs made
-    from ``client.channel`` included."""
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add("authorization", f"Bearer {token}")
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every unary call on the channel, stubs
+    made from ``client.channel`` included. (grpc.aio files an interceptor under one kind
+    of call only, so each kind has a class of its own.)"""
 
     def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata.add(*self._header)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
+        self._token = token
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._with_token(details), request)
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _BearerStream(grpc.aio.UnaryStreamClientInterceptor):
+    """The same for server-streaming calls (StreamLogs)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._with_token(details), request)
+        return await continuation(_with_token(details, self._token), request)
 
 
 class TidegateClient:
@@ -80,7 +86,9 @@ class TidegateClient:
         client_cert: bytes | None = None,
         client_key: bytes | None = None,
     ) -> None:
-        interceptors = [_Bearer(token)] if token else []
+        interceptors: list[grpc.aio.ClientInterceptor] = (
+            [_BearerUnary(token), _BearerStream(token)] if token else []
+        )
         if root_certificates is None:
             self.channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
         else:

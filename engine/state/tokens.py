@@ -215,12 +215,12 @@ DURATION_RE = re.compile(r"(\d+)([smhdw])")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, field: str = "expires_in") -> float:
     """``30d``, ``12h``, ``90m``, ``2w`` or ``45s`` in seconds; ``InvalidInputError``
     otherwise."""
     match = DURATION_RE.fullmatch(text.strip())
     if match is None or int(match[1]) == 0:
         raise InvalidInputError(
-            "expires_in", f"{_shown(text)} is not a duration such as 30d, 12h, 90m or 2w"
+            field, f"{_shown(text)} is not a duration such as 30d, 12h, 90m or 2w"
         )
     return float(int(match[1]) * DURATION_UNITS[match[2]])
