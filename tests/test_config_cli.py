@@ -56,7 +56,7 @@ class Running:
                 "--http-port",
                 str(self.ports["http"]),
                 "--data-dir",
-                str(self.tmp_path / "data"),
+                str(self.tmp_path / "tidegate-data"),  # the default, seen from cwd=tmp_path
             ],
         ):
             self.processes.append(
