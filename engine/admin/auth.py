@@ -229,47 +229,82 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _audited(self, handler: Handler, method: str, principal: Principal) -> Handler:
+        """``handler`` with its outcome recorded in the audit trail before the caller
+        gets its answer (an abort sends the status at once, so its record is written
+        first, by the context's ``abort``)."""
         inner = handler.unary_unary
         assert inner is not None, f"{method} is not unary: it cannot be audited"
         db = self._db
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            outcome = "OK"
+            recorder = _Recorder(db, principal.name, method, request, context.peer() or "")
             try:
-                return await inner(request, context)  # type: ignore[arg-type]
+                response = await inner(request, _AuditedContext(context, recorder))  # type: ignore[arg-type]
             except grpc.aio.AbortError:
                 code = context.code()
                 name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-                outcome = f"{name}: {context.details() or ''}"
+                await recorder.record(f"{name}: {context.details() or ''}")
                 raise
             except BaseException as exc:
-                outcome = f"INTERNAL: {type(exc).__name__}"
+                await recorder.record(f"INTERNAL: {type(exc).__name__}")
                 raise
-            finally:
-                target, fields = describe(method, request)
-                peer = context.peer() or ""
-
-                def write(c: sqlite3.Connection) -> None:
-                    audit.record(
-                        c,
-                        token_name=principal.name,
-                        method=method,
-                        target=target,
-                        fields=fields,
-                        outcome=outcome,
-                        peer=peer,
-                    )
-
-                try:
-                    await db.write(write)
-                except Exception:  # the change stands; its record is what failed
-                    log.exception("audit_write_failed", method=method)
+            await recorder.record("OK")
+            return response
 
         return grpc.unary_unary_rpc_method_handler(
             behavior,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class _Recorder:
+    """Writes one call's audit event, once."""
+
+    def __init__(self, db: Database, token_name: str, method: str, request: Any, peer: str):
+        self._db = db
+        self._token_name = token_name
+        self._method = method
+        self._request = request
+        self._peer = peer
+        self._done = False
+
+    async def record(self, outcome: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        target, fields = describe(self._method, self._request)
+
+        def write(c: sqlite3.Connection) -> None:
+            audit.record(
+                c,
+                token_name=self._token_name,
+                method=self._method,
+                target=target,
+                fields=fields,
+                outcome=outcome,
+                peer=self._peer,
+            )
+
+        try:
+            await self._db.write(write)
+        except Exception:  # the change stands; its record is what failed
+            log.exception("audit_write_failed", method=self._method)
+
+
+class _AuditedContext:
+    """The servicer context of an audited call: ``abort`` records the refusal first."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], recorder: _Recorder):
+        self._context = context
+        self._recorder = recorder
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> Any:
+        await self._recorder.record(f"{code.name}: {details}")
+        return await self._context.abort(code, details, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _refusal(
@@ -328,4 +363,8 @@ def describe(method: str, request: Any) -> tuple[str, dict[str, str]]:
             name = value
             break
     target = f"{noun} {audit.cut(name, 200)}" if name else noun
-    return target, audit.flatten(values)
+    fields = audit.flatten(values)
+    mask = getattr(request, "update_mask", None)
+    if mask is not None and request.HasField("update_mask"):
+        fields["update_mask"] = audit.cut(",".join(mask.paths))  # as sent, not camelCase
+    return target, fields
