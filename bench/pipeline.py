@@ -94,7 +94,9 @@ async def run_pipeline(
         start_sink(workdir / "sink.log") as sink,
         start_engine(workdir / "data", workdir / "engine.log") as engine,
     ):
-        await create_connection(engine.extra["grpc"], sink.extra["url"])
+        await create_connection(
+            engine.extra["grpc"], sink.extra["url"], token=engine.extra["token"]
+        )
         bodies = ingest_bodies(batch, customers)
         async with aiohttp.ClientSession() as session:
             delivered = [0]
