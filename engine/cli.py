@@ -312,7 +312,7 @@ def _target_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_config_export(args: argparse.Namespace) -> int:
     document = _engine_call(
-        args.target, lambda client: client.export_config(), token=admin_token(args)
+        args.target, lambda client: client.export_config(), **client_options(args)
     )
     if args.output is None:
         sys.stdout.write(document)
@@ -335,7 +335,7 @@ def run_config_apply(args: argparse.Namespace) -> int:
         lambda client: client.apply_config(
             text, api_keys=keys, dry_run=args.dry_run, prune=args.prune
         ),
-        token=admin_token(args),
+        **client_options(args),
     )
     for line in describe_apply(response, args.dry_run):
         print(line)
@@ -387,10 +387,12 @@ def _engine_call(
     target: str,
     call: Callable[[TidegateClient], Awaitable[T]],
     refused: str = "the document was refused, nothing was changed",
-    token: str = "",
+    **options: Any,
 ) -> T:
+    """``options``: ``TidegateClient``'s keyword arguments (``client_options``)."""
+
     async def run() -> T:
-        async with TidegateClient(target, token) as client:
+        async with TidegateClient(target, **options) as client:
             return await call(client)
 
     try:
@@ -442,12 +444,7 @@ def add_backup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="DIR",
         help="the folder to create (it must not exist, or be empty)",
     )
-    backup.add_argument(
-        "--token",
-        default=None,
-        help=f"admin token for the engine that serves the folder (default: ${TOKEN_ENV}, else"
-        f" <data-dir>/{ADMIN_TOKEN_FILE})",
-    )
+    _token_arguments(backup, data_dir=False)
     backup.set_defaults(func=run_backup)
 
 
@@ -463,7 +460,7 @@ def run_backup(args: argparse.Namespace) -> int:
             target,
             lambda client: client.create_backup(str(destination)),
             refused="the backup was refused, nothing was written",
-            token=admin_token(args),
+            **client_options(args),
         )
         how = f"through the engine serving it at {target}"
         parts, log_bytes, key = answer.log_partitions, answer.log_bytes, answer.secret_key_copied
@@ -615,18 +612,51 @@ def security_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"tls": TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)}
 
 
-def _token_arguments(parser: argparse.ArgumentParser) -> None:
+def _token_arguments(parser: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    """How a command reaches the engine: its token, and the TLS files when the engine
+    serves TLS."""
     parser.add_argument(
         "--token",
         default=None,
         help=f"admin API token (default: ${TOKEN_ENV}, else <data-dir>/{ADMIN_TOKEN_FILE})",
     )
+    if data_dir:
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"the engine's data folder, for its {ADMIN_TOKEN_FILE} (default"
+            f" ./{DEFAULT_DATA_DIR})",
+        )
     parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        help=f"the engine's data folder, for its {ADMIN_TOKEN_FILE} (default ./{DEFAULT_DATA_DIR})",
+        "--tls-ca", type=Path, help="PEM CA of the engine's certificate: connect with TLS"
     )
+    parser.add_argument(
+        "--tls-client-cert", type=Path, help="PEM client certificate, when the engine asks"
+    )
+    parser.add_argument("--tls-client-key", type=Path, help="PEM key of --tls-client-cert")
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``TidegateClient``'s keyword arguments from ``_token_arguments``' flags."""
+    options: dict[str, Any] = {"token": admin_token(args)}
+    if args.tls_ca is not None:
+        options["root_certificates"] = _pem(args.tls_ca, "--tls-ca")
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        raise TidegateError("--tls-client-cert and --tls-client-key go together")
+    if args.tls_client_cert is not None:
+        if args.tls_ca is None:
+            raise TidegateError("--tls-client-cert needs --tls-ca")
+        options["client_cert"] = _pem(args.tls_client_cert, "--tls-client-cert")
+        options["client_key"] = _pem(args.tls_client_key, "--tls-client-key")
+    return options
+
+
+def _pem(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TidegateError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
 
 def admin_token(args: argparse.Namespace) -> str:

@@ -197,3 +197,22 @@ def test_exposure_guard_rules() -> None:
             exposure_problem(host, tls=False, insecure_allowed=True, ingest_auth_configured=True)
             is None
         )
+
+
+def test_config_export_reaches_a_tls_engine_with_its_ca_and_token(
+    tls_engine: EngineProcess, certs: Certs
+) -> None:
+    def export(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "tidegate"), "config", "export", "--target", tls_engine.target, *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    data_dir = str(tls_engine.data_dir)
+    done = export("--data-dir", data_dir, "--tls-ca", str(certs.ca))
+    assert done.returncode == 0, done.stderr
+    assert "\nversion: 1\n" in done.stdout
+    wrong = export("--token", "tg_0123456789ab_" + "x" * 43, "--tls-ca", str(certs.ca))
+    assert wrong.returncode == 1 and "refused the token" in wrong.stderr
+    no_tls = export("--data-dir", data_dir)
+    assert no_tls.returncode == 1 and "Traceback" not in no_tls.stderr
