@@ -236,7 +236,8 @@ async def _serve(config: EngineConfig) -> int:
         )
     print(
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
-        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}"
+        f"ingest on {'http' if config.tls is None else 'https'}://{config.host}:"
+        f"{engine.http_port}/v1/events, data in {config.data_dir}"
         f"{_metrics_address(config, engine)}",
         file=sys.stderr,
         flush=True,

@@ -47,6 +47,9 @@ OPEN_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 """Methods every caller may use without a token: health checks and reflection."""
+REMEMBER_SECONDS = 1.0
+"""How long a token found good is used without reading the database again."""
+MAX_REMEMBERED = 1000
 INGEST_METHOD = "/tidegate.admin.v1.IngestService/IngestEvents"
 INGEST_CREDENTIAL = "ingest-credential"
 """The principal an ``IngestEvents`` call has when the ingest credential let it in."""
@@ -133,23 +136,50 @@ def bearer(metadata: Any) -> tuple[str, str]:
 
 
 class TokenChecker:
-    """Checks tokens against the state database on a read-only connection of its own, on
-    the event loop (one indexed row; a token revoked by ``tidegate token revoke`` in
-    another process is refused from its next call on). A token's last-used time is
-    written at most once a minute, through ``db``, in the background."""
+    """Checks tokens against the state database, on a read-only connection of its own,
+    on the event loop (one row by primary key).
 
-    def __init__(self, db: Database, touch_every: float = tokens.LAST_USED_EVERY) -> None:
+    A token found good is remembered for ``remember`` seconds (keyed by its SHA-256), so
+    a busy client costs one hash per call, not a database read; its expiry is still
+    checked at each call. ``forget`` drops what is remembered (``RevokeToken`` calls it,
+    so a revocation through the API counts at once); a token revoked by ``tidegate
+    token revoke`` in another process stops working within ``remember`` seconds. A
+    token's last-used time is written at most once a minute, through ``db``, in the
+    background."""
+
+    def __init__(
+        self,
+        db: Database,
+        touch_every: float = tokens.LAST_USED_EVERY,
+        remember: float = REMEMBER_SECONDS,
+    ) -> None:
         self._db = db
         self._touch_every = touch_every
+        self._remember = remember
         self._conn = _read_connection(db.path)
+        self._known: dict[bytes, tuple[tokens.TokenInfo, float]] = {}
         self._written: dict[str, float] = {}
         self._pending: set[asyncio.Task[Any]] = set()
 
     def check(self, token: str) -> Principal | None:
-        info = tokens.verify(self._conn, token) if token else None
-        if info is None:
+        if not token:
             return None
         now = time.time()
+        digest = tokens.token_hash(token)
+        known = self._known.get(digest)
+        if known is not None and now - known[1] < self._remember:
+            info = known[0]
+        else:
+            found = tokens.verify(self._conn, token, now)
+            if found is None:
+                self._known.pop(digest, None)
+                return None
+            if len(self._known) >= MAX_REMEMBERED:
+                self._known.clear()
+            self._known[digest] = (found, now)
+            info = found
+        if not info.usable(now):
+            return None
         if now - self._written.get(info.id, 0.0) >= self._touch_every:
             self._written[info.id] = now
             used = {info.id: now}
@@ -157,6 +187,9 @@ class TokenChecker:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         return Principal(info.name, info.role)
+
+    def forget(self) -> None:
+        self._known.clear()
 
     async def close(self) -> None:
         if self._pending:

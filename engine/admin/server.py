@@ -94,7 +94,7 @@ async def start_grpc_server(
         )
     checker = TokenChecker(db)
     server = grpc.aio.server(interceptors=[AuthInterceptor(checker, db, ingest_credential)])
-    tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(db), server)
+    tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(db, checker.forget), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(db), server)
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
     connections_pb2_grpc.add_ConnectionServiceServicer_to_server(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from engine.admin.errors import Context, rpc
@@ -47,8 +49,12 @@ def token_pb(info: TokenInfo) -> pb.TokenInfo:
 
 
 class TokenServicer(tokens_pb2_grpc.TokenServiceServicer):
-    def __init__(self, db: Database) -> None:
+    """``on_revoked`` is called after each revocation (the token checker forgets the
+    tokens it remembers)."""
+
+    def __init__(self, db: Database, on_revoked: Callable[[], None] = lambda: None) -> None:
         self._db = db
+        self._on_revoked = on_revoked
 
     @rpc
     async def CreateToken(
@@ -87,4 +93,5 @@ class TokenServicer(tokens_pb2_grpc.TokenServiceServicer):
         self, request: pb.RevokeTokenRequest, context: Context
     ) -> pb.RevokeTokenResponse:
         info = await self._db.write(lambda c: tokens.revoke_token(c, request.name))
+        self._on_revoked()
         return pb.RevokeTokenResponse(info=token_pb(info))
