@@ -97,10 +97,11 @@ async def run_pipeline(
         start_sink(workdir / "sink.log") as sink,
         start_engine(workdir / "data", workdir / "engine.log") as engine,
     ):
+        token = engine.extra["token"]
         if connector == "braze":
-            await create_braze_connection(engine.extra["grpc"], sink.extra["url"])
+            await create_braze_connection(engine.extra["grpc"], sink.extra["url"], token=token)
         else:
-            await create_connection(engine.extra["grpc"], sink.extra["url"])
+            await create_connection(engine.extra["grpc"], sink.extra["url"], token=token)
         bodies = ingest_bodies(batch, customers)
         async with aiohttp.ClientSession() as session:
             delivered = [0]

@@ -150,7 +150,9 @@ ENGINE_ARGS: list[str] = []
 
 def start_engine(data_dir: Path, log_path: Path) -> Process:
     """``tidegate serve`` from ``ENGINE_SRC`` on free loopback ports with JSON logs (the
-    production format); ``extra`` holds ``grpc`` ("host:port") and ``ingest`` (the URL)."""
+    production format); ``extra`` holds ``grpc`` ("host:port"), ``ingest`` (the URL) and
+    ``token``: the admin token the engine wrote to the data folder ("" for an engine from
+    before tokens)."""
     argv = [
         sys.executable, "-m", "engine.cli", "--log-format", "json",
         "serve", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(data_dir),
@@ -160,6 +162,8 @@ def start_engine(data_dir: Path, log_path: Path) -> Process:
     match = _wait_for(process, SERVING)
     process.extra["grpc"] = f"127.0.0.1:{match.group(1)}"
     process.extra["ingest"] = f"http://127.0.0.1:{match.group(2)}/v1/events"
+    token_file = data_dir / "admin-token"
+    process.extra["token"] = token_file.read_text().strip() if token_file.exists() else ""
     return process
 
 

@@ -30,10 +30,13 @@ PARAMETERS = [
 ]
 
 
-async def create_connection(grpc_target: str, base_url: str, api_key: str = API_KEY) -> None:
+async def create_connection(
+    grpc_target: str, base_url: str, api_key: str = API_KEY, *, token: str = ""
+) -> None:
     """The bench connection: Antavo customer ID -> Insider ``uuid``, ``checkout`` mapped.
-    With another ``api_key`` the sink answers 403 and the engine pauses the connection."""
-    async with TidegateClient(grpc_target) as client:
+    With another ``api_key`` the sink answers 403 and the engine pauses the connection.
+    ``token``: the engine's admin token (``start_engine``'s ``extra["token"]``)."""
+    async with TidegateClient(grpc_target, token) as client:
         await client.create_connection(
             CONNECTION_ID,
             api_key=api_key,
@@ -52,11 +55,11 @@ BRAZE_PROPERTIES = [
 ]
 
 
-async def create_braze_connection(grpc_target: str, base_url: str) -> None:
+async def create_braze_connection(grpc_target: str, base_url: str, *, token: str = "") -> None:
     """The bench connection for Braze: Antavo customer ID -> ``external_id``, ``checkout``
     mapped to a custom event with the same five values as properties (one object per
-    event, as Insider's is one event per checkout)."""
-    async with TidegateClient(grpc_target) as client:
+    event, as Insider's is one event per checkout). ``token`` as for ``create_connection``."""
+    async with TidegateClient(grpc_target, token) as client:
         await client.create_connection(
             CONNECTION_ID,
             connector="braze",

@@ -7,7 +7,8 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import grpc
 import structlog
 from aiohttp import web
 
+from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
 from engine.connector.destinations import Allowance
 from engine.delivery.worker import Deliverer, DeliverySettings
@@ -39,6 +41,10 @@ from engine.queue.lanes import DurableQueue
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS, dead_letter_sweeper
 from engine.queue.retention import RETENTION_INTERVAL as DEAD_LETTER_SWEEP_INTERVAL
 from engine.queue.retention import RETENTION_START_DELAY as DEAD_LETTER_SWEEP_DELAY
+from engine.security import TlsFiles
+from engine.state import tokens
+from engine.state.audit import AUDIT_RETENTION_DAYS, audit_retention
+from engine.state.audit import DAY as AUDIT_DAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox
@@ -52,6 +58,7 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_DATA_DIR = Path("tidegate-data")
 ENGINE_FILE = "engine.json"
 """In the data folder while an engine serves it: its process id and admin address."""
+ADMIN_TOKEN_FILE = tokens.ADMIN_TOKEN_FILE
 
 
 @dataclass
@@ -94,6 +101,12 @@ class EngineConfig:
     allowed_destinations: tuple[Allowance, ...] = ()
     """Destinations connections may send to besides their connectors' own hosts
     (``serve --allow-destination``): the only way to loopback, private addresses or http."""
+    tls: TlsFiles | None = None
+    """Serve the gRPC and ingest ports over TLS with these files."""
+    ingest_credential: Callable[[str], bool] | None = None
+    """Also admit gRPC ``IngestEvents`` calls whose ``authorization`` value it accepts."""
+    audit_retention_days: float = AUDIT_RETENTION_DAYS
+    """Audit events are deleted this long after they were recorded."""
 
 
 class Engine:
@@ -114,6 +127,9 @@ class Engine:
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
         self._jobs: list[Periodic] = []
+        self._checker: TokenChecker | None = None
+        self.admin_token_file: Path | None = None
+        """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
     async def start(self) -> None:
         """Starts every part; on failure (a busy port, say) stops what had started."""
@@ -129,6 +145,7 @@ class Engine:
         await asyncio.to_thread(prepare, cfg.data_dir, migrate_now=cfg.migrate)
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
+        await self._bootstrap_token()
         self.pm = plugin_manager(cfg.extra_plugins)
         self.connectors = Connectors(self.pm, cfg.allowed_destinations)
         for allowance in cfg.allowed_destinations:
@@ -168,6 +185,7 @@ class Engine:
                 cfg.dead_letter_sweep_interval,
                 cfg.dead_letter_sweep_delay,
             ),
+            audit_retention(self.db, cfg.audit_retention_days * AUDIT_DAY),
             log_retention(
                 self.logs,
                 cfg.log_retention_days,
@@ -186,10 +204,15 @@ class Engine:
                 access_log=None,
             )
             await self._http.setup()
-            site = web.TCPSite(self._http, cfg.host, cfg.http_port)
+            site = web.TCPSite(
+                self._http,
+                cfg.host,
+                cfg.http_port,
+                ssl_context=None if cfg.tls is None else cfg.tls.server_context(),
+            )
             await site.start()
             self.http_port = self._http.addresses[0][1]
-        self._grpc, self.grpc_port = await start_grpc_server(
+        self._grpc, self.grpc_port, self._checker = await start_grpc_server(
             cfg.host,
             cfg.grpc_port,
             self.registry,
@@ -199,10 +222,31 @@ class Engine:
             self.deliverer.wake,
             self.connectors,
             cfg.data_dir,
+            self.db,
             self.metrics.ingest,
+            cfg.tls,
+            cfg.ingest_credential,
         )
         self._announce()
         await self._start_metrics()
+
+    async def _bootstrap_token(self) -> None:
+        """On a data folder that has never had a token, makes an admin token and writes
+        it to ``<data-dir>/admin-token`` (0600), so the first call has one to use. The
+        token itself is never logged."""
+
+        def make(c: sqlite3.Connection) -> str | None:
+            if tokens.has_any_token(c):
+                return None
+            return tokens.create_token(c, tokens.BOOTSTRAP_NAME, tokens.Role.ADMIN)[0]
+
+        token = await self.db.write(make)
+        if token is None:
+            return
+        path = self.config.data_dir / ADMIN_TOKEN_FILE
+        write_private(path, token + "\n")
+        self.admin_token_file = path
+        log.info("admin_token_written", path=str(path), name=tokens.BOOTSTRAP_NAME)
 
     def _announce(self) -> None:
         """Writes ``engine.json`` (this process and its admin address) in the data folder,
@@ -219,6 +263,7 @@ class Engine:
         self._listener = socket.create_server((cfg.host, cfg.http_port), family=family)
         self.http_port = self._listener.getsockname()[1]
         self._worker = IngestWorker(
+            tls=cfg.tls,
             data_dir=cfg.data_dir,
             listener=self._listener,
             token=cfg.ingest_token,
@@ -281,6 +326,9 @@ class Engine:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self._checker is not None:
+            await self._checker.close()
+            self._checker = None
         if self._logs is not None:
             await self._logs.close()
             await self.outbox.drain()
@@ -288,3 +336,16 @@ class Engine:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` readable by its owner only (0600), replacing the file
+    whole: a reader sees the old text or the new, never a part."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)

@@ -6,19 +6,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import getpass
 import json
 import os
 import re
 import signal
+import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import structlog
 import uvloop
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine import __version__
 from engine.app import (
     DEFAULT_DATA_DIR,
@@ -43,8 +48,12 @@ from engine.outbound_log.retention import LOG_RETENTION_DAYS
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
+from engine.security import INSECURE_FLAG, TlsFiles, exposure_problem, is_loopback
+from engine.state import audit, tokens
 from engine.state.config_document import key_env_names
-from engine.upgrade import migrate, plan
+from engine.state.database import STATE_FILE, Database
+from engine.state.tokens import ADMIN_TOKEN_FILE, TOKEN_ENV, Role
+from engine.upgrade import migrate, plan, prepare
 
 T = TypeVar("T")
 
@@ -186,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         " own (uses one core instead of two)",
     )
     add_upgrade_options(serve)
+    add_security_options(serve)
     serve.set_defaults(func=run_serve)
     add_config_command(sub)
     add_backup_command(sub)
+    add_token_command(sub)
     add_migrate_command(sub)
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    problem = inherited_multiprocess_dir_problem()
+    problem = inherited_multiprocess_dir_problem() or security_problem(args)
     if problem is not None:
         print(f"tidegate: cannot start: {problem}", file=sys.stderr)
         return 1
@@ -221,6 +232,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),
         ),
         **upgrade_settings(args),
+        **security_settings(args),
     )
     # uvloop: the libuv event loop serves aiohttp and grpc.aio with less CPU per request.
     return uvloop.run(_serve(config))
@@ -240,9 +252,18 @@ async def _serve(config: EngineConfig) -> int:
         print(f"tidegate: cannot start: {exc}", file=sys.stderr)
         return 1
     settle_collector()
+    if engine.admin_token_file is not None:
+        print(
+            f"tidegate: first start on this data folder: wrote an admin token to"
+            f" {engine.admin_token_file} (readable by this user only); send it as"
+            " `authorization: Bearer <token>`, and make more with `tidegate token create`",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
-        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}"
+        f"ingest on {'http' if config.tls is None else 'https'}://{config.host}:"
+        f"{engine.http_port}/v1/events, data in {config.data_dir}"
         f"{_metrics_address(config, engine)}",
         file=sys.stderr,
         flush=True,
@@ -309,10 +330,13 @@ def _target_argument(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TARGET,
         help=f"the engine's gRPC admin address (default {DEFAULT_TARGET})",
     )
+    _token_arguments(parser)
 
 
 def run_config_export(args: argparse.Namespace) -> int:
-    document = _engine_call(args.target, lambda client: client.export_config())
+    document = _engine_call(
+        args.target, lambda client: client.export_config(), **client_options(args)
+    )
     if args.output is None:
         sys.stdout.write(document)
         return 0
@@ -334,6 +358,7 @@ def run_config_apply(args: argparse.Namespace) -> int:
         lambda client: client.apply_config(
             text, api_keys=keys, dry_run=args.dry_run, prune=args.prune
         ),
+        **client_options(args),
     )
     for line in describe_apply(response, args.dry_run):
         print(line)
@@ -385,9 +410,12 @@ def _engine_call(
     target: str,
     call: Callable[[TidegateClient], Awaitable[T]],
     refused: str = "the document was refused, nothing was changed",
+    **options: Any,
 ) -> T:
+    """``options``: ``TidegateClient``'s keyword arguments (``client_options``)."""
+
     async def run() -> T:
-        async with TidegateClient(target) as client:
+        async with TidegateClient(target, **options) as client:
             return await call(client)
 
     try:
@@ -405,6 +433,13 @@ def _rpc_failure(target: str, exc: grpc.aio.AioRpcError, refused: str) -> str:
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return f"{refused}: {exc.details()}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            f"the engine at {target} refused the token: pass --token, set {TOKEN_ENV}, or"
+            f" name the engine's data folder with --data-dir (its {ADMIN_TOKEN_FILE} file)"
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"the engine at {target} refused the call: the token's role does not allow it"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"the engine at {target} does not offer that call: it runs an older Tidegate"
     return f"the engine at {target} answered {code.name}: {exc.details()}"
@@ -432,6 +467,7 @@ def add_backup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="DIR",
         help="the folder to create (it must not exist, or be empty)",
     )
+    _token_arguments(backup, data_dir=False)
     backup.set_defaults(func=run_backup)
 
 
@@ -447,6 +483,7 @@ def run_backup(args: argparse.Namespace) -> int:
             target,
             lambda client: client.create_backup(str(destination)),
             refused="the backup was refused, nothing was written",
+            **client_options(args),
         )
         how = f"through the engine serving it at {target}"
         parts, log_bytes, key = answer.log_partitions, answer.log_bytes, answer.secret_key_copied
@@ -539,6 +576,237 @@ def run_migrate(args: argparse.Namespace) -> int:
     done = f"{ran.steps} step(s) applied" if ran.steps else "nothing to migrate"
     progress(f"{done}; data folder {data_dir} is ready ({stores})")
     return 0
+
+
+# -- security: serve's TLS flags and exposure guard; tokens for commands ---------------------
+
+
+def add_security_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s TLS flags and the exposure guard's override."""
+    serve.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain: serve gRPC and ingest over TLS"
+    )
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA certificate(s): require client certificates it signed (mutual TLS)",
+    )
+    serve.add_argument(
+        INSECURE_FLAG,
+        dest="insecure_no_tls",
+        action="store_true",
+        help="allow a non-loopback --host without TLS (e.g. behind a proxy that terminates"
+        " TLS); logged as a warning at every start",
+    )
+
+
+def security_problem(args: argparse.Namespace) -> str | None:
+    """Why ``serve`` must not start with these TLS and host flags, or None."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together: pass both, or neither"
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return "--tls-client-ca needs --tls-cert and --tls-key"
+    if args.tls_cert is not None:
+        try:
+            TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).server_context()
+        except TidegateError as exc:
+            return str(exc)
+    return exposure_problem(
+        args.host,
+        tls=args.tls_cert is not None,
+        insecure_allowed=args.insecure_no_tls,
+        ingest_auth_configured=bool(os.environ.get(INGEST_TOKEN_ENV, "")),
+    )
+
+
+def security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` fields of ``add_security_options``; warns when the guard is
+    overridden."""
+    if args.insecure_no_tls and args.tls_cert is None and not is_loopback(args.host):
+        structlog.get_logger("tidegate.engine").warning(
+            "serving_without_tls",
+            host=args.host,
+            flag=INSECURE_FLAG,
+            risk="tokens and customer data cross the network in clear text",
+        )
+    if args.tls_cert is None:
+        return {}
+    return {"tls": TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)}
+
+
+def _token_arguments(parser: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    """How a command reaches the engine: its token, and the TLS files when the engine
+    serves TLS."""
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"admin API token (default: ${TOKEN_ENV}, else <data-dir>/{ADMIN_TOKEN_FILE})",
+    )
+    if data_dir:
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"the engine's data folder, for its {ADMIN_TOKEN_FILE} (default"
+            f" ./{DEFAULT_DATA_DIR})",
+        )
+    parser.add_argument(
+        "--tls-ca", type=Path, help="PEM CA of the engine's certificate: connect with TLS"
+    )
+    parser.add_argument(
+        "--tls-client-cert", type=Path, help="PEM client certificate, when the engine asks"
+    )
+    parser.add_argument("--tls-client-key", type=Path, help="PEM key of --tls-client-cert")
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``TidegateClient``'s keyword arguments from ``_token_arguments``' flags."""
+    options: dict[str, Any] = {"token": admin_token(args)}
+    if args.tls_ca is not None:
+        options["root_certificates"] = _pem(args.tls_ca, "--tls-ca")
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        raise TidegateError("--tls-client-cert and --tls-client-key go together")
+    if args.tls_client_cert is not None:
+        if args.tls_ca is None:
+            raise TidegateError("--tls-client-cert needs --tls-ca")
+        options["client_cert"] = _pem(args.tls_client_cert, "--tls-client-cert")
+        options["client_key"] = _pem(args.tls_client_key, "--tls-client-key")
+    return options
+
+
+def _pem(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TidegateError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+def admin_token(args: argparse.Namespace) -> str:
+    """The token a command sends: ``--token``, else ``TIDEGATE_TOKEN``, else the data
+    folder's ``admin-token`` file."""
+    return args.token or os.environ.get(TOKEN_ENV, "") or read_token(args.data_dir)
+
+
+def add_token_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tidegate token create|list|revoke``: on the data folder itself, whether an engine
+    serves it or not (the engine reads tokens at each call)."""
+    command = sub.add_parser(
+        "token", help="make, list or revoke admin API tokens (on the data folder, offline)"
+    )
+    actions = command.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="make a token and print it (shown only once)")
+    create.add_argument("--name", required=True, help="a name for the token, unique")
+    create.add_argument(
+        "--role", required=True, choices=[r.label for r in Role], help="what it may call"
+    )
+    create.add_argument(
+        "--expires-in", default=None, metavar="DURATION", help="e.g. 30d, 12h, 2w (default: never)"
+    )
+    create.set_defaults(func=run_token_create)
+    listing = actions.add_parser("list", help="list tokens (never the tokens themselves)")
+    listing.set_defaults(func=run_token_list)
+    revoke = actions.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("--name", required=True, help="the token's name")
+    revoke.set_defaults(func=run_token_revoke)
+    for parser in (create, listing, revoke):
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"the data folder (default ./{DEFAULT_DATA_DIR})",
+        )
+
+
+def _on_state(data_dir: Path, job: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
+    """Runs ``job`` in one transaction on the data folder's state database."""
+    if not create and not (data_dir / STATE_FILE).exists():
+        raise TidegateError(f"data folder {data_dir} holds no Tidegate state database")
+    if data_dir.exists():
+        prepare(data_dir, migrate_now=False)  # a folder that needs migrating is refused
+    else:
+        data_dir.mkdir(parents=True, mode=0o700)
+
+    async def run() -> T:
+        db = Database(data_dir / STATE_FILE, create=create)
+        await db.start()
+        try:
+            return await db.write(job)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def _cli_audit(c: sqlite3.Connection, method: str, target: str, fields: dict[str, str]) -> None:
+    audit.record(
+        c,
+        token_name=audit.CLI_PEER,
+        method=method,
+        target=target,
+        fields=fields,
+        outcome="OK",
+        peer=f"{audit.CLI_PEER}, user {getpass.getuser()}",
+    )
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    role = Role.parse(args.role)
+    expires_in = (
+        None if args.expires_in is None else tokens.parse_duration(args.expires_in, "--expires-in")
+    )
+
+    def create(c: sqlite3.Connection) -> tuple[str, tokens.TokenInfo]:
+        made = tokens.create_token(c, args.name, role, expires_in)
+        fields = {"name": args.name, "role": role.label}
+        if args.expires_in is not None:
+            fields["expires_in"] = args.expires_in
+        _cli_audit(c, "tidegate token create", f"token {args.name}", fields)
+        return made
+
+    token, info = _on_state(args.data_dir, create, create=True)
+    print(token)
+    expiry = "never expires" if info.expire_time is None else f"expires {_when(info.expire_time)}"
+    print(
+        f"tidegate token: made token {info.name!r} ({info.role.label}, {expiry}); it is shown"
+        " only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_token_list(args: argparse.Namespace) -> int:
+    now = time.time()
+    print(
+        f"{'NAME':<24} {'ROLE':<9} {'ID':<13} {'CREATED':<21} {'EXPIRES':<21}"
+        f" {'LAST USED':<21} STATE"
+    )
+    for t in _on_state(args.data_dir, tokens.list_tokens):
+        state = (
+            "revoked" if t.revoke_time is not None else ("active" if t.usable(now) else "expired")
+        )
+        print(
+            f"{t.name:<24} {t.role.label:<9} {t.id:<13} {_when(t.create_time):<21}"
+            f" {_when(t.expire_time):<21} {_when(t.last_used_time):<21} {state}"
+        )
+    return 0
+
+
+def run_token_revoke(args: argparse.Namespace) -> int:
+    def revoke(c: sqlite3.Connection) -> tokens.TokenInfo:
+        info = tokens.revoke_token(c, args.name)
+        _cli_audit(c, "tidegate token revoke", f"token {args.name}", {"name": args.name})
+        return info
+
+    info = _on_state(args.data_dir, revoke)
+    print(f"tidegate token: revoked token {info.name!r} ({info.role.label})", file=sys.stderr)
+    return 0
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _metrics_address(config: EngineConfig, engine: Engine) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine.app import Engine, EngineConfig
 from engine.connector.destinations import Allowance
 from engine.delivery.worker import DeliverySettings
@@ -68,8 +68,13 @@ async def engine(engine_config: EngineConfig) -> AsyncIterator[Engine]:
 
 @pytest.fixture
 async def client(engine: Engine) -> AsyncIterator[TidegateClient]:
-    async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as c:
+    async with engine_client(engine) as c:
         yield c
+
+
+def engine_client(engine: Engine) -> TidegateClient:
+    """A client of an in-process engine with the admin token its first start wrote."""
+    return TidegateClient(f"127.0.0.1:{engine.grpc_port}", read_token(engine.config.data_dir))
 
 
 @pytest.fixture

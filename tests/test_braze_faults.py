@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from clients.client import TidegateClient
 from engine.pb import dead_letters_pb2 as dpb
 from engine.pb import dead_letters_pb2_grpc
 from tests.faultload import (
@@ -26,6 +25,7 @@ from tests.faultload import (
     TARGET_EVENT,
     Harness,
     _Process,
+    admin_client,
     check,
     free_port,
     wait_drained,
@@ -78,7 +78,7 @@ async def test_braze_faults_never_slow_insider_and_lose_nothing(
 
 async def run(harness: Harness, braze: BrazeSandboxProcess) -> None:
     await harness.create_connection()
-    async with TidegateClient(harness.engine.target) as client:
+    async with admin_client(harness.engine.target) as client:
         await client.create_connection(
             BRAZE_ID,
             connector="braze",
@@ -103,7 +103,7 @@ async def run(harness: Harness, braze: BrazeSandboxProcess) -> None:
     started = time.monotonic()
     await wait_drained(harness.engine.target, within=30, sandbox=harness.control)
     insider_drained = time.monotonic() - started
-    async with TidegateClient(harness.engine.target) as client:
+    async with admin_client(harness.engine.target) as client:
         braze_state = await client.get_connection(BRAZE_ID)
     assert braze_state.queue_depth > 0  # Braze was still failing while Insider drained
     assert insider_drained < 30
@@ -117,7 +117,7 @@ async def run(harness: Harness, braze: BrazeSandboxProcess) -> None:
         {"status": 429, "headers": {"x-ratelimit-retry-after": "1"}, "count": 3},
         {"drop": True, "apply": True, "count": lost},
     ])  # fmt: skip
-    async with TidegateClient(harness.engine.target) as client:
+    async with admin_client(harness.engine.target) as client:
         deadline = time.monotonic() + 60
         while (await client.get_connection(BRAZE_ID)).queue_depth:
             assert time.monotonic() < deadline, "Braze backlog not drained within 60 s"

@@ -23,6 +23,7 @@ from tests.conftest import (
     API_KEY,
     FAST_DELIVERY,
     TEST_DESTINATIONS,
+    engine_client,
     eventually,
     insider_connection,
     post_events,
@@ -150,7 +151,7 @@ async def test_export_apply_to_an_empty_engine_and_export_again_gives_the_same_d
     assert API_KEY not in exported
     assert "api_key_env: TIDEGATE_API_KEY_INSIDER_MAIN" in exported
 
-    async with TidegateClient(f"127.0.0.1:{other_engine.grpc_port}") as other:
+    async with engine_client(other_engine) as other:
         applied = await other.apply_config(
             exported, api_keys={"TIDEGATE_API_KEY_INSIDER_MAIN": API_KEY}
         )

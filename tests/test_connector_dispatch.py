@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.connector import (
     AntavoEvent,
@@ -41,6 +40,7 @@ from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import (
     FAST_DELIVERY,
     TEST_DESTINATIONS,
+    engine_client,
     eventually,
     insider_connection,
     post_events,
@@ -257,7 +257,7 @@ async def test_a_natural_second_connector_never_answers_for_insiders_connections
 ) -> None:
     naive = Naive()
     async with running(tmp_path, naive) as engine:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
         status, _ = await post_events(
             http, engine, {"customer": "c1", "action": "point_add", "data": {"points": 5}}

@@ -23,6 +23,7 @@ from tests.conftest import (
     FAST_DELIVERY,
     PARTNER,
     TEST_DESTINATIONS,
+    engine_client,
     eventually,
     insider_connection,
     post_events,
@@ -262,7 +263,7 @@ async def test_ingest_answers_503_when_the_backlog_is_full(
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox, api_key="wrong-key-0000000")
             status, _ = await post_events(
                 http, engine, {"events": [point(f"c{n}", n) for n in range(3)]}

@@ -23,9 +23,17 @@ from google.protobuf import struct_pb2
 from clients.client import TidegateClient
 from engine.app import Engine
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
+from engine.pb import audit_pb2 as apb
+from engine.pb import (
+    audit_pb2_grpc,
+    catalog_pb2_grpc,
+    dead_letters_pb2_grpc,
+    ingest_pb2,
+    tokens_pb2_grpc,
+)
 from engine.pb import catalog_pb2 as cpb
-from engine.pb import catalog_pb2_grpc, dead_letters_pb2_grpc, ingest_pb2
 from engine.pb import dead_letters_pb2 as dpb
+from engine.pb import tokens_pb2 as tpb
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import API_KEY, PARTNER, eventually, insider_connection
 
@@ -87,6 +95,20 @@ async def list_logs(client: TidegateClient, size: int, token: str) -> tuple[list
     return [e.id for e in response.logs], response.next_page_token
 
 
+async def list_tokens(client: TidegateClient, size: int, token: str) -> tuple[list[str], str]:
+    stub = tokens_pb2_grpc.TokenServiceStub(client.channel)
+    response = await stub.ListTokens(tpb.ListTokensRequest(page_size=size, page_token=token))
+    return [t.id for t in response.tokens], response.next_page_token
+
+
+async def list_audit_events(client: TidegateClient, size: int, token: str) -> tuple[list[str], str]:
+    stub = audit_pb2_grpc.AuditServiceStub(client.channel)
+    response = await stub.ListAuditEvents(
+        apb.ListAuditEventsRequest(page_size=size, page_token=token)
+    )
+    return [str(e.id) for e in response.events], response.next_page_token
+
+
 LISTS: dict[str, Lister] = {
     "ListConnections": list_connections,
     "ListProfileMappings": list_profile_mappings,
@@ -95,6 +117,8 @@ LISTS: dict[str, Lister] = {
     "ListSourceCatalog": list_source_catalog,
     "ListDestinationCatalog": list_destination_catalog,
     "ListLogs": list_logs,
+    "ListTokens": list_tokens,
+    "ListAuditEvents": list_audit_events,
 }
 
 
@@ -144,6 +168,9 @@ async def populated(
 
     await eventually(three_dead_letters)
     await append_log_rows(engine, 5)
+    tokens = tokens_pb2_grpc.TokenServiceStub(client.channel)
+    for name in ("viewer-a", "viewer-b"):  # with the bootstrap token: three
+        await tokens.CreateToken(tpb.CreateTokenRequest(name=name, role=tpb.TOKEN_ROLE_VIEWER))
     yield client
 
 

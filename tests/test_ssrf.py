@@ -39,6 +39,7 @@ from tests.conftest import (
     FAST_DELIVERY,
     PARTNER,
     TEST_DESTINATIONS,
+    engine_client,
     eventually,
     insider_connection,
     post_events,
@@ -95,7 +96,7 @@ async def test_without_an_allowance_the_loopback_sandbox_is_refused(tmp_path: Pa
     engine = Engine(EngineConfig(data_dir=tmp_path, grpc_port=0, http_port=0))
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             error = await _refused(
                 client.create_connection(
                     "c",
@@ -432,7 +433,7 @@ async def test_an_unexpected_send_failure_is_logged_counted_retried_then_dead_le
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await client.connections.CreateConnection(
                 pb.CreateConnectionRequest(
                     connection=pb.Connection(
@@ -506,7 +507,7 @@ async def test_a_declared_name_resolving_to_loopback_is_not_connected_to(
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await client.create_connection("rebound-1", connector="rebound", api_key=API_KEY,
                                            settings={})  # fmt: skip
             await client.create_event_mapping("rebound-1", "point_add", "points", [])
@@ -598,7 +599,7 @@ async def test_an_outcome_that_cannot_be_stored_is_a_contract_error_not_a_resend
     )  # fmt: skip
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await client.create_connection("odd-1", connector="odd", api_key=API_KEY, settings={})
             await client.create_event_mapping("odd-1", "point_add", "points", [])
             await post_events(

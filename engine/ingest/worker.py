@@ -45,6 +45,7 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ from engine.logconfig import configure_logging
 from engine.metrics import IngestMetrics, multiprocess_env
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
+from engine.security import TlsFiles
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox
@@ -120,9 +122,12 @@ class IngestWorker:
         log_format: str = "json",
         log_level: str = "info",
         metrics_dir: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         """``metrics_dir``: where the worker keeps its metric files for the engine to
-        read (prometheus_client's multiprocess mode); None keeps them in its memory."""
+        read (prometheus_client's multiprocess mode); None keeps them in its memory.
+        ``tls``: serve HTTPS with these files."""
+        self._tls_args = tls_arguments(tls)
         self._data_dir = data_dir
         self._metrics_dir = metrics_dir
         self._listener = listener
@@ -187,7 +192,7 @@ class IngestWorker:
                 "--listen-fd", str(fds[0]), "--channel-fd", str(fds[1]),
                 "--engine-pid", str(os.getpid()),
                 "--max-backlog", str(self._max_backlog),
-                *self._log_args,
+                *self._log_args, *self._tls_args,
             ],
             pass_fds=fds, stdin=subprocess.DEVNULL,
             env={**multiprocess_env(self._metrics_dir), INGEST_TOKEN_ENV: self._token},
@@ -352,7 +357,7 @@ async def _work(args: argparse.Namespace) -> int:
         app = create_ingest_app(ingestor, os.environ.get(INGEST_TOKEN_ENV, ""), metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.SockSite(runner, listener).start()
+        await web.SockSite(runner, listener, ssl_context=_ssl_context(args)).start()
         writer.write(_line({"ready": os.getpid()}))
         settle_collector()
 
@@ -378,6 +383,20 @@ async def _work(args: argparse.Namespace) -> int:
     return 0
 
 
+def tls_arguments(tls: TlsFiles | None) -> list[str]:
+    """The worker's command-line arguments for ``tls``."""
+    if tls is None:
+        return []
+    args = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    return args + (["--tls-client-ca", str(tls.client_ca)] if tls.client_ca else [])
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_cert is None:
+        return None
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).server_context()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.ingest.worker",
@@ -390,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-backlog", type=int, required=True)
     parser.add_argument("--log-format", default="json")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-client-ca", type=Path)
     args = parser.parse_args(argv)
     _exit_with_engine(args.engine_pid)
     configure_logging(args.log_format, args.log_level)

@@ -21,9 +21,10 @@ from typing import Any
 
 import aiohttp
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine.app import Engine, EngineConfig
 from engine.connector import Allowance
+from engine.state.tokens import ADMIN_TOKEN_FILE
 from plugins.braze.sandbox import SandboxConfig as BrazeSandboxConfig
 from plugins.braze.sandbox import start_sandbox as start_braze_sandbox
 from plugins.insider.sandbox import SandboxConfig, start_sandbox
@@ -221,13 +222,15 @@ async def _demo(args: argparse.Namespace) -> int:
     _print(f"  Insider sandbox  {sandbox.url}")
     _print(f"  Braze sandbox    {braze.url}")
     _print(f"  ingest endpoint  http://127.0.0.1:{engine.http_port}/v1/events")
+    auth = f'-H "authorization: Bearer $(cat {data_dir / ADMIN_TOKEN_FILE})"'
     _print(
         f"  gRPC admin API   127.0.0.1:{engine.grpc_port}"
-        f"   (try: grpcurl -plaintext 127.0.0.1:{engine.grpc_port} list)"
+        f"   (try: grpcurl -plaintext {auth} 127.0.0.1:{engine.grpc_port} list)"
     )
     _print(f"  data             {data_dir}")
+    _print(f"  admin token      {data_dir / ADMIN_TOKEN_FILE}")
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}", read_token(data_dir)) as client:
             await client.create_connection(
                 CONNECTION_ID,
                 display_name="Insider (sandbox)",
@@ -323,7 +326,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 _print(f"  response: {detail.response_body[:300]}")
             if args.keep_running:
                 _print(
-                    "\nStill serving. Try: grpcurl -plaintext -d "
+                    f"\nStill serving. Try: grpcurl -plaintext {auth} -d "
                     """'{"filter":{"errors_only":true}}' """
                     f"127.0.0.1:{engine.grpc_port} tidegate.admin.v1.LogService/ListLogs"
                     "   (Ctrl-C to stop)"
