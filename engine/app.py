@@ -18,8 +18,9 @@ from aiohttp import web
 from engine.admin.server import start_grpc_server
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
-from engine.ingest.http import create_ingest_app
+from engine.ingest.http import create_ingest_runner
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
+from engine.ingest.settings import IngestSettings
 from engine.ingest.worker import IngestWorker
 from engine.metrics import EngineMetrics, multiprocess_dir, reset_multiprocess_dir
 from engine.metrics_server import BothProcesses, MetricsServer, ScrapeGauges
@@ -60,6 +61,9 @@ class EngineConfig:
     grpc_port: int = DEFAULT_GRPC_PORT
     http_port: int = DEFAULT_HTTP_PORT
     ingest_token: str = ""
+    """A bearer token ingest requires; ``ingest`` (when set) takes its place."""
+    ingest: IngestSettings | None = None
+    """Ingest credential and limits (``tidegate serve``'s ``--ingest-*`` flags)."""
     max_backlog: int = DEFAULT_MAX_BACKLOG
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     extra_plugins: Iterable[object] = ()
@@ -175,9 +179,8 @@ class Engine:
         if cfg.ingest_worker:
             await self._start_worker()
         else:
-            self._http = web.AppRunner(
-                create_ingest_app(self.ingestor, cfg.ingest_token, self.metrics.ingest),
-                access_log=None,
+            self._http = create_ingest_runner(
+                self.ingestor, self.ingest_settings, self.metrics.ingest
             )
             await self._http.setup()
             site = web.TCPSite(self._http, cfg.host, cfg.http_port)
@@ -206,6 +209,12 @@ class Engine:
         address = {"pid": os.getpid(), "grpc": f"{host}:{self.grpc_port}"}
         (cfg.data_dir / ENGINE_FILE).write_text(json.dumps(address) + "\n")
 
+    @property
+    def ingest_settings(self) -> IngestSettings:
+        """What ingest requires and allows: ``config.ingest``, else ``ingest_token``."""
+        cfg = self.config
+        return cfg.ingest or IngestSettings.bearer(cfg.ingest_token)
+
     async def _start_worker(self) -> None:
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
@@ -215,7 +224,7 @@ class Engine:
         self._worker = IngestWorker(
             data_dir=cfg.data_dir,
             listener=self._listener,
-            token=cfg.ingest_token,
+            settings=self.ingest_settings,
             max_backlog=cfg.max_backlog,
             queue=self.queue,
             wake=self.deliverer.wake,

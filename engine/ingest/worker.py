@@ -59,8 +59,9 @@ from aiohttp import web
 
 from engine.errors import TidegateError
 from engine.gc_settings import settle_collector
-from engine.ingest.http import INGEST_TOKEN_ENV, create_ingest_app
+from engine.ingest.http import create_ingest_runner
 from engine.ingest.ingestor import Ingestor
+from engine.ingest.settings import SETTINGS_ENV, IngestSettings
 from engine.logconfig import configure_logging
 from engine.metrics import IngestMetrics, multiprocess_env
 from engine.plugins import Connectors, plugin_manager
@@ -112,7 +113,7 @@ class IngestWorker:
         *,
         data_dir: Path,
         listener: socket.socket,
-        token: str,
+        settings: IngestSettings,
         max_backlog: int,
         queue: DurableQueue,
         wake: Callable[[Iterable[str]], None],
@@ -126,7 +127,7 @@ class IngestWorker:
         self._data_dir = data_dir
         self._metrics_dir = metrics_dir
         self._listener = listener
-        self._token = token
+        self._settings = settings
         self._max_backlog = max_backlog
         self._queue = queue
         self._wake = wake
@@ -190,7 +191,8 @@ class IngestWorker:
                 *self._log_args,
             ],
             pass_fds=fds, stdin=subprocess.DEVNULL,
-            env={**multiprocess_env(self._metrics_dir), INGEST_TOKEN_ENV: self._token},
+            # The credential in its environment (readable by this user only), not argv.
+            env={**multiprocess_env(self._metrics_dir), SETTINGS_ENV: self._settings.to_json()},
         )  # fmt: skip
 
     async def _supervise(self) -> None:
@@ -349,8 +351,7 @@ async def _work(args: argparse.Namespace) -> int:
         await ingestor.load()
         # Counted in files when the engine set PROMETHEUS_MULTIPROC_DIR (engine.metrics).
         metrics = IngestMetrics()
-        app = create_ingest_app(ingestor, os.environ.get(INGEST_TOKEN_ENV, ""), metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = create_ingest_runner(ingestor, IngestSettings.take_from_environment(), metrics)
         await runner.setup()
         await web.SockSite(runner, listener).start()
         writer.write(_line({"ready": os.getpid()}))

@@ -1,0 +1,293 @@
+"""Ingest authentication: the credential Antavo's trusted site sends, checked per request.
+
+A deployment picks one scheme (``tidegate serve --ingest-auth``):
+
+- ``bearer``: ``Authorization: Bearer <token>``, a static token (``TIDEGATE_INGEST_TOKEN``);
+- ``basic``: ``Authorization: Basic base64(user:password)``, Antavo's "Basic" trusted site;
+- ``jwt``: ``Authorization: Bearer <JWT>`` signed HS256 (a shared secret) or RS256 (Antavo
+  holds the private key, Tidegate the public one), Antavo's "JWT" trusted site. The
+  algorithm is pinned to the configured one (never ``none``, never the other), ``exp`` is
+  checked when present (required with ``require_exp``), ``iat`` and ``nbf`` may not lie in
+  the future, each with ``leeway`` seconds for clock skew.
+
+Secrets are compared in constant time (``hmac.compare_digest``). ``IngestVerifier`` holds
+no aiohttp types: the HTTP endpoint and the gRPC ``IngestEvents`` check alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from engine.errors import TidegateError
+
+SCHEME_NONE = "none"
+SCHEME_BEARER = "bearer"
+SCHEME_BASIC = "basic"
+SCHEME_JWT = "jwt"
+SCHEMES = (SCHEME_NONE, SCHEME_BEARER, SCHEME_BASIC, SCHEME_JWT)
+JWT_ALGORITHMS = ("HS256", "RS256")
+
+TOKEN_ENV = "TIDEGATE_INGEST_TOKEN"
+BASIC_USER_ENV = "TIDEGATE_INGEST_BASIC_USER"
+BASIC_PASSWORD_ENV = "TIDEGATE_INGEST_BASIC_PASSWORD"
+JWT_SECRET_ENV = "TIDEGATE_INGEST_JWT_SECRET"
+JWT_PUBLIC_KEY_ENV = "TIDEGATE_INGEST_JWT_PUBLIC_KEY"
+
+REALM = "tidegate-ingest"
+MIN_HS256_SECRET_BYTES = 32
+"""RFC 7518 §3.2: an HS256 key at least as long as the hash output (256 bits)."""
+MIN_RSA_BITS = 2048
+MAX_AUTHORIZATION_LENGTH = 8192
+"""Longer ``Authorization`` values are refused unread (aiohttp caps a header at 8190)."""
+JWT_CACHE_SIZE = 256
+"""JWTs verified lately, kept with their expiry so a token Antavo sends again is not
+verified again (an RS256 signature check costs far more than the rest of a request)."""
+DEFAULT_JWT_LEEWAY = 60.0
+
+
+@dataclass(frozen=True)
+class IngestAuth:
+    """Which credential ingest requires. Secrets never show in ``repr``."""
+
+    scheme: str = SCHEME_NONE
+    token: str = field(default="", repr=False)
+    user: str = ""
+    password: str = field(default="", repr=False)
+    jwt_algorithm: str = "HS256"
+    jwt_key: str = field(default="", repr=False)
+    """The HS256 secret, or the RS256 public key in PEM."""
+    jwt_require_exp: bool = False
+    jwt_leeway: float = DEFAULT_JWT_LEEWAY
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+
+    @property
+    def configured(self) -> bool:
+        """True when ingest requires a credential."""
+        return self.scheme != SCHEME_NONE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> IngestAuth:
+        return cls(**values)
+
+    @classmethod
+    def bearer(cls, token: str) -> IngestAuth:
+        """A static bearer token; an empty one requires nothing."""
+        return cls(SCHEME_BEARER, token=token) if token else cls()
+
+
+class IngestVerifier:
+    """Checks an ``Authorization`` value against the configured ``IngestAuth``."""
+
+    def __init__(self, auth: IngestAuth) -> None:
+        validate(auth)
+        self.auth = auth
+        self.configured = auth.configured
+        self._scheme = auth.scheme
+        if auth.scheme == SCHEME_BASIC:
+            self._expected = f"{auth.user}:{auth.password}".encode()
+            self.challenge = f'Basic realm="{REALM}", charset="UTF-8"'
+            self._prefix = "basic"
+        else:
+            self._expected = auth.token.encode()
+            self.challenge = f'Bearer realm="{REALM}"'
+            self._prefix = "bearer"
+        self._key: Any = auth.jwt_key
+        if auth.scheme == SCHEME_JWT and auth.jwt_algorithm == "RS256":
+            self._key = load_pem_public_key(auth.jwt_key.encode())
+        self._require = ["exp"] if auth.jwt_require_exp else []
+        self._jwt_cache: dict[str, float] = {}
+
+    def check(self, authorization: str | None) -> bool:
+        """True when ``authorization`` (the header's value, None when absent) carries the
+        configured credential, or when none is configured."""
+        if not self.configured:
+            return True
+        if (
+            authorization is None
+            or len(authorization) > MAX_AUTHORIZATION_LENGTH
+            or not authorization.isascii()
+        ):
+            return False
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() != self._prefix:
+            return False
+        credentials = credentials.strip()
+        if self._scheme == SCHEME_BEARER:
+            return hmac.compare_digest(credentials.encode(), self._expected)
+        if self._scheme == SCHEME_BASIC:
+            try:
+                decoded = base64.b64decode(credentials, validate=True)
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(decoded, self._expected)
+        return self._check_jwt(credentials)
+
+    def _check_jwt(self, token: str) -> bool:
+        now = time.time()
+        expires = self._jwt_cache.get(token)
+        if expires is not None:
+            if now <= expires + self.auth.jwt_leeway:
+                return True
+            del self._jwt_cache[token]
+        auth = self.auth
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[auth.jwt_algorithm],
+                audience=auth.jwt_audience or None,
+                issuer=auth.jwt_issuer or None,
+                leeway=auth.jwt_leeway,
+                options={"require": self._require, "verify_aud": bool(auth.jwt_audience)},
+            )
+        except jwt.PyJWTError:
+            return False
+        exp = claims.get("exp")
+        if len(self._jwt_cache) >= JWT_CACHE_SIZE:
+            self._jwt_cache.clear()
+        self._jwt_cache[token] = float(exp) if isinstance(exp, int | float) else float("inf")
+        return True
+
+
+def validate(auth: IngestAuth) -> None:
+    """Raises ``TidegateError`` naming what to fix in an unusable ``auth``."""
+    if auth.scheme not in SCHEMES:
+        raise TidegateError(
+            f"--ingest-auth: {auth.scheme!r:.40} is not one of {', '.join(SCHEMES)}"
+        )
+    if auth.scheme == SCHEME_BEARER:
+        if not auth.token:
+            raise TidegateError(
+                f"--ingest-auth bearer needs a token: set {TOKEN_ENV} or --ingest-token-file"
+            )
+        if not (auth.token.isascii() and auth.token.isprintable()) or " " in auth.token:
+            raise TidegateError(
+                "the ingest bearer token must be printable ASCII without spaces"
+                f" ({TOKEN_ENV} or --ingest-token-file)"
+            )
+    elif auth.scheme == SCHEME_BASIC:
+        if not auth.user or ":" in auth.user:
+            raise TidegateError(
+                "--ingest-auth basic needs a user name without ':': set --ingest-basic-user"
+                f" or {BASIC_USER_ENV}"
+            )
+        if not auth.password:
+            raise TidegateError(
+                f"--ingest-auth basic needs a password: set {BASIC_PASSWORD_ENV} or"
+                " --ingest-basic-password-file"
+            )
+    elif auth.scheme == SCHEME_JWT:
+        _validate_jwt(auth)
+
+
+def _validate_jwt(auth: IngestAuth) -> None:
+    if auth.jwt_algorithm not in JWT_ALGORITHMS:
+        raise TidegateError(
+            f"--ingest-jwt-algorithm: {auth.jwt_algorithm!r:.40} is not one of"
+            f" {', '.join(JWT_ALGORITHMS)}"
+        )
+    if auth.jwt_leeway < 0:
+        raise TidegateError("--ingest-jwt-leeway-seconds must be 0 or more")
+    if auth.jwt_algorithm == "HS256":
+        if len(auth.jwt_key.encode()) < MIN_HS256_SECRET_BYTES:
+            raise TidegateError(
+                f"--ingest-auth jwt with HS256 needs a secret of at least"
+                f" {MIN_HS256_SECRET_BYTES} bytes: set {JWT_SECRET_ENV} or"
+                " --ingest-jwt-secret-file (the same secret as Antavo's trusted site)"
+            )
+        return
+    try:
+        key = load_pem_public_key(auth.jwt_key.encode())
+    except (ValueError, TypeError):
+        raise TidegateError(
+            "--ingest-auth jwt with RS256 needs the RSA public key in PEM"
+            f" (-----BEGIN PUBLIC KEY-----): set --ingest-jwt-public-key-file or"
+            f" {JWT_PUBLIC_KEY_ENV}"
+        ) from None
+    if not isinstance(key, RSAPublicKey) or key.key_size < MIN_RSA_BITS:
+        raise TidegateError(
+            f"the ingest JWT public key must be an RSA key of at least {MIN_RSA_BITS} bits"
+        )
+
+
+def read_secret_file(path: Path, flag: str) -> str:
+    """A secret from a file named by ``flag``, without its trailing newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise TidegateError(f"{flag}: cannot read {path}: {reason}") from None
+    return text.rstrip("\r\n")
+
+
+def load_ingest_auth(
+    scheme: str | None,
+    environ: Mapping[str, str],
+    *,
+    token_file: Path | None = None,
+    basic_user: str | None = None,
+    basic_password_file: Path | None = None,
+    jwt_algorithm: str = "HS256",
+    jwt_secret_file: Path | None = None,
+    jwt_public_key_file: Path | None = None,
+    jwt_require_exp: bool = False,
+    jwt_leeway: float = DEFAULT_JWT_LEEWAY,
+    jwt_audience: str = "",
+    jwt_issuer: str = "",
+) -> IngestAuth:
+    """The ingest credential from ``tidegate serve``'s flags: secrets come from ``environ``
+    or from files the flags name, never from a flag's value (flags show in ``ps``).
+    Without ``scheme``: ``bearer`` when a token is given, else ``none``. Raises
+    ``TidegateError`` naming what to fix."""
+
+    def secret(env: str, path: Path | None, flag: str) -> str:
+        if path is not None:
+            return read_secret_file(path, flag)
+        return environ.get(env, "")
+
+    token = secret(TOKEN_ENV, token_file, "--ingest-token-file")
+    if scheme is None:
+        scheme = SCHEME_BEARER if token else SCHEME_NONE
+    if scheme == SCHEME_BEARER:
+        auth = IngestAuth(SCHEME_BEARER, token=token)
+    elif scheme == SCHEME_BASIC:
+        auth = IngestAuth(
+            SCHEME_BASIC,
+            user=basic_user if basic_user is not None else environ.get(BASIC_USER_ENV, ""),
+            password=secret(
+                BASIC_PASSWORD_ENV, basic_password_file, "--ingest-basic-password-file"
+            ),
+        )
+    elif scheme == SCHEME_JWT:
+        if jwt_algorithm == "RS256":
+            key = secret(JWT_PUBLIC_KEY_ENV, jwt_public_key_file, "--ingest-jwt-public-key-file")
+        else:
+            key = secret(JWT_SECRET_ENV, jwt_secret_file, "--ingest-jwt-secret-file")
+        auth = IngestAuth(
+            SCHEME_JWT,
+            jwt_algorithm=jwt_algorithm,
+            jwt_key=key,
+            jwt_require_exp=jwt_require_exp,
+            jwt_leeway=jwt_leeway,
+            jwt_audience=jwt_audience,
+            jwt_issuer=jwt_issuer,
+        )
+    else:
+        auth = IngestAuth(scheme)
+    validate(auth)
+    return auth
