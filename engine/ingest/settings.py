@@ -1,21 +1,17 @@
 """Ingest settings: the credential ingest requires (``auth``) and its limits, as
-``tidegate serve`` configures them; the engine hands them to its ingest worker in the
-worker's environment (``SETTINGS_ENV``), never on its command line."""
+``tidegate serve`` configures them. The engine hands them to its ingest worker over their
+socket pair, never on the worker's command line or in its environment (``ps`` shows
+both)."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from engine.errors import TidegateError
 from engine.ingest.auth import IngestAuth, validate
 from engine.ingest.limits import DEFAULT_LIMITS, IngestLimits
-
-SETTINGS_ENV = "TIDEGATE_INGEST_SETTINGS"
-"""The worker's copy of the settings (JSON); read once and removed from its environment."""
 
 
 @dataclass(frozen=True)
@@ -41,17 +37,9 @@ class IngestSettings:
         if problem is not None:
             raise TidegateError(f"ingest limits: {problem}")
 
-    def to_json(self) -> str:
-        return orjson.dumps({"auth": self.auth.to_dict(), "limits": self.limits.to_dict()}).decode()
+    def to_dict(self) -> dict[str, Any]:
+        return {"auth": self.auth.to_dict(), "limits": self.limits.to_dict()}
 
     @classmethod
-    def from_json(cls, text: str) -> IngestSettings:
-        values: dict[str, Any] = orjson.loads(text)
+    def from_dict(cls, values: Mapping[str, Any]) -> IngestSettings:
         return cls(IngestAuth.from_dict(values["auth"]), IngestLimits.from_dict(values["limits"]))
-
-    @classmethod
-    def take_from_environment(cls) -> IngestSettings:
-        """The settings the engine passed to this worker; removes them from the
-        environment so nothing this process starts inherits the secrets."""
-        text = os.environ.pop(SETTINGS_ENV, "")
-        return cls.from_json(text) if text else cls()

@@ -61,7 +61,7 @@ from engine.errors import TidegateError
 from engine.gc_settings import settle_collector
 from engine.ingest.http import create_ingest_runner
 from engine.ingest.ingestor import Ingestor
-from engine.ingest.settings import SETTINGS_ENV, IngestSettings
+from engine.ingest.settings import IngestSettings
 from engine.logconfig import configure_logging
 from engine.metrics import IngestMetrics, multiprocess_env
 from engine.plugins import Connectors, plugin_manager
@@ -165,6 +165,9 @@ class IngestWorker:
             self._writer.close()  # the channel of the worker this one replaces
         self._reader, self._writer = await asyncio.open_connection(sock=ours)
         self._queued, self._reported = 0, None
+        # Its ingest settings first, credential included: never on its command line or in
+        # its environment, which ps shows.
+        self._writer.write(_line({"settings": self._settings.to_dict()}))
         try:
             ready = await asyncio.wait_for(_receive(self._reader), START_TIMEOUT)
         except TimeoutError:
@@ -191,8 +194,7 @@ class IngestWorker:
                 *self._log_args,
             ],
             pass_fds=fds, stdin=subprocess.DEVNULL,
-            # The credential in its environment (readable by this user only), not argv.
-            env={**multiprocess_env(self._metrics_dir), SETTINGS_ENV: self._settings.to_json()},
+            env=multiprocess_env(self._metrics_dir),
         )  # fmt: skip
 
     async def _supervise(self) -> None:
@@ -332,6 +334,10 @@ async def _work(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = socket.socket(fileno=args.listen_fd)
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=args.channel_fd))
+    given = await _receive(reader)
+    if given is None or "settings" not in given:
+        raise TidegateError("the engine sent no ingest settings")
+    settings = IngestSettings.from_dict(given["settings"])
     # Never migrates nor creates: the engine did before it started this worker, and a
     # version this code does not use is refused (SchemaError, a TidegateError).
     db = Database(args.data_dir / STATE_FILE, create=False)
@@ -351,7 +357,7 @@ async def _work(args: argparse.Namespace) -> int:
         await ingestor.load()
         # Counted in files when the engine set PROMETHEUS_MULTIPROC_DIR (engine.metrics).
         metrics = IngestMetrics()
-        runner = create_ingest_runner(ingestor, IngestSettings.take_from_environment(), metrics)
+        runner = create_ingest_runner(ingestor, settings, metrics)
         await runner.setup()
         await web.SockSite(runner, listener).start()
         writer.write(_line({"ready": os.getpid()}))
