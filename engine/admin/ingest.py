@@ -38,7 +38,11 @@ def event_dict(message: pb.AntavoEvent) -> dict[str, Any]:
         if getattr(message, key):
             raw[key] = getattr(message, key)
     if message.HasField("timestamp"):
-        raw["timestamp"] = message.timestamp.ToJsonString()
+        stamp = message.timestamp
+        try:
+            raw["timestamp"] = stamp.ToJsonString()
+        except ValueError:  # outside protobuf's years 1-9999: parse names the field
+            raw["timestamp"] = stamp.seconds + stamp.nanos / 1e9
     return raw
 
 

@@ -47,19 +47,24 @@ class IngestLimits:
         return cls(**values)
 
     def problem(self) -> str | None:
-        """What is wrong with these limits, if anything (for a clear start-up error)."""
-        for name in ("max_body_bytes", "max_events", "max_string_length", "max_key_length"):
-            if getattr(self, name) < 1:
-                return f"{name} must be at least 1"
-        if self.max_keys < 0:
-            return "max_keys must be 0 or more"
+        """What is wrong with these limits, if anything, naming ``serve``'s flag."""
+        for name, flag in FLAGS.items():
+            if getattr(self, name) < (0 if name == "max_keys" else 1):
+                return f"{flag} must be at least {0 if name == 'max_keys' else 1}"
         if not 1 <= self.max_depth <= MAX_DEPTH_CEILING:
-            return f"max_depth must be from 1 to {MAX_DEPTH_CEILING}"
+            return f"--ingest-max-depth must be from 1 to {MAX_DEPTH_CEILING}"
         if not (self.idle_timeout > 0 and self.body_timeout > 0):
-            return "timeouts must be positive numbers of seconds"
+            return "--ingest-idle-timeout and --ingest-body-timeout must be positive seconds"
         return None
 
 
+FLAGS = {
+    "max_body_bytes": "--ingest-max-body-size",
+    "max_events": "--ingest-max-events",
+    "max_string_length": "--ingest-max-string-length",
+    "max_key_length": "--ingest-max-key-length",
+    "max_keys": "--ingest-max-keys",
+}
 DEFAULT_LIMITS = IngestLimits()
 
 
