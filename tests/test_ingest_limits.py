@@ -21,8 +21,15 @@ from google.protobuf import timestamp_pb2
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.ingest.limits import IngestLimits
+from engine.ingest.parse import parse_request
 from engine.ingest.settings import IngestSettings
-from engine.pb import ingest_pb2
+from engine.ingest.source_catalog import (
+    MAX_NAME_LENGTH,
+    MAX_NAMES,
+    MAX_NAMES_PER_GROUP,
+    SeenNames,
+)
+from engine.pb import catalog_pb2, catalog_pb2_grpc, ingest_pb2
 from tests.conftest import FAST_DELIVERY
 from tests.faultload import EngineProcess
 
@@ -308,3 +315,50 @@ def test_serve_refuses_limits_it_cannot_keep(tmp_path: Path) -> None:
     done = subprocess.run(engine.command(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "--ingest-max-depth must be from 1 to 200" in done.stderr
+
+
+# -- the source catalog: what traffic can make it remember --------------------------------
+
+
+async def test_the_source_catalog_remembers_a_bounded_number_of_names(engine: Engine) -> None:
+    common = event(transaction_id="T1", total=9.5, currency="EUR")
+    common["action"] = "checkout"
+    assert (await post(engine, json.dumps(common).encode()))[0] == 202
+    long_key = "L" * (MAX_NAME_LENGTH + 1)
+    for n in range(3):  # 3,000 random keys on one action: it keeps 1,000
+        flood = {f"r{n}-{i}": i for i in range(999)}
+        flood[long_key] = 1  # accepted (at most 256), not remembered
+        body = {"customer": "c1", "action": "checkout", "data": flood}
+        assert (await post(engine, json.dumps(body).encode()))[0] == 202
+    for n in range(25):  # 25,000 keys over 25 actions: 20,000 names in all
+        body = {
+            "customer": "c1",
+            "action": f"flood{n:02}",
+            "data": {f"k{i}": i for i in range(1000)},
+        }
+        assert (await post(engine, json.dumps(body).encode()))[0] == 202
+    late = {"customer": "c1", "action": "late_action", "data": {"late_key": 1}}
+    assert (await post(engine, json.dumps(late).encode()))[0] == 202
+
+    seen = await engine.ingestor.seen_names()
+    assert len(seen) == MAX_NAMES
+    checkout = {s.name for s in seen if s.kind == "parameter" and s.parent == "checkout"}
+    assert len(checkout) == MAX_NAMES_PER_GROUP
+    assert {"transaction_id", "total", "currency"} <= checkout  # seen first, kept
+    assert long_key not in checkout
+    assert not any(s.name in ("late_action", "late_key") for s in seen)
+
+    async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        first = await catalog_pb2_grpc.CatalogServiceStub(client.channel).ListSourceCatalog(
+            catalog_pb2.ListSourceCatalogRequest(
+                page_size=1000, kind=catalog_pb2.CATALOG_KIND_EVENT
+            )
+        )
+    events = {e.name for e in first.entries}
+    assert {"checkout", "flood00"} <= events
+
+    # A restart counts what is stored: the caps still hold.
+    reloaded = SeenNames()
+    await reloaded.load(engine.db)
+    again = {"customer": "c1", "action": "checkout", "data": {"another": 1, "total": 2}}
+    assert reloaded.new_in(parse_request(again)) == set()
