@@ -10,12 +10,16 @@ Before a body is read, the request must carry the configured credential
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.errors import BacklogFullError, InvalidInputError
 from engine.ingest.auth import TOKEN_ENV, IngestAuth, IngestVerifier
@@ -43,6 +47,39 @@ def _error(status: int, code: str, message: str, field: str = "") -> web.Respons
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+class ServerLog(logging.Logger):
+    """aiohttp's server logger for the ingest port. A request its parser refused (a
+    malformed header, a bad method, a broken chunk) was answered 400 by aiohttp: that is
+    one warning line with the reason cut to 100 characters, not a traceback. Anything
+    else goes to ``aiohttp.server`` with its traceback: it is a bug to fix."""
+
+    def __init__(self) -> None:
+        super().__init__("tidegate.ingest.server")
+        self._aiohttp = logging.getLogger("aiohttp.server")
+
+    def exception(
+        self,
+        msg: object,
+        *args: object,
+        exc_info: Any = True,
+        stack_info: bool = False,
+        stacklevel: int = 1,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            log.warning(
+                "ingest_bad_request",
+                peer=str(args[0]) if args else "",
+                error=echo(str(exc).replace("\n", " ")),
+            )
+            return
+        self._aiohttp.exception(msg, *args, exc_info=exc_info, extra=extra)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self._aiohttp.debug(msg, *args, **kwargs)
+
+
 def runner_options(settings: IngestSettings) -> dict[str, Any]:
     """Keyword arguments for the ``web.AppRunner`` that serves the ingest app.
 
@@ -53,6 +90,7 @@ def runner_options(settings: IngestSettings) -> dict[str, Any]:
     decoding would fail a plain body labelled gzip with a bare error).
     """
     return {
+        "logger": ServerLog(),
         "access_log": None,
         "keepalive_timeout": settings.limits.idle_timeout,
         "auto_decompress": False,
