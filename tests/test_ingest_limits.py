@@ -20,6 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.cli import build_parser
 from engine.ingest.limits import IngestLimits
 from engine.ingest.parse import parse_request
 from engine.ingest.settings import IngestSettings
@@ -362,3 +363,11 @@ async def test_the_source_catalog_remembers_a_bounded_number_of_names(engine: En
     await reloaded.load(engine.db)
     again = {"customer": "c1", "action": "checkout", "data": {"another": 1, "total": 2}}
     assert reloaded.new_in(parse_request(again)) == set()
+
+
+def test_the_readme_lists_every_ingest_flag_of_serve() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    flags = [o for a in serve._actions for o in a.option_strings if o.startswith("--ingest-")]
+    assert len(flags) > 15
+    assert [f for f in flags if f"`{f}`" not in readme] == []
