@@ -371,3 +371,25 @@ def test_the_readme_lists_every_ingest_flag_of_serve() -> None:
     flags = [o for a in serve._actions for o in a.option_strings if o.startswith("--ingest-")]
     assert len(flags) > 15
     assert [f for f in flags if f"`{f}`" not in readme] == []
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"cus\r\nZZ\r\nxx\r\n0\r\n\r\n',
+        b'Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\n{"cus\r\n0\r\n\r\n',
+        b'Transfer-Encoding: chunked\r\n\r\n5;ext=1\r\n{"cus\r\n0\r\nTrailer: x\r\n\r\n',
+        b"Content-Length: -1\r\n\r\n{}",
+        b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    ],
+)
+async def test_a_malformed_body_framing_gets_a_400(engine: Engine, request_bytes: bytes) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", engine.http_port)
+    try:
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + request_bytes
+        )
+        answer = await closed_within(reader, 15)
+    finally:
+        writer.close()
+    assert answer[9:12] == b"400", answer[:200]
