@@ -290,6 +290,7 @@ async def test_serve_with_jwt_checks_it_in_the_worker(
     secret_file = tmp_path / "jwt-secret"
     secret_file.write_text(SECRET + "\n")
     monkeypatch.delenv("TIDEGATE_INGEST_TOKEN", raising=False)
+    monkeypatch.setenv("TIDEGATE_INGEST_BASIC_PASSWORD", "unused-password-xyz")
     engine = EngineProcess(tmp_path / "serve.out", tmp_path / "data")
     engine.extra_args = [
         "--ingest-auth",
@@ -306,6 +307,8 @@ async def test_serve_with_jwt_checks_it_in_the_worker(
             for what in ("cmdline", "environ"):  # ps shows these
                 shown = await asyncio.to_thread(Path(f"/proc/{pid}/{what}").read_bytes)
                 assert SECRET.encode() not in shown
+        worker_env = await asyncio.to_thread(Path(f"/proc/{worker}/environ").read_bytes)
+        assert b"unused-password-xyz" not in worker_env  # not passed on to the worker
         async with aiohttp.ClientSession() as http:
             good = hs256({"exp": int(time.time()) + 60})
             async with http.post(

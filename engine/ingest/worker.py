@@ -17,7 +17,9 @@ JSON object per line:
   [...]}`` after each commit that queued items (``total`` counts every item this worker
   queued, so the engine learns how many are new and whom to wake); ``{"refreshed":
   token}`` once a connection was reloaded.
-- engine -> worker: ``{"depth": n, "counted": total}`` every tenth of a second while it
+- engine -> worker: first ``{"settings": {...}}``, the ingest credential and limits
+  (``IngestSettings``; never on the worker's command line or in its environment);
+  ``{"depth": n, "counted": total}`` every tenth of a second while it
   changes: the queue depth, which already counts this worker's items up to ``total``
   (ingest refuses work past ``--max-backlog``); ``{"refresh": connection_id, "token":
   t}`` after the admin API changed a connection. The admin call returns only after the
@@ -81,6 +83,7 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 60.0
 DEPTH_REPORT_INTERVAL = 0.1
 PR_SET_PDEATHSIG = 1
+INGEST_SECRET_ENV_PREFIX = "TIDEGATE_INGEST_"
 
 
 def _line(message: dict[str, Any]) -> bytes:
@@ -194,7 +197,10 @@ class IngestWorker:
                 *self._log_args,
             ],
             pass_fds=fds, stdin=subprocess.DEVNULL,
-            env=multiprocess_env(self._metrics_dir),
+            env={  # the ingest secrets reach it over the channel only
+                k: v for k, v in multiprocess_env(self._metrics_dir).items()
+                if not k.startswith(INGEST_SECRET_ENV_PREFIX)
+            },
         )  # fmt: skip
 
     async def _supervise(self) -> None:
