@@ -8,17 +8,21 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.app import Engine, EngineConfig
 from engine.errors import TidegateError
@@ -333,3 +337,117 @@ def test_serve_refuses_to_start_without_the_secret(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "TIDEGATE_INGEST_BASIC_PASSWORD" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the verifier agrees with PyJWT's jwt.decode -----------------------------------------
+
+OFFSETS = st.sampled_from([-7200, -600, -120, -30, 0, 30, 120, 600, 7200])  # leeway is 60
+time_claims = st.one_of(
+    OFFSETS, OFFSETS, OFFSETS.map(lambda o: o + 0.5), st.just("soon"), st.none()
+)
+claims_strategy = st.fixed_dictionaries(
+    {},
+    optional={
+        "exp": time_claims,
+        "iat": time_claims,
+        "nbf": time_claims,
+        "aud": st.sampled_from(["tidegate"] * 3 + ["other", ["other", "tidegate"], ["x"], 7, [1]]),
+        "iss": st.sampled_from(["antavo", "someone", 3]),
+        "sub": st.sampled_from(["customer", 5]),
+        "jti": st.sampled_from(["j-1", 9]),
+        "site": st.text(max_size=10),
+    },
+)
+
+
+def sign_by_hand(header: dict[str, object], payload: dict[str, object], secret: str) -> str:
+    """A JWS compact token, signed here: PyJWT's encode refuses odd claims (a numeric
+    ``iss``, a numeric ``kid``) that a sender could still sign."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    digest = {"HS256": hashlib.sha256, "HS512": hashlib.sha512}.get(str(header["alg"]))
+    if digest is None:  # alg none: no signature
+        return signing_input + "."
+    return (
+        signing_input
+        + "."
+        + b64(hmac.new(secret.encode(), signing_input.encode(), digest).digest())
+    )
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    claims=claims_strategy,
+    algorithm=st.sampled_from(["HS256"] * 6 + ["HS512", "none"]),
+    right_secret=st.sampled_from([True] * 5 + [False]),
+    kid=st.sampled_from([None, "k1", 5]),
+    audience=st.sampled_from(["", "tidegate"]),
+    issuer=st.sampled_from(["", "antavo"]),
+    require_exp=st.booleans(),
+)
+def test_hs256_verdicts_match_pyjwt(
+    claims: dict[str, Any],
+    algorithm: str,
+    right_secret: bool,
+    kid: object,
+    audience: str,
+    issuer: str,
+    require_exp: bool,
+) -> None:
+    now = time.time()
+    payload = {
+        k: now + v if k in ("exp", "iat", "nbf") and isinstance(v, int | float) else v
+        for k, v in claims.items()
+    }
+    header: dict[str, object] = {"alg": algorithm, "typ": "JWT"}
+    if kid is not None:
+        header["kid"] = kid
+    secret = SECRET if right_secret else SECRET[::-1]
+    token = sign_by_hand(header, payload, secret)
+    verifier = IngestVerifier(
+        IngestAuth(
+            "jwt",
+            jwt_key=SECRET,
+            jwt_require_exp=require_exp,
+            jwt_audience=audience,
+            jwt_issuer=issuer,
+        )
+    )
+    try:
+        jwt.decode(
+            token,
+            SECRET,
+            algorithms=["HS256"],
+            audience=audience or None,
+            issuer=issuer or None,
+            leeway=60,
+            options={"require": ["exp"] if require_exp else [], "verify_aud": bool(audience)},
+        )
+        expected = True
+    except jwt.PyJWTError:
+        expected = False
+    assert verifier.check("Bearer " + token) is expected
+
+
+def test_critical_header_extensions_and_padding_are_refused() -> None:
+    verifier = IngestVerifier(IngestAuth("jwt", jwt_key=SECRET))
+    crit = jwt.encode({"a": 1}, SECRET, "HS256", {"crit": ["exp"], "exp": 1})
+    assert not verifier.check("Bearer " + crit)
+    good = jwt.encode({"a": 1}, SECRET, "HS256")
+    assert verifier.check("Bearer " + good)
+    header, payload, signature = good.split(".")
+    assert not verifier.check(f"Bearer {header}.{payload}.{signature}=")
+    assert not verifier.check(f"Bearer {header}.{payload}.{signature}.")
+    assert not verifier.check(f"Bearer {header}.{payload}")
+    assert not verifier.check(f"Bearer {header}.{payload}.{signature[:-2]}")
+    # iat as a numeric string: PyJWT takes it (int("123")); a JSON number is required here.
+    odd = jwt.encode({"iat": str(int(time.time()))}, SECRET, "HS256")
+    assert not verifier.check("Bearer " + odd)
+
+
+def test_an_hs256_secret_that_is_a_public_key_is_refused(rsa_keys: tuple[bytes, str]) -> None:
+    with pytest.raises(TidegateError, match="looks like a public key"):
+        load_ingest_auth("jwt", {"TIDEGATE_INGEST_JWT_SECRET": rsa_keys[1]})
