@@ -340,16 +340,16 @@ async def _work(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = socket.socket(fileno=args.listen_fd)
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=args.channel_fd))
-    given = await _receive(reader)
-    if given is None or "settings" not in given:
-        raise TidegateError("the engine sent no ingest settings")
-    settings = IngestSettings.from_dict(given["settings"])
     # Never migrates nor creates: the engine did before it started this worker, and a
     # version this code does not use is refused (SchemaError, a TidegateError).
     db = Database(args.data_dir / STATE_FILE, create=False)
     await db.start()
     runner: web.AppRunner | None = None
     try:
+        given = await _receive(reader)  # the engine sends it first
+        if given is None or "settings" not in given:
+            raise TidegateError("the engine sent no ingest settings")
+        settings = IngestSettings.from_dict(given["settings"])
         registry = ConnectionRegistry(
             db, Connectors(plugin_manager()), SecretBox.for_data_dir(args.data_dir)
         )
