@@ -167,14 +167,16 @@ class IngestVerifier:
         taken apart here with C-level base64 and orjson and only the signature goes
         through PyJWT (``HMACAlgorithm`` / ``RSAAlgorithm``). The rules are PyJWT's,
         stricter where noted; tests/test_ingest_auth.py checks both agree."""
-        parts = token.split(".")
-        if len(parts) != 3:
+        parts = _JWS.fullmatch(token)
+        if parts is None:
             return None
-        header_b64, payload_b64, signature_b64 = parts
+        # One translation of the whole token to the standard alphabet, then each part.
+        standard = token.encode().translate(_TO_STANDARD_ALPHABET)
+        header_end, payload_end = parts.end(1), parts.end(2)
         try:
-            header = orjson.loads(_b64url(header_b64))
-            payload = orjson.loads(_b64url(payload_b64))
-            signature = _b64url(signature_b64)
+            header = orjson.loads(_b64(standard[:header_end]))
+            payload = orjson.loads(_b64(standard[header_end + 1 : payload_end]))
+            signature = _b64(standard[payload_end + 1 :])
         except (ValueError, binascii.Error):  # orjson.JSONDecodeError is a ValueError
             return None
         if type(header) is not dict or header.get("alg") != self.auth.jwt_algorithm:
@@ -185,7 +187,7 @@ class IngestVerifier:
             return None
         if "kid" in header and type(header["kid"]) is not str:
             return None
-        signing_input = f"{header_b64}.{payload_b64}".encode()
+        signing_input = token[:payload_end].encode()
         if not self._algorithm.verify(signing_input, self._prepared_key, signature):
             return None
         if type(payload) is not dict or not self._claims_hold(payload, now):
@@ -222,14 +224,18 @@ class IngestVerifier:
         return True
 
 
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
+"""A JWS compact token in unpadded base64url (RFC 7515 §2, §7.1); PyJWT also accepts
+``=`` padding."""
+_TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
 
 
-def _b64url(segment: str) -> bytes:
-    """Strict unpadded base64url (RFC 7515 §2): PyJWT also accepts ``=`` padding."""
-    if len(segment) % 4 == 1 or _BASE64URL.fullmatch(segment) is None:
+def _b64(segment: bytes) -> bytes:
+    """One part of a token already checked by ``_JWS`` and translated to base64's
+    standard alphabet."""
+    if len(segment) % 4 == 1:
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    return binascii.a2b_base64(segment + b"=" * (-len(segment) % 4))
 
 
 def _is_number(value: object) -> bool:
