@@ -116,6 +116,7 @@ class IngestVerifier:
         if auth.scheme == SCHEME_JWT:
             self._prepared_key = self._algorithm.prepare_key(auth.jwt_key)
         self._jwt_cache: dict[str, float] = {}
+        self._headers_seen: dict[str, bool] = {}
 
     def check(self, authorization: str | None) -> bool:
         """True when ``authorization`` (the header's value, None when absent) carries the
@@ -173,19 +174,18 @@ class IngestVerifier:
         # One translation of the whole token to the standard alphabet, then each part.
         standard = token.encode().translate(_TO_STANDARD_ALPHABET)
         header_end, payload_end = parts.end(1), parts.end(2)
+        header_segment = token[:header_end]
+        header_ok = self._headers_seen.get(header_segment)
+        if header_ok is None:  # a sender's header is the same on every token
+            header_ok = self._header_ok(standard[:header_end])
+            if len(self._headers_seen) < JWT_CACHE_SIZE:
+                self._headers_seen[header_segment] = header_ok
+        if not header_ok:
+            return None
         try:
-            header = orjson.loads(_b64(standard[:header_end]))
             payload = orjson.loads(_b64(standard[header_end + 1 : payload_end]))
             signature = _b64(standard[payload_end + 1 :])
         except (ValueError, binascii.Error):  # orjson.JSONDecodeError is a ValueError
-            return None
-        if type(header) is not dict or header.get("alg") != self.auth.jwt_algorithm:
-            return None
-        # No critical extension is understood (RFC 7515 §4.1.11), so none is accepted;
-        # b64=false (RFC 7797) PyJWT accepts only with a detached payload, never here.
-        if "crit" in header or "b64" in header:
-            return None
-        if "kid" in header and type(header["kid"]) is not str:
             return None
         signing_input = token[:payload_end].encode()
         if not self._algorithm.verify(signing_input, self._prepared_key, signature):
@@ -193,6 +193,19 @@ class IngestVerifier:
         if type(payload) is not dict or not self._claims_hold(payload, now):
             return None
         return payload
+
+    def _header_ok(self, encoded: bytes) -> bool:
+        try:
+            header = orjson.loads(_b64(encoded))
+        except (ValueError, binascii.Error):
+            return False
+        if type(header) is not dict or header.get("alg") != self.auth.jwt_algorithm:
+            return False
+        # No critical extension is understood (RFC 7515 §4.1.11), so none is accepted;
+        # b64=false (RFC 7797) PyJWT accepts only with a detached payload, never here.
+        if "crit" in header or "b64" in header:
+            return False
+        return "kid" not in header or type(header["kid"]) is str
 
     def _claims_hold(self, claims: dict[str, Any], now: float) -> bool:
         auth = self.auth
