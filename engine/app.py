@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +21,9 @@ from engine.admin.server import start_grpc_server
 from engine.connector.destinations import Allowance
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
-from engine.ingest.http import create_ingest_app
+from engine.ingest.http import create_ingest_runner
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
+from engine.ingest.settings import IngestSettings
 from engine.ingest.worker import IngestWorker
 from engine.metrics import EngineMetrics, multiprocess_dir, reset_multiprocess_dir
 from engine.metrics_server import BothProcesses, MetricsServer, ScrapeGauges
@@ -68,6 +69,9 @@ class EngineConfig:
     grpc_port: int = DEFAULT_GRPC_PORT
     http_port: int = DEFAULT_HTTP_PORT
     ingest_token: str = ""
+    """A bearer token ingest requires; ``ingest`` (when set) takes its place."""
+    ingest: IngestSettings | None = None
+    """Ingest credential and limits (``tidegate serve``'s ``--ingest-*`` flags)."""
     max_backlog: int = DEFAULT_MAX_BACKLOG
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     extra_plugins: Iterable[object] = ()
@@ -103,8 +107,6 @@ class EngineConfig:
     (``serve --allow-destination``): the only way to loopback, private addresses or http."""
     tls: TlsFiles | None = None
     """Serve the gRPC and ingest ports over TLS with these files."""
-    ingest_credential: Callable[[str], bool] | None = None
-    """Also admit gRPC ``IngestEvents`` calls whose ``authorization`` value it accepts."""
     audit_retention_days: float = AUDIT_RETENTION_DAYS
     """Audit events are deleted this long after they were recorded."""
 
@@ -199,9 +201,8 @@ class Engine:
         if cfg.ingest_worker:
             await self._start_worker()
         else:
-            self._http = web.AppRunner(
-                create_ingest_app(self.ingestor, cfg.ingest_token, self.metrics.ingest),
-                access_log=None,
+            self._http = create_ingest_runner(
+                self.ingestor, self.ingest_settings, self.metrics.ingest
             )
             await self._http.setup()
             site = web.TCPSite(
@@ -225,7 +226,7 @@ class Engine:
             self.db,
             self.metrics.ingest,
             cfg.tls,
-            cfg.ingest_credential,
+            self.ingest_settings,
         )
         self._announce()
         await self._start_metrics()
@@ -256,6 +257,12 @@ class Engine:
         address = {"pid": os.getpid(), "grpc": f"{host}:{self.grpc_port}"}
         (cfg.data_dir / ENGINE_FILE).write_text(json.dumps(address) + "\n")
 
+    @property
+    def ingest_settings(self) -> IngestSettings:
+        """What ingest requires and allows: ``config.ingest``, else ``ingest_token``."""
+        cfg = self.config
+        return cfg.ingest or IngestSettings.bearer(cfg.ingest_token)
+
     async def _start_worker(self) -> None:
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
@@ -266,7 +273,7 @@ class Engine:
             tls=cfg.tls,
             data_dir=cfg.data_dir,
             listener=self._listener,
-            token=cfg.ingest_token,
+            settings=self.ingest_settings,
             max_backlog=cfg.max_backlog,
             queue=self.queue,
             wake=self.deliverer.wake,

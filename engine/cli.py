@@ -40,8 +40,20 @@ from engine.connector.info import tcp_port
 from engine.delivery.worker import DeliverySettings
 from engine.errors import TidegateError
 from engine.gc_settings import settle_collector
-from engine.ingest.http import INGEST_TOKEN_ENV
+from engine.ingest.auth import (
+    BASIC_PASSWORD_ENV,
+    BASIC_USER_ENV,
+    DEFAULT_JWT_LEEWAY,
+    JWT_ALGORITHMS,
+    JWT_PUBLIC_KEY_ENV,
+    JWT_SECRET_ENV,
+    SCHEMES,
+    load_ingest_auth,
+)
+from engine.ingest.auth import TOKEN_ENV as INGEST_TOKEN_ENV
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
+from engine.ingest.limits import DEFAULT_LIMITS, MAX_DEPTH_CEILING, IngestLimits
+from engine.ingest.settings import IngestSettings
 from engine.logconfig import configure_logging
 from engine.metrics import inherited_multiprocess_dir_problem
 from engine.outbound_log.retention import LOG_RETENTION_DAYS
@@ -196,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_upgrade_options(serve)
     add_security_options(serve)
+    add_ingest_options(serve)
     serve.set_defaults(func=run_serve)
     add_config_command(sub)
     add_backup_command(sub)
@@ -209,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    problem = inherited_multiprocess_dir_problem() or security_problem(args)
+    try:
+        ingest = ingest_settings(args, os.environ)
+    except TidegateError as exc:
+        print(f"tidegate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    problem = inherited_multiprocess_dir_problem() or security_problem(args, ingest.configured)
     if problem is not None:
         print(f"tidegate: cannot start: {problem}", file=sys.stderr)
         return 1
@@ -218,7 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
-        ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
+        ingest=ingest,
         max_backlog=args.max_backlog,
         metrics_port=args.metrics_port,
         ingest_worker=not args.ingest_in_process,
@@ -273,6 +291,170 @@ async def _serve(config: EngineConfig) -> int:
     await engine.stop()
     gc.unfreeze()  # let the interpreter's exit release them (DuckDB reports any it cannot)
     return 0
+
+
+# -- serve: ingest credential and limits ----------------------------------------------
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r:.40} is not a whole number of {minimum} or more"
+            )
+        return value
+
+    return parse
+
+
+def add_ingest_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s ``--ingest-*`` flags. Secrets are read from environment variables or
+    from files these flags name, never from a flag's value: flags show in ``ps``."""
+    group = serve.add_argument_group(
+        "ingest authentication",
+        "The credential POST /v1/events requires, as Antavo's trusted site sends it."
+        f" Secrets come from {INGEST_TOKEN_ENV}, {BASIC_PASSWORD_ENV}, {JWT_SECRET_ENV},"
+        f" {JWT_PUBLIC_KEY_ENV} or from the files named below.",
+    )
+    group.add_argument(
+        "--ingest-auth",
+        choices=SCHEMES,
+        default=None,
+        help=f"the scheme (default: bearer when {INGEST_TOKEN_ENV} or --ingest-token-file is set,"
+        " else none)",
+    )
+    group.add_argument(
+        "--ingest-token-file", type=Path, metavar="PATH", help="bearer: the token, in a file"
+    )
+    group.add_argument(
+        "--ingest-basic-user", metavar="NAME", help=f"basic: the user name (or {BASIC_USER_ENV})"
+    )
+    group.add_argument(
+        "--ingest-basic-password-file", type=Path, metavar="PATH", help="basic: the password"
+    )
+    group.add_argument(
+        "--ingest-jwt-algorithm",
+        choices=JWT_ALGORITHMS,
+        default="HS256",
+        help="jwt: the only algorithm accepted (default HS256)",
+    )
+    group.add_argument(
+        "--ingest-jwt-secret-file",
+        type=Path,
+        metavar="PATH",
+        help="jwt HS256: the shared secret (at least 32 bytes)",
+    )
+    group.add_argument(
+        "--ingest-jwt-public-key-file",
+        type=Path,
+        metavar="PATH",
+        help="jwt RS256: the RSA public key, PEM",
+    )
+    group.add_argument(
+        "--ingest-jwt-require-exp",
+        action="store_true",
+        help="jwt: refuse tokens without an exp claim (default: exp is checked when present)",
+    )
+    group.add_argument(
+        "--ingest-jwt-leeway-seconds",
+        type=non_negative,
+        default=DEFAULT_JWT_LEEWAY,
+        help=f"jwt: clock skew allowed for exp, iat and nbf (default {DEFAULT_JWT_LEEWAY:g})",
+    )
+    group.add_argument("--ingest-jwt-audience", default="", help="jwt: the aud claim required")
+    group.add_argument("--ingest-jwt-issuer", default="", help="jwt: the iss claim required")
+    limits = serve.add_argument_group("ingest limits")
+    d = DEFAULT_LIMITS
+    limits.add_argument(
+        "--ingest-max-body-size",
+        type=byte_size,
+        default=d.max_body_bytes,
+        metavar="SIZE",
+        help=f"largest request body, e.g. 10MB (default {d.max_body_bytes} bytes)",
+    )
+    limits.add_argument(
+        "--ingest-max-events",
+        type=whole_number(1),
+        default=d.max_events,
+        help=f"events per request (default {d.max_events})",
+    )
+    limits.add_argument(
+        "--ingest-max-depth",
+        type=whole_number(1),
+        default=d.max_depth,
+        help=f"nesting levels of an event's data (default {d.max_depth}, at most"
+        f" {MAX_DEPTH_CEILING})",
+    )
+    limits.add_argument(
+        "--ingest-max-string-length",
+        type=whole_number(1),
+        default=d.max_string_length,
+        help=f"characters in a string inside data (default {d.max_string_length})",
+    )
+    limits.add_argument(
+        "--ingest-max-key-length",
+        type=whole_number(1),
+        default=d.max_key_length,
+        help=f"characters in a key inside data (default {d.max_key_length})",
+    )
+    limits.add_argument(
+        "--ingest-max-keys",
+        type=whole_number(0),
+        default=d.max_keys,
+        help=f"keys in one event's data, nested ones included (default {d.max_keys})",
+    )
+    limits.add_argument(
+        "--ingest-idle-timeout",
+        type=positive,
+        default=d.idle_timeout,
+        metavar="SECONDS",
+        help="close a connection whose next request's headers are not complete this long"
+        f" after it opened or last answered (default {d.idle_timeout:g})",
+    )
+    limits.add_argument(
+        "--ingest-body-timeout",
+        type=positive,
+        default=d.body_timeout,
+        metavar="SECONDS",
+        help=f"answer 408 when a body takes longer to arrive (default {d.body_timeout:g})",
+    )
+
+
+def ingest_settings(args: argparse.Namespace, environ: Any) -> IngestSettings:
+    """The ingest settings from ``add_ingest_options``' flags; raises ``TidegateError``."""
+    auth = load_ingest_auth(
+        args.ingest_auth,
+        environ,
+        token_file=args.ingest_token_file,
+        basic_user=args.ingest_basic_user,
+        basic_password_file=args.ingest_basic_password_file,
+        jwt_algorithm=args.ingest_jwt_algorithm,
+        jwt_secret_file=args.ingest_jwt_secret_file,
+        jwt_public_key_file=args.ingest_jwt_public_key_file,
+        jwt_require_exp=args.ingest_jwt_require_exp,
+        jwt_leeway=args.ingest_jwt_leeway_seconds,
+        jwt_audience=args.ingest_jwt_audience,
+        jwt_issuer=args.ingest_jwt_issuer,
+    )
+    settings = IngestSettings(
+        auth,
+        IngestLimits(
+            max_body_bytes=args.ingest_max_body_size,
+            max_events=args.ingest_max_events,
+            max_depth=args.ingest_max_depth,
+            max_string_length=args.ingest_max_string_length,
+            max_key_length=args.ingest_max_key_length,
+            max_keys=args.ingest_max_keys,
+            idle_timeout=args.ingest_idle_timeout,
+            body_timeout=args.ingest_body_timeout,
+        ),
+    )
+    settings.check()
+    return settings
 
 
 # -- tidegate config ---------------------------------------------------------------------
@@ -601,8 +783,9 @@ def add_security_options(serve: argparse.ArgumentParser) -> None:
     )
 
 
-def security_problem(args: argparse.Namespace) -> str | None:
-    """Why ``serve`` must not start with these TLS and host flags, or None."""
+def security_problem(args: argparse.Namespace, ingest_auth_configured: bool) -> str | None:
+    """Why ``serve`` must not start with these TLS and host flags, or None.
+    ``ingest_auth_configured``: whether ingest requires a credential."""
     if (args.tls_cert is None) != (args.tls_key is None):
         return "--tls-cert and --tls-key go together: pass both, or neither"
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -616,7 +799,7 @@ def security_problem(args: argparse.Namespace) -> str | None:
         args.host,
         tls=args.tls_cert is not None,
         insecure_allowed=args.insecure_no_tls,
-        ingest_auth_configured=bool(os.environ.get(INGEST_TOKEN_ENV, "")),
+        ingest_auth_configured=ingest_auth_configured,
     )
 
 

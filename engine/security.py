@@ -85,7 +85,7 @@ def exposure_problem(
     if not ingest_auth_configured:
         return (
             f"--host {host} accepts remote connections, and ingest has no credential, so"
-            " anyone who reaches the ingest port could send events: set"
-            " TIDEGATE_INGEST_TOKEN, or bind 127.0.0.1"
+            " anyone who reaches the ingest port could send events: choose a credential"
+            " with --ingest-auth (or set TIDEGATE_INGEST_TOKEN), or bind 127.0.0.1"
         )
     return None

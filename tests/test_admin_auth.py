@@ -26,6 +26,7 @@ import engine.pb
 from clients.client import TidegateClient, read_token
 from engine.admin.auth import ACCESS, OPEN_PREFIXES
 from engine.app import Engine, EngineConfig
+from engine.ingest.settings import IngestSettings
 from engine.pb import audit_pb2 as apb
 from engine.pb import audit_pb2_grpc, connections_pb2, tokens_pb2_grpc
 from engine.pb import tokens_pb2 as tpb
@@ -349,11 +350,13 @@ def test_token_commands_refuse_bad_input_clearly(tmp_path: Path) -> None:
 async def test_ingest_events_also_accepts_the_ingest_credential_and_nothing_else_does(
     tmp_path: Path,
 ) -> None:
-    def ingest_credential(authorization: str) -> bool:
-        return authorization == "Bearer ingest-secret"
-
+    """The credential Antavo sends to the HTTP endpoint (here Bearer, configured as
+    ``serve`` would) is taken for IngestEvents too, and for nothing else."""
     config = EngineConfig(
-        data_dir=tmp_path / "data", grpc_port=0, http_port=0, ingest_credential=ingest_credential
+        data_dir=tmp_path / "data",
+        grpc_port=0,
+        http_port=0,
+        ingest=IngestSettings.bearer("ingest-secret"),
     )
     running = Engine(config)
     await running.start()

@@ -314,14 +314,14 @@ async def test_list_logs_page_size_zero_is_50_and_above_1000_is_1000(
 async def test_source_catalog_page_size_zero_is_50_and_above_1000_is_1000(
     client: TidegateClient,
 ) -> None:
-    # 1,100 parameter names seen in traffic make the catalog longer than one page.
-    data = struct_pb2.Struct()
-    data.update({f"param_{n:04d}": n for n in range(1100)})
-    await client.ingest.IngestEvents(
-        ingest_pb2.IngestEventsRequest(
-            events=[ingest_pb2.AntavoEvent(customer="c", action="big_event", data=data)]
-        )
-    )
+    # 1,100 parameter names seen in traffic make the catalog longer than one page (two
+    # actions: an event's data holds at most 1,000 keys, an action's catalog 1,000 names).
+    events = []
+    for action in ("big_event", "big_event_2"):
+        data = struct_pb2.Struct()
+        data.update({f"param_{n:04d}": n for n in range(550)})
+        events.append(ingest_pb2.AntavoEvent(customer="c", action=action, data=data))
+    await client.ingest.IngestEvents(ingest_pb2.IngestEventsRequest(events=events))
 
     default, _ = await list_source_catalog(client, 0, "")
     clamped, token = await list_source_catalog(client, 1001, "")

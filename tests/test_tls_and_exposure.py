@@ -174,6 +174,27 @@ def test_the_loud_flag_lets_serve_bind_a_public_address_and_warns(
         engine.close()
 
 
+def test_any_ingest_credential_satisfies_the_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Basic auth (no TIDEGATE_INGEST_TOKEN) is an ingest credential as much as Bearer."""
+    monkeypatch.delenv("TIDEGATE_INGEST_TOKEN", raising=False)
+    monkeypatch.setenv("TIDEGATE_INGEST_BASIC_USER", "antavo")
+    monkeypatch.setenv("TIDEGATE_INGEST_BASIC_PASSWORD", "a-long-basic-password")
+    engine = EngineProcess(tmp_path / "serve.out", tmp_path / "data")
+    engine.extra_args = ["--host", "0.0.0.0", INSECURE_FLAG, "--ingest-auth", "basic"]
+    try:
+        engine.start()
+        assert '"event": "serving_without_tls"' in engine.tail()
+    finally:
+        engine.close()
+    refused = serve_once(
+        tmp_path, "--host", "0.0.0.0", INSECURE_FLAG, "--ingest-auth", "none",
+        env={"TIDEGATE_INGEST_TOKEN": ""},
+    )  # fmt: skip
+    assert refused.returncode == 1 and "--ingest-auth" in refused.stderr
+
+
 def test_exposure_guard_rules() -> None:
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
         assert is_loopback(host), host

@@ -21,7 +21,9 @@ from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
 from engine.admin.tokens import TokenServicer
+from engine.ingest.auth import IngestVerifier
 from engine.ingest.ingestor import Ingestor
+from engine.ingest.settings import IngestSettings
 from engine.metrics import IngestMetrics
 from engine.outbound_log.store import LogStore
 from engine.pb import (
@@ -79,12 +81,13 @@ async def start_grpc_server(
     db: Database,
     ingest_metrics: IngestMetrics | None = None,
     tls: TlsFiles | None = None,
-    ingest_credential: Callable[[str], bool] | None = None,
+    ingest: IngestSettings | None = None,
 ) -> tuple[grpc.aio.Server, int, TokenChecker]:
     """Starts the server; returns it, the bound port (useful with port 0) and its token
     checker (close it after the server stops). ``IngestEvents`` counts its requests in
     ``ingest_metrics``. Every call but health and reflection needs a token of ``db``
-    (``engine.admin.auth``); ``ingest_credential`` also admits ``IngestEvents``. With
+    (``engine.admin.auth``). ``ingest``: the ingest settings; ``IngestEvents`` also admits
+    their credential, when one is configured, and applies their limits. With
     ``tls`` the port speaks TLS only (mutual TLS when it names a client CA)."""
     credentials = None
     if tls is not None:
@@ -92,6 +95,10 @@ async def start_grpc_server(
         credentials = grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
+    ingest = ingest or IngestSettings()
+    # The ingest credential (what Antavo sends) also admits IngestEvents, as over HTTP.
+    # Without one configured, IngestEvents needs an operator token.
+    ingest_credential = IngestVerifier(ingest.auth).check if ingest.configured else None
     checker = TokenChecker(db)
     server = grpc.aio.server(interceptors=[AuthInterceptor(checker, db, ingest_credential)])
     tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(db, checker.forget), server)
@@ -103,7 +110,7 @@ async def start_grpc_server(
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-        IngestServicer(ingestor, ingest_metrics), server
+        IngestServicer(ingestor, ingest_metrics, ingest.limits), server
     )
     dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(
         DeadLetterServicer(queue, on_replayed), server
