@@ -17,11 +17,18 @@ import pytest
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.outbound_log.erasure import Redactor
+from engine.pb import audit_pb2 as apb
+from engine.pb import audit_pb2_grpc, dead_letters_pb2_grpc
 from engine.pb import connections_pb2 as cpb
 from engine.pb import dead_letters_pb2 as dpb
-from engine.pb import dead_letters_pb2_grpc
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import eventually, insider_connection, post_events
+from tests.conftest import (
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 GONE = "gone-7"
 GONE_EMAIL = "gwendolyn.gone@example.com"
@@ -108,6 +115,13 @@ async def test_erase_forgets_the_customer_and_keeps_everyone_else(
     assert "[erased]" in users  # the erased customer's place in the array stays
     assert [c.outcome for c in shared.customers if c.customer_id == KEEP] == ["delivered"]
 
+    # The audit trail says an admin erased a customer, not which one.
+    audit = audit_pb2_grpc.AuditServiceStub(client.channel)
+    events = (await audit.ListAuditEvents(apb.ListAuditEventsRequest(page_size=1000))).events
+    erasures = [e for e in events if e.method.endswith("PrivacyService/EraseCustomer")]
+    assert len(erasures) == 1 and erasures[0].outcome == "OK"
+    assert GONE not in str(erasures[0])
+
     again = await client.erase_customer(GONE)
     assert (again.profile_deleted, again.queued_items_deleted, again.dead_letters_deleted) == (
         False,
@@ -124,11 +138,16 @@ async def _has_dead_letter(client: TidegateClient) -> bool:
 async def test_erasure_holds_across_a_restart_and_in_the_files(
     tmp_path: Path, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
-    config = EngineConfig(data_dir=tmp_path / "data", grpc_port=0, http_port=0)
+    config = EngineConfig(
+        data_dir=tmp_path / "data",
+        grpc_port=0,
+        http_port=0,
+        allowed_destinations=TEST_DESTINATIONS,
+    )
     engine = Engine(config)
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
             events = [opt_in(KEEP, KEEP_EMAIL, "Kept"), opt_in(GONE, GONE_EMAIL, "Gwendolyn")]
             await post_events(http, engine, {"events": events})
@@ -140,7 +159,7 @@ async def test_erasure_holds_across_a_restart_and_in_the_files(
     engine = Engine(config)
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             assert (await client.list_logs(customer_id=GONE)).logs == []
             assert len((await client.list_logs(customer_id=KEEP)).logs) == 1
     finally:

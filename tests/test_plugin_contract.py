@@ -93,7 +93,7 @@ FLOORS = [
         "engine.pb",
         "engine",
     },
-    {"engine.schema"},
+    {"engine.schema", "engine.security"},
     {"engine.connector"},
     {"engine.plugins"},
     {"engine.state"},

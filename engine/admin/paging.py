@@ -38,7 +38,7 @@ MAX_PAGE_SIZE = 1000
 TOKEN_VERSION = 1
 MAX_CURSOR_INT = 2**63 - 1  # what SQLite and DuckDB BIGINT hold
 
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
 _START_OVER = "leave page_token empty to start from the first page"
 
 T = TypeVar("T")
@@ -109,7 +109,7 @@ class Pager(Generic[C]):
         return cursor
 
     def _envelope(self, token: str) -> dict[str, Any]:
-        if not _TOKEN_RE.match(token):
+        if not _TOKEN_RE.fullmatch(token):
             raise self._garbled()
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import functools
 import random
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
 import structlog
@@ -24,11 +26,22 @@ from engine.connector.records import Delivery, SendResult
 from engine.delivery.batch import Batch, pack
 from engine.delivery.outcomes import Settlement, log_rows, settle
 from engine.delivery.pace import Pace
-from engine.delivery.transport import RecordingTransport
-from engine.errors import ContractError, DeliveryError, InvalidInputError, NotFoundError
+from engine.delivery.transport import (
+    Exchange,
+    RecordingTransport,
+    guarded_session,
+    redact,
+)
+from engine.errors import (
+    ConnectorCrashError,
+    ContractError,
+    DeliveryError,
+    InvalidInputError,
+    NotFoundError,
+)
 from engine.metrics import DeliveryMetrics
 from engine.outbound_log import outbox
-from engine.outbound_log.rows import LogRow, Outcome
+from engine.outbound_log.rows import LogRow, Outcome, new_request_id
 from engine.outbound_log.store import LogStore
 from engine.plugins import ConnectionHooks, Connectors
 from engine.queue.dead_letters import DeadLetter
@@ -93,7 +106,9 @@ class Deliverer:
         self._batch_count = 0
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
+        # Hosts the operator allowed by name may resolve to internal addresses.
+        names = [a.host for a in self._connectors.allowed if ":" not in a.host]
+        self._session = guarded_session(names)
         for connection in self._registry.runtimes():
             self._ensure_worker(connection.id)
 
@@ -201,8 +216,10 @@ class Deliverer:
             try:
                 hooks = self._connectors.hooks(connection)
             except (InvalidInputError, ContractError) as exc:
-                # The connector is not installed, or its prepare hook failed: nothing of
-                # this connection can go out. Pausing shows why, and keeps its backlog.
+                # The connector is not installed, a stored destination is not allowed (any
+                # more), or its prepare hook failed: nothing of this connection can go
+                # out. Pausing shows why, and keeps its backlog.
+                log.warning("connection_paused", connection=connection_id, reason=str(exc))
                 await self._registry.pause(connection, str(exc))
                 continue
             info = hooks.info
@@ -231,10 +248,14 @@ class Deliverer:
             before = settling[-1] if settling else None
             try:
                 await self._deliver(hooks, items, pace, limit, settling)
-            except Exception:
-                # A bug must not kill the worker; the items stay queued and are retried.
+            except Exception as exc:
+                # A bug must not kill the worker, nor loop silently: the attempt counts
+                # for each item, which is retried with backoff within the retry window
+                # and then dead-lettered, and one log row says what happened.
                 log.exception("delivery_failed_unexpectedly", connection=connection_id)
-                pace.hold_until = time.time() + self.settings.base_backoff
+                with contextlib.suppress(Exception):
+                    await self._drain(settling)  # what it settled is not counted twice
+                await self._failed_unexpectedly(hooks, items, exc, pace)
             finally:
                 if settling and settling[-1] is not before:  # settles in the background
                     settling[-1].task.add_done_callback(functools.partial(self._batch_done, batch))
@@ -285,7 +306,11 @@ class Deliverer:
         assert self._session is not None
         origins = sorted({item.origin for item in batch.items.values()} - {""})
         transport = RecordingTransport(
-            self._session, self.settings.request_timeout, tags=tuple(origins)
+            self._session,
+            self.settings.request_timeout,
+            tags=tuple(origins),
+            check_url=hooks.check_url,
+            secrets=hooks.secrets(),
         )
         now = pace.last_send = time.time()
         sent: SendResult | DeliveryError
@@ -298,6 +323,9 @@ class Deliverer:
             raise
         except DeliveryError as exc:
             sent = exc
+            if isinstance(exc, ConnectorCrashError) and not transport.exchanges:
+                # The connector failed before any request: a row still tells the log.
+                transport.exchanges.append(_no_request(transport, str(exc), hooks.secrets()))
         window = hooks.connection.retry_window_seconds or self.settings.retry_window
         settlement = settle(
             batch,
@@ -422,6 +450,63 @@ class Deliverer:
         for row in rows:
             await self._logs.append(row)
 
+    async def _failed_unexpectedly(
+        self, hooks: ConnectionHooks, items: list[QueueItem], exc: Exception, pace: Pace
+    ) -> None:
+        """Settles ``items`` after an unexpected error outside ``send`` (a bug): each
+        attempt counts; items within the retry window are retried after the backoff,
+        the others dead-lettered at stage ``send``; one log row records it."""
+        try:
+            # Only items still queued: the error may have come after some were settled.
+            queued = await self._db.read(lambda c: _still_queued(c, [i.seq for i in items]))
+        except Exception:
+            log.exception("settle_failed", connection=hooks.connection.id)
+            pace.hold_until = time.time() + self.settings.base_backoff
+            return
+        items = [item for item in items if item.seq in queued]
+        if not items:
+            return
+        now = time.time()
+        text = redact(f"{exc.__class__.__name__}: {exc}", hooks.secrets())[:300]
+        error = f"delivery failed unexpectedly: {text}"
+        window = hooks.connection.retry_window_seconds or self.settings.retry_window
+        attempts = max(item.attempts for item in items) + 1
+        ceiling = min(self.settings.max_backoff, self.settings.base_backoff * 2 ** (attempts - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        retries: list[Retry] = []
+        dead: list[DeadLetter] = []
+        outcomes: dict[str, tuple[Outcome, str]] = {}
+        for item in items:
+            if now - (item.first_attempt_time or now) >= window:
+                reason = f"gave up after {item.attempts + 1} attempts over {window:.0f} s"
+                dead.append(DeadLetter(item, "send", f"{reason}: {error}"))
+                outcomes[item.customer_id] = (Outcome.FAILED, error)
+            else:
+                retries.append(Retry(item.seq, now + delay, error))
+                outcomes.setdefault(item.customer_id, (Outcome.RETRY, error))
+        exchange = _no_request(None, error, ())
+        names = {item.customer_id: "" for item in items}
+        rows = log_rows(hooks.connection, [exchange], names, outcomes, error, attempts)
+        pace.hold_until = now + delay
+        try:
+            await self._queue.settle(
+                retries=retries,
+                dead=dead,
+                attempt_time=now,
+                log_rows=[outbox.encode(r) for r in rows],
+            )
+        except Exception:
+            log.exception("settle_failed", connection=hooks.connection.id)
+            return
+        counted = self._metrics.connection(hooks.connection.id)
+        counted.settled(
+            failed=len(items),
+            retried=len(retries),
+            dead=_by_stage(dead) if dead else None,
+        )
+        for row in rows:
+            await self._logs.append(row)
+
     async def _interrupted(
         self, hooks: ConnectionHooks, batch: Batch, transport: RecordingTransport, now: float
     ) -> None:
@@ -448,6 +533,37 @@ class Deliverer:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.settings.max_retry_after))
         return delay
+
+
+def _still_queued(c: sqlite3.Connection, seqs: list[int]) -> set[int]:
+    found: set[int] = set()
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            row[0] for row in c.execute(f"SELECT seq FROM queue WHERE seq IN ({marks})", chunk)
+        )
+    return found
+
+
+def _no_request(
+    transport: RecordingTransport | None, error: str, secrets: tuple[str, ...]
+) -> Exchange:
+    """A log entry for a send that failed before it made any request."""
+    tags = transport.tags if transport is not None else ()
+    return Exchange(
+        new_request_id(),
+        datetime.now(UTC),
+        "",
+        "",
+        0,
+        0.0,
+        "",
+        "",
+        redact(error, secrets),
+        False,
+        tags,
+    )
 
 
 def _by_stage(dead: Sequence[DeadLetter]) -> dict[str, int]:
