@@ -19,6 +19,7 @@ from aiohttp import web
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
 from engine.connector.destinations import Allowance
+from engine.delivery.erasure import CustomerEraser
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
 from engine.ingest.http import create_ingest_runner
@@ -224,6 +225,15 @@ class Engine:
             self.connectors,
             cfg.data_dir,
             self.db,
+            CustomerEraser(
+                self.db,
+                self.queue,
+                self.logs,
+                self.outbox,
+                self.deliverer,
+                self.registry,
+                self.connectors,
+            ),
             self.metrics.ingest,
             cfg.tls,
             self.ingest_settings,
