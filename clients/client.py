@@ -297,8 +297,14 @@ class TidegateClient:
             backup_pb2.CreateBackupRequest(destination=destination)
         )
 
-    async def erase_customer(self, customer_id: str) -> privacy_pb2.EraseCustomerResponse:
-        """Forgets one Antavo customer everywhere the engine keeps them; returns what went."""
+    async def erase_customer(
+        self, customer_id: str, at_destinations: bool = False
+    ) -> privacy_pb2.EraseCustomerResponse:
+        """Forgets one Antavo customer everywhere the engine keeps them (and, with
+        ``at_destinations``, at the destinations whose connectors can delete); returns
+        what went."""
         return await self.privacy.EraseCustomer(
-            privacy_pb2.EraseCustomerRequest(customer_id=customer_id)
+            privacy_pb2.EraseCustomerRequest(
+                customer_id=customer_id, at_destinations=at_destinations
+            )
         )

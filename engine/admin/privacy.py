@@ -16,7 +16,7 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
     async def EraseCustomer(
         self, request: pb.EraseCustomerRequest, context: Context
     ) -> pb.EraseCustomerResponse:
-        erased = await self._eraser.erase(request.customer_id)
+        erased = await self._eraser.erase(request.customer_id, request.at_destinations)
         state, log = erased.state, erased.log
         return pb.EraseCustomerResponse(
             profile_deleted=state.profile,
@@ -27,4 +27,10 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
             log_requests_redacted=log.requests,
             log_customer_rows_erased=log.customer_rows,
             index_entries_deleted=log.index_entries,
+            destinations=[
+                pb.DestinationErasure(
+                    connection_id=d.connection_id, outcome=d.outcome, message=d.message
+                )
+                for d in erased.destinations
+            ],
         )

@@ -30,10 +30,12 @@ from typing import Any
 import structlog
 
 from engine.connector.records import Customer
+from engine.delivery.outcomes import log_rows
 from engine.delivery.worker import Deliverer
-from engine.errors import InvalidInputError, MappingError, TidegateError
+from engine.errors import DeliveryError, InvalidInputError, MappingError, TidegateError
 from engine.outbound_log.erasure import LogErasure
 from engine.outbound_log.outbox import LogOutbox
+from engine.outbound_log.rows import Outcome
 from engine.outbound_log.store import LogStore
 from engine.plugins import Connectors
 from engine.queue.erasure import StateErasure, erase_outbox, erase_state, identifier_values
@@ -48,12 +50,31 @@ MAX_CUSTOMER_ID = 512
 """The longest customer ID accepted (Antavo's are far shorter)."""
 
 
+ERASURE_TAG = "erasure"
+"""The outbound-log tag of the requests that delete a customer at a destination."""
+MAX_MESSAGE = 300
+"""Longest destination message kept in a ``DestinationErasure``."""
+
+
+@dataclass(frozen=True)
+class DestinationErasure:
+    """What deleting the customer at one connection's destination did."""
+
+    connection_id: str
+    outcome: str  # DELETED, FAILED or UNSUPPORTED
+    message: str = ""
+
+
+DELETED, FAILED, UNSUPPORTED = "deleted", "failed", "unsupported"
+
+
 @dataclass(frozen=True)
 class Erasure:
     """What ``EraseCustomer`` removed."""
 
     state: StateErasure
     log: LogErasure
+    destinations: tuple[DestinationErasure, ...] = ()
 
 
 class CustomerEraser:
@@ -75,8 +96,9 @@ class CustomerEraser:
         self._registry = registry
         self._connectors = connectors
 
-    async def erase(self, customer_id: str) -> Erasure:
-        """Runs the steps of the module doc; returns what went."""
+    async def erase(self, customer_id: str, at_destinations: bool = False) -> Erasure:
+        """Runs the steps of the module doc; returns what went. ``at_destinations``: first
+        delete the customer at every connection's destination whose connector can."""
         if not customer_id:
             raise InvalidInputError("customer_id", "required: the Antavo customer ID")
         if len(customer_id) > MAX_CUSTOMER_ID:
@@ -84,6 +106,9 @@ class CustomerEraser:
                 "customer_id", f"longer than {MAX_CUSTOMER_ID} characters ({len(customer_id)})"
             )
         identifiers, attributes = await self._identifiers(customer_id)
+        destinations: tuple[DestinationErasure, ...] = ()
+        if at_destinations:
+            destinations = await self._erase_at_destinations(customer_id)
         state = await self._db.write(lambda c: erase_state(c, customer_id))
         await self._deliverer.settled()
         state += await self._db.write(lambda c: erase_state(c, customer_id))
@@ -108,7 +133,54 @@ class CustomerEraser:
             log_requests=erased.requests,
             log_customer_rows=erased.customer_rows,
         )
-        return Erasure(state, erased)
+        return Erasure(state, erased, destinations)
+
+    async def _erase_at_destinations(self, customer_id: str) -> tuple[DestinationErasure, ...]:
+        """Step 0 (on request): each connection's connector deletes the customer at its
+        destination; its requests are logged, tagged ``erasure``, and erased from the log
+        with the rest."""
+        profile = await self._db.read(lambda c: load_profile(c, customer_id))
+        customer = Customer(customer_id, profile)
+        done = []
+        for connection in self._registry.runtimes():
+            done.append(await self._erase_at(connection.id, customer))
+        return tuple(done)
+
+    async def _erase_at(self, connection_id: str, customer: Customer) -> DestinationErasure:
+        try:
+            hooks = self._connectors.hooks(self._registry.runtime(connection_id))
+        except TidegateError as exc:
+            return DestinationErasure(connection_id, FAILED, _cut(str(exc)))
+        if not hooks.can_erase:
+            return DestinationErasure(
+                connection_id, UNSUPPORTED, f"connector {hooks.info.name!r} cannot delete"
+            )
+        try:
+            identifiers = hooks.identify(customer)
+        except MappingError as exc:
+            return DestinationErasure(connection_id, FAILED, _cut(str(exc)))
+        transport = self._deliverer.transport(hooks, (ERASURE_TAG,))
+        outcome: DestinationErasure
+        try:
+            await hooks.erase(customer, identifiers, transport)
+            outcome = DestinationErasure(connection_id, DELETED)
+        except DeliveryError as exc:
+            outcome = DestinationErasure(connection_id, FAILED, _cut(str(exc)))
+        logged = Outcome.DELIVERED if outcome.outcome == DELETED else Outcome.FAILED
+        rows = log_rows(
+            hooks.connection,
+            transport.exchanges,
+            {customer.id: customer.name},
+            {customer.id: (logged, outcome.message)},
+            outcome.message,
+            1,
+        )
+        for row in rows:
+            await self._logs.append(row)
+        log.info(
+            "customer_erased_at_destination", connection=connection_id, outcome=outcome.outcome
+        )
+        return outcome
 
     async def _identifiers(self, customer_id: str) -> tuple[set[str], set[str]]:
         """Step 1: the values that name the customer in requests besides their ID, and
@@ -128,6 +200,10 @@ class CustomerEraser:
             found.update(_strings(identifiers))
         found.discard(customer_id)
         return found, set(_strings(profile))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
 
 
 def _strings(value: object) -> list[str]:

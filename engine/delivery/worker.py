@@ -157,6 +157,18 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
 
+    def transport(self, hooks: ConnectionHooks, tags: tuple[str, ...] = ()) -> RecordingTransport:
+        """A transport for one call of ``hooks`` outside delivery (``EraseCustomer``),
+        with the same checks, timeout and redaction as a send's."""
+        assert self._session is not None, "start() first"
+        return RecordingTransport(
+            self._session,
+            self.settings.request_timeout,
+            tags=tags,
+            check_url=hooks.check_url,
+            secrets=hooks.secrets(),
+        )
+
     async def settled(self) -> None:
         """Returns once every batch claimed before the call is settled, or given up and
         left queued (``EraseCustomer`` waits for this between its passes)."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftidegate/admin/v1/privacy.proto\x12\x11tidegate.admin.v1\"+\n\x14\x45raseCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\"\x88\x02\n\x15\x45raseCustomerResponse\x12\x17\n\x0fprofile_deleted\x18\x01 \x01(\x08\x12\x1c\n\x14\x65xternal_ids_deleted\x18\x02 \x01(\x05\x12\x1c\n\x14queued_items_deleted\x18\x03 \x01(\x05\x12\x1c\n\x14\x64\x65\x61\x64_letters_deleted\x18\x04 \x01(\x05\x12\x1c\n\x14resend_marks_deleted\x18\x05 \x01(\x05\x12\x1d\n\x15log_requests_redacted\x18\x06 \x01(\x05\x12 \n\x18log_customer_rows_erased\x18\x07 \x01(\x05\x12\x1d\n\x15index_entries_deleted\x18\x08 \x01(\x05\x32t\n\x0ePrivacyService\x12\x62\n\rEraseCustomer\x12\'.tidegate.admin.v1.EraseCustomerRequest\x1a(.tidegate.admin.v1.EraseCustomerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftidegate/admin/v1/privacy.proto\x12\x11tidegate.admin.v1\"D\n\x14\x45raseCustomerRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61t_destinations\x18\x02 \x01(\x08\"M\n\x12\x44\x65stinationErasure\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc5\x02\n\x15\x45raseCustomerResponse\x12\x17\n\x0fprofile_deleted\x18\x01 \x01(\x08\x12\x1c\n\x14\x65xternal_ids_deleted\x18\x02 \x01(\x05\x12\x1c\n\x14queued_items_deleted\x18\x03 \x01(\x05\x12\x1c\n\x14\x64\x65\x61\x64_letters_deleted\x18\x04 \x01(\x05\x12\x1c\n\x14resend_marks_deleted\x18\x05 \x01(\x05\x12\x1d\n\x15log_requests_redacted\x18\x06 \x01(\x05\x12 \n\x18log_customer_rows_erased\x18\x07 \x01(\x05\x12\x1d\n\x15index_entries_deleted\x18\x08 \x01(\x05\x12;\n\x0c\x64\x65stinations\x18\t \x03(\x0b\x32%.tidegate.admin.v1.DestinationErasure2t\n\x0ePrivacyService\x12\x62\n\rEraseCustomer\x12\'.tidegate.admin.v1.EraseCustomerRequest\x1a(.tidegate.admin.v1.EraseCustomerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidegate.admin.v1.privacy_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERASECUSTOMERREQUEST']._serialized_start=54
-  _globals['_ERASECUSTOMERREQUEST']._serialized_end=97
-  _globals['_ERASECUSTOMERRESPONSE']._serialized_start=100
-  _globals['_ERASECUSTOMERRESPONSE']._serialized_end=364
-  _globals['_PRIVACYSERVICE']._serialized_start=366
-  _globals['_PRIVACYSERVICE']._serialized_end=482
+  _globals['_ERASECUSTOMERREQUEST']._serialized_end=122
+  _globals['_DESTINATIONERASURE']._serialized_start=124
+  _globals['_DESTINATIONERASURE']._serialized_end=201
+  _globals['_ERASECUSTOMERRESPONSE']._serialized_start=204
+  _globals['_ERASECUSTOMERRESPONSE']._serialized_end=529
+  _globals['_PRIVACYSERVICE']._serialized_start=531
+  _globals['_PRIVACYSERVICE']._serialized_end=647
 # @@protoc_insertion_point(module_scope)

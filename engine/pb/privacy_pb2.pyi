@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,20 +25,59 @@ class EraseCustomerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    AT_DESTINATIONS_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """The Antavo customer ID (not an external-ID value). Required."""
+    at_destinations: _builtins.bool
+    """Also delete the customer at each connection's destination first, where its connector
+    can (Braze: POST /users/delete); those requests are logged with the tag "erasure"
+    and then erased from the log with the rest. Default: Tidegate's copy only.
+    """
     def __init__(
         self,
         *,
         customer_id: _builtins.str = ...,
+        at_destinations: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_destinations", b"at_destinations", "customer_id", b"customer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EraseCustomerRequest: _TypeAlias = EraseCustomerRequest  # noqa: Y015
+
+@_typing.final
+class DestinationErasure(_message.Message):
+    """What deleting the customer at one connection's destination did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    outcome: _builtins.str
+    """"deleted", "failed" (see message; the local erasure still runs: call again to retry
+    the destination) or "unsupported" (the connector cannot delete).
+    """
+    message: _builtins.str
+    """Why it failed or is unsupported; empty when deleted."""
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "message", b"message", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationErasure: _TypeAlias = DestinationErasure  # noqa: Y015
 
 @_typing.final
 class EraseCustomerResponse(_message.Message):
@@ -52,6 +93,7 @@ class EraseCustomerResponse(_message.Message):
     LOG_REQUESTS_REDACTED_FIELD_NUMBER: _builtins.int
     LOG_CUSTOMER_ROWS_ERASED_FIELD_NUMBER: _builtins.int
     INDEX_ENTRIES_DELETED_FIELD_NUMBER: _builtins.int
+    DESTINATIONS_FIELD_NUMBER: _builtins.int
     profile_deleted: _builtins.bool
     """Whether a stored profile was deleted."""
     external_ids_deleted: _builtins.int
@@ -68,6 +110,10 @@ class EraseCustomerResponse(_message.Message):
     """The customer's per-customer rows in the outbound log, blanked."""
     index_entries_deleted: _builtins.int
     """Entries of the outbound log's customer index deleted."""
+    @_builtins.property
+    def destinations(self) -> _containers.RepeatedCompositeFieldContainer[Global___DestinationErasure]:
+        """With at_destinations: one per connection, in connection order."""
+
     def __init__(
         self,
         *,
@@ -79,10 +125,11 @@ class EraseCustomerResponse(_message.Message):
         log_requests_redacted: _builtins.int = ...,
         log_customer_rows_erased: _builtins.int = ...,
         index_entries_deleted: _builtins.int = ...,
+        destinations: _abc.Iterable[Global___DestinationErasure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters_deleted", b"dead_letters_deleted", "external_ids_deleted", b"external_ids_deleted", "index_entries_deleted", b"index_entries_deleted", "log_customer_rows_erased", b"log_customer_rows_erased", "log_requests_redacted", b"log_requests_redacted", "profile_deleted", b"profile_deleted", "queued_items_deleted", b"queued_items_deleted", "resend_marks_deleted", b"resend_marks_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters_deleted", b"dead_letters_deleted", "destinations", b"destinations", "external_ids_deleted", b"external_ids_deleted", "index_entries_deleted", b"index_entries_deleted", "log_customer_rows_erased", b"log_customer_rows_erased", "log_requests_redacted", b"log_requests_redacted", "profile_deleted", b"profile_deleted", "queued_items_deleted", b"queued_items_deleted", "resend_marks_deleted", b"resend_marks_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,8 +56,8 @@ class PrivacyServiceServicer:
         messages. The requests stay in the log with the customer redacted, so the
         connection's history and the other customers it carried are intact. Afterwards a
         search of the log for the customer finds nothing; calling it again removes nothing
-        more. Only Tidegate's copy is erased: the destination's copy is the destination's
-        to delete. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
+        more. Only Tidegate's copy is erased unless at_destinations asks for the
+        destinations' too. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,8 +43,8 @@ class PrivacyServiceStub:
     messages. The requests stay in the log with the customer redacted, so the
     connection's history and the other customers it carried are intact. Afterwards a
     search of the log for the customer finds nothing; calling it again removes nothing
-    more. Only Tidegate's copy is erased: the destination's copy is the destination's
-    to delete. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
+    more. Only Tidegate's copy is erased unless at_destinations asks for the
+    destinations' too. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
     """
 
 @_typing.type_check_only
@@ -62,8 +62,8 @@ class PrivacyServiceAsyncStub(PrivacyServiceStub):
     messages. The requests stay in the log with the customer redacted, so the
     connection's history and the other customers it carried are intact. Afterwards a
     search of the log for the customer finds nothing; calling it again removes nothing
-    more. Only Tidegate's copy is erased: the destination's copy is the destination's
-    to delete. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
+    more. Only Tidegate's copy is erased unless at_destinations asks for the
+    destinations' too. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
     """
 
 class PrivacyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -84,8 +84,8 @@ class PrivacyServiceServicer(metaclass=_abc_1.ABCMeta):
         messages. The requests stay in the log with the customer redacted, so the
         connection's history and the other customers it carried are intact. Afterwards a
         search of the log for the customer finds nothing; calling it again removes nothing
-        more. Only Tidegate's copy is erased: the destination's copy is the destination's
-        to delete. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
+        more. Only Tidegate's copy is erased unless at_destinations asks for the
+        destinations' too. INVALID_ARGUMENT when customer_id is empty or over 512 characters.
         """
 
 def add_PrivacyServiceServicer_to_server(servicer: PrivacyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
