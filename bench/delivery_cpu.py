@@ -48,6 +48,7 @@ import engine
 from bench.processes import start_sink
 from bench.sink import API_KEY, PARTNER_NAME
 from bench.traffic import PARAMETERS, antavo_event
+from engine.connector.destinations import Allowance
 from engine.connector.records import ParameterMapping
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.ingestor import Ingestor
@@ -107,7 +108,7 @@ async def run_once(
     db = Database(workdir / "state.sqlite3")
     await db.start()
     pm = plugin_manager()
-    connectors = Connectors(pm)
+    connectors = Connectors(pm, [Allowance.parse("127.0.0.1")])  # the sink, on loopback
     registry = ConnectionRegistry(db, connectors, SecretBox.for_data_dir(workdir))
     await registry.load()
     await registry.create(

@@ -10,6 +10,10 @@ moves much less with the neighbours' load.
 
 To compare two checkouts, run it with ``PYTHONPATH=<checkout>`` for each, one after the
 other, and compare the medians.
+
+``--auth`` adds the ingest credential check of each request (``IngestVerifier.check``):
+``bearer``, ``jwt`` (HS256, the same token on every request, as a sender that reuses one)
+or ``jwt-fresh`` (a new HS256 token per request, signed before the clock starts).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from bench.traffic import PARAMETERS, SOURCE_EVENT, TARGET_EVENT, ingest_bodies
+from engine.connector.destinations import Allowance
 from engine.connector.records import ParameterMapping
 from engine.ingest.ingestor import Ingestor
 from engine.ingest.parse import parse_request
@@ -34,14 +40,42 @@ from engine.state.connections import ConnectionRegistry
 from engine.state.database import Database
 from engine.state.secrets import SecretBox
 
+JWT_SECRET = "bench-jwt-secret-0123456789abcdef-0123456789"
 
-async def one_run(data_dir: Path, events: int, batch: int, customers: int) -> float:
+
+def credentials(auth: str, requests: int) -> tuple[Any, list[str]]:
+    """The verifier for ``auth`` and the ``Authorization`` value of each request."""
+    from engine.ingest.auth import IngestAuth, IngestVerifier
+
+    if auth == "none":
+        return None, [""] * requests
+    if auth == "bearer":
+        token = "bench-token-0123456789"
+        return IngestVerifier(IngestAuth.bearer(token)), [f"Bearer {token}"] * requests
+    import jwt
+
+    verifier = IngestVerifier(IngestAuth("jwt", jwt_key=JWT_SECRET))
+    if auth == "jwt":
+        token = jwt.encode({"iss": "antavo", "iat": int(time.time())}, JWT_SECRET)
+        return verifier, [f"Bearer {token}"] * requests
+    now = int(time.time())
+    return verifier, [
+        "Bearer " + jwt.encode({"iss": "antavo", "iat": now, "n": n}, JWT_SECRET)
+        for n in range(requests)
+    ]
+
+
+async def one_run(
+    data_dir: Path, events: int, batch: int, customers: int, auth: str = "none"
+) -> float:
     """Process CPU microseconds per event for ingesting ``events`` events."""
     db = Database(data_dir / "state.sqlite3")
     await db.start()
     try:
         registry = ConnectionRegistry(
-            db, Connectors(plugin_manager()), SecretBox.for_data_dir(data_dir)
+            db,
+            Connectors(plugin_manager(), [Allowance.parse("127.0.0.1")]),
+            SecretBox.for_data_dir(data_dir),
         )
         await registry.load()
         await registry.create(
@@ -64,8 +98,11 @@ async def one_run(data_dir: Path, events: int, batch: int, customers: int) -> fl
         await ingestor.load()
         bodies = ingest_bodies(batch, customers)
         prepared = [next(bodies)[0] for _ in range(events // batch)]
+        verifier, headers = credentials(auth, len(prepared))
         started = time.process_time()
-        for body in prepared:
+        for body, header in zip(prepared, headers, strict=True):
+            if verifier is not None and not verifier.check(header):
+                raise AssertionError("the bench's credential was refused")
             await ingestor.ingest(parse_request(orjson.loads(body)))
         used = time.process_time() - started
         assert queue.depth == len(prepared) * batch, (queue.depth, len(prepared) * batch)
@@ -79,7 +116,9 @@ async def main(args: argparse.Namespace) -> None:
     for run in range(args.repeats):
         data_dir = Path(tempfile.mkdtemp(prefix="tidegate-ingest-cpu-"))
         try:
-            results.append(await one_run(data_dir, args.events, args.batch, args.customers))
+            results.append(
+                await one_run(data_dir, args.events, args.batch, args.customers, args.auth)
+            )
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
         print(f"run {run + 1}: {results[-1]:.1f} us/event", flush=True)
@@ -95,4 +134,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1000, help="events per request")
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--auth", choices=("none", "bearer", "jwt", "jwt-fresh"), default="none")
     asyncio.run(main(parser.parse_args()))

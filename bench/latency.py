@@ -30,6 +30,7 @@ from bench.pipeline import post_ingest
 from bench.processes import Process, start_engine, start_sink
 from bench.profiling import Profiler
 from bench.traffic import CONNECTION_ID, antavo_event, create_connection
+from clients.client import TidegateClient
 from engine.pb import logs_pb2, logs_pb2_grpc
 
 CUSTOMER_PREFIX = "lat-"
@@ -98,9 +99,11 @@ async def run_latency(
         start_sink(workdir / "sink.log") as sink,
         start_engine(workdir / "data", workdir / "engine.log") as engine,
     ):
-        await create_connection(engine.extra["grpc"], sink.extra["url"])
-        async with grpc.aio.insecure_channel(engine.extra["grpc"]) as channel:
-            tail = _Tail(channel)
+        await create_connection(
+            engine.extra["grpc"], sink.extra["url"], token=engine.extra["token"]
+        )
+        async with TidegateClient(engine.extra["grpc"], engine.extra["token"]) as admin:
+            tail = _Tail(admin.channel)
             await tail.ready()
             connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
             async with aiohttp.ClientSession(connector=connector) as session:
@@ -140,7 +143,9 @@ async def run_ack_only(
         start_sink(workdir / "sink.log") as sink,
         start_engine(workdir / "data", workdir / "engine.log") as engine,
     ):
-        await create_connection(engine.extra["grpc"], sink.extra["url"], api_key="refused")
+        await create_connection(
+            engine.extra["grpc"], sink.extra["url"], api_key="refused", token=engine.extra["token"]
+        )
         connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
         async with aiohttp.ClientSession(connector=connector) as session:
             await _offer(session, engine, result)

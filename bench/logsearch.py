@@ -94,7 +94,7 @@ async def run_search(data_dir: Path, workdir: Path, calls: int, seed: int = 5) -
     )
     rng = random.Random(seed)
     with start_engine(data_dir, workdir / "engine.log") as engine:
-        async with TidegateClient(engine.extra["grpc"]) as client:
+        async with TidegateClient(engine.extra["grpc"], engine.extra["token"]) as client:
             for name, description, make in _filters(samples, rng):
                 timing = FilterTiming(name, description)
                 for call in range(WARMUP_CALLS + calls):

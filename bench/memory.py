@@ -50,7 +50,9 @@ async def run_memory(
     result = MemoryResult(events)
     data_dir = workdir / "data"
     with start_engine(data_dir, workdir / "engine.log") as engine:
-        await create_connection(engine.extra["grpc"], f"http://127.0.0.1:{free_port()}")
+        await create_connection(
+            engine.extra["grpc"], f"http://127.0.0.1:{free_port()}", token=engine.extra["token"]
+        )
         result.rss_start_kib = memory_kib(engine.pid)["VmRSS"]
         bodies = ingest_bodies(batch, customers=100_000, seed=6)
         remaining = [events // batch]

@@ -20,7 +20,7 @@ import aiohttp
 
 from bench.processes import Process, start_engine, start_sink
 from bench.profiling import Profiler
-from bench.traffic import create_connection, ingest_bodies
+from bench.traffic import create_braze_connection, create_connection, ingest_bodies
 from engine.outbound_log.partitions import LOG_DIR, read_only
 
 
@@ -88,13 +88,20 @@ async def run_pipeline(
     backlog_cap: int = 60_000,
     drain_timeout: float = 120.0,
     profile_to: Path | None = None,
+    connector: str = "insider",
 ) -> PipelineResult:
+    """``connector``: ``insider`` (upserts of up to 1,000 users) or ``braze``
+    (``/users/track`` requests of up to 75 objects), both answered by the bench sink."""
     result = PipelineResult()
     with (
         start_sink(workdir / "sink.log") as sink,
         start_engine(workdir / "data", workdir / "engine.log") as engine,
     ):
-        await create_connection(engine.extra["grpc"], sink.extra["url"])
+        token = engine.extra["token"]
+        if connector == "braze":
+            await create_braze_connection(engine.extra["grpc"], sink.extra["url"], token=token)
+        else:
+            await create_connection(engine.extra["grpc"], sink.extra["url"], token=token)
         bodies = ingest_bodies(batch, customers)
         async with aiohttp.ClientSession() as session:
             delivered = [0]

@@ -150,16 +150,20 @@ ENGINE_ARGS: list[str] = []
 
 def start_engine(data_dir: Path, log_path: Path) -> Process:
     """``tidegate serve`` from ``ENGINE_SRC`` on free loopback ports with JSON logs (the
-    production format); ``extra`` holds ``grpc`` ("host:port") and ``ingest`` (the URL)."""
+    production format); ``extra`` holds ``grpc`` ("host:port"), ``ingest`` (the URL) and
+    ``token``: the admin token the engine wrote to the data folder ("" for an engine from
+    before tokens)."""
     argv = [
         sys.executable, "-m", "engine.cli", "--log-format", "json",
         "serve", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(data_dir),
-        *_metrics_args(ENGINE_SRC), *ENGINE_ARGS,
+        *_metrics_args(ENGINE_SRC), *_allow_args(ENGINE_SRC), *ENGINE_ARGS,
     ]  # fmt: skip
     process = _spawn("engine", argv, log_path, ENGINE_SRC)
     match = _wait_for(process, SERVING)
     process.extra["grpc"] = f"127.0.0.1:{match.group(1)}"
     process.extra["ingest"] = f"http://127.0.0.1:{match.group(2)}/v1/events"
+    token_file = data_dir / "admin-token"
+    process.extra["token"] = token_file.read_text().strip() if token_file.exists() else ""
     return process
 
 
@@ -167,6 +171,14 @@ def _metrics_args(src: Path) -> list[str]:
     """The metrics endpoint on a free port, for an engine that has one (measured with its
     counting on; ``--engine-src`` may name a checkout from before it)."""
     return ["--metrics-port", "0"] if (src / "engine" / "metrics_server.py").exists() else []
+
+
+def _allow_args(src: Path) -> list[str]:
+    """Lets an engine that checks destinations send to the loopback sink (``--engine-src``
+    may name a checkout from before the check)."""
+    if (src / "engine" / "connector" / "destinations.py").exists():
+        return ["--allow-destination", "127.0.0.1"]
+    return []
 
 
 def free_port() -> int:

@@ -116,6 +116,38 @@ async def run_naive(ctx: Context) -> None:
     )
 
 
+async def _e2e_braze(ctx: Context, work: Path) -> None:
+    """The Braze row, measured in the same run as Insider's: the same load and sink, a
+    Braze connection instead (``/users/track``, at most 75 objects per request)."""
+    s = ctx.settings
+    runs = []
+    for _ in range(s.e2e_runs):
+        runs.append(
+            await run_pipeline(
+                work, s.e2e_seconds, drain_timeout=s.e2e_drain_timeout, connector="braze"
+            )
+        )
+        shutil.rmtree(work / "data", ignore_errors=True)
+    r = sorted(runs, key=lambda run: run.steady_rate)[len(runs) // 2]
+    c = sorted(runs, key=lambda run: run.cpu_us_per_event)[len(runs) // 2]
+    raw = {k: v for k, v in r.__dict__.items() if k != "samples"}
+    raw["runs"] = [run.steady_rate for run in runs]
+    ctx.remember("e2e.braze", raw)
+    add = ctx.report.add
+    add(
+        "e2e",
+        "Braze: sustained delivery (same load, Braze connection, /users/track)",
+        rate(r.steady_rate, "events")
+        + ("" if r.drained else f" (NOT drained: {r.accepted - r.delivered:,} left)"),
+    )
+    add(
+        "e2e",
+        "Braze: engine CPU per delivered event (ingest + delivery + log)",
+        f"{c.cpu_us_per_event:,.0f} us ({r.users_per_request:,.0f} users/request, "
+        f"{r.requests:,} requests)",
+    )
+
+
 async def run_e2e(ctx: Context) -> None:
     s = ctx.settings
     work = ctx.scratch("e2e")
@@ -179,6 +211,7 @@ async def run_e2e(ctx: Context) -> None:
         + ("(= delivered)" if (r.logged_requests, r.logged_customers) == (r.requests, r.users)
            else f"(sink saw {r.requests:,} requests, {r.users:,} users)"),
     )  # fmt: skip
+    await _e2e_braze(ctx, work)
     naive = ctx.report.raw.get("naive")
     if naive:
         naive_rate = naive["requests"] * naive["users"] / naive["seconds"]

@@ -1,4 +1,5 @@
-"""A bench-only stand-in for Insider's upsert endpoint: ``python -m bench.sink --port 0``.
+"""A bench-only stand-in for Insider's upsert endpoint and Braze's ``/users/track``:
+``python -m bench.sink --port 0``.
 
 The Insider sandbox (``tidegate sandbox``) keeps every request body in memory, looks
 users up with a linear scan and rate-limits at 25,000 requests a minute: right for tests,
@@ -8,6 +9,11 @@ checks the two auth headers, parses and shape-checks the JSON body (a non-empty
 success body. It keeps counters, and for events that carry a custom ``bench_id``
 parameter it records the arrival time (``time.monotonic()``, which on Linux is one clock
 for every process) and the number of the request that carried it.
+
+Braze mode (``POST /users/track``): it checks ``Authorization: Bearer sandbox-key``, the
+body's shape and Braze's 75 objects per request, counts every event and purchase object
+as an event and every distinct identifier as a user, and answers 201 with Braze's
+success body, as Braze does.
 
 Read-back: ``GET /bench/stats``, ``GET /bench/arrivals``, ``POST /bench/reset``.
 """
@@ -23,6 +29,8 @@ import orjson
 from aiohttp import web
 
 UPSERT_PATH = "/api/user/v1/upsert"
+TRACK_PATH = "/users/track"
+MAX_BRAZE_OBJECTS = 75
 PARTNER_NAME = "tidegate"
 API_KEY = "sandbox-key"
 MAX_USERS = 1000
@@ -101,6 +109,49 @@ async def upsert(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
 
+async def track(request: web.Request) -> web.Response:
+    """Braze's ``/users/track``: 201 with ``message: success`` and the processed counts."""
+    state = request.app[STATE_KEY]
+    if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+        return _reject(state, 401, "Invalid API Key")
+    raw = await request.read()
+    now = time.monotonic()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _reject(state, 400, "Invalid JSON")
+    if not isinstance(body, dict):
+        return _reject(state, 400, "Invalid body")
+    arrays = [body.get(name) or [] for name in ("attributes", "events", "purchases")]
+    if not all(isinstance(a, list) for a in arrays) or not any(arrays):
+        return _reject(state, 400, "Valid data must be provided")
+    if sum(len(a) for a in arrays) > MAX_BRAZE_OBJECTS:
+        return _reject(state, 400, "Max Input Length Exceeded")
+    state.requests += 1
+    number = state.requests
+    users: set[str] = set()
+    answer: dict[str, Any] = {"message": "success"}
+    for name, objects in zip(("attributes", "events", "purchases"), arrays, strict=True):
+        for obj in objects:
+            if not isinstance(obj, dict):
+                state.requests -= 1
+                return _reject(state, 400, f"{name} must hold objects")
+            users.add(str(obj.get("external_id") or obj.get("user_alias")))
+            if name != "attributes":
+                state.events += 1
+                bench_id = (obj.get("properties") or {}).get("bench_id")
+                if bench_id is not None:
+                    state.arrivals[str(bench_id)] = (now, number)
+        if objects:
+            answer[f"{name}_processed"] = len(objects)
+    state.users += len(users)
+    state.bytes += len(raw)
+    if state.first_time is None:
+        state.first_time = now
+    state.last_time = now
+    return web.Response(status=201, body=orjson.dumps(answer), content_type="application/json")
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.Response(
         body=orjson.dumps(request.app[STATE_KEY].stats()), content_type="application/json"
@@ -122,6 +173,7 @@ def create_app() -> web.Application:
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[STATE_KEY] = SinkState()
     app.router.add_post(UPSERT_PATH, upsert)
+    app.router.add_post(TRACK_PATH, track)
     app.router.add_get("/bench/stats", stats)
     app.router.add_get("/bench/arrivals", arrivals)
     app.router.add_post("/bench/reset", reset)

@@ -30,16 +30,46 @@ PARAMETERS = [
 ]
 
 
-async def create_connection(grpc_target: str, base_url: str, api_key: str = API_KEY) -> None:
+async def create_connection(
+    grpc_target: str, base_url: str, api_key: str = API_KEY, *, token: str = ""
+) -> None:
     """The bench connection: Antavo customer ID -> Insider ``uuid``, ``checkout`` mapped.
-    With another ``api_key`` the sink answers 403 and the engine pauses the connection."""
-    async with TidegateClient(grpc_target) as client:
+    With another ``api_key`` the sink answers 403 and the engine pauses the connection.
+    ``token``: the engine's admin token (``start_engine``'s ``extra["token"]``)."""
+    async with TidegateClient(grpc_target, token) as client:
         await client.create_connection(
             CONNECTION_ID,
             api_key=api_key,
             settings={"partner_name": PARTNER_NAME, "base_url": base_url},
         )
         await client.create_event_mapping(CONNECTION_ID, SOURCE_EVENT, TARGET_EVENT, PARAMETERS)
+
+
+BRAZE_EVENT = "checkout_completed"
+BRAZE_PROPERTIES = [
+    ("transaction_id", "order_id", False),
+    ("total", "total", False),
+    ("currency", "currency", False),
+    ("store", "store_code", False),
+    ("bench_id", "bench_id", False),
+]
+
+
+async def create_braze_connection(grpc_target: str, base_url: str, *, token: str = "") -> None:
+    """The bench connection for Braze: Antavo customer ID -> ``external_id``, ``checkout``
+    mapped to a custom event with the same five values as properties (one object per
+    event, as Insider's is one event per checkout). ``token`` as for ``create_connection``."""
+    async with TidegateClient(grpc_target, token) as client:
+        await client.create_connection(
+            CONNECTION_ID,
+            connector="braze",
+            api_key=API_KEY,
+            settings={"rest_endpoint": base_url},
+            target_identifier="external_id",
+        )
+        await client.create_event_mapping(
+            CONNECTION_ID, SOURCE_EVENT, BRAZE_EVENT, BRAZE_PROPERTIES
+        )
 
 
 def antavo_event(number: int, customer: str, bench_id: str | None = None) -> dict[str, Any]:

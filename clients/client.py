@@ -3,7 +3,8 @@ protobuf messages, so everything the API offers is reachable."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -23,18 +24,89 @@ from engine.pb import (
     logs_pb2_grpc,
     mappings_pb2,
     mappings_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
 )
+from engine.state.tokens import ADMIN_TOKEN_FILE
+
+
+def read_token(data_dir: Path) -> str:
+    """The admin token the engine's first start wrote to ``<data-dir>/admin-token``;
+    "" when there is none."""
+    try:
+        return (data_dir / ADMIN_TOKEN_FILE).read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add("authorization", f"Bearer {token}")
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every unary call on the channel, stubs
+    made from ``client.channel`` included. (grpc.aio files an interceptor under one kind
+    of call only, so each kind has a class of its own.)"""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _BearerStream(grpc.aio.UnaryStreamClientInterceptor):
+    """The same for server-streaming calls (StreamLogs)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(_with_token(details, self._token), request)
 
 
 class TidegateClient:
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    """``token``: the admin API token sent with every call (``authorization: Bearer``).
+    ``root_certificates``: PEM of the CA that signed the engine's TLS certificate; with
+    it the channel uses TLS, and ``client_cert``/``client_key`` (PEM) present a client
+    certificate when the engine requires one."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str = "",
+        *,
+        root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+    ) -> None:
+        interceptors: list[grpc.aio.ClientInterceptor] = (
+            [_BearerUnary(token), _BearerStream(token)] if token else []
+        )
+        if root_certificates is None:
+            self.channel = grpc.aio.insecure_channel(target, interceptors=interceptors)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=client_key,
+                certificate_chain=client_cert,
+            )
+            self.channel = grpc.aio.secure_channel(target, credentials, interceptors=interceptors)
         self.connections = connections_pb2_grpc.ConnectionServiceStub(self.channel)
         self.mappings = mappings_pb2_grpc.MappingServiceStub(self.channel)
         self.logs = logs_pb2_grpc.LogServiceStub(self.channel)
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self.channel)
         self.backups = backup_pb2_grpc.BackupServiceStub(self.channel)
         self.config = config_pb2_grpc.ConfigServiceStub(self.channel)
+        self.privacy = privacy_pb2_grpc.PrivacyServiceStub(self.channel)
 
     async def __aenter__(self) -> TidegateClient:
         return self
@@ -223,4 +295,16 @@ class TidegateClient:
         path on the engine's machine)."""
         return await self.backups.CreateBackup(
             backup_pb2.CreateBackupRequest(destination=destination)
+        )
+
+    async def erase_customer(
+        self, customer_id: str, at_destinations: bool = False
+    ) -> privacy_pb2.EraseCustomerResponse:
+        """Forgets one Antavo customer everywhere the engine keeps them (and, with
+        ``at_destinations``, at the destinations whose connectors can delete); returns
+        what went."""
+        return await self.privacy.EraseCustomer(
+            privacy_pb2.EraseCustomerRequest(
+                customer_id=customer_id, at_destinations=at_destinations
+            )
         )

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import socket
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,15 @@ import grpc
 import structlog
 from aiohttp import web
 
+from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
+from engine.connector.destinations import Allowance
+from engine.delivery.erasure import CustomerEraser
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
-from engine.ingest.http import create_ingest_app
+from engine.ingest.http import create_ingest_runner
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG, Ingestor
+from engine.ingest.settings import IngestSettings
 from engine.ingest.worker import IngestWorker
 from engine.metrics import EngineMetrics, multiprocess_dir, reset_multiprocess_dir
 from engine.metrics_server import BothProcesses, MetricsServer, ScrapeGauges
@@ -38,6 +43,10 @@ from engine.queue.lanes import DurableQueue
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS, dead_letter_sweeper
 from engine.queue.retention import RETENTION_INTERVAL as DEAD_LETTER_SWEEP_INTERVAL
 from engine.queue.retention import RETENTION_START_DELAY as DEAD_LETTER_SWEEP_DELAY
+from engine.security import TlsFiles
+from engine.state import tokens
+from engine.state.audit import AUDIT_RETENTION_DAYS, audit_retention
+from engine.state.audit import DAY as AUDIT_DAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox, secure_data_dir
@@ -51,6 +60,7 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_DATA_DIR = Path("tidegate-data")
 ENGINE_FILE = "engine.json"
 """In the data folder while an engine serves it: its process id and admin address."""
+ADMIN_TOKEN_FILE = tokens.ADMIN_TOKEN_FILE
 
 
 @dataclass
@@ -60,6 +70,9 @@ class EngineConfig:
     grpc_port: int = DEFAULT_GRPC_PORT
     http_port: int = DEFAULT_HTTP_PORT
     ingest_token: str = ""
+    """A bearer token ingest requires; ``ingest`` (when set) takes its place."""
+    ingest: IngestSettings | None = None
+    """Ingest credential and limits (``tidegate serve``'s ``--ingest-*`` flags)."""
     max_backlog: int = DEFAULT_MAX_BACKLOG
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     extra_plugins: Iterable[object] = ()
@@ -90,6 +103,13 @@ class EngineConfig:
     """If set, the oldest partitions are deleted while the log takes more on disk."""
     log_retention_delay: float = LOG_RETENTION_START_DELAY
     log_retention_interval: float = LOG_RETENTION_INTERVAL
+    allowed_destinations: tuple[Allowance, ...] = ()
+    """Destinations connections may send to besides their connectors' own hosts
+    (``serve --allow-destination``): the only way to loopback, private addresses or http."""
+    tls: TlsFiles | None = None
+    """Serve the gRPC and ingest ports over TLS with these files."""
+    audit_retention_days: float = AUDIT_RETENTION_DAYS
+    """Audit events are deleted this long after they were recorded."""
     max_log_streams: int = MAX_SUBSCRIBERS
     """StreamLogs calls served at a time (``serve --max-log-streams``)."""
 
@@ -112,6 +132,9 @@ class Engine:
         self._logs: LogStore | None = None
         self._deliverer: Deliverer | None = None
         self._jobs: list[Periodic] = []
+        self._checker: TokenChecker | None = None
+        self.admin_token_file: Path | None = None
+        """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
     async def start(self) -> None:
         """Starts every part; on failure (a busy port, say) stops what had started."""
@@ -127,8 +150,11 @@ class Engine:
         await asyncio.to_thread(prepare, cfg.data_dir, migrate_now=cfg.migrate)
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
+        await self._bootstrap_token()
         self.pm = plugin_manager(cfg.extra_plugins)
-        self.connectors = Connectors(self.pm)
+        self.connectors = Connectors(self.pm, cfg.allowed_destinations)
+        for allowance in cfg.allowed_destinations:
+            log.info("destination_allowed", destination=str(allowance))
         self.registry = ConnectionRegistry(
             self.db, self.connectors, SecretBox.for_data_dir(cfg.data_dir)
         )
@@ -168,6 +194,7 @@ class Engine:
                 cfg.dead_letter_sweep_interval,
                 cfg.dead_letter_sweep_delay,
             ),
+            audit_retention(self.db, cfg.audit_retention_days * AUDIT_DAY),
             log_retention(
                 self.logs,
                 cfg.log_retention_days,
@@ -181,15 +208,19 @@ class Engine:
         if cfg.ingest_worker:
             await self._start_worker()
         else:
-            self._http = web.AppRunner(
-                create_ingest_app(self.ingestor, cfg.ingest_token, self.metrics.ingest),
-                access_log=None,
+            self._http = create_ingest_runner(
+                self.ingestor, self.ingest_settings, self.metrics.ingest
             )
             await self._http.setup()
-            site = web.TCPSite(self._http, cfg.host, cfg.http_port)
+            site = web.TCPSite(
+                self._http,
+                cfg.host,
+                cfg.http_port,
+                ssl_context=None if cfg.tls is None else cfg.tls.server_context(),
+            )
             await site.start()
             self.http_port = self._http.addresses[0][1]
-        self._grpc, self.grpc_port = await start_grpc_server(
+        self._grpc, self.grpc_port, self._checker = await start_grpc_server(
             cfg.host,
             cfg.grpc_port,
             self.registry,
@@ -199,10 +230,40 @@ class Engine:
             self.deliverer.wake,
             self.connectors,
             cfg.data_dir,
+            self.db,
+            CustomerEraser(
+                self.db,
+                self.queue,
+                self.logs,
+                self.outbox,
+                self.deliverer,
+                self.registry,
+                self.connectors,
+            ),
             self.metrics.ingest,
+            cfg.tls,
+            self.ingest_settings,
         )
         self._announce()
         await self._start_metrics()
+
+    async def _bootstrap_token(self) -> None:
+        """On a data folder that has never had a token, makes an admin token and writes
+        it to ``<data-dir>/admin-token`` (0600), so the first call has one to use. The
+        token itself is never logged."""
+
+        def make(c: sqlite3.Connection) -> str | None:
+            if tokens.has_any_token(c):
+                return None
+            return tokens.create_token(c, tokens.BOOTSTRAP_NAME, tokens.Role.ADMIN)[0]
+
+        token = await self.db.write(make)
+        if token is None:
+            return
+        path = self.config.data_dir / ADMIN_TOKEN_FILE
+        write_private(path, token + "\n")
+        self.admin_token_file = path
+        log.info("admin_token_written", path=str(path), name=tokens.BOOTSTRAP_NAME)
 
     def _announce(self) -> None:
         """Writes ``engine.json`` (this process and its admin address) in the data folder,
@@ -212,6 +273,12 @@ class Engine:
         address = {"pid": os.getpid(), "grpc": f"{host}:{self.grpc_port}"}
         (cfg.data_dir / ENGINE_FILE).write_text(json.dumps(address) + "\n")
 
+    @property
+    def ingest_settings(self) -> IngestSettings:
+        """What ingest requires and allows: ``config.ingest``, else ``ingest_token``."""
+        cfg = self.config
+        return cfg.ingest or IngestSettings.bearer(cfg.ingest_token)
+
     async def _start_worker(self) -> None:
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
@@ -219,9 +286,10 @@ class Engine:
         self._listener = socket.create_server((cfg.host, cfg.http_port), family=family)
         self.http_port = self._listener.getsockname()[1]
         self._worker = IngestWorker(
+            tls=cfg.tls,
             data_dir=cfg.data_dir,
             listener=self._listener,
-            token=cfg.ingest_token,
+            settings=self.ingest_settings,
             max_backlog=cfg.max_backlog,
             queue=self.queue,
             wake=self.deliverer.wake,
@@ -281,6 +349,9 @@ class Engine:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self._checker is not None:
+            await self._checker.close()
+            self._checker = None
         if self._logs is not None:
             await self._logs.close()
             await self.outbox.drain()
@@ -288,3 +359,16 @@ class Engine:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` readable by its owner only (0600), replacing the file
+    whole: a reader sees the old text or the new, never a part."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)

@@ -33,6 +33,7 @@ from engine.outbound_log.partitions import LOG_DIR
 from engine.outbound_log.store import LogStore
 from engine.state.database import STATE_FILE
 from engine.state.secrets import NEW_KEY_FILE, SECRET_KEY_FILE
+from engine.state.tokens import ADMIN_TOKEN_FILE
 
 PARTIAL = ".partial"
 
@@ -125,6 +126,12 @@ def _check_not_open(path: Path) -> None:
 
 
 def _copy_key(data_dir: Path, partial: Path) -> bool:
+    """Copies the secret key file, and the admin token file the first start wrote (the
+    copy's state database holds that token's hash, so it works on the copy too)."""
+    token = data_dir / ADMIN_TOKEN_FILE
+    if token.exists():
+        shutil.copyfile(token, partial / ADMIN_TOKEN_FILE)
+        (partial / ADMIN_TOKEN_FILE).chmod(0o600)
     key = data_dir / SECRET_KEY_FILE
     if not key.exists():
         return False

@@ -6,19 +6,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import getpass
 import json
 import os
 import re
 import signal
+import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import structlog
 import uvloop
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine import __version__
 from engine.app import (
     DEFAULT_DATA_DIR,
@@ -30,12 +35,25 @@ from engine.app import (
     EngineConfig,
 )
 from engine.backup import back_up_stopped
+from engine.connector.destinations import Allowance, DestinationError
 from engine.connector.info import tcp_port
 from engine.delivery.worker import DeliverySettings
 from engine.errors import TidegateError
 from engine.gc_settings import settle_collector
-from engine.ingest.http import INGEST_TOKEN_ENV
+from engine.ingest.auth import (
+    BASIC_PASSWORD_ENV,
+    BASIC_USER_ENV,
+    DEFAULT_JWT_LEEWAY,
+    JWT_ALGORITHMS,
+    JWT_PUBLIC_KEY_ENV,
+    JWT_SECRET_ENV,
+    SCHEMES,
+    load_ingest_auth,
+)
+from engine.ingest.auth import TOKEN_ENV as INGEST_TOKEN_ENV
 from engine.ingest.ingestor import DEFAULT_MAX_BACKLOG
+from engine.ingest.limits import DEFAULT_LIMITS, MAX_DEPTH_CEILING, IngestLimits
+from engine.ingest.settings import IngestSettings
 from engine.logconfig import configure_logging
 from engine.metrics import inherited_multiprocess_dir_problem
 from engine.outbound_log.retention import LOG_RETENTION_DAYS
@@ -43,9 +61,13 @@ from engine.outbound_log.store import MAX_SUBSCRIBERS
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
+from engine.security import INSECURE_FLAG, TlsFiles, exposure_problem, is_loopback
+from engine.state import audit, tokens
 from engine.state.config_document import key_env_names
+from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SECRET_KEY_ENV, rotate_secrets
-from engine.upgrade import migrate, plan
+from engine.state.tokens import ADMIN_TOKEN_FILE, TOKEN_ENV, Role
+from engine.upgrade import migrate, plan, prepare
 
 T = TypeVar("T")
 
@@ -85,6 +107,14 @@ def byte_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a size such as 500MB or 20GB")
     return value
+
+
+def allowance(text: str) -> Allowance:
+    """An ``argparse`` type for ``--allow-destination``."""
+    try:
+        return Allowance.parse(text)
+    except DestinationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def metrics_port(text: str) -> int | None:
@@ -180,15 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
         " SIZE on disk (e.g. 20GB; default: no limit)",
     )
     serve.add_argument(
+        "--allow-destination",
+        type=allowance,
+        action="append",
+        default=[],
+        metavar="URL_OR_HOST[:PORT]",
+        help="also let connections send here (repeatable): a host no connector declares, a"
+        " loopback or private address, or plain http, e.g. http://127.0.0.1:8090 for the"
+        " sandbox",
+    )
+    serve.add_argument(
         "--ingest-in-process",
         action="store_true",
         help="serve ingest HTTP from the engine process instead of a worker process of its"
         " own (uses one core instead of two)",
     )
     add_upgrade_options(serve)
+    add_security_options(serve)
+    add_ingest_options(serve)
     serve.set_defaults(func=run_serve)
     add_config_command(sub)
     add_backup_command(sub)
+    add_token_command(sub)
     add_migrate_command(sub)
     add_secrets_command(sub)
     for command in plugin_commands(plugin_manager()):
@@ -199,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    problem = inherited_multiprocess_dir_problem()
+    try:
+        ingest = ingest_settings(args, os.environ)
+    except TidegateError as exc:
+        print(f"tidegate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    problem = inherited_multiprocess_dir_problem() or security_problem(args, ingest.configured)
     if problem is not None:
         print(f"tidegate: cannot start: {problem}", file=sys.stderr)
         return 1
@@ -208,7 +256,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
-        ingest_token=os.environ.get(INGEST_TOKEN_ENV, ""),
+        ingest=ingest,
         max_backlog=args.max_backlog,
         max_log_streams=args.max_log_streams,
         metrics_port=args.metrics_port,
@@ -217,17 +265,25 @@ def run_serve(args: argparse.Namespace) -> int:
         log_max_bytes=args.log_max_size,
         log_format=args.log_format,
         log_level=args.log_level,
+        allowed_destinations=tuple(args.allow_destination),
         delivery=DeliverySettings(
             base_backoff=args.retry_base_seconds,
             max_backoff=max(args.retry_max_seconds, args.retry_base_seconds),
         ),
         **upgrade_settings(args),
+        **security_settings(args),
     )
     # uvloop: the libuv event loop serves aiohttp and grpc.aio with less CPU per request.
     return uvloop.run(_serve(config))
 
 
 async def _serve(config: EngineConfig) -> int:
+    # The handlers come first: a SIGTERM that arrives while the engine starts (its ports
+    # are open before start() returns) stops it cleanly once it has started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     engine = Engine(config)
     try:
         await engine.start()
@@ -235,22 +291,191 @@ async def _serve(config: EngineConfig) -> int:
         print(f"tidegate: cannot start: {exc}", file=sys.stderr)
         return 1
     settle_collector()
+    if engine.admin_token_file is not None:
+        print(
+            f"tidegate: first start on this data folder: wrote an admin token to"
+            f" {engine.admin_token_file} (readable by this user only); send it as"
+            " `authorization: Bearer <token>`, and make more with `tidegate token create`",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
-        f"ingest on http://{config.host}:{engine.http_port}/v1/events, data in {config.data_dir}"
+        f"ingest on {'http' if config.tls is None else 'https'}://{config.host}:"
+        f"{engine.http_port}/v1/events, data in {config.data_dir}"
         f"{_metrics_address(config, engine)}",
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("tidegate: stopping (finishing in-flight deliveries)", file=sys.stderr, flush=True)
     await engine.stop()
     gc.unfreeze()  # let the interpreter's exit release them (DuckDB reports any it cannot)
     return 0
+
+
+# -- serve: ingest credential and limits ----------------------------------------------
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r:.40} is not a whole number of {minimum} or more"
+            )
+        return value
+
+    return parse
+
+
+def add_ingest_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s ``--ingest-*`` flags. Secrets are read from environment variables or
+    from files these flags name, never from a flag's value: flags show in ``ps``."""
+    group = serve.add_argument_group(
+        "ingest authentication",
+        "The credential POST /v1/events requires, as Antavo's trusted site sends it."
+        f" Secrets come from {INGEST_TOKEN_ENV}, {BASIC_PASSWORD_ENV}, {JWT_SECRET_ENV},"
+        f" {JWT_PUBLIC_KEY_ENV} or from the files named below.",
+    )
+    group.add_argument(
+        "--ingest-auth",
+        choices=SCHEMES,
+        default=None,
+        help=f"the scheme (default: bearer when {INGEST_TOKEN_ENV} or --ingest-token-file is set,"
+        " else none)",
+    )
+    group.add_argument(
+        "--ingest-token-file", type=Path, metavar="PATH", help="bearer: the token, in a file"
+    )
+    group.add_argument(
+        "--ingest-basic-user", metavar="NAME", help=f"basic: the user name (or {BASIC_USER_ENV})"
+    )
+    group.add_argument(
+        "--ingest-basic-password-file", type=Path, metavar="PATH", help="basic: the password"
+    )
+    group.add_argument(
+        "--ingest-jwt-algorithm",
+        choices=JWT_ALGORITHMS,
+        default="HS256",
+        help="jwt: the only algorithm accepted (default HS256)",
+    )
+    group.add_argument(
+        "--ingest-jwt-secret-file",
+        type=Path,
+        metavar="PATH",
+        help="jwt HS256: the shared secret (at least 32 bytes)",
+    )
+    group.add_argument(
+        "--ingest-jwt-public-key-file",
+        type=Path,
+        metavar="PATH",
+        help="jwt RS256: the RSA public key, PEM",
+    )
+    group.add_argument(
+        "--ingest-jwt-require-exp",
+        action="store_true",
+        help="jwt: refuse tokens without an exp claim (default: exp is checked when present)",
+    )
+    group.add_argument(
+        "--ingest-jwt-leeway-seconds",
+        type=non_negative,
+        default=DEFAULT_JWT_LEEWAY,
+        help=f"jwt: clock skew allowed for exp, iat and nbf (default {DEFAULT_JWT_LEEWAY:g})",
+    )
+    group.add_argument("--ingest-jwt-audience", default="", help="jwt: the aud claim required")
+    group.add_argument("--ingest-jwt-issuer", default="", help="jwt: the iss claim required")
+    limits = serve.add_argument_group("ingest limits")
+    d = DEFAULT_LIMITS
+    limits.add_argument(
+        "--ingest-max-body-size",
+        type=byte_size,
+        default=d.max_body_bytes,
+        metavar="SIZE",
+        help=f"largest request body, e.g. 10MB (default {d.max_body_bytes} bytes)",
+    )
+    limits.add_argument(
+        "--ingest-max-events",
+        type=whole_number(1),
+        default=d.max_events,
+        help=f"events per request (default {d.max_events})",
+    )
+    limits.add_argument(
+        "--ingest-max-depth",
+        type=whole_number(1),
+        default=d.max_depth,
+        help=f"nesting levels of an event's data (default {d.max_depth}, at most"
+        f" {MAX_DEPTH_CEILING})",
+    )
+    limits.add_argument(
+        "--ingest-max-string-length",
+        type=whole_number(1),
+        default=d.max_string_length,
+        help=f"characters in a string inside data (default {d.max_string_length})",
+    )
+    limits.add_argument(
+        "--ingest-max-key-length",
+        type=whole_number(1),
+        default=d.max_key_length,
+        help=f"characters in a key inside data (default {d.max_key_length})",
+    )
+    limits.add_argument(
+        "--ingest-max-keys",
+        type=whole_number(0),
+        default=d.max_keys,
+        help=f"keys in one event's data, nested ones included (default {d.max_keys})",
+    )
+    limits.add_argument(
+        "--ingest-idle-timeout",
+        type=positive,
+        default=d.idle_timeout,
+        metavar="SECONDS",
+        help="close a connection whose next request's headers are not complete this long"
+        f" after it opened or last answered (default {d.idle_timeout:g})",
+    )
+    limits.add_argument(
+        "--ingest-body-timeout",
+        type=positive,
+        default=d.body_timeout,
+        metavar="SECONDS",
+        help=f"answer 408 when a body takes longer to arrive (default {d.body_timeout:g})",
+    )
+
+
+def ingest_settings(args: argparse.Namespace, environ: Any) -> IngestSettings:
+    """The ingest settings from ``add_ingest_options``' flags; raises ``TidegateError``."""
+    auth = load_ingest_auth(
+        args.ingest_auth,
+        environ,
+        token_file=args.ingest_token_file,
+        basic_user=args.ingest_basic_user,
+        basic_password_file=args.ingest_basic_password_file,
+        jwt_algorithm=args.ingest_jwt_algorithm,
+        jwt_secret_file=args.ingest_jwt_secret_file,
+        jwt_public_key_file=args.ingest_jwt_public_key_file,
+        jwt_require_exp=args.ingest_jwt_require_exp,
+        jwt_leeway=args.ingest_jwt_leeway_seconds,
+        jwt_audience=args.ingest_jwt_audience,
+        jwt_issuer=args.ingest_jwt_issuer,
+    )
+    settings = IngestSettings(
+        auth,
+        IngestLimits(
+            max_body_bytes=args.ingest_max_body_size,
+            max_events=args.ingest_max_events,
+            max_depth=args.ingest_max_depth,
+            max_string_length=args.ingest_max_string_length,
+            max_key_length=args.ingest_max_key_length,
+            max_keys=args.ingest_max_keys,
+            idle_timeout=args.ingest_idle_timeout,
+            body_timeout=args.ingest_body_timeout,
+        ),
+    )
+    settings.check()
+    return settings
 
 
 # -- tidegate config ---------------------------------------------------------------------
@@ -308,10 +533,13 @@ def _target_argument(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TARGET,
         help=f"the engine's gRPC admin address (default {DEFAULT_TARGET})",
     )
+    _token_arguments(parser)
 
 
 def run_config_export(args: argparse.Namespace) -> int:
-    document = _engine_call(args.target, lambda client: client.export_config())
+    document = _engine_call(
+        args.target, lambda client: client.export_config(), **client_options(args)
+    )
     if args.output is None:
         sys.stdout.write(document)
         return 0
@@ -333,6 +561,7 @@ def run_config_apply(args: argparse.Namespace) -> int:
         lambda client: client.apply_config(
             text, api_keys=keys, dry_run=args.dry_run, prune=args.prune
         ),
+        **client_options(args),
     )
     for line in describe_apply(response, args.dry_run):
         print(line)
@@ -384,9 +613,12 @@ def _engine_call(
     target: str,
     call: Callable[[TidegateClient], Awaitable[T]],
     refused: str = "the document was refused, nothing was changed",
+    **options: Any,
 ) -> T:
+    """``options``: ``TidegateClient``'s keyword arguments (``client_options``)."""
+
     async def run() -> T:
-        async with TidegateClient(target) as client:
+        async with TidegateClient(target, **options) as client:
             return await call(client)
 
     try:
@@ -404,6 +636,13 @@ def _rpc_failure(target: str, exc: grpc.aio.AioRpcError, refused: str) -> str:
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return f"{refused}: {exc.details()}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            f"the engine at {target} refused the token: pass --token, set {TOKEN_ENV}, or"
+            f" name the engine's data folder with --data-dir (its {ADMIN_TOKEN_FILE} file)"
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"the engine at {target} refused the call: the token's role does not allow it"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"the engine at {target} does not offer that call: it runs an older Tidegate"
     return f"the engine at {target} answered {code.name}: {exc.details()}"
@@ -431,6 +670,7 @@ def add_backup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="DIR",
         help="the folder to create (it must not exist, or be empty)",
     )
+    _token_arguments(backup, data_dir=False)
     backup.set_defaults(func=run_backup)
 
 
@@ -446,6 +686,7 @@ def run_backup(args: argparse.Namespace) -> int:
             target,
             lambda client: client.create_backup(str(destination)),
             refused="the backup was refused, nothing was written",
+            **client_options(args),
         )
         how = f"through the engine serving it at {target}"
         parts, log_bytes, key = answer.log_partitions, answer.log_bytes, answer.secret_key_copied
@@ -540,6 +781,204 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- security: serve's TLS flags and exposure guard; tokens for commands ---------------------
+
+
+def add_security_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s TLS flags and the exposure guard's override."""
+    serve.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain: serve gRPC and ingest over TLS"
+    )
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA certificate(s): require client certificates it signed (mutual TLS)",
+    )
+    serve.add_argument(
+        INSECURE_FLAG,
+        dest="insecure_no_tls",
+        action="store_true",
+        help="allow a non-loopback --host without TLS (e.g. behind a proxy that terminates"
+        " TLS); logged as a warning at every start",
+    )
+
+
+def security_problem(args: argparse.Namespace, ingest_auth_configured: bool) -> str | None:
+    """Why ``serve`` must not start with these TLS and host flags, or None.
+    ``ingest_auth_configured``: whether ingest requires a credential."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together: pass both, or neither"
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return "--tls-client-ca needs --tls-cert and --tls-key"
+    if args.tls_cert is not None:
+        try:
+            TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).server_context()
+        except TidegateError as exc:
+            return str(exc)
+    return exposure_problem(
+        args.host,
+        tls=args.tls_cert is not None,
+        insecure_allowed=args.insecure_no_tls,
+        ingest_auth_configured=ingest_auth_configured,
+    )
+
+
+def security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineConfig`` fields of ``add_security_options``; warns when the guard is
+    overridden."""
+    if args.insecure_no_tls and args.tls_cert is None and not is_loopback(args.host):
+        structlog.get_logger("tidegate.engine").warning(
+            "serving_without_tls",
+            host=args.host,
+            flag=INSECURE_FLAG,
+            risk="tokens and customer data cross the network in clear text",
+        )
+    if args.tls_cert is None:
+        return {}
+    return {"tls": TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)}
+
+
+def _token_arguments(parser: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    """How a command reaches the engine: its token, and the TLS files when the engine
+    serves TLS."""
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"admin API token (default: ${TOKEN_ENV}, else <data-dir>/{ADMIN_TOKEN_FILE})",
+    )
+    if data_dir:
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"the engine's data folder, for its {ADMIN_TOKEN_FILE} (default"
+            f" ./{DEFAULT_DATA_DIR})",
+        )
+    parser.add_argument(
+        "--tls-ca", type=Path, help="PEM CA of the engine's certificate: connect with TLS"
+    )
+    parser.add_argument(
+        "--tls-client-cert", type=Path, help="PEM client certificate, when the engine asks"
+    )
+    parser.add_argument("--tls-client-key", type=Path, help="PEM key of --tls-client-cert")
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``TidegateClient``'s keyword arguments from ``_token_arguments``' flags."""
+    options: dict[str, Any] = {"token": admin_token(args)}
+    if args.tls_ca is not None:
+        options["root_certificates"] = _pem(args.tls_ca, "--tls-ca")
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        raise TidegateError("--tls-client-cert and --tls-client-key go together")
+    if args.tls_client_cert is not None:
+        if args.tls_ca is None:
+            raise TidegateError("--tls-client-cert needs --tls-ca")
+        options["client_cert"] = _pem(args.tls_client_cert, "--tls-client-cert")
+        options["client_key"] = _pem(args.tls_client_key, "--tls-client-key")
+    return options
+
+
+def _pem(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TidegateError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+def admin_token(args: argparse.Namespace) -> str:
+    """The token a command sends: ``--token``, else ``TIDEGATE_TOKEN``, else the data
+    folder's ``admin-token`` file."""
+    return args.token or os.environ.get(TOKEN_ENV, "") or read_token(args.data_dir)
+
+
+def add_token_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tidegate token create|list|revoke``: on the data folder itself, whether an engine
+    serves it or not (the engine reads tokens at each call)."""
+    command = sub.add_parser(
+        "token", help="make, list or revoke admin API tokens (on the data folder, offline)"
+    )
+    actions = command.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="make a token and print it (shown only once)")
+    create.add_argument("--name", required=True, help="a name for the token, unique")
+    create.add_argument(
+        "--role", required=True, choices=[r.label for r in Role], help="what it may call"
+    )
+    create.add_argument(
+        "--expires-in", default=None, metavar="DURATION", help="e.g. 30d, 12h, 2w (default: never)"
+    )
+    create.set_defaults(func=run_token_create)
+    listing = actions.add_parser("list", help="list tokens (never the tokens themselves)")
+    listing.set_defaults(func=run_token_list)
+    revoke = actions.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("--name", required=True, help="the token's name")
+    revoke.set_defaults(func=run_token_revoke)
+    for parser in (create, listing, revoke):
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help=f"the data folder (default ./{DEFAULT_DATA_DIR})",
+        )
+
+
+def _on_state(data_dir: Path, job: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
+    """Runs ``job`` in one transaction on the data folder's state database."""
+    if not create and not (data_dir / STATE_FILE).exists():
+        raise TidegateError(f"data folder {data_dir} holds no Tidegate state database")
+    if data_dir.exists():
+        prepare(data_dir, migrate_now=False)  # a folder that needs migrating is refused
+    else:
+        data_dir.mkdir(parents=True, mode=0o700)
+
+    async def run() -> T:
+        db = Database(data_dir / STATE_FILE, create=create)
+        await db.start()
+        try:
+            return await db.write(job)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def _cli_audit(c: sqlite3.Connection, method: str, target: str, fields: dict[str, str]) -> None:
+    audit.record(
+        c,
+        token_name=audit.CLI_PEER,
+        method=method,
+        target=target,
+        fields=fields,
+        outcome="OK",
+        peer=f"{audit.CLI_PEER}, user {getpass.getuser()}",
+    )
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    role = Role.parse(args.role)
+    expires_in = (
+        None if args.expires_in is None else tokens.parse_duration(args.expires_in, "--expires-in")
+    )
+
+    def create(c: sqlite3.Connection) -> tuple[str, tokens.TokenInfo]:
+        made = tokens.create_token(c, args.name, role, expires_in)
+        fields = {"name": args.name, "role": role.label}
+        if args.expires_in is not None:
+            fields["expires_in"] = args.expires_in
+        _cli_audit(c, "tidegate token create", f"token {args.name}", fields)
+        return made
+
+    token, info = _on_state(args.data_dir, create, create=True)
+    print(token)
+    expiry = "never expires" if info.expire_time is None else f"expires {_when(info.expire_time)}"
+    print(
+        f"tidegate token: made token {info.name!r} ({info.role.label}, {expiry}); it is shown"
+        " only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def add_secrets_command(sub: Any) -> None:
     secrets = sub.add_parser(
         "secrets",
@@ -585,6 +1024,40 @@ def run_secrets_rotate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def run_token_list(args: argparse.Namespace) -> int:
+    now = time.time()
+    print(
+        f"{'NAME':<24} {'ROLE':<9} {'ID':<13} {'CREATED':<21} {'EXPIRES':<21}"
+        f" {'LAST USED':<21} STATE"
+    )
+    for t in _on_state(args.data_dir, tokens.list_tokens):
+        state = (
+            "revoked" if t.revoke_time is not None else ("active" if t.usable(now) else "expired")
+        )
+        print(
+            f"{t.name:<24} {t.role.label:<9} {t.id:<13} {_when(t.create_time):<21}"
+            f" {_when(t.expire_time):<21} {_when(t.last_used_time):<21} {state}"
+        )
+    return 0
+
+
+def run_token_revoke(args: argparse.Namespace) -> int:
+    def revoke(c: sqlite3.Connection) -> tokens.TokenInfo:
+        info = tokens.revoke_token(c, args.name)
+        _cli_audit(c, "tidegate token revoke", f"token {args.name}", {"name": args.name})
+        return info
+
+    info = _on_state(args.data_dir, revoke)
+    print(f"tidegate token: revoked token {info.name!r} ({info.role.label})", file=sys.stderr)
+    return 0
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _metrics_address(config: EngineConfig, engine: Engine) -> str:

@@ -9,7 +9,16 @@ from objects passed in). At start-up ``Connectors`` asks each plugin for its
 - two plugins declaring one connector;
 - a connector plugin missing ``identify``, ``map_profile``, ``map_event`` or ``send``;
 - a synchronous hook written as ``async def``;
-- a plugin implementing connector hooks without declaring a connector.
+- a plugin implementing connector hooks without declaring a connector;
+- a ``ConnectorInfo`` whose ``destination_hosts`` hold anything but host names and
+  ``*.suffix`` patterns, or whose ``url_settings``, ``key_bound_settings`` or
+  ``secret_settings`` are not tuples of setting names.
+
+``Connectors`` also holds the destinations the operator allowed at start-up
+(``--allow-destination``), and checks a connection's destination URLs against them and
+its connector's ``destination_hosts``: when a connection is written
+(``check_settings``), when its hooks are bound for delivery, and for each request
+(``ConnectionHooks.check_url``).
 
 For a connection, ``Connectors.hooks`` returns ``ConnectionHooks``: that connection's
 hooks on its connector's plugin only, bound to the connection and to what the plugin's
@@ -31,12 +40,19 @@ import pluggy
 import structlog
 
 from engine.connector import hookspecs
+from engine.connector.destinations import (
+    Allowance,
+    DestinationError,
+    check_destination,
+    check_host_pattern,
+)
 from engine.connector.info import Command, ConnectorInfo
 from engine.connector.records import (
     AntavoEvent,
     Connection,
     Customer,
     Delivery,
+    ItemOutcome,
     ProfileChange,
     SendResult,
     Transport,
@@ -54,7 +70,7 @@ log = structlog.get_logger("tidegate.plugins")
 
 PIPELINE_HOOKS = ("identify", "map_profile", "map_event", "send")
 """Hooks every connector implements."""
-CONNECTOR_HOOKS = ("prepare", *PIPELINE_HOOKS)
+CONNECTOR_HOOKS = ("prepare", *PIPELINE_HOOKS, "erase")
 """Hooks called for a connection, on its connector's plugin only."""
 SYNCHRONOUS_HOOKS = ("connector_info", "prepare", "identify", "map_profile", "map_event")
 CONTEXT = ("connection", "plan")
@@ -126,10 +142,30 @@ def _impls(pm: pluggy.PluginManager, hook: str) -> list[pluggy.HookImpl]:
     return caller.get_hookimpls()
 
 
-class Connectors:
-    """The installed connectors by name, checked when the engine starts."""
+def _check_destination_fields(plugin_name: str, info: ConnectorInfo) -> None:
+    """Refuses (``PluginError``) a ``ConnectorInfo`` whose destination fields are not
+    what the engine needs to check where the connector sends."""
+    for name in ("destination_hosts", "url_settings", "key_bound_settings", "secret_settings"):
+        value = getattr(info, name)
+        if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+            raise PluginError(
+                f"plugin {plugin_name!r}: ConnectorInfo.{name} must be a tuple of non-empty strings"
+            )
+    for pattern in info.destination_hosts:
+        try:
+            check_host_pattern(pattern)
+        except DestinationError as exc:
+            raise PluginError(
+                f"plugin {plugin_name!r}: ConnectorInfo.destination_hosts: {exc}"
+            ) from None
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
+
+class Connectors:
+    """The installed connectors by name, checked when the engine starts. ``allowed``:
+    the destinations the operator allowed besides what connectors declare."""
+
+    def __init__(self, pm: pluggy.PluginManager, allowed: Sequence[Allowance] = ()) -> None:
+        self.allowed = tuple(allowed)
         self._by_name: dict[str, Connector] = {}
         self._bound: dict[str, ConnectionHooks] = {}
         by_plugin: dict[object, Connector] = {}
@@ -148,7 +184,8 @@ class Connectors:
                     f"plugins {known.plugin_name!r} and {impl.plugin_name!r} both declare "
                     f"connector {info.name!r}; uninstall one of them"
                 )
-            connector = Connector(pm, impl.plugin, impl.plugin_name, info)
+            _check_destination_fields(impl.plugin_name, info)
+            connector = Connector(pm, impl.plugin, impl.plugin_name, info, self.allowed)
             self._by_name[info.name] = by_plugin[impl.plugin] = connector
         for hook in CONNECTOR_HOOKS:
             for impl in _impls(pm, hook):
@@ -186,6 +223,12 @@ class Connectors:
     def info(self, name: str) -> ConnectorInfo:
         return self.get(name).info
 
+    def check_settings(self, info: ConnectorInfo, settings: Mapping[str, str]) -> None:
+        """Refuses (``InvalidInputError`` naming the setting) a destination URL in
+        ``settings`` that the connection may not send to, and control characters in any
+        setting (they would break a request header)."""
+        check_settings(info, settings, self.allowed)
+
     def hooks(self, connection: Connection) -> ConnectionHooks:
         """The hooks of ``connection``, bound to this very object: a changed connection is
         a new object, which its connector's ``prepare`` sees first.
@@ -208,8 +251,14 @@ class Connector:
     """One installed connector: what its plugin declared, and its hook implementations."""
 
     def __init__(
-        self, pm: pluggy.PluginManager, plugin: object, plugin_name: str, info: ConnectorInfo
+        self,
+        pm: pluggy.PluginManager,
+        plugin: object,
+        plugin_name: str,
+        info: ConnectorInfo,
+        allowed: Sequence[Allowance] = (),
     ) -> None:
+        self.allowed = tuple(allowed)
         self.plugin = plugin
         self.plugin_name = plugin_name
         self.info = info
@@ -231,7 +280,7 @@ class Connector:
             ):
                 raise PluginError(
                     f"plugin {plugin_name!r}: {hook} must be a plain function, not async "
-                    "(only send is awaited)"
+                    "(only send and erase are awaited)"
                 )
 
     def resolve(self, pm: pluggy.PluginManager, others: Sequence[object]) -> None:
@@ -248,7 +297,17 @@ class Connector:
                 self._calls[hook] = _ThroughPluggy(pm.subset_hook_caller(hook, others))
 
     def bind(self, connection: Connection) -> ConnectionHooks:
-        """The hooks of ``connection``; runs ``prepare`` (``ContractError`` if it fails)."""
+        """The hooks of ``connection``; runs ``prepare`` (``ContractError`` if it fails).
+
+        Raises ``InvalidInputError`` for a destination URL in its settings that it may
+        not send to: one stored by an older release, or allowed by an earlier start."""
+        check_settings(self.info, connection.settings, self.allowed, "connection.settings")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in connection.api_key):
+            raise InvalidInputError(
+                "connection.api_key",
+                "holds a control character (a line break?) and cannot be sent in a header; "
+                "set the key again",
+            )
         plan: Any = None
         prepare = self._calls.get("prepare")
         if prepare is not None:
@@ -264,6 +323,10 @@ class Connector:
         call = self._calls[hook]
         assert call is not None  # PIPELINE_HOOKS are required at start-up
         return call
+
+    def optional(self, hook: str) -> _Direct | _ThroughPluggy | None:
+        """How an optional hook is called, or None when the connector lacks it."""
+        return self._calls.get(hook)
 
 
 def _wraps(impl: pluggy.HookImpl) -> bool:
@@ -316,6 +379,44 @@ def _bind(
     return adapted
 
 
+def check_settings(
+    info: ConnectorInfo,
+    settings: Mapping[str, str],
+    allowed: Sequence[Allowance],
+    prefix: str = "",
+) -> None:
+    """See ``Connectors.check_settings``; ``prefix`` goes before the setting's name."""
+    lead = f"{prefix}." if prefix else ""
+    for name, value in settings.items():
+        if isinstance(value, str) and any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise InvalidInputError(
+                f"{lead}{name}", "must not hold control characters (a line break, a tab)"
+            )
+    for name in info.url_settings:
+        url = settings.get(name)
+        if url is None:
+            continue
+        try:
+            check_destination(url, info.destination_hosts, allowed, connector=info.name)
+        except DestinationError as exc:
+            raise InvalidInputError(f"{lead}{name}", str(exc)) from None
+
+
+def key_bound_changes(
+    info: ConnectorInfo, old: Mapping[str, str], new: Mapping[str, str]
+) -> list[str]:
+    """The settings that decide who receives the API key (``url_settings`` and
+    ``key_bound_settings``) whose value differs between ``old`` and ``new``."""
+    bound = dict.fromkeys((*info.url_settings, *info.key_bound_settings))
+    return [name for name in bound if old.get(name) != new.get(name)]
+
+
+def connection_secrets(info: ConnectorInfo, connection: Connection) -> tuple[str, ...]:
+    """The values to take out of logged bodies: the API key and every secret setting."""
+    values = [connection.api_key, *(connection.settings.get(n, "") for n in info.secret_settings)]
+    return tuple(v for v in dict.fromkeys(values) if v)
+
+
 def _describe(exc: BaseException, connection: Connection) -> str:
     """An exception as one line, with the connection's key taken out."""
     text = f"{exc.__class__.__name__}: {exc}"
@@ -337,6 +438,40 @@ class ConnectionHooks:
         self._map_profile = _bind(connector.call("map_profile"), fixed, ("customer", "change"))
         self._map_event = _bind(connector.call("map_event"), fixed, ("customer", "event"))
         self._send = _bind(connector.call("send"), fixed, ("deliveries", "transport"))
+        erase = connector.optional("erase")
+        self._erase = (
+            None if erase is None else _bind(erase, fixed, ("customer", "identifiers", "transport"))
+        )
+
+    @property
+    def can_erase(self) -> bool:
+        """Whether the connector deletes a customer at its destination (``erase``)."""
+        return self._erase is not None
+
+    async def erase(
+        self, customer: Customer, identifiers: Mapping[str, Any], transport: Transport
+    ) -> None:
+        """Deletes ``customer`` at the destination. Raises the engine's ``DeliveryError``s;
+        a plugin's own exception is a ``ConnectorCrashError``."""
+        assert self._erase is not None, "can_erase first"
+        try:
+            result = self._erase(customer, identifiers, transport)
+            if inspect.isawaitable(result):
+                await result
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            log.exception("plugin_erase_failed", plugin=self.plugin, connection=self.connection.id)
+            raise ConnectorCrashError(self.plugin, _describe(exc, self.connection), exc) from None
+
+    def check_url(self, url: str) -> None:
+        """Raises ``DestinationError`` unless this connection may send to ``url``."""
+        info = self.info
+        check_destination(url, info.destination_hosts, self.connector.allowed, connector=info.name)
+
+    def secrets(self) -> tuple[str, ...]:
+        """What the outbound log must not show: the API key and the secret settings."""
+        return connection_secrets(self.info, self.connection)
 
     def broken(self, message: str, stage: str = "map") -> ContractError:
         """The error for a hook that broke the contract, naming the plugin."""
@@ -401,6 +536,14 @@ class ConnectionHooks:
             raise ConnectorCrashError(self.plugin, _describe(exc, self.connection), exc) from None
         if not isinstance(result, SendResult):
             raise self.broken(f"send returned {_kind(result)}, not a SendResult", "send")
+        for outcome in result.outcomes.values():
+            if not isinstance(outcome, ItemOutcome) or not isinstance(outcome.error, str):
+                # Settling it would fail on every try, and the batch would go out again.
+                raise self.broken(
+                    f"send reported {_kind(outcome)} as an outcome, not an ItemOutcome with "
+                    "a text error",
+                    "send",
+                )
         return result
 
 

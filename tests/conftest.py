@@ -12,8 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine.app import Engine, EngineConfig
+from engine.connector.destinations import Allowance
 from engine.delivery.worker import DeliverySettings
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from tests.faultload import Harness
@@ -23,6 +24,9 @@ API_KEY = "ucd-secret-key-0123456789"
 FAST_DELIVERY = DeliverySettings(
     linger=0.01, base_backoff=0.05, max_backoff=0.2, request_timeout=5.0
 )
+TEST_DESTINATIONS = (Allowance.parse("127.0.0.1"), Allowance.parse("insider.test"))
+"""What test engines allow besides Insider's hosts: the loopback sandbox, and a name that
+tests store but never send to (``serve --allow-destination``)."""
 
 
 @pytest.fixture
@@ -46,7 +50,11 @@ async def sandbox() -> AsyncIterator[RunningSandbox]:
 @pytest.fixture
 def engine_config(tmp_path: Path) -> EngineConfig:
     return EngineConfig(
-        data_dir=tmp_path / "data", grpc_port=0, http_port=0, delivery=FAST_DELIVERY
+        data_dir=tmp_path / "data",
+        grpc_port=0,
+        http_port=0,
+        delivery=FAST_DELIVERY,
+        allowed_destinations=TEST_DESTINATIONS,
     )
 
 
@@ -60,8 +68,13 @@ async def engine(engine_config: EngineConfig) -> AsyncIterator[Engine]:
 
 @pytest.fixture
 async def client(engine: Engine) -> AsyncIterator[TidegateClient]:
-    async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as c:
+    async with engine_client(engine) as c:
         yield c
+
+
+def engine_client(engine: Engine) -> TidegateClient:
+    """A client of an in-process engine with the admin token its first start wrote."""
+    return TidegateClient(f"127.0.0.1:{engine.grpc_port}", read_token(engine.config.data_dir))
 
 
 @pytest.fixture

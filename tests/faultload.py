@@ -49,7 +49,7 @@ import aiohttp
 import grpc
 from google.protobuf import field_mask_pb2
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine.pb import connections_pb2, logs_pb2
 
 BIN = Path(sys.executable).parent
@@ -196,6 +196,7 @@ class EngineProcess(_Process):
         super().__init__(log_path, [self.grpc_port, self.http_port, self.metrics_port])
         self.data_dir = data_dir
         self.target = f"{HOST}:{self.grpc_port}"
+        DATA_DIRS[self.target] = data_dir
         self.ingest_url = f"http://{HOST}:{self.http_port}/v1/events"
         self.metrics_url = f"http://{HOST}:{self.metrics_port}/metrics"
         self.extra_args: list[str] = []  # more ``serve`` options, from the next start on
@@ -220,6 +221,8 @@ class EngineProcess(_Process):
             "0.05",
             "--retry-max-seconds",
             "0.25",
+            "--allow-destination",
+            HOST,
             *self.extra_args,
         ]
 
@@ -301,11 +304,19 @@ def delivered_seqs(users: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
 
 # -- the admin API ----------------------------------------------------------------------
 
+DATA_DIRS: dict[str, Path] = {}
+"""The data folder of each engine's admin address, for its admin token."""
+
+
+def admin_client(target: str) -> TidegateClient:
+    """A client with the admin token the engine at ``target`` wrote to its data folder."""
+    return TidegateClient(target, read_token(DATA_DIRS[target]))
+
 
 async def create_connection(target: str, sandbox_url: str, api_key: str = API_KEY) -> None:
     """The connection under test: customers identified by uuid, point_add mapped with
     ``points`` and ``seq`` as custom parameters. It persists across engine restarts."""
-    async with TidegateClient(target) as client:
+    async with admin_client(target) as client:
         await client.create_connection(
             CONNECTION_ID,
             api_key=api_key,
@@ -324,7 +335,7 @@ async def get_connection(target: str) -> connections_pb2.Connection:
     deadline = time.monotonic() + 20
     while True:
         try:
-            async with TidegateClient(target) as client:
+            async with admin_client(target) as client:
                 return await client.get_connection(CONNECTION_ID)
         except grpc.aio.AioRpcError:
             if time.monotonic() > deadline:
@@ -333,7 +344,7 @@ async def get_connection(target: str) -> connections_pb2.Connection:
 
 
 async def update_api_key(target: str, api_key: str) -> connections_pb2.Connection:
-    async with TidegateClient(target) as client:
+    async with admin_client(target) as client:
         response = await client.connections.UpdateConnection(
             connections_pb2.UpdateConnectionRequest(
                 connection=connections_pb2.Connection(id=CONNECTION_ID, api_key=api_key),
@@ -347,7 +358,7 @@ async def list_logs(target: str, **filters: Any) -> list[logs_pb2.LogEntry]:
     """Every outbound-log row of the connection that matches ``filters`` (all pages)."""
     entries: list[logs_pb2.LogEntry] = []
     token = ""
-    async with TidegateClient(target) as client:
+    async with admin_client(target) as client:
         while True:
             page = await client.list_logs(
                 page_size=1000, page_token=token, connection_id=CONNECTION_ID, **filters

@@ -53,15 +53,26 @@ async def test_api_key_is_encrypted_in_the_state_database(
 @pytest.mark.parametrize(
     ("connection", "field"),
     [
-        (cpb.Connection(id="Bad Id", api_key=API_KEY, settings=SETTINGS), "connection.id"),
-        (cpb.Connection(id="x", api_key="", settings=SETTINGS), "connection.api_key"),
         (
-            cpb.Connection(id="x", api_key=API_KEY, settings={"partner_name": "ACME"}),
+            cpb.Connection(id="Bad Id", api_key=API_KEY, settings=SETTINGS, connector="insider"),
+            "connection.id",
+        ),
+        (
+            cpb.Connection(id="x", api_key="", settings=SETTINGS, connector="insider"),
+            "connection.api_key",
+        ),
+        (
+            cpb.Connection(
+                id="x", api_key=API_KEY, settings={"partner_name": "ACME"}, connector="insider"
+            ),
             "connection.settings.partner_name",
         ),
-        (cpb.Connection(id="x", api_key=API_KEY, settings={}), "connection.settings.partner_name"),
         (
-            cpb.Connection(id="x", api_key=API_KEY, settings=SETTINGS, connector="braze"),
+            cpb.Connection(id="x", api_key=API_KEY, settings={}, connector="insider"),
+            "connection.settings.partner_name",
+        ),
+        (
+            cpb.Connection(id="x", api_key=API_KEY, settings=SETTINGS, connector="segment"),
             "connector",
         ),
         (
@@ -69,6 +80,7 @@ async def test_api_key_is_encrypted_in_the_state_database(
                 id="x",
                 api_key=API_KEY,
                 settings=SETTINGS,
+                connector="insider",
                 customer_id_mapping=cpb.CustomerIdMapping(target_identifier="insider_id"),
             ),
             "connection.customer_id_mapping.target_identifier",
@@ -90,7 +102,9 @@ async def test_duplicate_connection_id_is_rejected(client: TidegateClient) -> No
     await expect_error(
         client.connections.CreateConnection(
             cpb.CreateConnectionRequest(
-                connection=cpb.Connection(id="dup", api_key=API_KEY, settings=SETTINGS)
+                connection=cpb.Connection(
+                    id="dup", api_key=API_KEY, settings=SETTINGS, connector="insider"
+                )
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -18,7 +18,14 @@ import pytest
 from clients.client import TidegateClient
 from engine.app import ENGINE_FILE, Engine, EngineConfig
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -57,7 +64,15 @@ async def log_ids(client: TidegateClient) -> list[str]:
 
 
 def engine_at(data_dir: Path) -> Engine:
-    return Engine(EngineConfig(data_dir=data_dir, grpc_port=0, http_port=0, delivery=FAST_DELIVERY))
+    return Engine(
+        EngineConfig(
+            data_dir=data_dir,
+            grpc_port=0,
+            http_port=0,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
+    )
 
 
 async def test_a_backup_under_load_holds_everything_acknowledged_before_it(
@@ -79,7 +94,7 @@ async def test_a_backup_under_load_holds_everything_acknowledged_before_it(
             await asyncio.sleep(0.005)
 
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
             loader = asyncio.create_task(load())
             await asyncio.sleep(0.5)
@@ -97,7 +112,7 @@ async def test_a_backup_under_load_holds_everything_acknowledged_before_it(
     restored = engine_at(tmp_path / "copy")
     await restored.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{restored.grpc_port}") as client:
+        async with engine_client(restored) as client:
             connection = await client.get_connection("insider-main")
             assert connection.api_key_hint.endswith(API_KEY_END)
 
@@ -131,7 +146,7 @@ async def test_tidegate_backup_goes_through_the_engine_that_serves_the_folder(
     try:
         announced = json.loads((tmp_path / "data" / ENGINE_FILE).read_text())
         assert announced["grpc"] == f"127.0.0.1:{engine.grpc_port}"
-        async with TidegateClient(announced["grpc"]) as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
         await post_events(http, engine, points(1, "ana"))
         done = await asyncio.to_thread(
@@ -152,7 +167,7 @@ async def test_tidegate_backup_goes_through_the_engine_that_serves_the_folder(
     restored = engine_at(tmp_path / "copy")
     await restored.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{restored.grpc_port}") as client:
+        async with engine_client(restored) as client:
             assert [c.id for c in (await client.list_connections()).connections] == ["insider-main"]
     finally:
         await restored.stop(grace=1.0)
@@ -164,7 +179,7 @@ async def test_a_stopped_folder_is_copied_as_it_is(
     engine = engine_at(tmp_path / "data")
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
         await post_events(http, engine, {"events": [points(n, "bo") for n in range(5)]})
 
@@ -182,7 +197,7 @@ async def test_a_stopped_folder_is_copied_as_it_is(
     restored = engine_at(tmp_path / "copy")
     await restored.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{restored.grpc_port}") as client:
+        async with engine_client(restored) as client:
             assert sorted(await delivered_points(client)) == [0, 1, 2, 3, 4]
     finally:
         await restored.stop(grace=1.0)
@@ -192,7 +207,7 @@ async def test_a_relative_destination_is_refused_and_nothing_written(tmp_path: P
     engine = engine_at(tmp_path / "data")
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await client.create_backup("relative/copy")
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

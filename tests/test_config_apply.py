@@ -19,7 +19,15 @@ from engine.errors import TidegateError
 from engine.pb import config_pb2 as pb
 from engine.state.config_apply import plan_apply
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import API_KEY, FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    API_KEY,
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 NOWHERE = "http://127.0.0.1:9"
 MAIN_KEY = "main-key-aaaa-1111"
@@ -39,6 +47,7 @@ version: 1
 connections:
   - id: insider-main
     display_name: {main_name}
+    connector: insider
     api_key_env: MAIN_KEY
     settings:
       partner_name: acme
@@ -60,6 +69,7 @@ connections:
             target_parameter: {points_target}
             custom: true
   - id: insider-eu
+    connector: insider
     api_key_env: EU_KEY
     retry_window_seconds: 600
     settings:
@@ -120,7 +130,13 @@ async def connection_ids(client: TidegateClient) -> list[str]:
 async def other_engine(tmp_path: Path) -> AsyncIterator[Engine]:
     """A second, empty engine."""
     running = Engine(
-        EngineConfig(data_dir=tmp_path / "other", grpc_port=0, http_port=0, delivery=FAST_DELIVERY)
+        EngineConfig(
+            data_dir=tmp_path / "other",
+            grpc_port=0,
+            http_port=0,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
     )
     await running.start()
     yield running
@@ -135,7 +151,7 @@ async def test_export_apply_to_an_empty_engine_and_export_again_gives_the_same_d
     assert API_KEY not in exported
     assert "api_key_env: TIDEGATE_API_KEY_INSIDER_MAIN" in exported
 
-    async with TidegateClient(f"127.0.0.1:{other_engine.grpc_port}") as other:
+    async with engine_client(other_engine) as other:
         applied = await other.apply_config(
             exported, api_keys={"TIDEGATE_API_KEY_INSIDER_MAIN": API_KEY}
         )
@@ -219,7 +235,10 @@ async def test_a_missing_environment_variable_is_refused_naming_it(
 async def test_a_connection_created_without_a_key_variable_is_refused(
     client: TidegateClient,
 ) -> None:
-    text = "connections:\n  - id: new-one\n    settings: {partner_name: acme}\n"
+    text = (
+        "connections:\n  - id: new-one\n    connector: insider\n"
+        "    settings: {partner_name: acme}\n"
+    )
 
     message = await refusal(client, text)
 
@@ -395,7 +414,7 @@ async def test_a_connection_id_listed_twice_is_refused(client: TidegateClient) -
 
 async def test_the_connector_is_checked_and_cannot_change(client: TidegateClient) -> None:
     unknown = document().replace(
-        "  - id: insider-eu\n", "  - id: insider-eu\n    connector: hook\n"
+        "  - id: insider-eu\n    connector: insider\n", "  - id: insider-eu\n    connector: hook\n"
     )
     message = await refusal(client, unknown, api_keys=KEYS)
     assert message.startswith("connections[1].connector: unknown connector 'hook'")

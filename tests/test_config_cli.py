@@ -55,8 +55,12 @@ class Running:
                 str(self.ports["grpc"]),
                 "--http-port",
                 str(self.ports["http"]),
+                "--metrics-port",
+                "0",  # not the fixed default 9464, which another test run may hold
                 "--data-dir",
-                str(self.tmp_path / "data"),
+                str(self.tmp_path / "tidegate-data"),  # the default, seen from cwd=tmp_path
+                "--allow-destination",
+                "127.0.0.1",
             ],
         ):
             self.processes.append(

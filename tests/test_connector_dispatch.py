@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.connector import (
     AntavoEvent,
@@ -38,7 +37,14 @@ from engine.outbound_log.rows import LogQuery
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.dead_letters import DeadLetterQuery, StoredDeadLetter
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 
 class Recorder:
@@ -224,11 +230,11 @@ class Naive:
 
     @hookimpl
     def connector_info(self) -> ConnectorInfo:
-        return ConnectorInfo(name="braze", max_batch_items=75, max_batch_bytes=100_000)
+        return ConnectorInfo(name="naivecdp", max_batch_items=75, max_batch_bytes=100_000)
 
     @hookimpl
     def identify(self, connection: Connection, customer: Customer) -> Mapping[str, Any] | None:
-        return {"external_id": customer.id} if connection.connector == "braze" else None
+        return {"external_id": customer.id} if connection.connector == "naivecdp" else None
 
     @hookimpl
     def map_profile(self) -> Mapping[str, Any]:
@@ -241,7 +247,7 @@ class Naive:
     @hookimpl
     async def send(self, connection: Connection) -> SendResult | None:
         self.calls += 1
-        if connection.connector != "braze":
+        if connection.connector != "naivecdp":
             return None
         return SendResult()
 
@@ -251,7 +257,7 @@ async def test_a_natural_second_connector_never_answers_for_insiders_connections
 ) -> None:
     naive = Naive()
     async with running(tmp_path, naive) as engine:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
         status, _ = await post_events(
             http, engine, {"customer": "c1", "action": "point_add", "data": {"points": 5}}
@@ -279,6 +285,7 @@ class running:
                 http_port=0,
                 delivery=config.pop("delivery", FAST_DELIVERY),
                 extra_plugins=plugins,
+                allowed_destinations=TEST_DESTINATIONS,
             )
         )
 

@@ -12,6 +12,7 @@ hook swapped for one that breaks a rule.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -66,8 +67,19 @@ from engine.plugins import plugin_manager
 SAMPLES: dict[str, Callable[[], Sample]] = {
     # Insider requires its account name (README, "Insider mapping reference").
     "insider": lambda: default_sample("insider", {"partner_name": "acme"}),
+    # Braze requires its REST endpoint and has no "uuid" identifier (README, "Braze
+    # mapping reference").
+    "braze": lambda: braze_sample(),
 }
 """Samples of the connectors whose settings ``default_sample`` does not satisfy."""
+
+
+def braze_sample() -> Sample:
+    sample = default_sample("braze", {"rest_endpoint": "https://rest.iad-01.braze.com"})
+    mapping = CustomerIdMapping(target_identifier="external_id")
+    return dataclasses.replace(
+        sample, connection=dataclasses.replace(sample.connection, customer_id_mapping=mapping)
+    )
 
 
 def installed_connectors() -> list[tuple[str, object, str]]:
@@ -127,6 +139,7 @@ def connector_info() -> ConnectorInfo:
         max_batch_bytes=100_000,
         validate_profile_mapping=_required("target_attribute"),
         validate_event_mapping=_required("target_event"),
+        destination_hosts=("destination.example",),
     )
 
 
@@ -247,7 +260,23 @@ def map_profile_nothing(change: ProfileChange) -> Mapping[str, Any]:
 
 @hookimpl
 def connector_info_without_validators() -> ConnectorInfo:
-    return ConnectorInfo(name=NAME, max_batch_items=10, max_batch_bytes=100_000)
+    return ConnectorInfo(
+        name=NAME,
+        max_batch_items=10,
+        max_batch_bytes=100_000,
+        destination_hosts=("destination.example",),
+    )
+
+
+@hookimpl
+def connector_info_without_hosts() -> ConnectorInfo:
+    return ConnectorInfo(
+        name=NAME,
+        max_batch_items=10,
+        max_batch_bytes=100_000,
+        validate_profile_mapping=_required("target_attribute"),
+        validate_event_mapping=_required("target_event"),
+    )
 
 
 @hookimpl
@@ -256,6 +285,7 @@ def connector_info_with_no_room() -> ConnectorInfo:
         name=NAME,
         max_batch_items=0,
         max_batch_bytes=100_000,
+        destination_hosts=("destination.example",),
         validate_profile_mapping=_required("target_attribute"),
         validate_event_mapping=_required("target_event"),
     )
@@ -404,6 +434,11 @@ BROKEN = [
         {"connector_info": connector_info_without_validators},
         "validators_refuse_a_mapping_without_a_target",
         id="no-validators",
+    ),
+    pytest.param(
+        {"connector_info": connector_info_without_hosts},
+        "send_goes_only_to_its_destinations",
+        id="undeclared-host",
     ),
     pytest.param(
         {"connector_info": connector_info_with_no_room}, "declares_usable_limits", id="no-room"

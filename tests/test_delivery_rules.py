@@ -22,6 +22,8 @@ from tests.conftest import (
     API_KEY,
     FAST_DELIVERY,
     PARTNER,
+    TEST_DESTINATIONS,
+    engine_client,
     eventually,
     insider_connection,
     post_events,
@@ -251,12 +253,17 @@ async def test_ingest_answers_503_when_the_backlog_is_full(
 ) -> None:
     engine = Engine(
         EngineConfig(
-            data_dir=tmp_path, grpc_port=0, http_port=0, max_backlog=3, delivery=FAST_DELIVERY
+            data_dir=tmp_path,
+            grpc_port=0,
+            http_port=0,
+            max_backlog=3,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
         )
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox, api_key="wrong-key-0000000")
             status, _ = await post_events(
                 http, engine, {"events": [point(f"c{n}", n) for n in range(3)]}

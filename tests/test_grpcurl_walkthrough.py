@@ -78,7 +78,9 @@ def processes(
             "--metrics-port",
             "0",
             "--data-dir",
-            str(tmp_path / "data"),
+            str(tmp_path / "tidegate-data"),  # the README's default, seen from cwd=tmp_path
+            "--allow-destination",
+            f"http://127.0.0.1:{ports['sandbox']}",
         ],
         env=env,
         stdout=serve_out,
@@ -113,7 +115,7 @@ def localize(script: str, ports: dict[str, int]) -> str:
 
 
 def test_readme_grpcurl_walkthrough_drives_a_real_engine(
-    processes: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]
+    processes: dict[str, subprocess.Popen[bytes]], ports: dict[str, int], tmp_path: Path
 ) -> None:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     stream = subprocess.Popen(
@@ -122,6 +124,7 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=tmp_path,  # where tidegate-data/admin-token is
     )
     try:
         time.sleep(0.5)  # the stream is open before any traffic, as in the README's order
@@ -132,11 +135,17 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
             capture_output=True,
             text=True,
             timeout=120,
+            cwd=tmp_path,
         )
         assert walk.returncode == 0, walk.stdout[-3000:] + walk.stderr[-3000:]
     finally:
         stream.send_signal(signal.SIGINT)
-        streamed, _ = stream.communicate(timeout=10)
+        try:
+            streamed, _ = stream.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            stream.kill()  # not left running into the next tests
+            stream.communicate()
+            raise
 
     out = walk.stdout + walk.stderr
     for service in (

@@ -16,7 +16,13 @@ from engine.ingest.parse import parse_event, parse_request
 from engine.queue.lanes import DurableQueue
 from engine.state.database import Database
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +188,7 @@ async def test_ingest_token_is_required_when_configured(
             http_port=0,
             ingest_token="s3cret",
             delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
         )
     )
     await engine.start()

@@ -23,6 +23,7 @@ from engine.queue.lanes import DurableQueue
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import Database
 from engine.state.secrets import SecretBox
+from tests.conftest import TEST_DESTINATIONS
 
 T1 = "2026-03-01T10:00:00+00:00"
 T2 = "2026-03-01T11:00:00+00:00"
@@ -32,7 +33,7 @@ async def real_registry(db: Database, data_dir: Path) -> ConnectionRegistry:
     """The real registry, with three Insider connections that want different actions and
     attributes: a identifies by Antavo's customer ID, b by email, c wants nothing."""
     registry = ConnectionRegistry(
-        db, Connectors(plugin_manager()), SecretBox.for_data_dir(data_dir)
+        db, Connectors(plugin_manager(), TEST_DESTINATIONS), SecretBox.for_data_dir(data_dir)
     )
     await registry.load()
     for cid, id_attribute, id_target, attributes, actions in [

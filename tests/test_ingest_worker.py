@@ -15,8 +15,14 @@ import aiohttp
 import pytest
 
 from bench.processes import family
-from clients.client import TidegateClient
-from tests.faultload import CONNECTION_ID, Harness, check_load, listening, wait_drained
+from tests.faultload import (
+    CONNECTION_ID,
+    Harness,
+    admin_client,
+    check_load,
+    listening,
+    wait_drained,
+)
 
 
 def worker_pid(engine_pid: int, within: float = 10.0) -> int:
@@ -144,7 +150,7 @@ async def test_a_mapping_is_in_force_for_the_next_event_the_worker_acknowledges(
     posted right after it is routed by the new mapping, every time."""
     await harness.create_connection()
     queued = []
-    async with TidegateClient(harness.engine.target) as client:
+    async with admin_client(harness.engine.target) as client:
         for n in range(20):
             action = f"custom_action_{n}"
             await client.create_event_mapping(CONNECTION_ID, action, f"custom_event_{n}")
@@ -173,7 +179,7 @@ async def test_the_backlog_limit_holds_across_both_processes(harness: Harness) -
     assert accepted == 100, f"{statuses}\n{harness.engine.tail(3000)}"
     assert set(statuses[accepted:]) == {503}, statuses
     await asyncio.sleep(0.5)  # the engine process learns of the worker's items too
-    async with TidegateClient(harness.engine.target) as client:
+    async with admin_client(harness.engine.target) as client:
         with pytest.raises(Exception, match="backlog"):
             await client.send_events([{"customer": "x", "action": "point_add"}])
 

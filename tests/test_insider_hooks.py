@@ -39,7 +39,7 @@ from tests.conftest import API_KEY, PARTNER
 
 NOW = datetime(2026, 11, 27, 10, 15, tzinfo=UTC)
 
-INSIDER = ConnectorTester(plugin)
+INSIDER = ConnectorTester(plugin, allow_destinations=["127.0.0.1"])  # the sandbox
 
 
 def connection(**changes: Any) -> Connection:

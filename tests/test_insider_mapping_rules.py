@@ -235,7 +235,11 @@ async def test_invalid_customer_id_mapping_is_refused_naming_the_field(
 ) -> None:
     request = cpb.CreateConnectionRequest(
         connection=cpb.Connection(
-            id="c2", settings=SETTINGS, api_key=API_KEY, customer_id_mapping=mapping
+            id="c2",
+            settings=SETTINGS,
+            api_key=API_KEY,
+            customer_id_mapping=mapping,
+            connector="insider",
         )
     )
     details = await refused(client.connections.CreateConnection(request), field)
@@ -257,7 +261,9 @@ async def test_invalid_setting_is_refused_naming_it(
     client: TidegateClient, settings: dict[str, str], field: str, says: str
 ) -> None:
     request = cpb.CreateConnectionRequest(
-        connection=cpb.Connection(id="c2", settings={**SETTINGS, **settings}, api_key=API_KEY)
+        connection=cpb.Connection(
+            id="c2", settings={**SETTINGS, **settings}, api_key=API_KEY, connector="insider"
+        )
     )
     details = await refused(
         client.connections.CreateConnection(request), f"connection.settings.{field}"

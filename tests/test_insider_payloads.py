@@ -29,7 +29,7 @@ from engine.pb import mappings_pb2 as mpb
 from engine.plugins import Connectors, plugin_manager
 from plugins.insider.sandbox import RunningSandbox
 from plugins.insider.sandbox.rules import validate_delete_user, validate_upsert_user
-from tests.conftest import API_KEY, PARTNER, eventually, post_events
+from tests.conftest import API_KEY, PARTNER, TEST_DESTINATIONS, eventually, post_events
 
 BASE = "http://insider.test"
 UPSERT = f"{BASE}/api/user/v1/upsert"
@@ -186,7 +186,7 @@ NEW_EMAIL = {
 }
 AFTER_OPT_IN = {"email": "ana@example.com", "first_name": "Ana", "city": "Budapest", "tier": "gold"}
 
-CONNECTORS = Connectors(plugin_manager())
+CONNECTORS = Connectors(plugin_manager(), TEST_DESTINATIONS)
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,14 @@ from engine.plugins import Connectors, plugin_manager
 from plugins.insider import plugin
 from plugins.insider.responses import retry_after_seconds
 from plugins.insider.settings import parse_settings
+from tests.conftest import TEST_DESTINATIONS
 
 API_KEY = "ucd-key-do-not-leak-4f9a"
 UPSERT = "/api/user/v1/upsert"  # Insider's upsert endpoint (reference §1.2)
 ACCESS_DENIED = "Access Denied. You do not have sufficient access to perform this action."
 EMAIL_RULE = "users.1.identifiers.*.regexp(^.+@.+\\..+$)"
 NOW = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
-INSIDER = ConnectorTester(plugin)
+INSIDER = ConnectorTester(plugin, allow_destinations=["127.0.0.1"])  # the sandbox
 
 
 def insider_connection(**changes: Any) -> Connection:
@@ -284,7 +285,7 @@ def test_hook_prepare_resolves_the_settings_and_each_actions_mapping() -> None:
 
 
 def test_hook_prepare_runs_once_per_connection_and_again_when_it_changes() -> None:
-    connectors = Connectors(plugin_manager())
+    connectors = Connectors(plugin_manager(), TEST_DESTINATIONS)
     first = insider_connection(settings={"partner_name": "mybrand"})
 
     plan = connectors.hooks(first).plan
@@ -385,7 +386,7 @@ def test_hook_identify_fails_without_a_value(attribute: str) -> None:
 
 
 def test_hook_identify_through_the_engines_dispatch_answers_for_insider() -> None:
-    connectors = Connectors(plugin_manager())
+    connectors = Connectors(plugin_manager(), TEST_DESTINATIONS)
 
     assert connectors.hooks(insider_connection()).identify(ANA) == {"uuid": "cust-000123"}
 
@@ -932,7 +933,7 @@ async def test_hook_send_raises_auth_error_without_a_partner_name(
 async def test_hook_send_through_the_engines_dispatch_reports_the_outcome(
     insider: FakeInsider, transport: RecordingTransport
 ) -> None:
-    hooks = Connectors(plugin_manager()).hooks(send_connection(insider))
+    hooks = Connectors(plugin_manager(), TEST_DESTINATIONS).hooks(send_connection(insider))
 
     result = await hooks.send(one_delivery(), transport)
 

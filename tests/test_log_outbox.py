@@ -13,7 +13,13 @@ from engine.app import Engine, EngineConfig
 from engine.outbound_log import outbox as log_outbox
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 
 def sample_row() -> LogRow:
@@ -53,7 +59,13 @@ async def outbox_ids(engine: Engine) -> list[str]:
 
 
 async def test_rows_staged_before_a_crash_are_written_on_the_next_start(tmp_path: Path) -> None:
-    config = EngineConfig(data_dir=tmp_path, grpc_port=0, http_port=0, delivery=FAST_DELIVERY)
+    config = EngineConfig(
+        data_dir=tmp_path,
+        grpc_port=0,
+        http_port=0,
+        delivery=FAST_DELIVERY,
+        allowed_destinations=TEST_DESTINATIONS,
+    )
     row = sample_row()
     first = Engine(config)
     await first.start()

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.client import TidegateClient
+from clients.client import read_token
 from engine.app import Engine, EngineConfig
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, new_request_id
 from engine.outbound_log.sql import listed
@@ -28,8 +28,16 @@ from engine.outbound_log.store import (
     row_bytes,
 )
 from engine.pb import logs_pb2, logs_pb2_grpc
-from tests.conftest import FAST_DELIVERY
-from tests.faultload import API_KEY, PARTNER, SOURCE_EVENT, TARGET_EVENT, Harness
+from tests.conftest import FAST_DELIVERY, engine_client
+from tests.faultload import (
+    API_KEY,
+    DATA_DIRS,
+    PARTNER,
+    SOURCE_EVENT,
+    TARGET_EVENT,
+    Harness,
+    admin_client,
+)
 
 HOSTILE = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
 """A client that never grows its receive window: the engine, not the client, holds
@@ -123,7 +131,7 @@ async def test_stream_logs_past_the_limit_is_resource_exhausted(tmp_path: Path) 
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             request = logs_pb2.StreamLogsRequest()
             first = client.logs.StreamLogs(request)
             second = client.logs.StreamLogs(request)
@@ -153,12 +161,20 @@ async def test_stream_logs_past_the_limit_is_resource_exhausted(tmp_path: Path) 
         await engine.stop(grace=0.5)
 
 
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """The admin token as call metadata, for the raw channels these tests open."""
+    return (("authorization", f"Bearer {token}"),)
+
+
 async def test_a_client_that_never_reads_is_cut_off_over_grpc(tmp_path: Path) -> None:
     engine = Engine(EngineConfig(data_dir=tmp_path / "data", grpc_port=0, http_port=0))
     await engine.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{engine.grpc_port}", options=HOSTILE)
+    token = bearer(read_token(tmp_path / "data"))
     try:
-        call = logs_pb2_grpc.LogServiceStub(channel).StreamLogs(logs_pb2.StreamLogsRequest())
+        call = logs_pb2_grpc.LogServiceStub(channel).StreamLogs(
+            logs_pb2.StreamLogsRequest(), metadata=token
+        )
         await call.initial_metadata()
         assert engine.logs.subscribers == 1
         subscription = weakref.ref(next(iter(engine.logs._subscribers)))
@@ -215,7 +231,7 @@ async def test_clients_that_never_read_do_not_grow_a_real_engine(tmp_path: Path)
     await asyncio.to_thread(harness.start)
     channels: list[grpc.aio.Channel] = []
     try:
-        async with TidegateClient(harness.engine.target) as client:
+        async with admin_client(harness.engine.target) as client:
             for i in range(CONNECTIONS):
                 await client.create_connection(
                     f"c{i}",
@@ -236,11 +252,14 @@ async def test_clients_that_never_read_do_not_grow_a_real_engine(tmp_path: Path)
         load.start()
         await asyncio.sleep(5)
         before = rss_mb(pid)
+        token = bearer(read_token(DATA_DIRS[harness.engine.target]))
         idle = []
         for _ in range(IDLE_STREAMS + 1):
             channel = grpc.aio.insecure_channel(harness.engine.target, options=HOSTILE)
             channels.append(channel)
-            call = logs_pb2_grpc.LogServiceStub(channel).StreamLogs(logs_pb2.StreamLogsRequest())
+            call = logs_pb2_grpc.LogServiceStub(channel).StreamLogs(
+                logs_pb2.StreamLogsRequest(), metadata=token
+            )
             idle.append(call)
         for call in idle:
             await call.initial_metadata()
@@ -248,7 +267,7 @@ async def test_clients_that_never_read_do_not_grow_a_real_engine(tmp_path: Path)
         channels.append(extra)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             async for _ in logs_pb2_grpc.LogServiceStub(extra).StreamLogs(
-                logs_pb2.StreamLogsRequest()
+                logs_pb2.StreamLogsRequest(), metadata=token
             ):
                 pass
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -20,17 +20,24 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.cli import build_parser
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 from tests.faultload import (
     CONNECTION_ID,
     SOURCE_EVENT,
     TARGET_EVENT,
     Harness,
     SandboxControl,
+    admin_client,
     wait_drained,
 )
 from tests.test_cli import BIN, tidegate
@@ -115,7 +122,7 @@ async def test_a_scrape_during_real_traffic_counts_what_was_sent(harness: Harnes
             assert answer.status == 202 and (await answer.json())["duplicates"] == 1
         async with http.post(engine.ingest_url, data=b"{not json", headers=JSON) as answer:
             assert answer.status == 400
-    async with TidegateClient(engine.target) as client:
+    async with admin_client(engine.target) as client:
         grpc_event = {"customer": "grpc-1", "action": SOURCE_EVENT, "id": "grpc-1",
                       "data": {"points": 2, "seq": 1}}  # fmt: skip
         assert (await client.send_events([grpc_event])).accepted == 1
@@ -202,13 +209,13 @@ async def test_a_paused_connection_and_its_backlog_show_in_one_process(
     """``--ingest-in-process``: the engine process counts HTTP ingest itself."""
     config = EngineConfig(
         data_dir=tmp_path / "data", grpc_port=0, http_port=0, metrics_port=0,
-        delivery=FAST_DELIVERY,
+        delivery=FAST_DELIVERY, allowed_destinations=TEST_DESTINATIONS,
     )  # fmt: skip
     engine = Engine(config)
     await engine.start()
     try:
         url = f"http://127.0.0.1:{engine.metrics_port}/metrics"
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
             await SandboxControl(sandbox.url).fault(401)  # the key is refused: pause
             events = [{"customer": f"c-{n}", "action": "point_add", "id": f"e-{n}",

@@ -23,9 +23,17 @@ from google.protobuf import struct_pb2
 from clients.client import TidegateClient
 from engine.app import Engine
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
+from engine.pb import audit_pb2 as apb
+from engine.pb import (
+    audit_pb2_grpc,
+    catalog_pb2_grpc,
+    dead_letters_pb2_grpc,
+    ingest_pb2,
+    tokens_pb2_grpc,
+)
 from engine.pb import catalog_pb2 as cpb
-from engine.pb import catalog_pb2_grpc, dead_letters_pb2_grpc, ingest_pb2
 from engine.pb import dead_letters_pb2 as dpb
+from engine.pb import tokens_pb2 as tpb
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import API_KEY, PARTNER, eventually, insider_connection
 
@@ -87,6 +95,20 @@ async def list_logs(client: TidegateClient, size: int, token: str) -> tuple[list
     return [e.id for e in response.logs], response.next_page_token
 
 
+async def list_tokens(client: TidegateClient, size: int, token: str) -> tuple[list[str], str]:
+    stub = tokens_pb2_grpc.TokenServiceStub(client.channel)
+    response = await stub.ListTokens(tpb.ListTokensRequest(page_size=size, page_token=token))
+    return [t.id for t in response.tokens], response.next_page_token
+
+
+async def list_audit_events(client: TidegateClient, size: int, token: str) -> tuple[list[str], str]:
+    stub = audit_pb2_grpc.AuditServiceStub(client.channel)
+    response = await stub.ListAuditEvents(
+        apb.ListAuditEventsRequest(page_size=size, page_token=token)
+    )
+    return [str(e.id) for e in response.events], response.next_page_token
+
+
 LISTS: dict[str, Lister] = {
     "ListConnections": list_connections,
     "ListProfileMappings": list_profile_mappings,
@@ -95,6 +117,8 @@ LISTS: dict[str, Lister] = {
     "ListSourceCatalog": list_source_catalog,
     "ListDestinationCatalog": list_destination_catalog,
     "ListLogs": list_logs,
+    "ListTokens": list_tokens,
+    "ListAuditEvents": list_audit_events,
 }
 
 
@@ -144,6 +168,9 @@ async def populated(
 
     await eventually(three_dead_letters)
     await append_log_rows(engine, 5)
+    tokens = tokens_pb2_grpc.TokenServiceStub(client.channel)
+    for name in ("viewer-a", "viewer-b"):  # with the bootstrap token: three
+        await tokens.CreateToken(tpb.CreateTokenRequest(name=name, role=tpb.TOKEN_ROLE_VIEWER))
     yield client
 
 
@@ -287,14 +314,14 @@ async def test_list_logs_page_size_zero_is_50_and_above_1000_is_1000(
 async def test_source_catalog_page_size_zero_is_50_and_above_1000_is_1000(
     client: TidegateClient,
 ) -> None:
-    # 1,100 parameter names seen in traffic make the catalog longer than one page.
-    data = struct_pb2.Struct()
-    data.update({f"param_{n:04d}": n for n in range(1100)})
-    await client.ingest.IngestEvents(
-        ingest_pb2.IngestEventsRequest(
-            events=[ingest_pb2.AntavoEvent(customer="c", action="big_event", data=data)]
-        )
-    )
+    # 1,100 parameter names seen in traffic make the catalog longer than one page (two
+    # actions: an event's data holds at most 1,000 keys, an action's catalog 1,000 names).
+    events = []
+    for action in ("big_event", "big_event_2"):
+        data = struct_pb2.Struct()
+        data.update({f"param_{n:04d}": n for n in range(550)})
+        events.append(ingest_pb2.AntavoEvent(customer="c", action=action, data=data))
+    await client.ingest.IngestEvents(ingest_pb2.IngestEventsRequest(events=events))
 
     default, _ = await list_source_catalog(client, 0, "")
     clamped, token = await list_source_catalog(client, 1001, "")

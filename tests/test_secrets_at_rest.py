@@ -20,11 +20,18 @@ import pytest
 from cryptography.fernet import Fernet
 from structlog.testing import capture_logs
 
-from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import API_KEY, FAST_DELIVERY, PARTNER, eventually, post_events
-from tests.faultload import BIN, EngineProcess, free_port
+from tests.conftest import (
+    API_KEY,
+    FAST_DELIVERY,
+    PARTNER,
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    post_events,
+)
+from tests.faultload import BIN, EngineProcess, admin_client, free_port
 from tests.upgrade_fixture import RELEASE_0_1_0, unpack
 
 TIDEGATE = str(BIN / "tidegate")
@@ -74,7 +81,7 @@ async def test_serve_creates_every_file_private(tmp_path: Path, sandbox: Running
     process = EngineProcess(tmp_path / "serve.out", tmp_path / "data")
     process.start()
     try:
-        async with TidegateClient(process.target) as client:
+        async with admin_client(process.target) as client:
             await client.create_connection(
                 "insider-main",
                 api_key=API_KEY,
@@ -111,7 +118,15 @@ async def test_a_start_tightens_a_folder_an_older_release_wrote(tmp_path: Path) 
     for name in ("state.sqlite3", "outbound-log.duckdb"):
         (data / name).chmod(0o644)
     assert stat.S_IMODE((data / "secret.key").stat().st_mode) == 0o600
-    engine = Engine(EngineConfig(data_dir=data, grpc_port=0, http_port=0, metrics_port=None))
+    engine = Engine(
+        EngineConfig(
+            data_dir=data,
+            grpc_port=0,
+            http_port=0,
+            metrics_port=None,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
+    )
     with capture_logs() as logs:
         await engine.start()
     try:
@@ -158,10 +173,18 @@ def test_a_malformed_secret_key_variable_is_a_clear_error(tmp_path: Path, value:
 async def folder(tmp_path: Path, sandbox: RunningSandbox) -> AsyncIterator[Path]:
     """A data folder holding three connections with their API keys, engine stopped."""
     data = tmp_path / "data"
-    engine = Engine(EngineConfig(data_dir=data, grpc_port=0, http_port=0, metrics_port=None))
+    engine = Engine(
+        EngineConfig(
+            data_dir=data,
+            grpc_port=0,
+            http_port=0,
+            metrics_port=None,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
+    )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             for name, key in CONNECTIONS.items():
                 await client.create_connection(
                     name, api_key=key, settings={"partner_name": PARTNER, "base_url": sandbox.url}
@@ -183,7 +206,15 @@ def stored_tokens(data: Path) -> dict[str, bytes]:
 
 async def decrypted_keys(data: Path) -> dict[str, str]:
     """Starts an engine on ``data`` (as serve does) and reads the keys it decrypted."""
-    engine = Engine(EngineConfig(data_dir=data, grpc_port=0, http_port=0, metrics_port=None))
+    engine = Engine(
+        EngineConfig(
+            data_dir=data,
+            grpc_port=0,
+            http_port=0,
+            metrics_port=None,
+            allowed_destinations=TEST_DESTINATIONS,
+        )
+    )
     await engine.start()
     try:
         return {c.id: c.api_key for c in engine.registry.runtimes()}
@@ -213,12 +244,17 @@ async def test_rotated_keys_still_deliver(folder: Path, sandbox: RunningSandbox)
     assert result.returncode == 0, result.stderr
     engine = Engine(
         EngineConfig(
-            data_dir=folder, grpc_port=0, http_port=0, metrics_port=None, delivery=FAST_DELIVERY
+            data_dir=folder,
+            grpc_port=0,
+            http_port=0,
+            metrics_port=None,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
         )
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await client.create_connection(
                 "insider-main",
                 api_key=API_KEY,  # the sandbox accepts only this key

@@ -13,7 +13,6 @@ import orjson
 import pytest
 from aiohttp import web
 
-from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.connector.hookspecs import hookimpl
 from engine.connector.info import ConnectorInfo
@@ -27,7 +26,14 @@ from engine.connector.records import (
     Transport,
 )
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, eventually, insider_connection, post_events
+from tests.conftest import (
+    FAST_DELIVERY,
+    TEST_DESTINATIONS,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 ECHO = "echo"
 
@@ -92,12 +98,13 @@ async def test_each_connector_delivers_only_its_own_connections(
             grpc_port=0,
             http_port=0,
             delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
             extra_plugins=[EchoConnector()],
         )
     )
     await engine.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with engine_client(engine) as client:
             await insider_connection(client, sandbox)
             await client.create_connection(
                 "echo-1", connector=ECHO, api_key="k", settings={"url": url}

@@ -12,7 +12,14 @@ from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.pb import connections_pb2, logs_pb2
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import API_KEY, PARTNER, eventually, insider_connection, post_events
+from tests.conftest import (
+    API_KEY,
+    PARTNER,
+    engine_client,
+    eventually,
+    insider_connection,
+    post_events,
+)
 
 OPT_IN = {
     "customer": "cust-1",
@@ -246,7 +253,7 @@ async def test_queued_items_survive_a_restart(
 ) -> None:
     first = Engine(engine_config)
     await first.start()
-    async with TidegateClient(f"127.0.0.1:{first.grpc_port}") as c:
+    async with engine_client(first) as c:
         await insider_connection(c, sandbox, api_key="wrong-key-123456789")
     await post_events(http, first, {"events": [OPT_IN, CHECKOUT]})
     await first.stop(grace=1.0)
@@ -256,7 +263,7 @@ async def test_queued_items_survive_a_restart(
     second = Engine(engine_config)
     await second.start()
     try:
-        async with TidegateClient(f"127.0.0.1:{second.grpc_port}") as c:
+        async with engine_client(second) as c:
             before = await c.get_connection("insider-main")
             assert before.queue_depth == 2
             assert before.api_key_hint.endswith("6789")

@@ -30,7 +30,7 @@ import pytest
 from aiohttp import web
 from google.protobuf import json_format
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import API_KEY as INSIDER_KEY
 from tests.conftest import eventually, insider_connection
@@ -165,7 +165,7 @@ def test_the_distributions_own_kit_tests_pass(distribution: Distribution) -> Non
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\b3 passed\b", result.stdout), result.stdout
+    assert re.search(r"\b4 passed\b", result.stdout), result.stdout
 
 
 # -- a real tidegate serve delivers through it ----------------------------------------------
@@ -205,6 +205,7 @@ SERVING = re.compile(r"tidegate serving: gRPC admin on (\S+), ingest on (\S+/v1/
 class Serve:
     process: subprocess.Popen[bytes]
     output: Path
+    data_dir: Path
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")
@@ -226,13 +227,14 @@ def serve(distribution: Distribution, tmp_path: Path) -> Iterator[Serve]:
     with output.open("wb") as out:
         process = subprocess.Popen(
             [str(BIN / "tidegate"), "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-             "--http-port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "data")],
+             "--http-port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "data"),
+             "--allow-destination", "127.0.0.1"],
             env=with_path(distribution.site),
             stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield Serve(process, output)
+        yield Serve(process, output, tmp_path / "data")
     finally:
         process.kill()  # the ingest worker dies with it (PR_SET_PDEATHSIG)
         process.wait(timeout=30)
@@ -245,7 +247,7 @@ async def test_tidegate_serve_delivers_an_event_through_the_guides_connector_and
     http: aiohttp.ClientSession,
 ) -> None:
     grpc_target, ingest_url = await serve.addresses()
-    async with TidegateClient(grpc_target) as client:
+    async with TidegateClient(grpc_target, read_token(serve.data_dir)) as client:
         await insider_connection(client, sandbox)  # maps point_add with custom "points"
         await client.create_connection(
             "webhook-1", connector="webhook", api_key=WEBHOOK_KEY, settings={"url": receiver.url}

@@ -21,15 +21,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clients.client import TidegateClient
 from engine.pb import (
+    audit_pb2,
+    audit_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
     connections_pb2,
     dead_letters_pb2,
     dead_letters_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
 )
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from tests.conftest import eventually
-from tests.faultload import EngineProcess
+from tests.faultload import EngineProcess, admin_client
 from tests.upgrade_fixture import RELEASE_0_1_0, refresh_resend_marks, unpack
 
 LONG_RETENTION = "36500"
@@ -63,7 +67,7 @@ async def test_serve_migrates_a_0_1_0_folder_and_keeps_everything_usable(tmp_pat
     engine.extra_args = ["--dead-letter-retention-days", LONG_RETENTION]
     try:
         await asyncio.to_thread(engine.start)
-        async with TidegateClient(engine.target) as client, aiohttp.ClientSession() as http:
+        async with admin_client(engine.target) as client, aiohttp.ClientSession() as http:
             await check_migrated(engine)
             await check_read_back(client, manifest)
             await check_logs(client, manifest)
@@ -71,9 +75,27 @@ async def test_serve_migrates_a_0_1_0_folder_and_keeps_everything_usable(tmp_pat
             await check_queued_items_are_delivered(client, sandbox, manifest)
             await check_profiles_drive_identity(client, http, engine, sandbox, manifest)
             await check_dead_letters_replay(client, http, engine, sandbox, manifest)
+            await check_tokens_and_audit(client, engine)
     finally:
         await asyncio.to_thread(engine.close)
         await sandbox.close()
+
+
+async def check_tokens_and_audit(client: TidegateClient, engine: EngineProcess) -> None:
+    """0.1.0 had no tokens: the first start of this release on its folder made the admin
+    token (the calls above used it), and recorded each change in the audit trail."""
+    assert (engine.data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
+    listed = await tokens_pb2_grpc.TokenServiceStub(client.channel).ListTokens(
+        tokens_pb2.ListTokensRequest()
+    )
+    assert [(t.name, t.role) for t in listed.tokens] == [
+        ("bootstrap-admin", tokens_pb2.TOKEN_ROLE_ADMIN)
+    ]
+    events = await audit_pb2_grpc.AuditServiceStub(client.channel).ListAuditEvents(
+        audit_pb2.ListAuditEventsRequest(method="ReplayDeadLetters")
+    )
+    assert events.events and all(e.token_name == "bootstrap-admin" for e in events.events)
+    assert all(e.outcome == "OK" for e in events.events)
 
 
 async def check_migrated(engine: EngineProcess) -> None:
@@ -86,6 +108,7 @@ async def check_migrated(engine: EngineProcess) -> None:
     assert steps == [
         ("state database", 0, 1),
         ("state database", 1, 2),
+        ("state database", 2, 3),
         ("outbound log", 0, 1),
         ("outbound log", 1, 2),
     ]
@@ -224,11 +247,21 @@ async def check_queued_items_are_delivered(
     in order per customer, with the API key it encrypted (the sandbox checks it)."""
     connection_id = manifest["connection_id"]
     queued = manifest["events"]["blocked"] + manifest["events"]["while_paused"]
+    # The key 0.1.0 encrypted is the key: applying the export with it changes nothing.
+    key_env = f"TIDEGATE_API_KEY_{connection_id.upper().replace('-', '_')}"
+    document = await client.export_config()
+    same_key = await client.apply_config(
+        document, api_keys={key_env: manifest["api_key"]}, dry_run=True
+    )
+    assert key_env in document and list(same_key.changes) == []
+    # A new base_url needs the key in the same request (it decides where the key goes).
     settings = {**manifest["connection"]["settings"], "base_url": sandbox.url}
     await client.connections.UpdateConnection(
         connections_pb2.UpdateConnectionRequest(
-            connection=connections_pb2.Connection(id=connection_id, settings=settings),
-            update_mask=field_mask_pb2.FieldMask(paths=["settings"]),
+            connection=connections_pb2.Connection(
+                id=connection_id, settings=settings, api_key=manifest["api_key"]
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["settings", "api_key"]),
         )
     )
     connection = await client.get_connection(connection_id)

@@ -10,7 +10,8 @@ from google.protobuf import json_format
 from engine.admin.errors import Context, rpc
 from engine.errors import BacklogFullError, InvalidInputError, NotFoundError, TidegateError
 from engine.ingest.ingestor import Ingestor, IngestResult
-from engine.ingest.parse import MAX_EVENTS_PER_REQUEST, parse_event
+from engine.ingest.limits import DEFAULT_LIMITS, IngestLimits
+from engine.ingest.parse import parse_event
 from engine.metrics import TRANSPORT_GRPC, IngestMetrics
 from engine.pb import ingest_pb2 as pb
 from engine.pb import ingest_pb2_grpc
@@ -38,7 +39,11 @@ def event_dict(message: pb.AntavoEvent) -> dict[str, Any]:
         if getattr(message, key):
             raw[key] = getattr(message, key)
     if message.HasField("timestamp"):
-        raw["timestamp"] = message.timestamp.ToJsonString()
+        stamp = message.timestamp
+        try:
+            raw["timestamp"] = stamp.ToJsonString()
+        except ValueError:  # outside protobuf's years 1-9999: parse names the field
+            raw["timestamp"] = stamp.seconds + stamp.nanos / 1e9
     return raw
 
 
@@ -56,9 +61,15 @@ def status_name(exc: Exception) -> str:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, ingestor: Ingestor, metrics: IngestMetrics | None = None) -> None:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        metrics: IngestMetrics | None = None,
+        limits: IngestLimits = DEFAULT_LIMITS,
+    ) -> None:
         self._ingestor = ingestor
         self._metrics = metrics or IngestMetrics()
+        self._limits = limits
 
     @rpc
     async def IngestEvents(
@@ -86,9 +97,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def _ingest(self, request: pb.IngestEventsRequest) -> IngestResult:
         if not request.events:
             raise InvalidInputError("events", "expected at least one event")
-        if len(request.events) > MAX_EVENTS_PER_REQUEST:
-            raise InvalidInputError(
-                "events", f"at most {MAX_EVENTS_PER_REQUEST} events per request"
-            )
-        events = [parse_event(event_dict(e), f"events[{i}]") for i, e in enumerate(request.events)]
+        limits = self._limits
+        if len(request.events) > limits.max_events:
+            raise InvalidInputError("events", f"at most {limits.max_events} events per request")
+        events = [
+            parse_event(event_dict(e), f"events[{i}]", limits=limits)
+            for i, e in enumerate(request.events)
+        ]
         return await self._ingestor.ingest(events)

@@ -8,6 +8,12 @@ errors. ``engine.connector.testing`` is the kit's test half: a scripted transpor
 builders and ``check_connector``. CONTRIBUTING.md ("Adding a connector") walks through it.
 """
 
+from engine.connector.destinations import (
+    Allowance,
+    DestinationError,
+    check_destination,
+    echo,
+)
 from engine.connector.hookspecs import PROJECT_NAME, hookimpl
 from engine.connector.info import CatalogEntry, Command, ConnectorInfo, tcp_port
 from engine.connector.records import (
@@ -45,6 +51,7 @@ __all__ = [
     "DELIVERED",
     "PROFILE_ACTIONS",
     "PROJECT_NAME",
+    "Allowance",
     "AntavoEvent",
     "AuthError",
     "CatalogEntry",
@@ -55,6 +62,7 @@ __all__ = [
     "CustomerIdMapping",
     "Delivery",
     "DeliveryError",
+    "DestinationError",
     "EventMapping",
     "HttpResponse",
     "InvalidInputError",
@@ -68,6 +76,8 @@ __all__ = [
     "RetryableError",
     "SendResult",
     "Transport",
+    "check_destination",
+    "echo",
     "hookimpl",
     "tcp_port",
 ]

@@ -41,6 +41,17 @@ class ConnectorInfo:
     Validators raise ``InvalidInputError`` naming the field relative to what they check
     (``partner_name``); the admin API prefixes it (``connection.settings.partner_name``)
     and answers ``INVALID_ARGUMENT``. ``secret_required``: a connection needs an API key.
+
+    Where it sends (``engine.connector.destinations``): ``destination_hosts`` lists the
+    destination's host names, exact or ``*.suffix``; requests go out over https to them
+    only, unless the operator allowed another destination at start-up.
+    ``url_settings`` names the settings that hold a destination URL: the engine checks
+    them when a connection is written and before it sends (and every request's URL as
+    it goes out), so a connector writes no check of its own. Changing a setting of
+    ``url_settings`` or ``key_bound_settings`` (those that decide who receives the key,
+    such as an account name) requires the API key in the same request, so a changed
+    destination never receives a stored key. The values of ``secret_settings``, like
+    the API key, are taken out of request and response bodies before they are logged.
     """
 
     name: str
@@ -53,6 +64,10 @@ class ConnectorInfo:
     validate_event_mapping: Callable[[EventMapping], None] = _accept
     catalog: tuple[CatalogEntry, ...] = ()
     """Optional: the destination's default attributes, events and parameters."""
+    destination_hosts: tuple[str, ...] = ()
+    url_settings: tuple[str, ...] = ()
+    key_bound_settings: tuple[str, ...] = ()
+    secret_settings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ build records in one line, script the destination's answers, and check the contr
     from engine.connector.testing import ConnectorTester, FakeTransport, check_connector
     from engine.connector.testing import connection, customer, event, profile_change, response
 
-- ``ConnectorTester(plugin)`` loads one plugin with the engine's start-up checks and calls
+- ``ConnectorTester(plugin, allow_destinations)`` loads one plugin with the engine's
+  start-up checks (``allow_destinations``: what ``serve --allow-destination`` would allow,
+  for a connector whose destination the operator chooses) and calls
   a connection's hooks through the engine's own dispatch, with the engine's checks of what
   they return (so a test sees the ``ContractError`` the engine would raise);
   ``deliveries`` renders records into the batch ``send`` gets.
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from engine.connector.destinations import Allowance, DestinationError
 from engine.connector.info import ConnectorInfo
 from engine.connector.records import (
     AntavoEvent,
@@ -223,8 +226,9 @@ class ConnectorTester:
     """One connector plugin, loaded with the engine's start-up checks (``PluginError``
     when it breaks them) and called through the engine's dispatch and checks."""
 
-    def __init__(self, plugin: object) -> None:
-        self._connectors = Connectors(plugin_manager([plugin], load_entry_points=False))
+    def __init__(self, plugin: object, allow_destinations: Sequence[str] = ()) -> None:
+        allowed = [Allowance.parse(text) for text in allow_destinations]
+        self._connectors = Connectors(plugin_manager([plugin], load_entry_points=False), allowed)
         names = self._connectors.names()
         if len(names) != 1:
             raise PluginError(f"{plugin!r} declares no connector (connector_info)")
@@ -295,6 +299,15 @@ class ConnectorTester:
         given). Raises the engine's errors as ``send`` raised them."""
         return await self.hooks(connection).send(deliveries, transport or FakeTransport())
 
+    async def erase(
+        self, connection: Connection, customer: Customer, transport: FakeTransport | None = None
+    ) -> None:
+        """``erase`` as ``EraseCustomer`` awaits it, with the identifiers ``identify`` gives
+        (``AssertionError`` for a connector without ``erase``)."""
+        hooks = self.hooks(connection)
+        assert hooks.can_erase, f"connector {self.name!r} has no erase hook"
+        await hooks.erase(customer, hooks.identify(customer), transport or FakeTransport())
+
 
 # -- the contract check ----------------------------------------------------------------
 
@@ -333,12 +346,15 @@ class ContractViolation(AssertionError):
     """A connector failed ``check_connector``; the message lists every failed check."""
 
 
-async def check_connector(plugin: object, sample: Sample | None = None) -> None:
+async def check_connector(
+    plugin: object, sample: Sample | None = None, allow_destinations: Sequence[str] = ()
+) -> None:
     """Checks ``plugin`` against the connector contract; raises ``ContractViolation``
     naming every check it fails. ``sample`` defaults to ``default_sample`` with no
-    settings, which a connector that needs settings refuses: pass one of your own."""
+    settings, which a connector that needs settings refuses: pass one of your own.
+    ``allow_destinations``: as for ``ConnectorTester``."""
     try:
-        tester = ConnectorTester(plugin)
+        tester = ConnectorTester(plugin, allow_destinations)
     except PluginError as exc:
         raise ContractViolation(f"the engine refuses to load it: {exc}") from None
     sample = sample or default_sample(tester.name)
@@ -517,6 +533,21 @@ async def _expect(
     )
 
 
+async def _send_goes_only_to_its_destinations(tester: ConnectorTester, sample: Sample) -> None:
+    # The engine's transport refuses, and pauses the connection at, any other URL.
+    hooks = tester.hooks(sample.connection)
+    transport = FakeTransport(sample.success)
+    await tester.send(sample.connection, _deliveries(tester, sample), transport)
+    for request in transport.requests:
+        try:
+            hooks.check_url(request.url)
+        except DestinationError as exc:
+            raise AssertionError(
+                f"send requested a URL the engine would refuse (declare its host in "
+                f"destination_hosts, or pass allow_destinations): {exc}"
+            ) from None
+
+
 _CHECKS = (
     _declares_usable_limits,
     _validators_accept_the_sample,
@@ -529,4 +560,5 @@ _CHECKS = (
     _send_raises_auth_error_on_401_and_403,
     _send_raises_retryable_error_on_429_and_5xx,
     _send_lets_a_transport_failure_through,
+    _send_goes_only_to_its_destinations,
 )

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
 import structlog
@@ -23,11 +26,22 @@ from engine.connector.records import Delivery, SendResult
 from engine.delivery.batch import Batch, pack
 from engine.delivery.outcomes import Settlement, log_rows, settle
 from engine.delivery.pace import Pace
-from engine.delivery.transport import RecordingTransport
-from engine.errors import ContractError, DeliveryError, InvalidInputError, NotFoundError
+from engine.delivery.transport import (
+    Exchange,
+    RecordingTransport,
+    guarded_session,
+    redact,
+)
+from engine.errors import (
+    ConnectorCrashError,
+    ContractError,
+    DeliveryError,
+    InvalidInputError,
+    NotFoundError,
+)
 from engine.metrics import DeliveryMetrics
 from engine.outbound_log import outbox
-from engine.outbound_log.rows import LogRow, Outcome
+from engine.outbound_log.rows import LogRow, Outcome, new_request_id
 from engine.outbound_log.store import LogStore
 from engine.plugins import ConnectionHooks, Connectors
 from engine.queue.dead_letters import DeadLetter
@@ -87,9 +101,14 @@ class Deliverer:
         self._stop_event = asyncio.Event()
         self._settles: set[asyncio.Task[None]] = set()
         self._metrics = metrics or DeliveryMetrics()
+        # Batches from their claim until settled: what ``settled()`` waits for.
+        self._open_batches: dict[int, asyncio.Event] = {}
+        self._batch_count = 0
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
+        # Hosts the operator allowed by name may resolve to internal addresses.
+        names = [a.host for a in self._connectors.allowed if ":" not in a.host]
+        self._session = guarded_session(names)
         for connection in self._registry.runtimes():
             self._ensure_worker(connection.id)
 
@@ -138,6 +157,38 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
 
+    def transport(self, hooks: ConnectionHooks, tags: tuple[str, ...] = ()) -> RecordingTransport:
+        """A transport for one call of ``hooks`` outside delivery (``EraseCustomer``),
+        with the same checks, timeout and redaction as a send's."""
+        assert self._session is not None, "start() first"
+        return RecordingTransport(
+            self._session,
+            self.settings.request_timeout,
+            tags=tags,
+            check_url=hooks.check_url,
+            secrets=hooks.secrets(),
+        )
+
+    async def settled(self) -> None:
+        """Returns once every batch claimed before the call is settled, or given up and
+        left queued (``EraseCustomer`` waits for this between its passes)."""
+        for done in list(self._open_batches.values()):
+            await done.wait()
+
+    def _begin_batch(self) -> int:
+        """Registers a batch before its claim reads the queue."""
+        self._batch_count += 1
+        self._open_batches[self._batch_count] = asyncio.Event()
+        return self._batch_count
+
+    def _batch_done(self, batch: int, _task: asyncio.Task[None]) -> None:
+        self._end_batch(batch)
+
+    def _end_batch(self, batch: int) -> None:
+        done = self._open_batches.pop(batch, None)
+        if done is not None:
+            done.set()
+
     # -- the worker --------------------------------------------------------------------
 
     async def _run(self, connection_id: str) -> None:
@@ -177,14 +228,22 @@ class Deliverer:
             try:
                 hooks = self._connectors.hooks(connection)
             except (InvalidInputError, ContractError) as exc:
-                # The connector is not installed, or its prepare hook failed: nothing of
-                # this connection can go out. Pausing shows why, and keeps its backlog.
+                # The connector is not installed, a stored destination is not allowed (any
+                # more), or its prepare hook failed: nothing of this connection can go
+                # out. Pausing shows why, and keeps its backlog.
+                log.warning("connection_paused", connection=connection_id, reason=str(exc))
                 await self._registry.pause(connection, str(exc))
                 continue
             info = hooks.info
             limit = 1 if pace.probe else (pace.item_cap or info.max_batch_items)
             exclude = settling[0].seqs if settling else ()
-            items = await self._queue.claim(connection_id, limit, exclude=exclude)
+            items: list[QueueItem] = []
+            batch = self._begin_batch()
+            try:
+                items = await self._queue.claim(connection_id, limit, exclude=exclude)
+            finally:
+                if not items:
+                    self._end_batch(batch)
             if not items and settling:
                 await self._settled(settling.pop())  # what is left may be what it settles
                 continue
@@ -198,12 +257,22 @@ class Deliverer:
                 if self.settings.linger and not self._stopping:
                     await asyncio.sleep(self.settings.linger)
                 continue
+            before = settling[-1] if settling else None
             try:
                 await self._deliver(hooks, items, pace, limit, settling)
-            except Exception:
-                # A bug must not kill the worker; the items stay queued and are retried.
+            except Exception as exc:
+                # A bug must not kill the worker, nor loop silently: the attempt counts
+                # for each item, which is retried with backoff within the retry window
+                # and then dead-lettered, and one log row says what happened.
                 log.exception("delivery_failed_unexpectedly", connection=connection_id)
-                pace.hold_until = time.time() + self.settings.base_backoff
+                with contextlib.suppress(Exception):
+                    await self._drain(settling)  # what it settled is not counted twice
+                await self._failed_unexpectedly(hooks, items, exc, pace)
+            finally:
+                if settling and settling[-1] is not before:  # settles in the background
+                    settling[-1].task.add_done_callback(functools.partial(self._batch_done, batch))
+                else:
+                    self._end_batch(batch)
             if len(items) < info.max_batch_items and self.settings.linger:
                 # The queue held less than a full request: let more arrive before the next
                 # one, so a trickle of events goes out in batches, not one request each.
@@ -249,7 +318,11 @@ class Deliverer:
         assert self._session is not None
         origins = sorted({item.origin for item in batch.items.values()} - {""})
         transport = RecordingTransport(
-            self._session, self.settings.request_timeout, tags=tuple(origins)
+            self._session,
+            self.settings.request_timeout,
+            tags=tuple(origins),
+            check_url=hooks.check_url,
+            secrets=hooks.secrets(),
         )
         now = pace.last_send = time.time()
         sent: SendResult | DeliveryError
@@ -262,6 +335,9 @@ class Deliverer:
             raise
         except DeliveryError as exc:
             sent = exc
+            if isinstance(exc, ConnectorCrashError) and not transport.exchanges:
+                # The connector failed before any request: a row still tells the log.
+                transport.exchanges.append(_no_request(transport, str(exc), hooks.secrets()))
         window = hooks.connection.retry_window_seconds or self.settings.retry_window
         settlement = settle(
             batch,
@@ -386,6 +462,63 @@ class Deliverer:
         for row in rows:
             await self._logs.append(row)
 
+    async def _failed_unexpectedly(
+        self, hooks: ConnectionHooks, items: list[QueueItem], exc: Exception, pace: Pace
+    ) -> None:
+        """Settles ``items`` after an unexpected error outside ``send`` (a bug): each
+        attempt counts; items within the retry window are retried after the backoff,
+        the others dead-lettered at stage ``send``; one log row records it."""
+        try:
+            # Only items still queued: the error may have come after some were settled.
+            queued = await self._db.read(lambda c: _still_queued(c, [i.seq for i in items]))
+        except Exception:
+            log.exception("settle_failed", connection=hooks.connection.id)
+            pace.hold_until = time.time() + self.settings.base_backoff
+            return
+        items = [item for item in items if item.seq in queued]
+        if not items:
+            return
+        now = time.time()
+        text = redact(f"{exc.__class__.__name__}: {exc}", hooks.secrets())[:300]
+        error = f"delivery failed unexpectedly: {text}"
+        window = hooks.connection.retry_window_seconds or self.settings.retry_window
+        attempts = max(item.attempts for item in items) + 1
+        ceiling = min(self.settings.max_backoff, self.settings.base_backoff * 2 ** (attempts - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        retries: list[Retry] = []
+        dead: list[DeadLetter] = []
+        outcomes: dict[str, tuple[Outcome, str]] = {}
+        for item in items:
+            if now - (item.first_attempt_time or now) >= window:
+                reason = f"gave up after {item.attempts + 1} attempts over {window:.0f} s"
+                dead.append(DeadLetter(item, "send", f"{reason}: {error}"))
+                outcomes[item.customer_id] = (Outcome.FAILED, error)
+            else:
+                retries.append(Retry(item.seq, now + delay, error))
+                outcomes.setdefault(item.customer_id, (Outcome.RETRY, error))
+        exchange = _no_request(None, error, ())
+        names = {item.customer_id: "" for item in items}
+        rows = log_rows(hooks.connection, [exchange], names, outcomes, error, attempts)
+        pace.hold_until = now + delay
+        try:
+            await self._queue.settle(
+                retries=retries,
+                dead=dead,
+                attempt_time=now,
+                log_rows=[outbox.encode(r) for r in rows],
+            )
+        except Exception:
+            log.exception("settle_failed", connection=hooks.connection.id)
+            return
+        counted = self._metrics.connection(hooks.connection.id)
+        counted.settled(
+            failed=len(items),
+            retried=len(retries),
+            dead=_by_stage(dead) if dead else None,
+        )
+        for row in rows:
+            await self._logs.append(row)
+
     async def _interrupted(
         self, hooks: ConnectionHooks, batch: Batch, transport: RecordingTransport, now: float
     ) -> None:
@@ -412,6 +545,37 @@ class Deliverer:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.settings.max_retry_after))
         return delay
+
+
+def _still_queued(c: sqlite3.Connection, seqs: list[int]) -> set[int]:
+    found: set[int] = set()
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(
+            row[0] for row in c.execute(f"SELECT seq FROM queue WHERE seq IN ({marks})", chunk)
+        )
+    return found
+
+
+def _no_request(
+    transport: RecordingTransport | None, error: str, secrets: tuple[str, ...]
+) -> Exchange:
+    """A log entry for a send that failed before it made any request."""
+    tags = transport.tags if transport is not None else ()
+    return Exchange(
+        new_request_id(),
+        datetime.now(UTC),
+        "",
+        "",
+        0,
+        0.0,
+        "",
+        "",
+        redact(error, secrets),
+        False,
+        tags,
+    )
 
 
 def _by_stage(dead: Sequence[DeadLetter]) -> dict[str, int]:

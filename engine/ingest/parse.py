@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from engine.connector.records import AntavoEvent
 from engine.errors import InvalidInputError
+from engine.ingest.limits import DEFAULT_LIMITS, IngestLimits, check_data, echo
 
-MAX_EVENTS_PER_REQUEST = 10_000
+MAX_EVENTS_PER_REQUEST = DEFAULT_LIMITS.max_events
 MAX_ID_LENGTH = 256
 CONTENT_ID_PREFIX = "sha256:"
 """Starts the id of an event that came without one: the hash of its content."""
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_UNIX = 253_402_300_799  # 9999-12-31T23:59:59Z
+TIMESTAMP_RANGE = "from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
 
 
-def parse_request(payload: Any) -> list[AntavoEvent]:
+def parse_request(payload: Any, limits: IngestLimits = DEFAULT_LIMITS) -> list[AntavoEvent]:
     """Validates a request body: one event object, or ``{"events": [...]}``."""
     if not isinstance(payload, dict):
         raise InvalidInputError("body", 'expected a JSON object: one event or {"events": [...]}')
@@ -31,20 +35,25 @@ def parse_request(payload: Any) -> list[AntavoEvent]:
         events = payload["events"]
         if not isinstance(events, list) or not events:
             raise InvalidInputError("events", "expected a non-empty array of events")
-        if len(events) > MAX_EVENTS_PER_REQUEST:
+        if len(events) > limits.max_events:
             raise InvalidInputError(
-                "events", f"at most {MAX_EVENTS_PER_REQUEST} events per request"
+                "events", f"at most {limits.max_events} events per request (the limit)"
             )
         try:
             # Unnamed first: a record's name (its position) matters only in an error.
-            return [parse_event(e, "") for e in events]
+            return [parse_event(e, "", limits=limits) for e in events]
         except InvalidInputError:
             # Validation is pure: this pass raises the same error, naming the record.
-            return [parse_event(e, f"events[{i}]") for i, e in enumerate(events)]
-    return [parse_event(payload, "event")]
+            return [parse_event(e, f"events[{i}]", limits=limits) for i, e in enumerate(events)]
+    return [parse_event(payload, "event", limits=limits)]
 
 
-def parse_event(raw: Any, where: str, received: datetime | None = None) -> AntavoEvent:
+def parse_event(
+    raw: Any,
+    where: str,
+    received: datetime | None = None,
+    limits: IngestLimits = DEFAULT_LIMITS,
+) -> AntavoEvent:
     """Validates one Antavo event; errors name the field, e.g. ``events[2].action``."""
     if not isinstance(raw, dict):
         raise InvalidInputError(where, "expected an object")
@@ -62,6 +71,8 @@ def parse_event(raw: Any, where: str, received: datetime | None = None) -> Antav
         data = {}
     if not isinstance(data, dict):
         raise InvalidInputError(f"{where}.data", "expected an object")
+    if data:
+        check_data(data, where, limits)
     external_id = get("external_id")
     if external_id is None:
         external_id = ""
@@ -128,14 +139,31 @@ def _timestamp(value: Any, where: str) -> datetime | None:
         except ValueError:
             parsed = None
         if parsed is not None and parsed.tzinfo is not None:
-            return parsed if parsed.tzinfo is UTC else parsed.astimezone(UTC)
+            if parsed.tzinfo is UTC:
+                utc = parsed
+            else:
+                try:
+                    utc = parsed.astimezone(UTC)
+                except (OverflowError, ValueError):  # e.g. 0001-01-01T00:00:00+01:00
+                    utc = EARLIEST - timedelta(days=1)
+            if utc < EARLIEST:
+                raise InvalidInputError(
+                    f"{where}.timestamp", f"out of range: {echo(value)!r}; {TIMESTAMP_RANGE}"
+                )
+            return utc
         raise InvalidInputError(
-            f"{where}.timestamp", f"not an RFC 3339 date-time with offset: {value!r}"
+            f"{where}.timestamp", f"not an RFC 3339 date-time with offset: {echo(value)!r}"
         )
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")
     if isinstance(value, int | float):
+        if not 0 <= value <= LATEST_UNIX:  # also NaN
+            raise InvalidInputError(
+                f"{where}.timestamp",
+                f"out of range: {echo(str(value))} Unix seconds; from 0 to {LATEST_UNIX}"
+                f" ({TIMESTAMP_RANGE})",
+            )
         return datetime.fromtimestamp(value, UTC)
     raise InvalidInputError(f"{where}.timestamp", "expected an RFC 3339 string or Unix seconds")

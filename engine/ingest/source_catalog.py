@@ -23,6 +23,16 @@ CATALOG_PARAMETER = "parameter"
 Name = tuple[str, str, str]
 """(kind, parent, name): ``parent`` is the action of a parameter, else empty."""
 
+MAX_NAMES = 20_000
+"""Names remembered from traffic in all: past it, new names are not recorded. Traffic
+with random keys (400,000 seen in a fuzz run) would otherwise grow the table, and the
+catalog's every page, without end."""
+MAX_NAMES_PER_GROUP = 1_000
+"""Parameters remembered per event action, and customer attributes remembered, so one
+action's random keys cannot crowd out the others'."""
+MAX_NAME_LENGTH = 128
+"""Longer names (action or key) are not remembered; a mapping can still name them."""
+
 
 @dataclass(frozen=True)
 class SeenName:
@@ -37,19 +47,28 @@ class SeenName:
 
 class SeenNames:
     """The names already in the ``source_catalog`` table, so that traffic writes only the
-    names it carries for the first time."""
+    names it carries for the first time. The first names seen are kept: at most
+    ``max_names`` in all and ``max_per_group`` per group (the customer attributes, the
+    events, each action's parameters), each at most ``MAX_NAME_LENGTH`` characters."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, max_names: int = MAX_NAMES, max_per_group: int = MAX_NAMES_PER_GROUP
+    ) -> None:
         self._known: set[Name] = set()
+        self._per_group: dict[tuple[str, str], int] = {}
+        self.max_names = max_names
+        self.max_per_group = max_per_group
 
     async def load(self, db: Database) -> None:
         rows = await db.read(
             lambda c: c.execute("SELECT kind, parent, name FROM source_catalog").fetchall()
         )
-        self._known = {(str(k), str(p), str(n)) for k, p, n in rows}
+        self._known = set()
+        self._per_group = {}
+        self.committed((str(k), str(p), str(n)) for k, p, n in rows)
 
     def new_in(self, events: Sequence[AntavoEvent]) -> set[Name]:
-        """The names ``events`` carry that are not recorded yet."""
+        """The names ``events`` carry that are not recorded yet, within the caps."""
         keys_by_action: defaultdict[str, set[str]] = defaultdict(set)
         for event in events:
             keys_by_action[event.action].update(event.data)
@@ -60,7 +79,29 @@ class SeenNames:
                 names.update((CATALOG_ATTRIBUTE, "", key) for key in keys)
             else:
                 names.update((CATALOG_PARAMETER, action, key) for key in keys)
-        return names - self._known
+        new = names - self._known
+        if not new:
+            return new
+        return self._within_caps(new)
+
+    def _within_caps(self, names: set[Name]) -> set[Name]:
+        room = self.max_names - len(self._known)
+        kept: set[Name] = set()
+        taken: dict[tuple[str, str], int] = {}
+        for name in sorted(names):  # sorted: the same request keeps the same names
+            kind, parent, text = name
+            if room <= 0:
+                break
+            if len(text) > MAX_NAME_LENGTH or len(parent) > MAX_NAME_LENGTH:
+                continue
+            group = (kind, parent)
+            count = self._per_group.get(group, 0) + taken.get(group, 0)
+            if count >= self.max_per_group:
+                continue
+            taken[group] = taken.get(group, 0) + 1
+            kept.add(name)
+            room -= 1
+        return kept
 
     @staticmethod
     def record(c: sqlite3.Connection, names: Iterable[Name], now: float) -> None:
@@ -72,7 +113,12 @@ class SeenNames:
         )
 
     def committed(self, names: Iterable[Name]) -> None:
-        self._known.update(names)
+        known, per_group = self._known, self._per_group
+        for name in names:
+            if name not in known:
+                known.add(name)
+                group = (name[0], name[1])
+                per_group[group] = per_group.get(group, 0) + 1
 
 
 async def seen_names(db: Database) -> list[SeenName]:

@@ -17,7 +17,9 @@ JSON object per line:
   [...]}`` after each commit that queued items (``total`` counts every item this worker
   queued, so the engine learns how many are new and whom to wake); ``{"refreshed":
   token}`` once a connection was reloaded.
-- engine -> worker: ``{"depth": n, "counted": total}`` every tenth of a second while it
+- engine -> worker: first ``{"settings": {...}}``, the ingest credential and limits
+  (``IngestSettings``; never on the worker's command line or in its environment);
+  ``{"depth": n, "counted": total}`` every tenth of a second while it
   changes: the queue depth, which already counts this worker's items up to ``total``
   (ingest refuses work past ``--max-backlog``); ``{"refresh": connection_id, "token":
   t}`` after the admin API changed a connection. The admin call returns only after the
@@ -45,6 +47,7 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -59,12 +62,14 @@ from aiohttp import web
 
 from engine.errors import TidegateError
 from engine.gc_settings import settle_collector
-from engine.ingest.http import INGEST_TOKEN_ENV, create_ingest_app
+from engine.ingest.http import create_ingest_runner
 from engine.ingest.ingestor import Ingestor
+from engine.ingest.settings import IngestSettings
 from engine.logconfig import configure_logging
 from engine.metrics import IngestMetrics, multiprocess_env
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
+from engine.security import TlsFiles
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox
@@ -80,6 +85,7 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 60.0
 DEPTH_REPORT_INTERVAL = 0.1
 PR_SET_PDEATHSIG = 1
+INGEST_SECRET_ENV_PREFIX = "TIDEGATE_INGEST_"
 
 
 def _line(message: dict[str, Any]) -> bytes:
@@ -112,7 +118,7 @@ class IngestWorker:
         *,
         data_dir: Path,
         listener: socket.socket,
-        token: str,
+        settings: IngestSettings,
         max_backlog: int,
         queue: DurableQueue,
         wake: Callable[[Iterable[str]], None],
@@ -120,13 +126,16 @@ class IngestWorker:
         log_format: str = "json",
         log_level: str = "info",
         metrics_dir: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         """``metrics_dir``: where the worker keeps its metric files for the engine to
-        read (prometheus_client's multiprocess mode); None keeps them in its memory."""
+        read (prometheus_client's multiprocess mode); None keeps them in its memory.
+        ``tls``: serve HTTPS with these files."""
+        self._tls_args = tls_arguments(tls)
         self._data_dir = data_dir
         self._metrics_dir = metrics_dir
         self._listener = listener
-        self._token = token
+        self._settings = settings
         self._max_backlog = max_backlog
         self._queue = queue
         self._wake = wake
@@ -164,6 +173,9 @@ class IngestWorker:
             self._writer.close()  # the channel of the worker this one replaces
         self._reader, self._writer = await asyncio.open_connection(sock=ours)
         self._queued, self._reported = 0, None
+        # Its ingest settings first, credential included: never on its command line or in
+        # its environment, which ps shows.
+        self._writer.write(_line({"settings": self._settings.to_dict()}))
         try:
             ready = await asyncio.wait_for(_receive(self._reader), START_TIMEOUT)
         except TimeoutError:
@@ -187,10 +199,13 @@ class IngestWorker:
                 "--listen-fd", str(fds[0]), "--channel-fd", str(fds[1]),
                 "--engine-pid", str(os.getpid()),
                 "--max-backlog", str(self._max_backlog),
-                *self._log_args,
+                *self._log_args, *self._tls_args,
             ],
             pass_fds=fds, stdin=subprocess.DEVNULL,
-            env={**multiprocess_env(self._metrics_dir), INGEST_TOKEN_ENV: self._token},
+            env={  # the ingest secrets reach it over the channel only
+                k: v for k, v in multiprocess_env(self._metrics_dir).items()
+                if not k.startswith(INGEST_SECRET_ENV_PREFIX)
+            },
         )  # fmt: skip
 
     async def _supervise(self) -> None:
@@ -336,6 +351,10 @@ async def _work(args: argparse.Namespace) -> int:
     await db.start()
     runner: web.AppRunner | None = None
     try:
+        given = await _receive(reader)  # the engine sends it first
+        if given is None or "settings" not in given:
+            raise TidegateError("the engine sent no ingest settings")
+        settings = IngestSettings.from_dict(given["settings"])
         registry = ConnectionRegistry(
             db, Connectors(plugin_manager()), SecretBox.for_data_dir(args.data_dir)
         )
@@ -349,10 +368,9 @@ async def _work(args: argparse.Namespace) -> int:
         await ingestor.load()
         # Counted in files when the engine set PROMETHEUS_MULTIPROC_DIR (engine.metrics).
         metrics = IngestMetrics()
-        app = create_ingest_app(ingestor, os.environ.get(INGEST_TOKEN_ENV, ""), metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = create_ingest_runner(ingestor, settings, metrics)
         await runner.setup()
-        await web.SockSite(runner, listener).start()
+        await web.SockSite(runner, listener, ssl_context=_ssl_context(args)).start()
         writer.write(_line({"ready": os.getpid()}))
         settle_collector()
 
@@ -378,6 +396,20 @@ async def _work(args: argparse.Namespace) -> int:
     return 0
 
 
+def tls_arguments(tls: TlsFiles | None) -> list[str]:
+    """The worker's command-line arguments for ``tls``."""
+    if tls is None:
+        return []
+    args = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    return args + (["--tls-client-ca", str(tls.client_ca)] if tls.client_ca else [])
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls_cert is None:
+        return None
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca).server_context()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.ingest.worker",
@@ -390,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-backlog", type=int, required=True)
     parser.add_argument("--log-format", default="json")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-client-ca", type=Path)
     args = parser.parse_args(argv)
     _exit_with_engine(args.engine_pid)
     configure_logging(args.log_format, args.log_level)

@@ -41,7 +41,7 @@ ADOPTED_STEM = "adopted"
 PARTITION_SPAN = timedelta(days=7)
 FIRST_MONDAY = datetime(1970, 1, 5, tzinfo=UTC)
 DROPPING = ".dropping"
-_WEEK_FILE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})\.duckdb$")
+_WEEK_FILE = re.compile(r"(\d{4})-(\d{2})-(\d{2})\.duckdb")
 
 
 def week_of(moment: datetime) -> datetime:
@@ -100,7 +100,7 @@ class PartitionSet:
             log.warning("log_partition_drop_finished", file=leftover.name)
             leftover.unlink(missing_ok=True)
         for path in sorted(self.folder.glob("*.duckdb")):
-            match = _WEEK_FILE.match(path.name)
+            match = _WEEK_FILE.fullmatch(path.name)
             if match:
                 year, month, day = map(int, match.groups())
                 start = datetime(year, month, day, tzinfo=UTC)

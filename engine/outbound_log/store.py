@@ -26,7 +26,7 @@ import shutil
 import threading
 import time as monotime
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +44,7 @@ from engine.outbound_log.customer_index import (
     CustomerIndexer,
     customer_search,
 )
+from engine.outbound_log.erasure import LogErasure, Redactor, erase_in_partition
 from engine.outbound_log.migrations import open_schema
 from engine.outbound_log.partitions import PARTITION_SPAN, Partition, PartitionSet, week_of
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
@@ -377,6 +378,37 @@ class LogStore:
             return Retention(dropped, freed, partitions.size())
 
         return await asyncio.to_thread(drop)
+
+    async def erase_customer(
+        self, customer_id: str, identifiers: Collection[str], attributes: Collection[str]
+    ) -> LogErasure:
+        """Erases one customer from every partition (see ``engine.outbound_log.erasure``):
+        first every row appended before the call is committed, then each partition is
+        changed in one transaction while its writes wait. ``identifiers`` are the values
+        that name the customer in requests besides ``customer_id``; ``attributes`` their
+        attribute values, replaced where responses and messages quote them."""
+        await self.flush()
+        redactor = Redactor([customer_id, *identifiers])
+        wide = redactor.widened(attributes)
+
+        def erase() -> LogErasure:
+            partitions, conn = self._partitions, self._read_root
+            if partitions is None or conn is None:
+                raise TidegateError("log store is not running")
+            total = LogErasure()
+            cur = conn.cursor()
+            try:
+                with partitions.using() as chosen:
+                    for partition in chosen:
+                        with partitions.frozen(partition):
+                            total += erase_in_partition(
+                                cur, partition.name, customer_id, redactor, wide
+                            )
+            finally:
+                cur.close()
+            return total
+
+        return await asyncio.to_thread(erase)
 
     def backlog(self) -> tuple[int, float]:
         """For the metrics: rows appended and not yet committed, and the seconds the oldest

@@ -46,7 +46,7 @@ from engine.connector.records import (
     ProfileMapping,
 )
 from engine.errors import InvalidInputError
-from engine.plugins import Connectors
+from engine.plugins import Connectors, key_bound_changes
 from engine.state.config_document import (
     ConnectionEntry,
     M,
@@ -62,8 +62,10 @@ from engine.state.connections import (
     ConnectionUpdate,
     ConnectionView,
     NewConnection,
+    check_api_key,
     check_retry_window,
     field_prefix,
+    key_bound_rule,
 )
 from engine.state.secrets import hint
 
@@ -207,12 +209,13 @@ class _Planner:
     # -- connections -------------------------------------------------------------------
 
     def _connection(self, entry: ConnectionEntry) -> None:
-        if not CONNECTION_ID_RE.match(entry.id):
+        if not CONNECTION_ID_RE.fullmatch(entry.id):
             raise InvalidInputError(f"{entry.path}.id", ID_RULE)
         view = self._views.get(entry.id)
         info = self._connector(entry, view)
         with field_prefix(f"{entry.path}.settings"):
             info.validate_settings(entry.settings)
+            self._connectors.check_settings(info, entry.settings)
         with field_prefix(f"{entry.path}.customer_id_mapping"):
             info.validate_customer_id_mapping(entry.customer_id_mapping)
         try:
@@ -273,6 +276,13 @@ class _Planner:
                 f"the environment variable {name} is empty: set it to the API key of "
                 f"connection {entry.id!r}{keep}",
             )
+        if key:
+            try:
+                check_api_key(key, field_path)
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    field_path, f"the API key in {name} {exc.message.removeprefix('is ')}"
+                ) from None
         return key
 
     def _create(self, entry: ConnectionEntry, info: ConnectorInfo, key: str) -> None:
@@ -300,6 +310,10 @@ class _Planner:
         )
         if key is not None and key_changed:
             changed.append(FieldChange("api_key", _json(hint(runtime.api_key)), _json(hint(key))))
+        info = self._connectors.info(view.connector)
+        redirected = key_bound_changes(info, view.settings, entry.settings)
+        if redirected and key is None and info.secret_required:
+            raise key_bound_rule(f"{entry.path}.api_key_env", redirected)
         retry = _differs(
             changed,
             "retry_window_seconds",
@@ -408,7 +422,7 @@ class _Planner:
     ) -> M:
         """The mapping to store for ``mapping_entry``, with its id, checked."""
         mapping = mapping_entry.mapping
-        if mapping.id and not MAPPING_ID_RE.match(mapping.id):
+        if mapping.id and not MAPPING_ID_RE.fullmatch(mapping.id):
             raise InvalidInputError(f"{mapping_entry.path}.id", ID_RULE)
         mapping_id = mapping.id or (old.id if old is not None else _new_id(kind, entry, mapping))
         final: Any

@@ -37,7 +37,7 @@ from engine.errors import InvalidInputError
 FORMAT_VERSION = 1
 """The document format this engine reads and writes (the document's ``version``)."""
 KEY_ENV_PREFIX = "TIDEGATE_API_KEY_"
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ARRAY_MODES = ("append", "replace")
 HEADER = """\
 # Tidegate configuration. Apply it with `tidegate config apply -f FILE` (--dry-run shows
@@ -179,7 +179,7 @@ PARAMETER_FIELDS = ("source_parameter", "target_parameter", "custom")
 def _connection(path: str, value: object) -> ConnectionEntry:
     entry = _Object(value, path, CONNECTION_FIELDS)
     key_env = entry.string("api_key_env")
-    if key_env and not ENV_NAME_RE.match(key_env):
+    if key_env and not ENV_NAME_RE.fullmatch(key_env):
         raise InvalidInputError(
             f"{path}.api_key_env",
             f"{key_env!r} is not an environment variable name: letters, digits and _, "

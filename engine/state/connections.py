@@ -25,13 +25,16 @@ from engine.connector.records import (
     ProfileMapping,
 )
 from engine.errors import InvalidInputError, NotFoundError, TidegateError, shown
-from engine.plugins import Connectors
+from engine.plugins import Connectors, key_bound_changes
 from engine.state.database import Database
 from engine.state.secrets import SecretBox, hint
 
-CONNECTION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CONNECTION_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+"""Ids and the other patterns here are checked with ``fullmatch``: ``$`` also matches
+before a trailing newline."""
 MAPPING_ID_RE = CONNECTION_ID_RE
 MAX_RETRY_WINDOW = 7 * 24 * 3600.0
+MAX_API_KEY_LENGTH = 4096
 STATE_ACTIVE = "active"
 STATE_PAUSED = "paused"
 
@@ -123,6 +126,34 @@ def check_retry_window(seconds: float) -> float:
     return seconds
 
 
+def check_api_key(key: str, field: str = "connection.api_key") -> str:
+    """Refuses a key that cannot go out in a request header: control characters (a
+    trailing newline from a copy-paste), spaces, non-ASCII text, or more than
+    ``MAX_API_KEY_LENGTH`` characters. The key itself is never in the message."""
+    if len(key) > MAX_API_KEY_LENGTH:
+        raise InvalidInputError(field, f"is longer than {MAX_API_KEY_LENGTH} characters")
+    if not all(0x21 <= ord(ch) <= 0x7E for ch in key):
+        raise InvalidInputError(
+            field,
+            "must be printable ASCII without spaces, line breaks or other control "
+            "characters (was a line break copied with it?)",
+        )
+    return key
+
+
+def key_bound_rule(field: str, names: list[str]) -> InvalidInputError:
+    """The refusal of a change to where the key goes without the key."""
+    changed = ", ".join(f"settings.{n}" for n in names)
+    how = "give the API key again in the same request"
+    if field.endswith("api_key_env"):
+        how = "name the variable that holds the API key in api_key_env"
+    return InvalidInputError(
+        field,
+        f"required when {changed} changes: {how}, so a stored key never goes to a "
+        "destination it was not given for",
+    )
+
+
 @contextlib.contextmanager
 def field_prefix(prefix: str) -> Iterator[None]:
     """Connector validators name fields relative to what they check; the API names them
@@ -198,7 +229,7 @@ class ConnectionRegistry:
         retry_window_seconds: float = 0.0,
     ) -> ConnectionView:
         connection_id = connection_id or f"conn-{uuid.uuid4().hex[:8]}"
-        if not CONNECTION_ID_RE.match(connection_id):
+        if not CONNECTION_ID_RE.fullmatch(connection_id):
             raise InvalidInputError(
                 "connection.id",
                 "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",
@@ -206,8 +237,10 @@ class ConnectionRegistry:
         info = self._connectors.info(connector or self._connectors.only())
         with field_prefix("connection.settings"):
             info.validate_settings(settings)
+            self._connectors.check_settings(info, settings)
         if info.secret_required and not api_key:
             raise InvalidInputError("connection.api_key", "required: the destination API key")
+        check_api_key(api_key)
         id_mapping = customer_id_mapping or CustomerIdMapping()
         with field_prefix("connection.customer_id_mapping"):
             info.validate_customer_id_mapping(id_mapping)
@@ -243,10 +276,16 @@ class ConnectionRegistry:
         id_mapping = update.customer_id_mapping or current.customer_id_mapping
         with field_prefix("connection.settings"):
             info.validate_settings(settings)
+            self._connectors.check_settings(info, settings)
         with field_prefix("connection.customer_id_mapping"):
             info.validate_customer_id_mapping(id_mapping)
         if update.api_key is not None and info.secret_required and not update.api_key:
             raise InvalidInputError("connection.api_key", "must not be empty")
+        if update.api_key is not None:
+            check_api_key(update.api_key)
+        redirected = key_bound_changes(info, current.settings, settings)
+        if redirected and update.api_key is None and info.secret_required:
+            raise key_bound_rule("connection.api_key", redirected)
         if update.retry_window_seconds is not None:
             check_retry_window(update.retry_window_seconds)
         now = time.time()
@@ -533,7 +572,7 @@ class ConnectionRegistry:
     def _new_mapping_id(self, requested: str, prefix: str) -> str:
         if not requested:
             return f"{prefix}-{uuid.uuid4().hex[:10]}"
-        if not MAPPING_ID_RE.match(requested):
+        if not MAPPING_ID_RE.fullmatch(requested):
             raise InvalidInputError(
                 "mapping.id",
                 "use 1-63 lowercase letters, digits and dashes, starting with a letter or digit",

@@ -33,7 +33,7 @@ STATE_FILE = "state.sqlite3"
 STORE_NAME = "state database"
 _STOP: Any = object()
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version of ``SCHEMA``, kept in ``PRAGMA user_version``. A change to ``SCHEMA``
 bumps it and adds the step that makes the change to ``engine.state.migrations``
 (tests/test_migrations.py checks that the steps lead to exactly this schema)."""
@@ -154,6 +154,32 @@ CREATE TABLE IF NOT EXISTS dead_letter_expiry (
     retention_seconds REAL NOT NULL,
     last_time REAL NOT NULL
 );
+-- Admin API tokens (engine.state.tokens): only the SHA-256 of each token is kept. A
+-- name is unique among the tokens not revoked.
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    create_time REAL NOT NULL,
+    expire_time REAL,
+    last_used_time REAL,
+    revoke_time REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS admin_tokens_active_name ON admin_tokens (name)
+    WHERE revoke_time IS NULL;
+-- The audit trail of admin changes (engine.state.audit), deleted after its retention.
+CREATE TABLE IF NOT EXISTS audit_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    token_name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    target TEXT NOT NULL,
+    fields TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    peer TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_events_by_time ON audit_events (time);
 CREATE TABLE IF NOT EXISTS schema_history (
     version INTEGER PRIMARY KEY,
     tidegate TEXT NOT NULL,

@@ -57,6 +57,37 @@ def dead_letter_retention(c: sqlite3.Connection) -> None:
     )
 
 
+def tokens_and_audit(c: sqlite3.Connection) -> None:
+    execute_script(
+        c,
+        """
+        CREATE TABLE admin_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            token_hash BLOB NOT NULL,
+            create_time REAL NOT NULL,
+            expire_time REAL,
+            last_used_time REAL,
+            revoke_time REAL
+        );
+        CREATE UNIQUE INDEX admin_tokens_active_name ON admin_tokens (name)
+            WHERE revoke_time IS NULL;
+        CREATE TABLE audit_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            time REAL NOT NULL,
+            token_name TEXT NOT NULL,
+            method TEXT NOT NULL,
+            target TEXT NOT NULL,
+            fields TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            peer TEXT NOT NULL
+        );
+        CREATE INDEX audit_events_by_time ON audit_events (time);
+        """,
+    )
+
+
 STEPS = (
     Step(1, "record the schema version (Tidegate 0.1.0 recorded none)", record_first_version),
     Step(
@@ -65,6 +96,7 @@ STEPS = (
         " retention deleted",
         dead_letter_retention,
     ),
+    Step(3, "admin API tokens and the audit trail of admin changes", tokens_and_audit),
 )
 check_steps(STEPS, SCHEMA_VERSION)
 

@@ -153,11 +153,11 @@ DEFAULT_EVENTS: Mapping[str, str] = {
 }
 """Insider's default event system names (§3.7, §7.1); custom events need no entry."""
 
-CUSTOM_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+CUSTOM_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 """Custom attribute, parameter and identifier names: Insider advises "all lowercase,
 without spaces" (§3.5); no formal rule is published."""
 
-EVENT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+EVENT_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 """Insider documents ``^[a-z0-9][a-zA-Z0-9._-]*$`` yet rejected ``homepageView`` (§3.7);
 the lowercase form is the one known to be accepted."""
 

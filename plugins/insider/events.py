@@ -25,7 +25,7 @@ from engine.connector import AntavoEvent, EventMapping, MappingError, ParameterM
 from plugins.insider import catalog
 from plugins.insider.values import ConversionError, converter, rfc3339_utc
 
-LINE_PATH = re.compile(r"^([A-Za-z0-9_]+)\[\]\.([A-Za-z0-9_]+)$")
+LINE_PATH = re.compile(r"([A-Za-z0-9_]+)\[\]\.([A-Za-z0-9_]+)")
 LINE_SPACING = timedelta(seconds=1)
 _NO_LINE: Mapping[str, Any] = {}
 """The line of an event that is not per line: never read, as no parameter has a line key."""
@@ -33,7 +33,7 @@ _NO_LINE: Mapping[str, Any] = {}
 
 def line_path(source: str) -> tuple[str, str] | None:
     """``(array, key)`` of a per-line source such as ``items[].price``, else ``None``."""
-    match = LINE_PATH.match(source)
+    match = LINE_PATH.fullmatch(source)
     return (match.group(1), match.group(2)) if match else None
 
 

@@ -30,7 +30,13 @@ from plugins.insider.events import insider_events
 from plugins.insider.payloads import profile_attributes
 from plugins.insider.plans import ConnectionPlan, plan_of
 from plugins.insider.sending import send_batch
-from plugins.insider.settings import SCOPE_ALL, validate_settings
+from plugins.insider.settings import (
+    BASE_URL,
+    DESTINATION_HOSTS,
+    PARTNER_NAME,
+    SCOPE_ALL,
+    validate_settings,
+)
 from plugins.insider.validation import (
     validate_customer_id_mapping,
     validate_event_mapping,
@@ -56,6 +62,9 @@ def connector_info() -> ConnectorInfo:
         validate_profile_mapping=validate_profile_mapping,
         validate_event_mapping=validate_event_mapping,
         catalog=catalog_entries(),
+        destination_hosts=DESTINATION_HOSTS,
+        url_settings=(BASE_URL,),
+        key_bound_settings=(PARTNER_NAME,),
     )
 
 

@@ -27,9 +27,13 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
-from engine.connector import InvalidInputError
+from engine.connector import InvalidInputError, echo
 
 DEFAULT_BASE_URL = "https://unification.useinsider.com"
+DESTINATION_HOSTS = ("*.useinsider.com", "*.insiderone.com")
+"""Where a connection may send: Insider's own domains. The UCD API's one known host is
+unification.useinsider.com; regional hosts are unconfirmed, and the company also uses
+insiderone.com, so both domains are declared rather than the one host."""
 
 PARTNER_NAME = "partner_name"
 BASE_URL = "base_url"
@@ -54,7 +58,7 @@ SCOPE_ALL = "all"
 PROFILE_SCOPES = (SCOPE_CHANGED, SCOPE_ALL)
 BOOLEANS = {"true": True, "false": False}
 
-PARTNER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]+$")
+PARTNER_NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,10 @@ def validate_settings(settings: Mapping[str, str]) -> None:
     partner_name = settings.get(PARTNER_NAME)
     if not partner_name:
         raise InvalidInputError(PARTNER_NAME, "required: the name of the Insider account")
-    if not PARTNER_NAME_PATTERN.match(partner_name):
+    if not PARTNER_NAME_PATTERN.fullmatch(partner_name):
         raise InvalidInputError(
             PARTNER_NAME,
-            f"{partner_name!r} is not valid: Insider requires the partner name in lowercase; "
+            f"{echo(partner_name)} is not valid: Insider requires the partner name in lowercase; "
             "allowed characters are a-z, 0-9, '_' and '-'",
         )
     base_url = settings.get(BASE_URL)

@@ -81,7 +81,7 @@ def validate_event_mapping(mapping: EventMapping) -> None:
     for ``purchase`` and ``cart_page_view`` present."""
     if not mapping.source_event.strip():
         raise InvalidInputError("source_event", "required: the Antavo event action")
-    if not catalog.EVENT_NAME_PATTERN.match(mapping.target_event):
+    if not catalog.EVENT_NAME_PATTERN.fullmatch(mapping.target_event):
         raise InvalidInputError(
             "target_event",
             f"{mapping.target_event!r} is not a valid Insider event name: lowercase letters, "
@@ -149,7 +149,7 @@ def _check_required_parameters(mapping: EventMapping) -> None:
 
 
 def _check_custom_name(field: str, name: str, defaults: Collection[str], kind: str) -> None:
-    if not catalog.CUSTOM_NAME_PATTERN.match(name):
+    if not catalog.CUSTOM_NAME_PATTERN.fullmatch(name):
         raise InvalidInputError(
             field,
             f"{name!r} is not a valid custom {kind} name: lowercase letters, digits and '_', "

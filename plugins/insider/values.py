@@ -23,11 +23,11 @@ import pycountry
 
 from plugins.insider import catalog
 
-E164_PATTERN = re.compile(r"^\+[1-9]\d{6,14}$", re.ASCII)
-ANTAVO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
-ANTAVO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?$", re.ASCII)
-INTEGER_TEXT = re.compile(r"^[+-]?\d+$", re.ASCII)
-NUMBER_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$", re.ASCII)
+E164_PATTERN = re.compile(r"\+[1-9]\d{6,14}", re.ASCII)
+ANTAVO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+ANTAVO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?", re.ASCII)
+INTEGER_TEXT = re.compile(r"[+-]?\d+", re.ASCII)
+NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 TRUE_TEXTS = frozenset({"true", "yes", "y", "1", "on"})
 FALSE_TEXTS = frozenset({"false", "no", "n", "0", "off"})
@@ -64,7 +64,7 @@ def _custom_scalar(value: Any) -> Any:
         if (
             len(value) >= 10
             and value[4] == "-"
-            and (ANTAVO_DATE.match(value) or ANTAVO_DATETIME.match(value))
+            and (ANTAVO_DATE.fullmatch(value) or ANTAVO_DATETIME.fullmatch(value))
         ):
             return datetime_utc(value)
         return value
@@ -113,7 +113,7 @@ def phone_number(value: Any, region: str = "") -> str:
     if not phonenumbers.is_possible_number(parsed):
         raise ConversionError("not a possible phone number for its country")
     formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    if not E164_PATTERN.match(formatted):
+    if not E164_PATTERN.fullmatch(formatted):
         raise ConversionError(f"not expressible in E.164 ({formatted})")
     return formatted
 
@@ -157,9 +157,9 @@ def number(value: Any) -> int | float:
         return _finite(value)
     if isinstance(value, str):
         text = value.strip()
-        if INTEGER_TEXT.match(text):
+        if INTEGER_TEXT.fullmatch(text):
             return int(text)
-        if NUMBER_TEXT.match(text):
+        if NUMBER_TEXT.fullmatch(text):
             return _finite(float(text))
     raise ConversionError("not a number")
 
@@ -183,7 +183,7 @@ def _calendar_date(value: Any) -> date:
     if isinstance(value, str):
         text = value.strip()
         try:
-            if ANTAVO_DATE.match(text):
+            if ANTAVO_DATE.fullmatch(text):
                 return date.fromisoformat(text)
             return _parse_datetime(text).date()
         except (ValueError, ConversionError):

@@ -1,8 +1,9 @@
 """``tidegate demo``: the whole product in under a minute, with no external service.
 
-Starts the Insider sandbox and the engine, creates a connection with sample mappings
-over the admin API, sends realistic Antavo traffic to the ingest endpoint (some of which
-the sandbox rejects, as Insider would), and prints outbound-log rows as they stream in.
+Starts the Insider and Braze sandboxes and the engine, creates a connection to each with
+sample mappings over the admin API, sends realistic Antavo traffic to the ingest endpoint
+(one stream reaches both destinations; some of it is rejected, as Insider and Braze would
+reject it), and prints outbound-log rows of both connections as they stream in.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from typing import Any
 
 import aiohttp
 
-from clients.client import TidegateClient
+from clients.client import TidegateClient, read_token
 from engine.app import Engine, EngineConfig
+from engine.connector import Allowance
+from engine.state.tokens import ADMIN_TOKEN_FILE
+from plugins.braze.sandbox import SandboxConfig as BrazeSandboxConfig
+from plugins.braze.sandbox import start_sandbox as start_braze_sandbox
 from plugins.insider.sandbox import SandboxConfig, start_sandbox
 
 CONNECTION_ID = "insider-demo"
+BRAZE_CONNECTION_ID = "braze-demo"
 PARTNER = "tidegate-demo"
 FIRST_NAMES = [
     "Ana",
@@ -48,6 +54,32 @@ PROFILE_MAPPINGS = [
     ("newsletter_optin", "email_optin", False),
     ("tier", "loyalty_tier", True),
     ("favourite_store", "favourite_store", True),
+]
+BRAZE_PROFILE_MAPPINGS = [
+    ("email", "email", False),
+    ("first_name", "first_name", False),
+    ("last_name", "last_name", False),
+    ("birth_date", "dob", False),
+    ("gender", "gender", False),
+    ("newsletter_optin", "email_subscribe", False),
+    ("tier", "loyalty_tier", True),
+    ("favourite_store", "favourite_store", True),
+]
+BRAZE_EVENT_MAPPINGS: list[tuple[str, str, list[tuple[str, str, bool]]]] = [
+    ("opt_in", "sign_up_confirmation", []),
+    (
+        "checkout",
+        "purchase",  # Braze purchase objects, one per line item
+        [
+            ("items[].sku", "product_id", False),
+            ("items[].price", "price", False),
+            ("items[].quantity", "quantity", False),
+            ("currency", "currency", False),
+            ("transaction_id", "order_id", False),
+        ],
+    ),
+    ("point_add", "points_earned", [("points", "points", False), ("reason", "reason", False)]),
+    ("coupon_redeem", "coupon_redeemed", [("code", "coupon_code", False)]),
 ]
 EVENT_MAPPINGS: list[tuple[str, str, list[tuple[str, str, bool]]]] = [
     ("opt_in", "sign_up_confirmation", []),
@@ -129,9 +161,14 @@ def traffic(customers: int, seed: int = 7) -> list[list[dict[str, Any]]]:
             "total": round(rng.uniform(10, 300), 2),
             "currency": "EUR",
             "total_quantity": rng.randint(1, 4),
-        }
+            "items": [
+                {"sku": rng.choice(["tote-bag", "water-bottle", "gift-card"]),
+                 "price": round(rng.uniform(5, 100), 2), "quantity": rng.randint(1, 2)}
+                for _ in range(rng.randint(1, 3))
+            ],
+        }  # fmt: skip
         if n % 10 == 6:
-            del checkout["currency"]  # Insider requires currency on purchase: this one fails
+            del checkout["currency"]  # both require a currency on a purchase: this one fails
         activity.append({"customer": cid, "action": "checkout", "data": checkout})
         if n % 4 == 0:
             activity.append(
@@ -151,7 +188,8 @@ def _row_line(entry: Any) -> str:
     more = f" +{entry.customer_count - 3}" if entry.customer_count > 3 else ""
     status = entry.status_code or "---"
     line = (
-        f"  {when}  {status}  {entry.response_time_seconds:6.3f}s  req {entry.id[:13]}…  "
+        f"  {when}  {entry.connection_id:<12} {status}  {entry.response_time_seconds:6.3f}s  "
+        f"req {entry.id[:13]}…  "
         f"{entry.customer_count:3d} customers ({names}{more})"
     )
     if entry.error:
@@ -168,20 +206,31 @@ async def _demo(args: argparse.Namespace) -> int:
         data_dir = Path(tmp.name)
     api_key = "demo-" + secrets.token_hex(8)
     sandbox = await start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=api_key))
+    braze = await start_braze_sandbox(config=BrazeSandboxConfig(api_key=api_key))
     engine = Engine(
-        EngineConfig(data_dir=data_dir, grpc_port=args.grpc_port, http_port=args.http_port)
+        EngineConfig(
+            data_dir=data_dir,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            # The sandboxes are on loopback: the demo allows them, as serve
+            # --allow-destination does.
+            allowed_destinations=(Allowance.parse(sandbox.url), Allowance.parse(braze.url)),
+        )
     )
     await engine.start()
     _print("Tidegate demo")
     _print(f"  Insider sandbox  {sandbox.url}")
+    _print(f"  Braze sandbox    {braze.url}")
     _print(f"  ingest endpoint  http://127.0.0.1:{engine.http_port}/v1/events")
+    auth = f'-H "authorization: Bearer $(cat {data_dir / ADMIN_TOKEN_FILE})"'
     _print(
         f"  gRPC admin API   127.0.0.1:{engine.grpc_port}"
-        f"   (try: grpcurl -plaintext 127.0.0.1:{engine.grpc_port} list)"
+        f"   (try: grpcurl -plaintext {auth} 127.0.0.1:{engine.grpc_port} list)"
     )
     _print(f"  data             {data_dir}")
+    _print(f"  admin token      {data_dir / ADMIN_TOKEN_FILE}")
     try:
-        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}") as client:
+        async with TidegateClient(f"127.0.0.1:{engine.grpc_port}", read_token(data_dir)) as client:
             await client.create_connection(
                 CONNECTION_ID,
                 display_name="Insider (sandbox)",
@@ -195,6 +244,25 @@ async def _demo(args: argparse.Namespace) -> int:
             _print(
                 f"\nConnection {CONNECTION_ID!r}: Antavo customer ID -> Insider uuid, "
                 f"{len(PROFILE_MAPPINGS)} profile mappings, {len(EVENT_MAPPINGS)} event mappings"
+            )
+            await client.create_connection(
+                BRAZE_CONNECTION_ID,
+                connector="braze",
+                display_name="Braze (sandbox)",
+                api_key=api_key,
+                settings={"rest_endpoint": braze.url},
+                target_identifier="external_id",
+            )
+            for source, target, custom in BRAZE_PROFILE_MAPPINGS:
+                await client.create_profile_mapping(
+                    BRAZE_CONNECTION_ID, source, target, custom=custom
+                )
+            for source, target, params in BRAZE_EVENT_MAPPINGS:
+                await client.create_event_mapping(BRAZE_CONNECTION_ID, source, target, params)
+            _print(
+                f"Connection {BRAZE_CONNECTION_ID!r}: Antavo customer ID -> Braze external_id, "
+                f"{len(BRAZE_PROFILE_MAPPINGS)} profile mappings, "
+                f"{len(BRAZE_EVENT_MAPPINGS)} event mappings (checkout -> purchase objects)"
             )
             _print("\nOutbound log, streamed live (StreamLogs):")
             seen: list[Any] = []
@@ -225,19 +293,30 @@ async def _demo(args: argparse.Namespace) -> int:
                     sent += len(events)
                     await asyncio.sleep(0.3)  # traffic arrives over time, not all at once
             connection = await _drained(client)
+            braze_connection = await _drained(client, BRAZE_CONNECTION_ID)
             await asyncio.sleep(0.5)  # the last rows reach the stream
             tail_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await tail_task
             users = list(sandbox.state.users)
-            failed = sum(1 for e in seen for c in e.customers if c.outcome == "failed")
+            insider_rows = [e for e in seen if e.connection_id == CONNECTION_ID]
+            braze_rows = [e for e in seen if e.connection_id == BRAZE_CONNECTION_ID]
+            failed = sum(1 for e in insider_rows for c in e.customers if c.outcome == "failed")
             _print(
-                f"\n{sent} Antavo events in, {len(seen)} requests to Insider, "
+                f"\n{sent} Antavo events in, {len(insider_rows)} requests to Insider, "
                 f"{len(users)} profiles now at the sandbox, queue depth "
                 f"{connection.queue_depth}, {time.monotonic() - started:.1f} s.\n"
                 f"Insider rejected a customer {failed} times; the "
                 f"{connection.dead_letter_count} queued items those rejections covered are "
                 "dead letters (ListDeadLetters shows them, ReplayDeadLetters resends them)."
+            )
+            purchases = sum(len(p.purchases) for p in braze.state.profiles)
+            _print(
+                f"Braze: {len(braze_rows)} requests to /users/track, "
+                f"{len(braze.state.profiles)} profiles and {purchases} purchase objects now at "
+                f"the Braze sandbox, queue depth {braze_connection.queue_depth}; "
+                f"{braze_connection.dead_letter_count} items are dead letters (a malformed "
+                "email or a checkout without a currency, refused before sending)."
             )
             failing = next((e for e in seen if e.error), None)
             if failing is not None:
@@ -247,7 +326,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 _print(f"  response: {detail.response_body[:300]}")
             if args.keep_running:
                 _print(
-                    "\nStill serving. Try: grpcurl -plaintext -d "
+                    f"\nStill serving. Try: grpcurl -plaintext {auth} -d "
                     """'{"filter":{"errors_only":true}}' """
                     f"127.0.0.1:{engine.grpc_port} tidegate.admin.v1.LogService/ListLogs"
                     "   (Ctrl-C to stop)"
@@ -257,6 +336,7 @@ async def _demo(args: argparse.Namespace) -> int:
     finally:
         await engine.stop()
         await sandbox.close()
+        await braze.close()
         if tmp is not None:
             tmp.cleanup()
     return 0
@@ -265,13 +345,15 @@ async def _demo(args: argparse.Namespace) -> int:
 def _stream_request() -> Any:
     from engine.pb import logs_pb2
 
-    return logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter(connection_id=CONNECTION_ID))
+    return logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter())
 
 
-async def _drained(client: TidegateClient, within: float = 30.0) -> Any:
+async def _drained(
+    client: TidegateClient, connection_id: str = CONNECTION_ID, within: float = 30.0
+) -> Any:
     deadline = time.monotonic() + within
     while True:
-        connection = await client.get_connection(CONNECTION_ID)
+        connection = await client.get_connection(connection_id)
         if connection.queue_depth == 0 or time.monotonic() > deadline:
             return connection
         await asyncio.sleep(0.2)

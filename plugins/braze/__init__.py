@@ -1,0 +1,1 @@
+"""The Braze connector: Antavo profile changes and events to Braze's ``/users/track``."""
