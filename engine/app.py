@@ -36,7 +36,7 @@ from engine.outbound_log.retention import (
     LOG_RETENTION_START_DELAY,
     log_retention,
 )
-from engine.outbound_log.store import LogStore
+from engine.outbound_log.store import MAX_SUBSCRIBERS, LogStore
 from engine.periodic import Periodic
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
@@ -49,7 +49,7 @@ from engine.state.audit import AUDIT_RETENTION_DAYS, audit_retention
 from engine.state.audit import DAY as AUDIT_DAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
-from engine.state.secrets import SecretBox
+from engine.state.secrets import SecretBox, secure_data_dir
 from engine.upgrade import prepare
 
 log = structlog.get_logger("tidegate.engine")
@@ -110,6 +110,8 @@ class EngineConfig:
     """Serve the gRPC and ingest ports over TLS with these files."""
     audit_retention_days: float = AUDIT_RETENTION_DAYS
     """Audit events are deleted this long after they were recorded."""
+    max_log_streams: int = MAX_SUBSCRIBERS
+    """StreamLogs calls served at a time (``serve --max-log-streams``)."""
 
 
 class Engine:
@@ -144,7 +146,7 @@ class Engine:
 
     async def _start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(cfg.data_dir)  # 0700/0600, and umask 077 for what comes next
         await asyncio.to_thread(prepare, cfg.data_dir, migrate_now=cfg.migrate)
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
@@ -159,7 +161,11 @@ class Engine:
         await self.registry.load()
         self.queue = DurableQueue(self.db)
         self.outbox = LogOutbox(self.db)
-        self.logs = self._logs = LogStore(cfg.data_dir / LOG_DIR, on_committed=self.outbox.forget)
+        self.logs = self._logs = LogStore(
+            cfg.data_dir / LOG_DIR,
+            on_committed=self.outbox.forget,
+            max_subscribers=cfg.max_log_streams,
+        )
         await self.logs.start()
         recovered = await self.outbox.recover(self.logs)
         if recovered:

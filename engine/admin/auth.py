@@ -391,7 +391,11 @@ def describe(method: str, request: Any) -> tuple[str, dict[str, str]]:
     noun = TARGET_NOUNS.get(service, service)
     if not isinstance(request, Message) or service in UNRECORDED_SERVICES:
         return noun, {}
-    values = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    try:
+        values = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    except (json_format.SerializeToJsonError, ValueError, TypeError):
+        # A value JSON cannot show (a Timestamp out of range): the RPC refuses it itself.
+        return noun, {"request": "(not recorded: a field value is out of range)"}
     name = ""
     for path in ("connection.id", "mapping.id", "id", "name", "destination"):
         value: Any = values

@@ -17,6 +17,7 @@ from engine.admin.catalog import CatalogServicer
 from engine.admin.config import ConfigServicer
 from engine.admin.connections import ConnectionServicer
 from engine.admin.dead_letters import DeadLetterServicer
+from engine.admin.errors import DecodeGuard
 from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
@@ -106,7 +107,11 @@ async def start_grpc_server(
     # Without one configured, IngestEvents needs an operator token.
     ingest_credential = IngestVerifier(ingest.auth).check if ingest.configured else None
     checker = TokenChecker(db)
-    server = grpc.aio.server(interceptors=[AuthInterceptor(checker, db, ingest_credential)])
+    # Authentication first, so an anonymous request is never decoded; then requests
+    # protobuf cannot decode reach the RPC as INVALID_ARGUMENT, not UNKNOWN.
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(checker, db, ingest_credential), DecodeGuard()]
+    )
     tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(db, checker.forget), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(db), server)
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
