@@ -168,7 +168,9 @@ async def test_grpc_ingest_refuses_the_same_records(engine: Engine) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.send_events([event(**nested(33))])
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "events[0].data.k" in str(refused.value.details())
+        # The admin API's own Struct limit (32 levels, about what protobuf decodes) answers
+        # first over gRPC, naming the event's data.
+        assert "events[0].data" in str(refused.value.details())
         assert "deeper than 32 levels" in str(refused.value.details())
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.send_events([event(note="x" * 70_000)])
