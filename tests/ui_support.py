@@ -3,16 +3,13 @@ written to its real store, and a logged-in HTTP session."""
 
 from __future__ import annotations
 
-import itertools
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import aiohttp
 
 from engine.app import Engine
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.state import tokens
-
-_seq = itertools.count()
 
 
 def row(
@@ -25,7 +22,7 @@ def row(
     at: datetime | None = None,
     name: str = "Ada Lovelace",
 ) -> LogRow:
-    when = at or datetime.now(UTC) - timedelta(milliseconds=next(_seq) % 1000)
+    when = at or datetime.now(UTC)
     return LogRow(
         id=new_request_id(when),
         time=when,
