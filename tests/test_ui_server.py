@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import ssl
+import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from engine.app import Engine, EngineConfig
+from engine.cli import build_parser
+from engine.security import TlsFiles
 from engine.state import tokens
+from tests.certs import make_certs
+from tests.test_cli import BIN, tidegate
 from tests.ui_support import base, login, make_token, row, session, write
 
 
@@ -310,3 +319,58 @@ async def test_the_engine_stops_promptly_with_a_stream_open(engine_config: Engin
     # stream (the design doc measured a hang past 90 s); 15 s tells the two apart.
     assert took < 15, took
     assert b"event: logs" not in rest
+
+
+async def test_over_tls_the_page_is_https_and_the_cookie_is_secure(
+    engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    engine_config.tls = TlsFiles(certs.server_cert, certs.server_key)
+    running = Engine(engine_config)
+    await running.start()
+    try:
+        token = await make_token(running, tokens.Role.VIEWER, "tls-viewer")
+        trust = ssl.create_default_context(cafile=str(certs.ca))
+        url = f"https://127.0.0.1:{running.ui_port}"
+        async with session() as http:
+            async with http.post(f"{url}/ui/session", json={"token": token}, ssl=trust) as r:
+                assert r.status == 200
+                cookie = r.headers["Set-Cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{running.ui_port}/") as r:
+                    await r.read()
+    finally:
+        await running.stop(grace=1.0)
+
+
+def test_serve_serves_the_page_on_ui_port_and_says_where(tmp_path: Path) -> None:
+    command = [str(BIN / "tidegate"), "serve", "--grpc-port", "0", "--http-port", "0",
+               "--metrics-port", "off", "--ui-port", "0",
+               "--data-dir", str(tmp_path / "d")]  # fmt: skip
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stderr is not None
+            line = ""
+            while not line.startswith("tidegate serving"):
+                line = process.stderr.readline()
+                assert line, "tidegate serve exited before serving"
+            found = re.search(r", page on http://127\.0\.0\.1:(\d+)/$", line.rstrip())
+            assert found, line
+            with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/") as answer:
+                assert answer.status == 200
+                assert b"/ui/static/app.js" in answer.read()
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_a_bad_ui_port_is_a_clear_error() -> None:
+    result = tidegate("serve", "--ui-port", "eighty")
+    assert result.returncode == 2
+    assert "--ui-port" in result.stderr and "eighty is neither a TCP port nor off" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert build_parser().parse_args(["serve", "--ui-port", "off"]).ui_port is None
+    assert build_parser().parse_args(["serve"]).ui_port == 8081
