@@ -1013,6 +1013,14 @@ def _metrics_address(config: EngineConfig, engine: Engine) -> str:
     return f", metrics on http://{config.host}:{engine.metrics_port}/metrics"
 
 
+def _ui_address(config: EngineConfig, engine: Engine) -> str:
+    """The start line's last part: where the outbound-log page is."""
+    if config.ui_port is None:
+        return ""
+    scheme = "http" if config.tls is None else "https"
+    return f", page on {scheme}://{config.host}:{engine.ui_port}/"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -1032,11 +1040,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _ui_address(config: EngineConfig, engine: Engine) -> str:
-    """The start line's last part: where the outbound-log page is."""
-    if config.ui_port is None:
-        return ""
-    scheme = "http" if config.tls is None else "https"
-    return f", page on {scheme}://{config.host}:{engine.ui_port}/"
