@@ -374,3 +374,30 @@ def test_a_bad_ui_port_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
     assert build_parser().parse_args(["serve", "--ui-port", "off"]).ui_port is None
     assert build_parser().parse_args(["serve"]).ui_port == 8081
+
+
+async def test_a_reconnecting_stream_first_replays_what_it_missed(
+    engine: Engine, viewer: tuple[aiohttp.ClientSession, str]
+) -> None:
+    http, _ = viewer
+    seen = row("fay", 500, "boom")
+    await write(engine, seen)
+    missed = [row("fay", 502, "Bad Gateway"), row("fay", 503, "Service Unavailable")]
+    await write(engine, row("gus", 200), *missed)  # logged while the browser was away
+    url = f"{base(engine)}/ui/api/logs/stream?customer_id=fay"
+
+    def ids(event: list[str]) -> list[str]:
+        return [e["id"] for e in json.loads(event[2].removeprefix("data: "))["logs"]]
+
+    async with http.get(url, headers={"Last-Event-ID": seen.id}) as r:
+        await read_event(r.content)  # retry:
+        event = await read_event(r.content)
+        assert ids(event) == [m.id for m in missed]
+        assert event[1] == f"id: {missed[-1].id}"
+        later = row("fay", 504, "Gateway Timeout")
+        await write(engine, later)
+        assert ids(await read_event(r.content)) == [later.id]  # live, no repeats
+    # A page that closed its stream itself (a hidden tab) passes the id as ?after=.
+    async with http.get(url, params={"after": seen.id}) as r:
+        await read_event(r.content)
+        assert ids(await read_event(r.content)) == [*(m.id for m in missed), later.id]

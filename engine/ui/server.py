@@ -29,8 +29,9 @@ import re
 import secrets
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -44,7 +45,7 @@ from engine.admin.auth import TokenChecker
 from engine.admin.logs import PAGES, entry_pb, query_from_pb
 from engine.admin.paging import DEFAULT_PAGE_SIZE, page_size
 from engine.errors import InvalidInputError, TidegateError
-from engine.outbound_log.rows import LogQuery, LogRow
+from engine.outbound_log.rows import ID_TIME_SLACK, LogQuery, LogRow, from_micros
 from engine.outbound_log.store import LogStore
 from engine.pb import logs_pb2 as pb
 
@@ -57,6 +58,9 @@ SESSION_SECONDS = 12 * 3600.0
 """A session ends this long after its login."""
 MAX_SESSIONS = 10_000
 KEEPALIVE_SECONDS = 15.0
+REPLAY_LIMIT = 1000
+"""At most this many rows logged while a stream was down are replayed on its reconnect
+(the newest; the page keeps no more rows than that)."""
 MAX_TOKEN_LENGTH = 200
 MAX_PARAM_LENGTH = 1000
 ECHO_LIMIT = 100
@@ -184,6 +188,12 @@ def query_from_params(params: Any) -> LogQuery:
 def entry_json(row: LogRow) -> dict[str, Any]:
     """A log entry as the proto's JSON mapping (camelCase names), every field present."""
     return json_format.MessageToDict(entry_pb(row), always_print_fields_with_no_presence=True)
+
+
+def _event(rows: list[LogRow]) -> bytes:
+    """One SSE ``logs`` event: its id is the last row's, which a reconnect sends back."""
+    data = orjson.dumps({"logs": [entry_json(r) for r in rows]})
+    return b"event: logs\nid: %s\ndata: %s\n\n" % (rows[-1].id.encode(), data)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -404,6 +414,31 @@ class UiServer:
             return _json({"error": f"no log entry with id {cut(request_id)!r}"}, status=404)
         return _json({"log": entry_json(row)})
 
+    async def _missed(self, query: LogQuery, last_id: str) -> list[LogRow]:
+        """The rows matching ``query`` logged after ``last_id`` (the ``Last-Event-ID`` a
+        reconnecting browser sends, or ``?after=``), oldest first: what the stream missed
+        while it was down. Nothing for a missing or malformed id."""
+        try:
+            parsed = uuid.UUID(last_id)
+        except ValueError:
+            return []
+        if parsed.version != 7 or str(parsed) != last_id:
+            return []
+        # A row's time lies within ID_TIME_SLACK of its id's: rows with later ids are
+        # no older than this.
+        since = from_micros((parsed.int >> 80) * 1000) - ID_TIME_SLACK
+        start = since if query.start_time is None else max(since, query.start_time)
+        bounded = replace(query, start_time=start)
+        found: list[LogRow] = []
+        after = None
+        while len(found) < REPLAY_LIMIT:
+            rows, after = await self._logs.page(bounded, 200, after)
+            found.extend(r for r in rows if r.id > last_id)
+            if after is None:
+                break
+        found.sort(key=lambda r: (r.time, r.id))
+        return found[-REPLAY_LIMIT:]
+
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         self._viewer(request)
         query = query_from_params(request.query)
@@ -411,6 +446,13 @@ class UiServer:
             subscription = self._logs.subscribe(query)
         except TidegateError as exc:
             return _json({"error": str(exc)}, status=503)
+        try:
+            last_id = request.headers.get("Last-Event-ID") or request.query.get("after", "")
+            missed = await self._missed(query, last_id)
+        except BaseException:
+            subscription.close()
+            raise
+        replayed = {r.id for r in missed}
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         response.headers["Cache-Control"] = "no-cache"
         self._secure(response)
@@ -419,6 +461,8 @@ class UiServer:
         try:
             await response.prepare(request)
             await response.write(b"retry: 1000\n: connected\n\n")
+            if missed:
+                await response.write(_event(missed))
             while not self._closing.is_set():
                 if next_rows is None:
                     next_rows = asyncio.ensure_future(anext(subscription))
@@ -440,9 +484,10 @@ class UiServer:
                 except TidegateError as exc:  # fell behind: the browser reconnects
                     await response.write(b"event: error\ndata: " + orjson.dumps(str(exc)) + b"\n\n")
                     break
-                data = orjson.dumps({"logs": [entry_json(r) for r in rows]})
-                last_id = rows[-1].id.encode()
-                await response.write(b"event: logs\nid: %s\ndata: %s\n\n" % (last_id, data))
+                if replayed:  # committed between the subscription and the replay's read
+                    rows = [r for r in rows if r.id not in replayed]
+                if rows:
+                    await response.write(_event(rows))
         except ConnectionResetError:
             return response  # the browser went away
         finally:

@@ -23,6 +23,7 @@ let source = null;
 let paused = false;
 let waiting = [];
 let listed = new Set();
+let lastEventId = "";
 
 function el(tag, attrs = {}, text) {
   const node = document.createElement(tag);
@@ -167,6 +168,7 @@ function addRows(entries, atTop) {
 }
 
 async function reload() {
+  lastEventId = "";
   $("rows").replaceChildren();
   listed = new Set();
   nextToken = "";
@@ -252,13 +254,18 @@ async function toggle(tr) {
 
 function liveState(text) { $("live-state").textContent = text; }
 
-function startLive() {
+function startLive(after = "") {
   stopLive();
-  source = new EventSource(`/ui/api/logs/stream?${filterQuery()}`);
+  // The browser resends the last event's id when it reconnects by itself; `after` does the
+  // same for a stream this page closed (a hidden tab): the server replays what it missed.
+  const query = filterQuery();
+  if (after) query.set("after", after);
+  source = new EventSource(`/ui/api/logs/stream?${query}`);
   liveState("connecting…");
   source.addEventListener("open", () => liveState("live"));
   source.addEventListener("error", () => liveState("reconnecting…"));
   source.addEventListener("logs", (event) => {
+    lastEventId = event.lastEventId;
     const entries = JSON.parse(event.data).logs;
     if (paused) {
       waiting.push(...entries);
@@ -362,7 +369,7 @@ async function start() {
   document.addEventListener("visibilitychange", () => {
     // Browsers allow 6 streams per origin: a hidden tab gives its one back.
     if (!$("logs").hidden && $("live").getAttribute("aria-pressed") === "true") {
-      if (document.hidden) stopLive(); else startLive();
+      if (document.hidden) stopLive(); else startLive(lastEventId);
     }
   });
   const { ok, body } = await api("/ui/session");
