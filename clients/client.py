@@ -24,6 +24,8 @@ from engine.pb import (
     logs_pb2_grpc,
     mappings_pb2,
     mappings_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
 )
 from engine.state.tokens import ADMIN_TOKEN_FILE
 
@@ -104,6 +106,7 @@ class TidegateClient:
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self.channel)
         self.backups = backup_pb2_grpc.BackupServiceStub(self.channel)
         self.config = config_pb2_grpc.ConfigServiceStub(self.channel)
+        self.privacy = privacy_pb2_grpc.PrivacyServiceStub(self.channel)
 
     async def __aenter__(self) -> TidegateClient:
         return self
@@ -292,4 +295,16 @@ class TidegateClient:
         path on the engine's machine)."""
         return await self.backups.CreateBackup(
             backup_pb2.CreateBackupRequest(destination=destination)
+        )
+
+    async def erase_customer(
+        self, customer_id: str, at_destinations: bool = False
+    ) -> privacy_pb2.EraseCustomerResponse:
+        """Forgets one Antavo customer everywhere the engine keeps them (and, with
+        ``at_destinations``, at the destinations whose connectors can delete); returns
+        what went."""
+        return await self.privacy.EraseCustomer(
+            privacy_pb2.EraseCustomerRequest(
+                customer_id=customer_id, at_destinations=at_destinations
+            )
         )

@@ -19,6 +19,7 @@ from aiohttp import web
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
 from engine.connector.destinations import Allowance
+from engine.delivery.erasure import CustomerEraser
 from engine.delivery.worker import Deliverer, DeliverySettings
 from engine.ingest.dedupe_sweep import SWEEP_INTERVAL, SWEEP_START_DELAY, dedupe_sweeper
 from engine.ingest.http import create_ingest_runner
@@ -35,7 +36,7 @@ from engine.outbound_log.retention import (
     LOG_RETENTION_START_DELAY,
     log_retention,
 )
-from engine.outbound_log.store import LogStore
+from engine.outbound_log.store import MAX_SUBSCRIBERS, LogStore
 from engine.periodic import Periodic
 from engine.plugins import Connectors, plugin_manager
 from engine.queue.lanes import DurableQueue
@@ -48,7 +49,7 @@ from engine.state.audit import AUDIT_RETENTION_DAYS, audit_retention
 from engine.state.audit import DAY as AUDIT_DAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
-from engine.state.secrets import SecretBox
+from engine.state.secrets import SecretBox, secure_data_dir
 from engine.ui.server import UiServer
 from engine.upgrade import prepare
 
@@ -110,6 +111,8 @@ class EngineConfig:
     """Serve the gRPC and ingest ports over TLS with these files."""
     audit_retention_days: float = AUDIT_RETENTION_DAYS
     """Audit events are deleted this long after they were recorded."""
+    max_log_streams: int = MAX_SUBSCRIBERS
+    """StreamLogs calls served at a time (``serve --max-log-streams``)."""
     ui_port: int | None = None
     """Port of the outbound-log page (``engine.ui``); None serves no page. ``tidegate
     serve`` passes ``--ui-port`` (default 8081)."""
@@ -149,7 +152,7 @@ class Engine:
 
     async def _start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(cfg.data_dir)  # 0700/0600, and umask 077 for what comes next
         await asyncio.to_thread(prepare, cfg.data_dir, migrate_now=cfg.migrate)
         self.db = self._db = Database(cfg.data_dir / STATE_FILE)
         await self.db.start()
@@ -164,7 +167,11 @@ class Engine:
         await self.registry.load()
         self.queue = DurableQueue(self.db)
         self.outbox = LogOutbox(self.db)
-        self.logs = self._logs = LogStore(cfg.data_dir / LOG_DIR, on_committed=self.outbox.forget)
+        self.logs = self._logs = LogStore(
+            cfg.data_dir / LOG_DIR,
+            on_committed=self.outbox.forget,
+            max_subscribers=cfg.max_log_streams,
+        )
         await self.logs.start()
         recovered = await self.outbox.recover(self.logs)
         if recovered:
@@ -230,6 +237,15 @@ class Engine:
             self.connectors,
             cfg.data_dir,
             self.db,
+            CustomerEraser(
+                self.db,
+                self.queue,
+                self.logs,
+                self.outbox,
+                self.deliverer,
+                self.registry,
+                self.connectors,
+            ),
             self.metrics.ingest,
             cfg.tls,
             self.ingest_settings,

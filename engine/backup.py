@@ -32,7 +32,7 @@ from engine.errors import InvalidInputError, TidegateError
 from engine.outbound_log.partitions import LOG_DIR
 from engine.outbound_log.store import LogStore
 from engine.state.database import STATE_FILE
-from engine.state.secrets import SECRET_KEY_FILE
+from engine.state.secrets import NEW_KEY_FILE, SECRET_KEY_FILE
 from engine.state.tokens import ADMIN_TOKEN_FILE
 
 PARTIAL = ".partial"
@@ -135,9 +135,11 @@ def _copy_key(data_dir: Path, partial: Path) -> bool:
     key = data_dir / SECRET_KEY_FILE
     if not key.exists():
         return False
-    target = partial / SECRET_KEY_FILE
-    shutil.copyfile(key, target)
-    target.chmod(0o600)
+    for name in (SECRET_KEY_FILE, NEW_KEY_FILE):  # and the key of an unfinished rotation
+        if (data_dir / name).exists():
+            target = partial / name
+            shutil.copyfile(data_dir / name, target)
+            target.chmod(0o600)
     return True
 
 

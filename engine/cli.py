@@ -57,6 +57,7 @@ from engine.ingest.settings import IngestSettings
 from engine.logconfig import configure_logging
 from engine.metrics import inherited_multiprocess_dir_problem
 from engine.outbound_log.retention import LOG_RETENTION_DAYS
+from engine.outbound_log.store import MAX_SUBSCRIBERS
 from engine.pb import config_pb2
 from engine.plugins import plugin_commands, plugin_manager
 from engine.queue.retention import DAY, DEFAULT_RETENTION_DAYS
@@ -64,6 +65,7 @@ from engine.security import INSECURE_FLAG, TlsFiles, exposure_problem, is_loopba
 from engine.state import audit, tokens
 from engine.state.config_document import key_env_names
 from engine.state.database import STATE_FILE, Database
+from engine.state.secrets import SECRET_KEY_ENV, rotate_secrets
 from engine.state.tokens import ADMIN_TOKEN_FILE, TOKEN_ENV, Role
 from engine.ui.server import DEFAULT_UI_PORT
 from engine.upgrade import migrate, plan, prepare
@@ -75,6 +77,16 @@ def positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
     return value
 
 
@@ -188,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"queued items past which ingest answers 503 (default {DEFAULT_MAX_BACKLOG})",
     )
     serve.add_argument(
+        "--max-log-streams",
+        type=positive_int,
+        default=MAX_SUBSCRIBERS,
+        help="StreamLogs calls served at a time; more are refused with RESOURCE_EXHAUSTED"
+        f" (default {MAX_SUBSCRIBERS})",
+    )
+    serve.add_argument(
         "--log-retention-days",
         type=non_negative,
         default=LOG_RETENTION_DAYS,
@@ -226,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backup_command(sub)
     add_token_command(sub)
     add_migrate_command(sub)
+    add_secrets_command(sub)
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
         command.configure(added)
@@ -250,6 +270,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         ingest=ingest,
         max_backlog=args.max_backlog,
+        max_log_streams=args.max_log_streams,
         metrics_port=args.metrics_port,
         ui_port=args.ui_port,
         ingest_worker=not args.ingest_in_process,
@@ -971,6 +992,53 @@ def run_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_secrets_command(sub: Any) -> None:
+    secrets = sub.add_parser(
+        "secrets",
+        help="manage the master key that encrypts the stored API keys",
+    )
+    actions = secrets.add_subparsers(dest="secrets_command", required=True, metavar="ACTION")
+    rotate = actions.add_parser(
+        "rotate",
+        help="re-encrypt every stored API key under a new master key (engine stopped)",
+        description="Generates a new master key, re-encrypts every stored API key under it"
+        " in one transaction, then replaces <data-dir>/secret.key; safe to interrupt (run it"
+        f" again to finish). With {SECRET_KEY_ENV} set, the new key is its first one (give"
+        " 'NEW,OLD') and no file is written. Stop `tidegate serve` on the folder first.",
+    )
+    rotate.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"the data folder (default ./{DEFAULT_DATA_DIR})",
+    )
+    rotate.set_defaults(func=run_secrets_rotate)
+
+
+def run_secrets_rotate(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir
+    target = serving_engine(data_dir)
+    if target is not None:
+        print(
+            f"tidegate secrets rotate: an engine serves {data_dir} (gRPC {target}): stop it"
+            " first; the running engine holds the old key and would keep writing with it",
+            file=sys.stderr,
+        )
+        return 1
+    done = rotate_secrets(data_dir)
+    print(
+        f"tidegate secrets rotate: {done.api_keys} API key(s) re-encrypted under the new"
+        f" key in {done.key_in}"
+        + (
+            f"; drop the old key from {SECRET_KEY_ENV} once every engine uses the new one"
+            if done.key_in == SECRET_KEY_ENV
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def run_token_list(args: argparse.Namespace) -> int:
     now = time.time()
     print(
@@ -1028,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidegate: {exc}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
+    os.umask(0o077)  # every file a command writes in a data folder or backup is private
     configure_logging(args.log_format, args.log_level)
     try:
         return int(args.func(args) or 0)

@@ -19,6 +19,18 @@ Messages never contain secrets.
 
 from __future__ import annotations
 
+MAX_ECHO = 100
+"""Characters of a value a user sent that an error message quotes at most."""
+
+
+def shown(value: object, limit: int = MAX_ECHO) -> str:
+    """``value`` as an error message may quote it: a string's first ``limit`` characters,
+    quoted, with a count of the rest."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text) - limit} more characters)"
+
 
 class TidegateError(Exception):
     """Base class of every error Tidegate raises on purpose."""

@@ -70,7 +70,7 @@ log = structlog.get_logger("tidegate.plugins")
 
 PIPELINE_HOOKS = ("identify", "map_profile", "map_event", "send")
 """Hooks every connector implements."""
-CONNECTOR_HOOKS = ("prepare", *PIPELINE_HOOKS)
+CONNECTOR_HOOKS = ("prepare", *PIPELINE_HOOKS, "erase")
 """Hooks called for a connection, on its connector's plugin only."""
 SYNCHRONOUS_HOOKS = ("connector_info", "prepare", "identify", "map_profile", "map_event")
 CONTEXT = ("connection", "plan")
@@ -280,7 +280,7 @@ class Connector:
             ):
                 raise PluginError(
                     f"plugin {plugin_name!r}: {hook} must be a plain function, not async "
-                    "(only send is awaited)"
+                    "(only send and erase are awaited)"
                 )
 
     def resolve(self, pm: pluggy.PluginManager, others: Sequence[object]) -> None:
@@ -323,6 +323,10 @@ class Connector:
         call = self._calls[hook]
         assert call is not None  # PIPELINE_HOOKS are required at start-up
         return call
+
+    def optional(self, hook: str) -> _Direct | _ThroughPluggy | None:
+        """How an optional hook is called, or None when the connector lacks it."""
+        return self._calls.get(hook)
 
 
 def _wraps(impl: pluggy.HookImpl) -> bool:
@@ -434,6 +438,31 @@ class ConnectionHooks:
         self._map_profile = _bind(connector.call("map_profile"), fixed, ("customer", "change"))
         self._map_event = _bind(connector.call("map_event"), fixed, ("customer", "event"))
         self._send = _bind(connector.call("send"), fixed, ("deliveries", "transport"))
+        erase = connector.optional("erase")
+        self._erase = (
+            None if erase is None else _bind(erase, fixed, ("customer", "identifiers", "transport"))
+        )
+
+    @property
+    def can_erase(self) -> bool:
+        """Whether the connector deletes a customer at its destination (``erase``)."""
+        return self._erase is not None
+
+    async def erase(
+        self, customer: Customer, identifiers: Mapping[str, Any], transport: Transport
+    ) -> None:
+        """Deletes ``customer`` at the destination. Raises the engine's ``DeliveryError``s;
+        a plugin's own exception is a ``ConnectorCrashError``."""
+        assert self._erase is not None, "can_erase first"
+        try:
+            result = self._erase(customer, identifiers, transport)
+            if inspect.isawaitable(result):
+                await result
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            log.exception("plugin_erase_failed", plugin=self.plugin, connection=self.connection.id)
+            raise ConnectorCrashError(self.plugin, _describe(exc, self.connection), exc) from None
 
     def check_url(self, url: str) -> None:
         """Raises ``DestinationError`` unless this connection may send to ``url``."""

@@ -681,3 +681,35 @@ async def test_hook_send_an_error_on_an_alias_profile_object_fails_that_customer
     result = await BRAZE.send(c, batch, FakeTransport(answer))
     assert not result.outcomes[1].delivered
     assert "attributes[0]" in result.outcomes[1].error
+
+
+# -- erase: POST /users/delete (reference 7.4) ---------------------------------------------
+
+
+async def test_hook_erase_deletes_by_external_id_with_the_key_in_a_header() -> None:
+    transport = FakeTransport(response(201, {"deleted": 1}))
+    await BRAZE.erase(braze(), customer("c-9"), transport)
+    [request] = transport.requests
+    assert request.url == "https://rest.fra-01.braze.eu/users/delete"
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert request.json() == {"external_ids": ["c-9"]}
+
+
+async def test_hook_erase_deletes_an_alias_customer_by_alias() -> None:
+    c = braze(id_mapping=CustomerIdMapping("customer_id", "user_alias"))
+    transport = FakeTransport(response(201, {"deleted": 1}))
+    await BRAZE.erase(c, customer("c-9"), transport)
+    assert transport.requests[0].json() == {
+        "user_aliases": [{"alias_name": "c-9", "alias_label": "antavo_id"}]
+    }
+
+
+async def test_hook_erase_treats_404_as_done_and_refusals_as_errors() -> None:
+    await BRAZE.erase(braze(), customer("c-9"), FakeTransport(response(404, {})))
+    with pytest.raises(AuthError):
+        await BRAZE.erase(braze(), customer("c-9"), FakeTransport(response(401, {})))
+    with pytest.raises(RetryableError):
+        await BRAZE.erase(braze(), customer("c-9"), FakeTransport(response(503, {})))
+    email = braze(id_mapping=CustomerIdMapping("email", "email"))
+    with pytest.raises(PermanentError, match="external_id or a user_alias"):
+        await BRAZE.erase(email, customer("c-9", email="a@example.com"), FakeTransport())

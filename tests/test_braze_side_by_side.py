@@ -320,3 +320,35 @@ async def test_an_identifier_change_renames_the_braze_profile_before_its_later_e
     assert orjson.loads(rename["body"]) == {
         "external_id_renames": [{"current_external_id": "CARD-1", "new_external_id": "CARD-2"}]
     }
+
+
+async def test_erase_customer_at_destinations_deletes_the_braze_profile(
+    engine: Engine,
+    client: TidegateClient,
+    sandbox: RunningSandbox,
+    braze_sandbox: RunningBrazeSandbox,
+    http: aiohttp.ClientSession,
+) -> None:
+    """EraseCustomer with at_destinations: Braze's profile is deleted (/users/delete),
+    Insider's connector cannot delete and says so, and the delete request itself is
+    erased from the log with the rest."""
+    await both(client, sandbox, braze_sandbox)
+    await post_events(http, engine, {"events": [points("ana", 1), points("bob", 1)]})
+    await drained(client, BRAZE_ID)
+    await drained(client, INSIDER_ID)
+    assert braze_sandbox.state.find({"external_id": "ana"}) is not None
+
+    erased = await client.erase_customer("ana", at_destinations=True)
+
+    outcomes = {d.connection_id: (d.outcome, d.message) for d in erased.destinations}
+    assert outcomes[BRAZE_ID] == ("deleted", "")
+    assert outcomes[INSIDER_ID][0] == "unsupported"
+    assert braze_sandbox.state.find({"external_id": "ana"}) is None
+    assert braze_sandbox.state.find({"external_id": "bob"}) is not None
+    assert (await client.list_logs(customer_id="ana")).logs == []
+    deletes = [
+        row for row in (await client.list_logs(connection_id=BRAZE_ID)).logs
+        if row.url.endswith("/users/delete")
+    ]  # fmt: skip
+    assert len(deletes) == 1 and list(deletes[0].tags) == ["erasure"]
+    assert "ana" not in (await client.get_log(deletes[0].id)).request_body

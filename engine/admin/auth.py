@@ -103,6 +103,7 @@ ACCESS: Mapping[str, Access] = {
     f"{_P}TokenService/ListTokens": Access(Role.ADMIN),
     f"{_P}TokenService/RevokeToken": Access(Role.ADMIN, change=True),
     f"{_P}AuditService/ListAuditEvents": Access(Role.ADMIN),
+    f"{_P}PrivacyService/EraseCustomer": Access(Role.ADMIN, change=True),
 }
 TARGET_NOUNS = {
     "ConnectionService": "connection",
@@ -111,7 +112,11 @@ TARGET_NOUNS = {
     "ConfigService": "configuration",
     "BackupService": "backup",
     "TokenService": "token",
+    "PrivacyService": "customer",
 }
+UNRECORDED_SERVICES = frozenset({"PrivacyService"})
+"""Services whose requests name a person who asked to be forgotten: their audit events
+record who erased a customer and when, not which customer."""
 
 
 @dataclass(frozen=True)
@@ -384,9 +389,13 @@ def describe(method: str, request: Any) -> tuple[str, dict[str, str]]:
     {"connection.display_name": "Insider", "connection.api_key": "(secret)"})."""
     service = method.rsplit("/", 2)[-2].rsplit(".", 1)[-1] if method.count("/") >= 2 else ""
     noun = TARGET_NOUNS.get(service, service)
-    if not isinstance(request, Message):
+    if not isinstance(request, Message) or service in UNRECORDED_SERVICES:
         return noun, {}
-    values = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    try:
+        values = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    except (json_format.SerializeToJsonError, ValueError, TypeError):
+        # A value JSON cannot show (a Timestamp out of range): the RPC refuses it itself.
+        return noun, {"request": "(not recorded: a field value is out of range)"}
     name = ""
     for path in ("connection.id", "mapping.id", "id", "name", "destination"):
         value: Any = values

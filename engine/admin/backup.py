@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engine.admin.errors import Context, rpc
 from engine.backup import back_up_running
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, TidegateError, shown
 from engine.outbound_log.store import LogStore
 from engine.pb import backup_pb2 as pb
 from engine.pb import backup_pb2_grpc
@@ -23,7 +23,15 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     ) -> pb.CreateBackupResponse:
         if not request.destination:
             raise InvalidInputError("destination", "required: an absolute path")
-        result = await back_up_running(self._data_dir, self._logs, Path(request.destination))
+        if "\0" in request.destination:
+            raise InvalidInputError("destination", "must not contain a NUL character")
+        try:
+            result = await back_up_running(self._data_dir, self._logs, Path(request.destination))
+        except OSError as exc:  # a name too long, no permission, a full disk
+            raise TidegateError(
+                f"cannot write the backup to {shown(request.destination)}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
         return pb.CreateBackupResponse(
             destination=str(result.destination),
             state_bytes=result.state_bytes,

@@ -75,13 +75,18 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
         if not request.document.strip():
             raise InvalidInputError("document", "required: the YAML document to apply")
         async with self._applying:
-            plan = plan_apply(
-                self._registry,
-                self._connectors,
-                request.document,
-                dict(request.api_keys),
-                request.prune,
-            )
+            try:
+                plan = plan_apply(
+                    self._registry,
+                    self._connectors,
+                    request.document,
+                    dict(request.api_keys),
+                    request.prune,
+                )
+            except RecursionError:  # YAML's reader recurses once per level of nesting
+                raise InvalidInputError(
+                    "document", "nested too deeply: a configuration is a few levels deep"
+                ) from None
             applied = bool(plan.changes) and not request.dry_run
             if applied:
                 await self._registry.write_batch(plan.batch)

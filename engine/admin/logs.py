@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC
 
 import grpc
+import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from engine.admin.errors import Context, rpc
+from engine.admin.errors import Context, bounded, refuse_undecodable, rpc
+from engine.admin.limits import check_request
 from engine.admin.paging import Pager, page_size
-from engine.errors import InvalidInputError, NotFoundError, TidegateError
+from engine.errors import InvalidInputError, NotFoundError, TidegateError, shown
 from engine.outbound_log.rows import LogQuery, LogRow, from_micros
-from engine.outbound_log.store import LogStore
+from engine.outbound_log.store import (
+    LogStore,
+    StreamBehindError,
+    TooManySubscribersError,
+    row_bytes,
+)
 from engine.pb import logs_pb2 as pb
 from engine.pb import logs_pb2_grpc
+
+log = structlog.get_logger("tidegate.admin")
 
 
 def _representable(cursor: tuple[int, str]) -> bool:
@@ -75,6 +84,26 @@ def entry_pb(row: LogRow) -> pb.LogEntry:
     )
 
 
+STREAM_MESSAGE_BYTES = 1024 * 1024
+"""Rows per StreamLogs message at most, by ``row_bytes``: a client refuses messages past
+4 MB unless told otherwise, and one commit can carry thousands of rows."""
+
+
+def message_chunks(rows: list[LogRow]) -> Iterator[list[LogRow]]:
+    """``rows`` in runs of at most ``STREAM_MESSAGE_BYTES`` (a longer row goes alone)."""
+    chunk: list[LogRow] = []
+    size = 0
+    for row in rows:
+        estimate = row_bytes(row)
+        if chunk and size + estimate > STREAM_MESSAGE_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += estimate
+    if chunk:
+        yield chunk
+
+
 class LogServicer(logs_pb2_grpc.LogServiceServicer):
     def __init__(self, logs: LogStore) -> None:
         self._logs = logs
@@ -94,23 +123,41 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
             raise InvalidInputError("id", "required: a request identifier")
         row = await self._logs.get(request.id)
         if row is None:
-            raise NotFoundError(f"no log entry with id {request.id!r}")
+            raise NotFoundError(f"no log entry with id {shown(request.id)}")
         return pb.GetLogResponse(log=entry_pb(row))
 
     async def StreamLogs(
         self, request: pb.StreamLogsRequest, context: Context
     ) -> AsyncIterator[pb.StreamLogsResponse]:
+        await refuse_undecodable(request, context)
         try:
+            check_request(request)
             query = query_from_pb(request.filter)
         except InvalidInputError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        subscription = self._logs.subscribe(query)
-        # Headers go out at once so a client knows the stream is live before rows arrive.
-        await context.send_initial_metadata(())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(exc)))
         try:
-            async for rows in subscription:
-                yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in rows])
-        except TidegateError as exc:
+            subscription = self._logs.subscribe(query)
+        except TooManySubscribersError as exc:
+            log.warning("log_stream_refused", peer=context.peer(), reason=str(exc))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TidegateError as exc:  # the log store is stopping
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        rows: list[LogRow] = []
+        chunk: list[LogRow] = []
+        cut = ""
+        try:
+            # Headers go out at once so a client knows the stream is live before rows arrive.
+            await context.send_initial_metadata(())
+            async for rows in subscription:
+                for chunk in message_chunks(rows):
+                    yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in chunk])
+        except StreamBehindError as exc:
+            cut = str(exc)
         finally:
-            subscription.close()
+            subscription.close()  # its unread rows go at once, whoever ended the stream
+        # Aborted outside the handler, with nothing in hand: gRPC may keep the abort's
+        # traceback, and with it this frame, for a while after the call.
+        rows = chunk = []
+        if cut:
+            log.warning("log_stream_cut", peer=context.peer(), reason=cut)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, cut)

@@ -17,10 +17,13 @@ from engine.admin.catalog import CatalogServicer
 from engine.admin.config import ConfigServicer
 from engine.admin.connections import ConnectionServicer
 from engine.admin.dead_letters import DeadLetterServicer
+from engine.admin.errors import DecodeGuard
 from engine.admin.ingest import IngestServicer
 from engine.admin.logs import LogServicer
 from engine.admin.mappings import MappingServicer
+from engine.admin.privacy import PrivacyServicer
 from engine.admin.tokens import TokenServicer
+from engine.delivery.erasure import CustomerEraser
 from engine.ingest.auth import IngestVerifier
 from engine.ingest.ingestor import Ingestor
 from engine.ingest.settings import IngestSettings
@@ -45,6 +48,8 @@ from engine.pb import (
     logs_pb2_grpc,
     mappings_pb2,
     mappings_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
     tokens_pb2,
     tokens_pb2_grpc,
 )
@@ -65,6 +70,7 @@ SERVICE_NAMES = (
     backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
     tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name,
 )
 
 
@@ -79,6 +85,7 @@ async def start_grpc_server(
     connectors: Connectors,
     data_dir: Path,
     db: Database,
+    eraser: CustomerEraser,
     ingest_metrics: IngestMetrics | None = None,
     tls: TlsFiles | None = None,
     ingest: IngestSettings | None = None,
@@ -100,7 +107,11 @@ async def start_grpc_server(
     # Without one configured, IngestEvents needs an operator token.
     ingest_credential = IngestVerifier(ingest.auth).check if ingest.configured else None
     checker = TokenChecker(db)
-    server = grpc.aio.server(interceptors=[AuthInterceptor(checker, db, ingest_credential)])
+    # Authentication first, so an anonymous request is never decoded; then requests
+    # protobuf cannot decode reach the RPC as INVALID_ARGUMENT, not UNKNOWN.
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(checker, db, ingest_credential), DecodeGuard()]
+    )
     tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(db, checker.forget), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(db), server)
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
@@ -108,6 +119,7 @@ async def start_grpc_server(
         ConnectionServicer(registry, queue), server
     )
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
+    privacy_pb2_grpc.add_PrivacyServiceServicer_to_server(PrivacyServicer(eraser), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(ingestor, ingest_metrics, ingest.limits), server

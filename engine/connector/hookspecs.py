@@ -1,7 +1,8 @@
 """Hook specifications of the ``tidegate`` pluggy project.
 
 A connector plugin declares its connector with ``connector_info`` and implements
-``identify``, ``map_profile``, ``map_event`` and ``send`` (``prepare`` is optional). The
+``identify``, ``map_profile``, ``map_event`` and ``send`` (``prepare`` and ``erase`` are
+optional). The
 engine calls a connection's hooks only on the plugin that declares its connector, so a
 hook never checks whose connection it got. ``prepare``, ``identify`` and the ``map_*``
 hooks are synchronous and pure; ``send`` is a coroutine function. A hook implementation
@@ -77,6 +78,19 @@ async def send(  # type: ignore[empty-body]
 ) -> SendResult:
     """Send ``deliveries`` through ``transport`` (one or more requests) and report an
     outcome for every one; raise the engine's errors for what failed the whole send."""
+
+
+@hookspec(firstresult=True)
+async def erase(
+    connection: Connection,
+    plan: Any,
+    customer: Customer,
+    identifiers: Mapping[str, Any],
+    transport: Transport,
+) -> None:
+    """Delete ``customer`` at the destination, where ``identifiers`` (from ``identify``)
+    name them, through ``transport``; raise the engine's errors for a failure (optional:
+    ``EraseCustomer`` with ``at_destinations`` skips a connector without it)."""
 
 
 @hookspec

@@ -299,6 +299,15 @@ class ConnectorTester:
         given). Raises the engine's errors as ``send`` raised them."""
         return await self.hooks(connection).send(deliveries, transport or FakeTransport())
 
+    async def erase(
+        self, connection: Connection, customer: Customer, transport: FakeTransport | None = None
+    ) -> None:
+        """``erase`` as ``EraseCustomer`` awaits it, with the identifiers ``identify`` gives
+        (``AssertionError`` for a connector without ``erase``)."""
+        hooks = self.hooks(connection)
+        assert hooks.can_erase, f"connector {self.name!r} has no erase hook"
+        await hooks.erase(customer, hooks.identify(customer), transport or FakeTransport())
+
 
 # -- the contract check ----------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import sqlite3
 import time
@@ -100,6 +101,9 @@ class Deliverer:
         self._stop_event = asyncio.Event()
         self._settles: set[asyncio.Task[None]] = set()
         self._metrics = metrics or DeliveryMetrics()
+        # Batches from their claim until settled: what ``settled()`` waits for.
+        self._open_batches: dict[int, asyncio.Event] = {}
+        self._batch_count = 0
 
     async def start(self) -> None:
         # Hosts the operator allowed by name may resolve to internal addresses.
@@ -153,6 +157,38 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
 
+    def transport(self, hooks: ConnectionHooks, tags: tuple[str, ...] = ()) -> RecordingTransport:
+        """A transport for one call of ``hooks`` outside delivery (``EraseCustomer``),
+        with the same checks, timeout and redaction as a send's."""
+        assert self._session is not None, "start() first"
+        return RecordingTransport(
+            self._session,
+            self.settings.request_timeout,
+            tags=tags,
+            check_url=hooks.check_url,
+            secrets=hooks.secrets(),
+        )
+
+    async def settled(self) -> None:
+        """Returns once every batch claimed before the call is settled, or given up and
+        left queued (``EraseCustomer`` waits for this between its passes)."""
+        for done in list(self._open_batches.values()):
+            await done.wait()
+
+    def _begin_batch(self) -> int:
+        """Registers a batch before its claim reads the queue."""
+        self._batch_count += 1
+        self._open_batches[self._batch_count] = asyncio.Event()
+        return self._batch_count
+
+    def _batch_done(self, batch: int, _task: asyncio.Task[None]) -> None:
+        self._end_batch(batch)
+
+    def _end_batch(self, batch: int) -> None:
+        done = self._open_batches.pop(batch, None)
+        if done is not None:
+            done.set()
+
     # -- the worker --------------------------------------------------------------------
 
     async def _run(self, connection_id: str) -> None:
@@ -201,7 +237,13 @@ class Deliverer:
             info = hooks.info
             limit = 1 if pace.probe else (pace.item_cap or info.max_batch_items)
             exclude = settling[0].seqs if settling else ()
-            items = await self._queue.claim(connection_id, limit, exclude=exclude)
+            items: list[QueueItem] = []
+            batch = self._begin_batch()
+            try:
+                items = await self._queue.claim(connection_id, limit, exclude=exclude)
+            finally:
+                if not items:
+                    self._end_batch(batch)
             if not items and settling:
                 await self._settled(settling.pop())  # what is left may be what it settles
                 continue
@@ -215,6 +257,7 @@ class Deliverer:
                 if self.settings.linger and not self._stopping:
                     await asyncio.sleep(self.settings.linger)
                 continue
+            before = settling[-1] if settling else None
             try:
                 await self._deliver(hooks, items, pace, limit, settling)
             except Exception as exc:
@@ -225,6 +268,11 @@ class Deliverer:
                 with contextlib.suppress(Exception):
                     await self._drain(settling)  # what it settled is not counted twice
                 await self._failed_unexpectedly(hooks, items, exc, pace)
+            finally:
+                if settling and settling[-1] is not before:  # settles in the background
+                    settling[-1].task.add_done_callback(functools.partial(self._batch_done, batch))
+                else:
+                    self._end_batch(batch)
             if len(items) < info.max_batch_items and self.settings.linger:
                 # The queue held less than a full request: let more arrive before the next
                 # one, so a trickle of events goes out in batches, not one request each.

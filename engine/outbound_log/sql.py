@@ -248,7 +248,12 @@ def customer_table(rows: Sequence[LogRow]) -> pa.Table:
 
 
 def error_text(row: LogRow) -> str:
-    errors = dict.fromkeys([row.error, *(c.error for c in row.customers)])
+    return joined_errors(row.error, [c.error for c in row.customers])
+
+
+def joined_errors(error: str, customer_errors: Sequence[str]) -> str:
+    """The ``error_text`` column: a request's and its customers' errors, lowercased."""
+    errors = dict.fromkeys([error, *customer_errors])
     return "\n".join(e for e in errors if e).lower()
 
 

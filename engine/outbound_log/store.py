@@ -12,7 +12,10 @@ its rows, one row per outbound HTTP request, in DuckDB, one file per week
 - The store owns a ``CustomerIndexer``, which keeps every partition's index up to date on
   a thread of its own: the writer tells it how many customer rows each commit added.
 - Subscribers receive rows only after they are committed, through bounded queues, one per
-  subscriber.
+  subscriber: at most ``max_subscribers`` at a time (``TooManySubscribersError`` past
+  that), each holding at most ``STREAM_MAX_PENDING`` rows and ``STREAM_MAX_PENDING_BYTES``
+  (estimated) unread. A subscriber past either is cut off (``StreamBehindError``), its
+  rows released at once; it never gets a stream with a silent gap.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import shutil
 import threading
 import time as monotime
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +44,7 @@ from engine.outbound_log.customer_index import (
     CustomerIndexer,
     customer_search,
 )
+from engine.outbound_log.erasure import LogErasure, Redactor, erase_in_partition
 from engine.outbound_log.migrations import open_schema
 from engine.outbound_log.partitions import PARTITION_SPAN, Partition, PartitionSet, week_of
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, new_request_id
@@ -58,29 +62,63 @@ from engine.outbound_log.sql import (
     where_clause,
 )
 
-__all__ = ["LogCustomer", "LogQuery", "LogRow", "LogStore", "LogSubscription", "new_request_id"]
+__all__ = [
+    "LogCustomer",
+    "LogQuery",
+    "LogRow",
+    "LogStore",
+    "LogSubscription",
+    "StreamBehindError",
+    "TooManySubscribersError",
+    "new_request_id",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 STREAM_MAX_PENDING = 10_000  # rows a subscriber may leave unread before it falls behind
+STREAM_MAX_PENDING_BYTES = 2 * 1024 * 1024  # and their estimated size
+MAX_SUBSCRIBERS = 32  # live subscriptions at a time
 WRITE_RETRY_MAX_DELAY = 5.0
+
+
+class StreamBehindError(TidegateError):
+    """A subscriber left more rows unread than its limit; it was cut off."""
+
+
+class TooManySubscribersError(TidegateError):
+    """``subscribe`` refused: the store has as many subscribers as it allows."""
+
+
+def row_bytes(row: LogRow) -> int:
+    """A cheap estimate of the memory ``row`` (as ``listed`` made it) holds, and of its
+    size as a StreamLogs message: its strings plus a fixed cost per object."""
+    size = 400 + len(row.id) + len(row.connection_id) + len(row.url) + len(row.error)
+    size += len(row.tags) + len(row.method)
+    for c in row.customers:
+        size += 120 + len(c.customer_id) + len(c.name) + len(c.outcome) + len(c.error)
+    return size
 
 
 class LogSubscription:
     """Async iterator of non-empty batches of matching rows, without bodies.
 
-    It raises ``TidegateError`` if it falls behind: a batch arrives while more than
-    ``max_pending`` rows already wait unread. It ends when ``close()`` is called or the
-    store closes.
+    It raises ``StreamBehindError`` if it falls behind: a batch arrives while more than
+    ``max_pending`` rows, or rows of more than ``max_pending_bytes``, already wait unread.
+    It ends when ``close()`` is called or the store closes.
     """
 
-    def __init__(self, store: LogStore, query: LogQuery, max_pending: int) -> None:
+    def __init__(
+        self, store: LogStore, query: LogQuery, max_pending: int, max_pending_bytes: int
+    ) -> None:
         self.query = query
         self._store = store
         self._max_pending = max_pending
-        self._pending: deque[list[LogRow]] = deque()
+        self._max_pending_bytes = max_pending_bytes
+        self._pending: deque[tuple[list[LogRow], int]] = deque()
         self._pending_rows = 0
+        self._pending_bytes = 0
+        self._behind = ""
         self._state = "open"  # "open" | "behind" | "ended"
         self._wakeup = asyncio.Event()
 
@@ -90,11 +128,12 @@ class LogSubscription:
     async def __anext__(self) -> list[LogRow]:
         while True:
             if self._pending:
-                rows = self._pending.popleft()
+                rows, size = self._pending.popleft()
                 self._pending_rows -= len(rows)
+                self._pending_bytes -= size
                 return rows
             if self._state == "behind":
-                raise TidegateError("log stream fell behind; reconnect")
+                raise StreamBehindError(self._behind)
             if self._state == "ended":
                 raise StopAsyncIteration
             self._wakeup.clear()
@@ -102,22 +141,43 @@ class LogSubscription:
 
     def close(self) -> None:
         self._state = "ended"
-        self._pending.clear()
+        self._release()
         self._store._unsubscribe(self)
         self._wakeup.set()
+
+    def _release(self) -> None:
+        self._pending.clear()
+        self._pending_rows = self._pending_bytes = 0
 
     def _offer(self, rows: list[LogRow]) -> None:
         if self._state != "open":
             return
+        size = sum(row_bytes(row) for row in rows)
         if self._pending_rows and self._pending_rows + len(rows) > self._max_pending:
-            # Dropping rows silently would leave a gap in a live tail; the client reconnects.
-            self._state = "behind"
-            self._pending.clear()
-            self._store._unsubscribe(self)
+            self._fall_behind(
+                f"{self._pending_rows + len(rows)} rows (the limit is {self._max_pending})"
+            )
+        elif self._pending_rows and self._pending_bytes + size > self._max_pending_bytes:
+            self._fall_behind(
+                f"{(self._pending_bytes + size) // 1024} KiB of rows (the limit is "
+                f"{self._max_pending_bytes // 1024} KiB)"
+            )
         else:
-            self._pending.append(rows)
+            self._pending.append((rows, size))
             self._pending_rows += len(rows)
+            self._pending_bytes += size
         self._wakeup.set()
+
+    def _fall_behind(self, what: str) -> None:
+        # Dropping rows silently would leave a gap in a live tail; the client reconnects.
+        self._state = "behind"
+        self._behind = (
+            f"log stream cut off: it fell behind, {what} waited unread; read the stream "
+            "as fast as it comes (or narrow its filter) and reconnect, then use ListLogs "
+            "for the rows in between"
+        )
+        self._release()
+        self._store._unsubscribe(self)
 
     def _end(self) -> None:
         if self._state == "open":
@@ -142,7 +202,8 @@ class LogStore:
 
     The ``index_*`` arguments configure the ``CustomerIndexer``: ``index_seal_rows``,
     ``index_fanout`` and ``index_pass_rows`` are its ``seal_rows``, ``fanout`` and
-    ``pass_rows``, ``index_should_stop`` its ``should_stop``.
+    ``pass_rows``, ``index_should_stop`` its ``should_stop``. ``max_subscribers`` bounds
+    the live subscriptions.
     """
 
     def __init__(
@@ -157,8 +218,10 @@ class LogStore:
         index_fanout: int = INDEX_FANOUT,
         index_pass_rows: int = INDEX_PASS_ROWS,
         index_should_stop: Callable[[], bool] | None = None,
+        max_subscribers: int = MAX_SUBSCRIBERS,
     ) -> None:
         self._folder = folder
+        self.max_subscribers = max_subscribers
         # Called on the event loop with the ids of every batch DuckDB committed.
         self._on_committed = on_committed
         self._flush_interval = flush_interval
@@ -316,6 +379,37 @@ class LogStore:
 
         return await asyncio.to_thread(drop)
 
+    async def erase_customer(
+        self, customer_id: str, identifiers: Collection[str], attributes: Collection[str]
+    ) -> LogErasure:
+        """Erases one customer from every partition (see ``engine.outbound_log.erasure``):
+        first every row appended before the call is committed, then each partition is
+        changed in one transaction while its writes wait. ``identifiers`` are the values
+        that name the customer in requests besides ``customer_id``; ``attributes`` their
+        attribute values, replaced where responses and messages quote them."""
+        await self.flush()
+        redactor = Redactor([customer_id, *identifiers])
+        wide = redactor.widened(attributes)
+
+        def erase() -> LogErasure:
+            partitions, conn = self._partitions, self._read_root
+            if partitions is None or conn is None:
+                raise TidegateError("log store is not running")
+            total = LogErasure()
+            cur = conn.cursor()
+            try:
+                with partitions.using() as chosen:
+                    for partition in chosen:
+                        with partitions.frozen(partition):
+                            total += erase_in_partition(
+                                cur, partition.name, customer_id, redactor, wide
+                            )
+            finally:
+                cur.close()
+            return total
+
+        return await asyncio.to_thread(erase)
+
     def backlog(self) -> tuple[int, float]:
         """For the metrics: rows appended and not yet committed, and the seconds the oldest
         row still in the buffer has waited (0 when the writer has taken every row)."""
@@ -324,16 +418,32 @@ class LogStore:
             return self._unsettled, waited
 
     def subscribe(
-        self, query: LogQuery, *, max_pending: int = STREAM_MAX_PENDING
+        self,
+        query: LogQuery,
+        *,
+        max_pending: int = STREAM_MAX_PENDING,
+        max_pending_bytes: int = STREAM_MAX_PENDING_BYTES,
     ) -> LogSubscription:
-        """Streams rows matching ``query`` that are committed after this returns."""
+        """Streams rows matching ``query`` that are committed after this returns. Raises
+        ``TooManySubscribersError`` when ``max_subscribers`` are open."""
         check_query(query)
-        subscription = LogSubscription(self, query, max_pending)
+        subscription = LogSubscription(self, query, max_pending, max_pending_bytes)
         with self._cond:
             if self._thread is None or self._closing:
                 raise TidegateError("log store is not running")
+            if len(self._subscribers) >= self.max_subscribers:
+                raise TooManySubscribersError(
+                    f"{len(self._subscribers)} log streams are open, the most this engine "
+                    "serves at a time; close one (or page with ListLogs) and try again"
+                )
             self._subscribers.add(subscription)
         return subscription
+
+    @property
+    def subscribers(self) -> int:
+        """Live subscriptions."""
+        with self._cond:
+            return len(self._subscribers)
 
     async def close(self) -> None:
         """Commits what is buffered, stops the writer, ends subscriptions, closes the file."""

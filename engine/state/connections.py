@@ -24,7 +24,7 @@ from engine.connector.records import (
     ParameterMapping,
     ProfileMapping,
 )
-from engine.errors import InvalidInputError, NotFoundError, TidegateError
+from engine.errors import InvalidInputError, NotFoundError, TidegateError, shown
 from engine.plugins import Connectors, key_bound_changes
 from engine.state.database import Database
 from engine.state.secrets import SecretBox, hint
@@ -196,7 +196,7 @@ class ConnectionRegistry:
         try:
             return self._views[connection_id]
         except KeyError:
-            raise NotFoundError(f"connection {connection_id!r} does not exist") from None
+            raise NotFoundError(f"connection {shown(connection_id)} does not exist") from None
 
     def views(self) -> list[ConnectionView]:
         return [self._views[k] for k in sorted(self._views)]
@@ -206,7 +206,7 @@ class ConnectionRegistry:
         try:
             return self._runtime[connection_id]
         except KeyError:
-            raise NotFoundError(f"connection {connection_id!r} does not exist") from None
+            raise NotFoundError(f"connection {shown(connection_id)} does not exist") from None
 
     def runtimes(self) -> list[Connection]:
         return list(self._runtime.values())
@@ -581,7 +581,7 @@ class ConnectionRegistry:
             ids = [m.id for m in connection.profile_mappings]
             ids += [m.id for m in connection.event_mappings]
             if requested in ids:
-                raise InvalidInputError("mapping.id", f"mapping {requested!r} already exists")
+                raise InvalidInputError("mapping.id", f"mapping {shown(requested)} already exists")
         return requested
 
     def _owner_of(self, mapping_id: str, kind: str) -> str:
@@ -591,7 +591,7 @@ class ConnectionRegistry:
             )
             if any(m.id == mapping_id for m in mappings):
                 return connection.id
-        raise NotFoundError(f"{kind} mapping {mapping_id!r} does not exist")
+        raise NotFoundError(f"{kind} mapping {shown(mapping_id)} does not exist")
 
     async def _mapping_write(
         self, connection_id: str, sql: str, params: tuple[object, ...]

@@ -25,7 +25,7 @@ from engine.connector import (
 )
 from plugins.braze.catalog import catalog_entries
 from plugins.braze.mapping import ConnectionPlan, braze_events, plan_of, profile_attributes
-from plugins.braze.sending import MAX_OBJECTS, send_batch
+from plugins.braze.sending import MAX_OBJECTS, delete_user, send_batch
 from plugins.braze.settings import BRAZE_HOSTS, REST_ENDPOINT, validate_settings
 from plugins.braze.validation import (
     validate_customer_id_mapping,
@@ -99,3 +99,15 @@ async def send(
     """Renames changed external IDs, then sends one ``/users/track`` request; see
     ``plugins.braze.sending``. The API key travels only in the Authorization header."""
     return await send_batch(connection, plan, deliveries, transport)
+
+
+@hookimpl
+async def erase(
+    connection: Connection,
+    plan: ConnectionPlan,
+    identifiers: Mapping[str, Any],
+    transport: Transport,
+) -> None:
+    """Deletes the customer's Braze profile with ``POST /users/delete`` (by external ID
+    or user alias; Braze deletes by nothing else a connection identifies by)."""
+    await delete_user(connection, plan, identifiers, transport)

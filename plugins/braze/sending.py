@@ -201,6 +201,39 @@ def erasure_bodies(
     return bodies
 
 
+async def delete_user(
+    connection: Connection,
+    plan: ConnectionPlan,
+    identifiers: Mapping[str, Any],
+    transport: Transport,
+) -> None:
+    """``POST /users/delete`` for one customer; raises the engine's errors when Braze does
+    not confirm it. ``{"deleted": n}`` means queued for deletion; n = 0 and a 404 mean
+    the profile was not there, which is done too."""
+    external_id, alias = identifiers.get("external_id"), identifiers.get("user_alias")
+    if isinstance(external_id, str) and external_id:
+        bodies = erasure_bodies(external_ids=[external_id])
+    elif isinstance(alias, Mapping) and alias:
+        bodies = erasure_bodies(user_aliases=[dict(alias)])
+    else:
+        raise PermanentError(
+            "Braze's /users/delete takes an external_id or a user_alias, and this connection "
+            f"identifies customers by {', '.join(sorted(identifiers)) or 'nothing'}: delete "
+            "the profile in Braze's dashboard"
+        )
+    client = BrazeClient(connection, plan, transport)
+    for body in bodies:
+        response = await client.post(DELETE_PATH, body)
+        if response.status == 404:
+            continue  # nothing to delete there: done, as RudderStack's destination treats it
+        raise_for_request_failure(response, DELETE_PATH, client.secrets)
+        if not 200 <= response.status < 300:
+            raise PermanentError(
+                f"Braze refused {DELETE_PATH} (HTTP {response.status}): "
+                f"{braze_message(response.body, client.secrets)}"
+            )
+
+
 class BrazeClient:
     def __init__(self, connection: Connection, plan: ConnectionPlan, transport: Transport):
         self.connection = connection
