@@ -156,7 +156,8 @@ def start_engine(data_dir: Path, log_path: Path) -> Process:
     argv = [
         sys.executable, "-m", "engine.cli", "--log-format", "json",
         "serve", "--grpc-port", "0", "--http-port", "0", "--data-dir", str(data_dir),
-        *_metrics_args(ENGINE_SRC), *_allow_args(ENGINE_SRC), *ENGINE_ARGS,
+        *_metrics_args(ENGINE_SRC), *_ui_args(ENGINE_SRC), *_allow_args(ENGINE_SRC),
+        *ENGINE_ARGS,
     ]  # fmt: skip
     process = _spawn("engine", argv, log_path, ENGINE_SRC)
     match = _wait_for(process, SERVING)
@@ -165,6 +166,11 @@ def start_engine(data_dir: Path, log_path: Path) -> Process:
     token_file = data_dir / "admin-token"
     process.extra["token"] = token_file.read_text().strip() if token_file.exists() else ""
     return process
+
+
+def _ui_args(src: Path) -> list[str]:
+    """The outbound-log page on a free port, for an engine that has one."""
+    return ["--ui-port", "0"] if (src / "engine" / "ui").exists() else []
 
 
 def _metrics_args(src: Path) -> list[str]:

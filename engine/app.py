@@ -50,6 +50,7 @@ from engine.state.audit import DAY as AUDIT_DAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox, secure_data_dir
+from engine.ui.server import UiServer
 from engine.upgrade import prepare
 
 log = structlog.get_logger("tidegate.engine")
@@ -112,6 +113,9 @@ class EngineConfig:
     """Audit events are deleted this long after they were recorded."""
     max_log_streams: int = MAX_SUBSCRIBERS
     """StreamLogs calls served at a time (``serve --max-log-streams``)."""
+    ui_port: int | None = None
+    """Port of the outbound-log page (``engine.ui``); None serves no page. ``tidegate
+    serve`` passes ``--ui-port`` (default 8081)."""
 
 
 class Engine:
@@ -122,6 +126,8 @@ class Engine:
         self.grpc_port = 0
         self.http_port = 0
         self.metrics_port = 0
+        self.ui_port = 0
+        self._ui: UiServer | None = None
         self.metrics = EngineMetrics()
         self._metrics_server: MetricsServer | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -246,6 +252,15 @@ class Engine:
         )
         self._announce()
         await self._start_metrics()
+        if cfg.ui_port is not None:
+            self._ui = UiServer(
+                cfg.host,
+                cfg.ui_port,
+                self.logs,
+                self._checker,
+                tls=None if cfg.tls is None else cfg.tls.server_context(),
+            )
+            self.ui_port = await self._ui.start()
 
     async def _bootstrap_token(self) -> None:
         """On a data folder that has never had a token, makes an admin token and writes
@@ -328,6 +343,9 @@ class Engine:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
         if self._grpc is not None:  # started: the announcement is this engine's
             (self.config.data_dir / ENGINE_FILE).unlink(missing_ok=True)
+        if self._ui is not None:  # first: its open streams end before the log store closes
+            await self._ui.stop()
+            self._ui = None
         if self._metrics_server is not None:
             await self._metrics_server.stop()
             self._metrics_server = None

@@ -67,6 +67,7 @@ from engine.state.config_document import key_env_names
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SECRET_KEY_ENV, rotate_secrets
 from engine.state.tokens import ADMIN_TOKEN_FILE, TOKEN_ENV, Role
+from engine.ui.server import DEFAULT_UI_PORT
 from engine.upgrade import migrate, plan, prepare
 
 T = TypeVar("T")
@@ -127,6 +128,11 @@ def metrics_port(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text} is neither a TCP port nor off") from None
 
 
+def ui_port(text: str) -> int | None:
+    """``--ui-port``: a TCP port (0: any free one), or ``off`` for no page."""
+    return metrics_port(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidegate", description="Outbound sync engine: Antavo to customer data platforms."
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=metrics_port,
         default=DEFAULT_METRICS_PORT,
         help=f"Prometheus GET /metrics port, or off (default {DEFAULT_METRICS_PORT})",
+    )
+    serve.add_argument(
+        "--ui-port",
+        type=ui_port,
+        default=DEFAULT_UI_PORT,
+        help=f"outbound-log page port, or off (default {DEFAULT_UI_PORT})",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(
@@ -260,6 +272,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_backlog=args.max_backlog,
         max_log_streams=args.max_log_streams,
         metrics_port=args.metrics_port,
+        ui_port=args.ui_port,
         ingest_worker=not args.ingest_in_process,
         log_retention_days=args.log_retention_days,
         log_max_bytes=args.log_max_size,
@@ -303,7 +316,7 @@ async def _serve(config: EngineConfig) -> int:
         f"tidegate serving: gRPC admin on {config.host}:{engine.grpc_port}, "
         f"ingest on {'http' if config.tls is None else 'https'}://{config.host}:"
         f"{engine.http_port}/v1/events, data in {config.data_dir}"
-        f"{_metrics_address(config, engine)}",
+        f"{_metrics_address(config, engine)}{_ui_address(config, engine)}",
         file=sys.stderr,
         flush=True,
     )
@@ -1066,6 +1079,14 @@ def _metrics_address(config: EngineConfig, engine: Engine) -> str:
     if config.metrics_port is None:
         return ", metrics off"
     return f", metrics on http://{config.host}:{engine.metrics_port}/metrics"
+
+
+def _ui_address(config: EngineConfig, engine: Engine) -> str:
+    """The start line's last part: where the outbound-log page is."""
+    if config.ui_port is None:
+        return ""
+    scheme = "http" if config.tls is None else "https"
+    return f", page on {scheme}://{config.host}:{engine.ui_port}/"
 
 
 def main(argv: list[str] | None = None) -> int:

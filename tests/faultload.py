@@ -213,6 +213,8 @@ class EngineProcess(_Process):
             str(self.http_port),
             "--metrics-port",
             str(self.metrics_port),
+            "--ui-port",
+            "0",
             "--data-dir",
             str(self.data_dir),
             # Short retries: an outage of seconds then sees dozens of attempts, as a long

@@ -57,6 +57,8 @@ class Running:
                 str(self.ports["http"]),
                 "--metrics-port",
                 "0",  # not the fixed default 9464, which another test run may hold
+                "--ui-port",
+                "0",  # nor the page's 8081
                 "--data-dir",
                 str(self.tmp_path / "tidegate-data"),  # the default, seen from cwd=tmp_path
                 "--allow-destination",

@@ -77,6 +77,8 @@ def processes(
             str(ports["http"]),
             "--metrics-port",
             "0",
+            "--ui-port",
+            "0",
             "--data-dir",
             str(tmp_path / "tidegate-data"),  # the README's default, seen from cwd=tmp_path
             "--allow-destination",

@@ -272,7 +272,7 @@ def test_metrics_port_takes_a_port_any_free_port_or_off() -> None:
 def test_serve_with_metrics_off_says_so_and_leaves_no_metric_files(tmp_path: Path) -> None:
     data = tmp_path / "data"
     command = [str(BIN / "tidegate"), "serve", "--grpc-port", "0", "--http-port", "0",
-               "--metrics-port", "off", "--data-dir", str(data)]  # fmt: skip
+               "--metrics-port", "off", "--ui-port", "off", "--data-dir", str(data)]  # fmt: skip
     with subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     ) as process:

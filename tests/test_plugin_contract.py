@@ -120,7 +120,7 @@ FLOORS = [
     {"engine.queue"},
     {"engine.ingest", "engine.delivery"},
     {"engine.admin"},
-    {"engine.metrics_server"},
+    {"engine.metrics_server", "engine.ui"},  # the page reuses engine.admin's log calls
     {"engine.app"},
     {"engine.cli"},
 ]

@@ -550,7 +550,7 @@ def test_serve_logs_each_allowed_destination_at_start(tmp_path: Path) -> None:
     with output.open("wb") as out:
         process = subprocess.Popen(
             [str(BIN / "tidegate"), "--log-format", "json", "serve", "--grpc-port", "0",
-             "--http-port", "0", "--metrics-port", "off", "--ingest-in-process",
+             "--http-port", "0", "--metrics-port", "off", "--ui-port", "off", "--ingest-in-process",
              "--data-dir", str(tmp_path / "data"),
              "--allow-destination", "http://127.0.0.1:8090",
              "--allow-destination", "[::1]:9000",

@@ -227,7 +227,8 @@ def serve(distribution: Distribution, tmp_path: Path) -> Iterator[Serve]:
     with output.open("wb") as out:
         process = subprocess.Popen(
             [str(BIN / "tidegate"), "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-             "--http-port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "data"),
+             "--http-port", "0", "--metrics-port", "0", "--ui-port", "0",
+             "--data-dir", str(tmp_path / "data"),
              "--allow-destination", "127.0.0.1"],
             env=with_path(distribution.site),
             stdout=out,

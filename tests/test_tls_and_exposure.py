@@ -135,7 +135,8 @@ def serve_once(
     """``tidegate serve`` expected to refuse at once."""
     return subprocess.run(
         [str(BIN / "tidegate"), "serve", "--grpc-port", str(free_port()), "--http-port",
-         str(free_port()), "--metrics-port", "0", "--data-dir", str(tmp_path / "data"), *args],
+         str(free_port()), "--metrics-port", "0", "--ui-port", "0",
+         "--data-dir", str(tmp_path / "data"), *args],
         capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
