@@ -116,6 +116,10 @@ def localize(script: str, ports: dict[str, int]) -> str:
     )
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_readme_grpcurl_walkthrough_drives_a_real_engine(
     processes: dict[str, subprocess.Popen[bytes]], ports: dict[str, int], tmp_path: Path
 ) -> None:
@@ -127,6 +131,9 @@ def test_readme_grpcurl_walkthrough_drives_a_real_engine(
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,  # where tidegate-data/admin-token is
+        # Ctrl-C must reach it even when this run inherited SIGINT ignored (a background
+        # job of a non-interactive shell), which a child would inherit in turn.
+        preexec_fn=default_sigint,
     )
     try:
         time.sleep(0.5)  # the stream is open before any traffic, as in the README's order

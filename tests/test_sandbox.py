@@ -8,6 +8,7 @@ where the reference leaves them open, from the sandbox brief's stated inferences
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -896,7 +897,14 @@ async def test_run_sandbox_prints_url_and_serves_until_interrupted(
         "run_sandbox('127.0.0.1', 0, SandboxConfig(api_key='k-1'))\n"
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-u", "-c", code, stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-u",
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        # Ctrl-C must reach it even when this run inherited SIGINT ignored (a background
+        # job of a non-interactive shell), which the child would inherit in turn.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert process.stdout is not None
