@@ -221,6 +221,11 @@ async def test_refused_credentials_pause_the_connection_until_the_key_changes(
         return sandbox.state.lookup("uuid", "cust-1") is not None
 
     await eventually(delivered)
+
+    async def drained() -> bool:  # the settle commits just after Insider's answer
+        return (await client.get_connection("insider-main")).queue_depth == 0
+
+    await eventually(drained)
     connection = await client.get_connection("insider-main")
     assert connection.state == connections_pb2.CONNECTION_STATE_ACTIVE
     assert connection.queue_depth == 0
