@@ -11,6 +11,12 @@ moves much less with the neighbours' load.
 To compare two checkouts, run it with ``PYTHONPATH=<checkout>`` for each, one after the
 other, and compare the medians.
 
+``--http`` sends every body through the ingest worker's aiohttp app instead (the real
+``POST /v1/events`` handler on 127.0.0.1, one keep-alive connection, one request in
+flight): the figure then includes the HTTP server and this process's client, so compare
+it only with another ``--http`` run. It is what a single-event request costs beyond the
+ingest transaction.
+
 ``--auth`` adds the ingest credential check of each request (``IngestVerifier.check``):
 ``bearer``, ``jwt`` (HS256, the same token on every request, as a sender that reuses one)
 or ``jwt-fresh`` (a new HS256 token per request, signed before the clock starts).
@@ -45,10 +51,10 @@ JWT_SECRET = "bench-jwt-secret-0123456789abcdef-0123456789"
 
 def credentials(auth: str, requests: int) -> tuple[Any, list[str]]:
     """The verifier for ``auth`` and the ``Authorization`` value of each request."""
-    from engine.ingest.auth import IngestAuth, IngestVerifier
-
     if auth == "none":
         return None, [""] * requests
+    from engine.ingest.auth import IngestAuth, IngestVerifier
+
     if auth == "bearer":
         token = "bench-token-0123456789"
         return IngestVerifier(IngestAuth.bearer(token)), [f"Bearer {token}"] * requests
@@ -65,8 +71,48 @@ def credentials(auth: str, requests: int) -> tuple[Any, list[str]]:
     ]
 
 
+async def post_all(ingestor: Ingestor, bodies: list[bytes], headers: list[str]) -> None:
+    """Sends ``bodies`` one after the other to the ingest app on a loopback port."""
+    from aiohttp import web
+
+    from engine.ingest.http import INGEST_PATH, create_ingest_app
+
+    token = headers[0].removeprefix("Bearer ")  # a string: releases before 0.2 take only that
+    runner = web.AppRunner(create_ingest_app(ingestor, token), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for body, header in zip(bodies, headers, strict=True):
+            auth = f"Authorization: {header}\r\n" if header else ""
+            writer.write(
+                f"POST {INGEST_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            status = await reader.readline()
+            if not status.startswith(b"HTTP/1.1 202"):
+                raise AssertionError(f"the ingest app answered {status!r}")
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+        await runner.cleanup()
+
+
 async def one_run(
-    data_dir: Path, events: int, batch: int, customers: int, auth: str = "none"
+    data_dir: Path,
+    events: int,
+    batch: int,
+    customers: int,
+    auth: str = "none",
+    http: bool = False,
 ) -> float:
     """Process CPU microseconds per event for ingesting ``events`` events."""
     db = Database(data_dir / "state.sqlite3")
@@ -99,11 +145,16 @@ async def one_run(
         bodies = ingest_bodies(batch, customers)
         prepared = [next(bodies)[0] for _ in range(events // batch)]
         verifier, headers = credentials(auth, len(prepared))
+        if http and auth not in ("none", "bearer"):
+            raise SystemExit("--http takes --auth none or bearer")
         started = time.process_time()
-        for body, header in zip(prepared, headers, strict=True):
-            if verifier is not None and not verifier.check(header):
-                raise AssertionError("the bench's credential was refused")
-            await ingestor.ingest(parse_request(orjson.loads(body)))
+        if http:
+            await post_all(ingestor, prepared, headers)
+        else:
+            for body, header in zip(prepared, headers, strict=True):
+                if verifier is not None and not verifier.check(header):
+                    raise AssertionError("the bench's credential was refused")
+                await ingestor.ingest(parse_request(orjson.loads(body)))
         used = time.process_time() - started
         assert queue.depth == len(prepared) * batch, (queue.depth, len(prepared) * batch)
         return used / (len(prepared) * batch) * 1e6
@@ -117,7 +168,9 @@ async def main(args: argparse.Namespace) -> None:
         data_dir = Path(tempfile.mkdtemp(prefix="tidegate-ingest-cpu-"))
         try:
             results.append(
-                await one_run(data_dir, args.events, args.batch, args.customers, args.auth)
+                await one_run(
+                    data_dir, args.events, args.batch, args.customers, args.auth, args.http
+                )
             )
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -134,5 +187,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1000, help="events per request")
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--http", action="store_true", help="through the aiohttp ingest app")
     parser.add_argument("--auth", choices=("none", "bearer", "jwt", "jwt-fresh"), default="none")
     asyncio.run(main(parser.parse_args()))
