@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC
 
 import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from engine.admin.auth import bearer
 from engine.admin.errors import Context, bounded, refuse_undecodable, rpc
 from engine.admin.limits import check_request
 from engine.admin.paging import Pager, page_size
@@ -24,6 +27,11 @@ from engine.pb import logs_pb2 as pb
 from engine.pb import logs_pb2_grpc
 
 log = structlog.get_logger("tidegate.admin")
+
+RECHECK_SECONDS = 1.0
+"""How often a live stream checks that its token still holds: a stream outlives the check
+its call passed at the start, and must end when the token is revoked or expires."""
+TOKEN_ENDED = "the token of this stream was revoked or has expired: reconnect with a valid one"
 
 
 def _representable(cursor: tuple[int, str]) -> bool:
@@ -105,8 +113,10 @@ def message_chunks(rows: list[LogRow]) -> Iterator[list[LogRow]]:
 
 
 class LogServicer(logs_pb2_grpc.LogServiceServicer):
-    def __init__(self, logs: LogStore) -> None:
+    def __init__(self, logs: LogStore, token_holds: Callable[[str], bool] | None = None) -> None:
+        """``token_holds``: whether a token still admits its caller (None: no recheck)."""
         self._logs = logs
+        self._token_holds = token_holds
 
     @rpc
     async def ListLogs(self, request: pb.ListLogsRequest, context: Context) -> pb.ListLogsResponse:
@@ -142,22 +152,47 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TidegateError as exc:  # the log store is stopping
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        token = bearer(context.invocation_metadata())[1]
+        holds = self._token_holds
         rows: list[LogRow] = []
         chunk: list[LogRow] = []
         cut = ""
+        ended = False
+        next_rows: asyncio.Future[list[LogRow]] | None = None
         try:
             # Headers go out at once so a client knows the stream is live before rows arrive.
             await context.send_initial_metadata(())
-            async for rows in subscription:
+            while True:
+                if next_rows is None:
+                    next_rows = asyncio.ensure_future(anext(subscription))
+                done, _ = await asyncio.wait({next_rows}, timeout=RECHECK_SECONDS)
+                if holds is not None and not holds(token):
+                    ended = True
+                    break
+                if not done:
+                    continue
+                task, next_rows = next_rows, None
+                try:
+                    rows = task.result()
+                except StopAsyncIteration:
+                    break  # the store closed
                 for chunk in message_chunks(rows):
                     yield pb.StreamLogsResponse(logs=[entry_pb(r) for r in chunk])
         except StreamBehindError as exc:
             cut = str(exc)
         finally:
             subscription.close()  # its unread rows go at once, whoever ended the stream
+            if next_rows is not None:
+                next_rows.cancel()
+                with contextlib.suppress(BaseException):
+                    await next_rows
         # Aborted outside the handler, with nothing in hand: gRPC may keep the abort's
         # traceback, and with it this frame, for a while after the call.
         rows = chunk = []
+        next_rows = None
+        if ended:
+            log.warning("log_stream_ended", peer=context.peer(), reason="token no longer valid")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, TOKEN_ENDED)
         if cut:
             log.warning("log_stream_cut", peer=context.peer(), reason=cut)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, cut)

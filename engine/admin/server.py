@@ -120,7 +120,9 @@ async def start_grpc_server(
     )
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
     privacy_pb2_grpc.add_PrivacyServiceServicer_to_server(PrivacyServicer(eraser), server)
-    logs_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(logs), server)
+    logs_pb2_grpc.add_LogServiceServicer_to_server(
+        LogServicer(logs, lambda token: checker.check(token) is not None), server
+    )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(ingestor, ingest_metrics, ingest.limits), server
     )

@@ -58,6 +58,9 @@ SESSION_SECONDS = 12 * 3600.0
 """A session ends this long after its login."""
 MAX_SESSIONS = 10_000
 KEEPALIVE_SECONDS = 15.0
+RECHECK_SECONDS = 1.0
+"""How often a live stream checks that its session (and the session's token) still holds."""
+ENDED = "the session ended (logged out, or its token was revoked or expired): log in again"
 REPLAY_LIMIT = 1000
 """At most this many rows logged while a stream was down are replayed on its reconnect
 (the newest; the page keeps no more rows than that)."""
@@ -278,7 +281,11 @@ class UiServer:
         response.headers.setdefault("Cache-Control", "no-store")
 
     def _session(self, request: web.Request) -> Session | None:
-        sid = request.cookies.get(SESSION_COOKIE, "")
+        return self._session_of(request.cookies.get(SESSION_COOKIE, ""))
+
+    def _session_of(self, sid: str) -> Session | None:
+        """The live session ``sid`` names: None once it expired, was logged out, or its
+        token was revoked or expired (checked at each call)."""
         session = self._sessions.get(sid) if sid else None
         if session is None:
             return None
@@ -440,7 +447,8 @@ class UiServer:
         return found[-REPLAY_LIMIT:]
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        self._viewer(request)
+        session = self._viewer(request)
+        sid = request.cookies.get(SESSION_COOKIE, "")
         query = query_from_params(request.query)
         try:
             subscription = self._logs.subscribe(query)
@@ -463,18 +471,24 @@ class UiServer:
             await response.write(b"retry: 1000\n: connected\n\n")
             if missed:
                 await response.write(_event(missed))
+            wrote = time.monotonic()
             while not self._closing.is_set():
                 if next_rows is None:
                     next_rows = asyncio.ensure_future(anext(subscription))
                 done, _ = await asyncio.wait(
                     {next_rows, closing},
-                    timeout=self._keepalive,
+                    timeout=min(self._keepalive, RECHECK_SECONDS),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if closing in done:
                     break
+                if self._session_of(sid) is not session:  # logged out, revoked or expired
+                    await response.write(b"event: ended\ndata: " + orjson.dumps(ENDED) + b"\n\n")
+                    break
                 if next_rows not in done:
-                    await response.write(b": keepalive\n\n")
+                    if time.monotonic() - wrote >= self._keepalive:
+                        await response.write(b": keepalive\n\n")
+                        wrote = time.monotonic()
                     continue
                 task, next_rows = next_rows, None
                 try:
@@ -488,6 +502,7 @@ class UiServer:
                     rows = [r for r in rows if r.id not in replayed]
                 if rows:
                     await response.write(_event(rows))
+                    wrote = time.monotonic()
         except ConnectionResetError:
             return response  # the browser went away
         finally:

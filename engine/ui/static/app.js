@@ -263,7 +263,15 @@ function startLive(after = "") {
   source = new EventSource(`/ui/api/logs/stream?${query}`);
   liveState("connecting…");
   source.addEventListener("open", () => liveState("live"));
-  source.addEventListener("error", () => liveState("reconnecting…"));
+  source.addEventListener("error", () => {
+    // A refused reconnect (the session ended) closes the source for good: ask why.
+    if (source && source.readyState === EventSource.CLOSED) sessionLost();
+    else liveState("reconnecting…");
+  });
+  source.addEventListener("ended", (event) => {
+    stopLive();
+    showLogin(JSON.parse(event.data));
+  });
   source.addEventListener("logs", (event) => {
     lastEventId = event.lastEventId;
     const entries = JSON.parse(event.data).logs;
@@ -298,12 +306,28 @@ function setPaused(value) {
 
 // -- login ----------------------------------------------------------------------------------------
 
-function showLogin() {
+function showLogin(reason = "") {
   stopLive();
   $("logs").hidden = true;
   $("who").hidden = true;
   $("login").hidden = false;
+  $("login-error").textContent = reason;
   $("token").focus();
+}
+
+async function sessionLost() {
+  stopLive();
+  let answer = null;
+  try { answer = await api("/ui/session"); } catch { answer = null; } // the engine is down
+  if (answer && answer.status === 401) {
+    showLogin("The session ended (logged out, or its token was revoked or expired): log in again.");
+    return;
+  }
+  liveState("reconnecting…");
+  setTimeout(() => {
+    const wanted = $("live").getAttribute("aria-pressed") === "true";
+    if (!source && wanted && !$("logs").hidden) startLive(lastEventId);
+  }, 2000);
 }
 
 function showApp(session) {
