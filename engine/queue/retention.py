@@ -60,12 +60,7 @@ async def expire_dead_letters(
         )
         return len(seqs)
 
-    removed = 0
-    while True:
-        gone = await db.write(step)
-        removed += gone
-        if gone < chunk:
-            return removed
+    return await db.write_in_chunks(step, chunk)
 
 
 def dead_letter_sweeper(

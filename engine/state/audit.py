@@ -159,12 +159,7 @@ async def expire_audit_events(
         c.executemany("DELETE FROM audit_events WHERE seq = ?", seqs)
         return len(seqs)
 
-    removed = 0
-    while True:
-        gone = await db.write(step)
-        removed += gone
-        if gone < chunk:
-            return removed
+    return await db.write_in_chunks(step, chunk)
 
 
 def audit_retention(

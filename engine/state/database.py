@@ -351,6 +351,17 @@ class Database:
         await self._pending.put((fn, future))
         return await future
 
+    async def write_in_chunks(self, step: Callable[[sqlite3.Connection], int], chunk: int) -> int:
+        """Runs ``step`` (which handles at most ``chunk`` rows and returns how many), one
+        transaction each, until a step handles fewer; returns the total. Long deletions
+        go this way so that other writers get their turn between chunks."""
+        total = 0
+        while True:
+            done = await self.write(step)
+            total += done
+            if done < chunk:
+                return total
+
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
