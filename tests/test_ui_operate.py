@@ -384,3 +384,15 @@ async def test_the_dry_run_count_matches_the_replay_which_is_audited(
     assert events[3].fields["ids"] == f'["{ids["bo"]}","{ids["cy"]}"]'
     assert events[0].fields["filter.customer_id"] == "dee"
     assert all(e.peer == "ui:127.0.0.1" and e.target == "dead letters" for e in events)
+
+
+async def test_the_views_script_is_served_under_the_page_policy(wired: Engine) -> None:
+    async with session() as http:
+        async with http.get(base(wired) + "/ui/static/operate.js") as r:
+            assert r.status == 200
+            assert r.content_type == "text/javascript"
+            assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
+            script = await r.text()
+        async with http.get(base(wired) + "/ui/static/app.js") as r:
+            assert 'from "./operate.js"' in await r.text()
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
