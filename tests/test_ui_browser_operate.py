@@ -143,6 +143,14 @@ async def test_a_connection_paused_by_a_401_shows_its_reason_and_is_resumed(
     await page.click("#conn-refresh")
     await expect(row.locator("td.depth")).to_have_text("0")
 
+    # Logging out hides the view and its data.
+    await page.click("#logout")
+    await expect(page.locator("#login")).to_be_visible()
+    assert await page.locator("#connections").is_hidden()
+    assert await page.locator("#views").is_hidden()
+    status = await page.evaluate("fetch('/ui/api/connections').then(r => r.status)")
+    assert status == 401
+
 
 async def test_a_dead_letter_is_listed_expanded_counted_and_replayed(
     engine: Engine,

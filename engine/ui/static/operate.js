@@ -4,7 +4,9 @@
 // that comes from the engine is put on the page with textContent only.
 
 const $ = (id) => document.getElementById(id);
-const VIEWS = ["logs", "connections", "dead-letters"];
+// The views are the bar's links: <a href="#/NAME" data-view="NAME"> shows <section id="NAME">
+// and hides the others. Another module loads its view on the "tidegate:view" event.
+const views = () => [...document.querySelectorAll("#views a[data-view]")].map((a) => a.dataset.view);
 const FILTERS = ["connection", "customer", "stage", "error", "start", "end"];
 
 let kit = null;         // { api, el, localTime } from app.js
@@ -21,7 +23,7 @@ const canOperate = () => role === "operator" || role === "admin";
 function current() {
   const hash = location.hash.startsWith("#/") ? location.hash.slice(2) : "";
   const [name, query = ""] = hash.split("?", 2);
-  return { view: VIEWS.includes(name) ? name : "logs", query: new URLSearchParams(query) };
+  return { view: views().includes(name) ? name : "logs", query: new URLSearchParams(query) };
 }
 
 function go(hash) {
@@ -36,15 +38,18 @@ function route(force = false) {
   if (key === routed && !force) return;
   routed = key;
   const { view, query } = current();
-  for (const name of VIEWS) $(name).hidden = name !== view;
-  for (const link of document.querySelectorAll("#views a")) {
-    if (link.dataset.view === view) link.setAttribute("aria-current", "page");
-    else link.removeAttribute("aria-current");
+  for (const link of document.querySelectorAll("#views a[data-view]")) {
+    $(link.dataset.view).hidden = link.dataset.view !== view;
+    if (link.dataset.view === view) {
+      link.setAttribute("aria-current", "page");
+      document.title = `Tidegate: ${view === "logs" ? "outbound log" : link.textContent.toLowerCase()}`;
+    } else {
+      link.removeAttribute("aria-current");
+    }
   }
-  document.title = `Tidegate: ${{ logs: "outbound log", connections: "connections",
-    "dead-letters": "dead letters" }[view]}`;
   if (view === "connections") loadConnections();
   if (view === "dead-letters") showDeadLetters(query);
+  document.dispatchEvent(new CustomEvent("tidegate:view", { detail: { view, query } }));
 }
 
 // -- small helpers ------------------------------------------------------------------------------
@@ -296,7 +301,7 @@ async function confirmReplay() {
 
 export function setupViews(fromApp) {
   kit = fromApp;
-  for (const link of document.querySelectorAll("#views a")) {
+  for (const link of document.querySelectorAll("#views a[data-view]")) {
     link.addEventListener("click", (e) => {
       e.preventDefault();
       go(link.getAttribute("href"));
@@ -338,7 +343,7 @@ export function enterViews(session) {
 
 export function leaveViews() {
   $("views").hidden = true;
-  for (const name of VIEWS) if (name !== "logs") $(name).hidden = true;
+  for (const name of views()) if (name !== "logs") $(name).hidden = true;
   routed = "";
   closeConfirm();
 }
