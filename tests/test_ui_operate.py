@@ -5,6 +5,7 @@ test_ui_browser_operate.py."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
@@ -336,6 +337,24 @@ async def test_bad_replay_requests_are_refused_naming_the_field(
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     assert status == 400 and body["field"] == "body"
+
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:  # no Content-Length
+        for i in range(0, len(data), 10_000):
+            yield data[i : i + 10_000]
+
+    headers = {"Content-Type": "application/json"}
+    status, body = await call(
+        http, wired, "POST", path, csrf, data=chunked(b" " * 300_000), headers=headers
+    )
+    assert status == 400 and body["field"] == "body" and "larger than" in body["error"]
+    # The largest list gRPC takes, 10,000 ids, arrives whole in pieces: ids that were
+    # never dead letters match nothing.
+    many = json.dumps({"ids": list(range(10**12, 10**12 + 10_000)), "dry_run": True})
+    status, body = await call(
+        http, wired, "POST", path, csrf, data=chunked(many.encode()), headers=headers
+    )
+    assert status == 200, body
+    assert body["matched"] == 0 and body["dryRun"] is True
 
 
 async def test_the_dry_run_count_matches_the_replay_which_is_audited(

@@ -232,13 +232,18 @@ class OperateViews:
         except Exception:  # the change stands; its record is what failed
             log.exception("audit_write_failed", method=method)
 
-    async def _operator(self, request: web.Request, method: str, message: Message) -> Session:
-        """The session of a change: logged in (401), the CSRF header (403), and a token of
-        operator role or higher, read again now (403, audited as gRPC audits it)."""
-        ui = self.ui
-        session = ui._viewer(request)
-        ui._csrf(request, session)
-        principal = ui._checker.check(session.token)
+    def _changer(self, request: web.Request) -> Session:
+        """The session of a change: logged in (401) and the CSRF header (403)."""
+        session = self.ui._viewer(request)
+        self.ui._csrf(request, session)
+        return session
+
+    async def _operator(
+        self, request: web.Request, session: Session, method: str, message: Message
+    ) -> None:
+        """Refuses (403, audited as gRPC audits it) unless the session's token has the
+        operator role or higher, read again now."""
+        principal = self.ui._checker.check(session.token)
         if principal is None:  # revoked in between
             raise Refusal(401, "not logged in: POST /ui/session with a token, or open the page")
         if principal.role < Role.OPERATOR:
@@ -250,13 +255,16 @@ class OperateViews:
                 token_name=cut(session.name),
             )
             await self._audit(
-                method, session, message, _peer(request), "PERMISSION_DENIED",
+                method,
+                session,
+                message,
+                _peer(request),
+                "PERMISSION_DENIED",
                 PERMISSION_DENIED_MESSAGE,
-            )  # fmt: skip
+            )
             raise Refusal(
                 403, "this token's role does not allow this: resume and replay need an operator"
             )
-        return session
 
     # -- connections -----------------------------------------------------------------
 
@@ -303,8 +311,9 @@ class OperateViews:
         return _json({"connection": await self._with_recent(_connection(response.connection))})
 
     async def _resume(self, request: web.Request) -> web.StreamResponse:
+        session = self._changer(request)
         message = cpb.ResumeConnectionRequest(id=request.match_info["id"])
-        session = await self._operator(request, RESUME_METHOD, message)
+        await self._operator(request, session, RESUME_METHOD, message)
         response = await self._call(
             self._connections.ResumeConnection,
             message,
@@ -333,14 +342,13 @@ class OperateViews:
     async def _replay(self, request: web.Request) -> web.StreamResponse:
         # The session and CSRF come first: an anonymous body is never read. A viewer is
         # refused (403) whatever the body holds, as gRPC refuses it.
-        session = self.ui._viewer(request)
-        self.ui._csrf(request, session)
+        session = self._changer(request)
         bad: BadParameter | None = None
         try:
             message = _replay_request(await _json_body(request))
         except BadParameter as exc:
             message, bad = dpb.ReplayDeadLettersRequest(), exc
-        await self._operator(request, REPLAY_METHOD, message)
+        await self._operator(request, session, REPLAY_METHOD, message)
         if bad is not None:
             raise bad
         response = await self._call(
@@ -399,11 +407,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise BadParameter("body", "send JSON (Content-Type: application/json)")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BadParameter("body", f"larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise BadParameter("body", f"larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:  # a chunked body states no length
+            raise BadParameter("body", f"larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
     try:
-        body = orjson.loads(raw)
+        body = orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError:
         raise BadParameter("body", "not JSON") from None
     if not isinstance(body, dict):
