@@ -23,10 +23,12 @@ from engine.queue.dead_letters import DeadLetterQuery
 from engine.state import tokens
 from engine.state.connections import STATE_ACTIVE
 from plugins.insider.sandbox import RunningSandbox
+from plugins.insider.sandbox.server import Fault
 from tests.conftest import insider_connection, post_events
 from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 from tests.test_ui_operate import (
     CONNECTION,
+    dead_letters,
     drained,
     make_dead_letters,
     pause_with_401,
@@ -255,3 +257,27 @@ async def test_the_operator_views_fit_a_phone(
         assert await page.evaluate("document.documentElement.scrollWidth") <= 375
     finally:
         await context.close()
+
+
+async def test_a_hostile_dead_letter_is_shown_as_text(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, page: Page
+) -> None:
+    await insider_connection(client, sandbox)
+    hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+    sandbox.state.faults.append(Fault(status=400, body={"error": hostile}))
+    async with aiohttp.ClientSession() as http:
+        assert (await post_events(http, engine, points("<b>mallory</b>", 1)))[0] == 202
+    await dead_letters(engine, 1)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: dialogs.append(d.message))
+    token = await make_token(engine, tokens.Role.VIEWER, "hostile-viewer")
+    await log_in(page, engine, token, "#/dead-letters")
+    row = page.locator("#dl-rows tr.entry")
+    await expect(row.locator("td.error")).to_contain_text(hostile)
+    await expect(row.locator("td.customer")).to_have_text("<b>mallory</b>")
+    await row.click()
+    await expect(page.locator("#dl-rows tr.detail pre").first).to_contain_text("<b>mallory</b>")
+    await expect(page.locator("#dl-rows tr.detail button.replay-one")).to_have_count(0)  # viewer
+    assert await page.evaluate("window.pwned") is None
+    assert await page.locator("#dl-rows img, #dl-rows script, #dl-rows b").count() == 0
+    assert dialogs == []
