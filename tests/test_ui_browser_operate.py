@@ -177,6 +177,18 @@ async def test_a_dead_letter_is_listed_expanded_counted_and_replayed(
     await expect(rows).to_have_count(1)
     assert "#/dead-letters?customer=bo" in page.url
 
+    # A failure-time range, typed in local time and kept in UTC in the address.
+    await page.fill("#dl-filters input[name=start]", "2099-01-01T00:00")
+    await page.press("#dl-filters input[name=start]", "Enter")
+    await expect(page.locator("#dl-empty")).to_be_visible()
+    assert "start=2099-01-0" in page.url or "start=2098-12-31" in page.url
+    await page.fill("#dl-filters input[name=start]", "2000-01-01T00:00")
+    await page.press("#dl-filters input[name=start]", "Enter")
+    await expect(rows).to_have_count(1)
+    await page.fill("#dl-filters input[name=start]", "")
+    await page.press("#dl-filters input[name=customer]", "Enter")
+    assert "start=" not in page.url
+
     # Expand (keyboard): the stored record and the fragment rendered for Insider.
     await rows.first.focus()
     await page.keyboard.press("Enter")
@@ -224,6 +236,8 @@ async def test_a_dead_letter_is_listed_expanded_counted_and_replayed(
     await page.go_back()
     await page.go_back()
     await expect(page.locator("#dl-filters input[name=customer]")).to_have_value("bo")
+    await page.go_back()  # the address before it: the range from 2000 on, in local time
+    await expect(page.locator("#dl-filters input[name=start]")).to_have_value("2000-01-01T00:00")
     await page.click("#views a[data-view=logs]")
     await expect(page.locator("#logs")).to_be_visible()
 

@@ -70,6 +70,15 @@ function age(seconds) {
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
+function toLocalInput(iso) {
+  // An ISO time as a datetime-local value (the viewer's time zone, to the minute).
+  const date = new Date(iso || "");
+  if (!iso || isNaN(date)) return "";
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}` +
+    `T${pad(date.getHours())}:${pad(date.getMinutes())}`;
+}
+
 function plural(n, one, many) { return `${n} ${Number(n) === 1 ? one : many}`; }
 
 function pretty(text) {
@@ -154,9 +163,7 @@ function showDeadLetters(query) {
   for (const key of ["connection", "customer", "stage", "error"]) {
     form.elements[key].value = dlFilter.get(key) || "";
   }
-  const extra = ["start", "end"].filter((k) => dlFilter.get(k))
-    .map((k) => `${k === "start" ? "from" : "to"} ${kit.localTime(dlFilter.get(k))}`);
-  $("dl-time").textContent = extra.length ? `Failed ${extra.join(" ")} (from the link)` : "";
+  for (const key of ["start", "end"]) form.elements[key].value = toLocalInput(dlFilter.get(key));
   $("dl-replay-all").hidden = !canOperate();
   $("dl-replay-all").disabled = [...dlFilter.keys()].length === 0;
   $("dl-replay-all").title = $("dl-replay-all").disabled
@@ -318,7 +325,11 @@ export function setupViews(fromApp) {
       const value = form.elements[key].value.trim();
       if (value) query.set(key, value);
     }
-    for (const key of ["start", "end"]) if (dlFilter.get(key)) query.set(key, dlFilter.get(key));
+    for (const key of ["start", "end"]) {
+      // datetime-local holds the viewer's local time; the address holds UTC.
+      const value = form.elements[key].value;
+      if (value && !isNaN(new Date(value))) query.set(key, new Date(value).toISOString());
+    }
     go(`#/dead-letters${[...query.keys()].length ? "?" + query : ""}`);
   });
   $("dl-reset").addEventListener("click", () => go("#/dead-letters"));
