@@ -11,10 +11,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.pb import dead_letters_pb2 as dpb
+from engine.pb import dead_letters_pb2_grpc
 from engine.queue.dead_letters import DeadLetterQuery
 from engine.state import audit, tokens
 from engine.state.connections import STATE_ACTIVE, STATE_PAUSED
@@ -415,3 +418,46 @@ async def test_the_views_script_is_served_under_the_page_policy(wired: Engine) -
         async with http.get(base(wired) + "/ui/static/app.js") as r:
             assert 'from "./operate.js"' in await r.text()
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+
+
+async def test_the_page_and_grpc_check_and_audit_a_replay_alike(
+    wired: Engine,
+    client: TidegateClient,
+    sandbox: RunningSandbox,
+    operator: tuple[aiohttp.ClientSession, str],
+) -> None:
+    http, csrf = operator
+    await make_dead_letters(wired, sandbox, ["ana", "bo"])
+    stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+    path = "/ui/api/dead-letters/replay"
+
+    # The same refusal, in the same words: replaying everything needs a filter.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ReplayDeadLetters(dpb.ReplayDeadLettersRequest(dry_run=True))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status, body = await call(http, wired, "POST", path, csrf, json={"dry_run": True})
+    assert status == 400 and body["error"] == refused.value.details()
+
+    # The same count, and the same audit event but for who called and from where.
+    by_grpc = await stub.ReplayDeadLetters(
+        dpb.ReplayDeadLettersRequest(filter=dpb.DeadLetterFilter(customer_id="ana"), dry_run=True)
+    )
+    status, by_page = await call(
+        http, wired, "POST", path, csrf, json={"customer": "ana", "dry_run": True}
+    )
+    assert status == 200 and by_page["replayed"] == by_grpc.replayed == 1
+    page_event, grpc_event = [
+        e for e in await audit_events(wired) if e.method == REPLAY and e.outcome == "OK"
+    ]
+    assert (page_event.target, page_event.fields) == (grpc_event.target, grpc_event.fields)
+    assert page_event.fields == {"filter.customer_id": "ana", "dry_run": "true"}
+    assert (page_event.token_name, page_event.peer) == ("page-operator", "ui:127.0.0.1")
+    assert grpc_event.token_name == "bootstrap-admin" and grpc_event.peer.startswith("ipv")
+
+    # The stored fragment can be resent as it was: ana's was rendered before the 400.
+    status, stored = await call(
+        http, wired, "POST", path, csrf, json={"customer": "ana", "dry_run": True, "mode": "stored"}
+    )
+    assert status == 200 and stored["replayed"] == 1 and stored["skipped"] == 0
+    newest = (await audit_events(wired))[0]
+    assert newest.fields["mode"] == "REPLAY_MODE_STORED_REQUEST"

@@ -432,9 +432,13 @@ def _replay_request(body: dict[str, Any]) -> dpb.ReplayDeadLettersRequest:
     dry_run = body.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise BadParameter("dry_run", "true or false")
-    mode = body.get("mode", "rerender")
-    if mode not in MODES:
+    mode = body.get("mode")
+    if mode is not None and mode not in MODES:
         raise BadParameter("mode", f"{cut(str(mode))!r}: use rerender or stored")
     return dpb.ReplayDeadLettersRequest(
-        ids=ids, filter=_filter(body), mode=MODES[mode], dry_run=dry_run
+        ids=ids,
+        filter=_filter(body),
+        # Unset unless given, as a gRPC caller leaves it: the same request, the same audit.
+        mode=dpb.REPLAY_MODE_UNSPECIFIED if mode is None else MODES[mode],
+        dry_run=dry_run,
     )
