@@ -295,3 +295,23 @@ async def test_a_hostile_dead_letter_is_shown_as_text(
     assert await page.evaluate("window.pwned") is None
     assert await page.locator("#dl-rows img, #dl-rows script, #dl-rows b").count() == 0
     assert dialogs == []
+
+
+async def test_dead_letters_page_with_load_more(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, page: Page
+) -> None:
+    await insider_connection(client, sandbox)
+    sandbox.state.faults.append(Fault(status=400, remaining=100, body={"error": "bad"}))
+    events = [points(f"c{n:02d}", n) for n in range(1, 53)]  # 52: a page of 50, then 2
+    async with aiohttp.ClientSession() as http:
+        assert (await post_events(http, engine, {"events": events}))[0] == 202
+    await dead_letters(engine, 52)
+    await log_in(page, engine, await make_token(engine, tokens.Role.VIEWER, "pager"))
+    await page.click("#views a[data-view=dead-letters]")
+    rows = page.locator("#dl-rows tr.entry")
+    await expect(rows).to_have_count(50)
+    await expect(page.locator("#dl-replay-all")).to_be_hidden()  # a viewer's page
+    await page.click("#dl-more")
+    await expect(rows).to_have_count(52)
+    await expect(rows.last.locator("td.customer")).to_have_text("c52")
+    await expect(page.locator("#dl-more")).to_be_hidden()
