@@ -50,6 +50,7 @@ from engine.state.audit import DAY as AUDIT_DAY
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import STATE_FILE, Database
 from engine.state.secrets import SecretBox, secure_data_dir
+from engine.ui.operate import OperateViews
 from engine.ui.server import UiServer
 from engine.upgrade import prepare
 
@@ -259,6 +260,9 @@ class Engine:
                 self.logs,
                 self._checker,
                 tls=None if cfg.tls is None else cfg.tls.server_context(),
+                operate=OperateViews(
+                    self.registry, self.queue, self.logs, self.db, self.deliverer.wake
+                ),
             )
             self.ui_port = await self._ui.start()
 

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -48,6 +48,9 @@ from engine.errors import InvalidInputError, TidegateError
 from engine.outbound_log.rows import ID_TIME_SLACK, LogQuery, LogRow, from_micros
 from engine.outbound_log.store import LogStore
 from engine.pb import logs_pb2 as pb
+
+if TYPE_CHECKING:
+    from engine.ui.operate import OperateViews
 
 log = structlog.get_logger("tidegate.ui")
 
@@ -75,6 +78,7 @@ STATIC_TYPES = {
     "index.html": "text/html",
     "app.js": "text/javascript",
     "app.css": "text/css",
+    "operate.js": "text/javascript",
 }
 _STATUS_RE = re.compile(r"([1-5])xx|[0-9]{1,3}")
 
@@ -214,6 +218,7 @@ class UiServer:
         tls: ssl.SSLContext | None = None,
         keepalive: float = KEEPALIVE_SECONDS,
         session_seconds: float = SESSION_SECONDS,
+        operate: OperateViews | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -226,6 +231,7 @@ class UiServer:
         self._closing = asyncio.Event()
         self._streams: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
+        self._operate = operate  # the connections and dead-letter views (engine.ui.operate)
 
     async def start(self) -> int:
         app = web.Application(middlewares=[self._headers], client_max_size=64 * 1024)
@@ -238,6 +244,8 @@ class UiServer:
         app.router.add_get("/ui/api/logs", self._list)
         app.router.add_get("/ui/api/logs/stream", self._stream)
         app.router.add_get("/ui/api/logs/{id}", self._get)
+        if self._operate is not None:
+            self._operate.register(app, self)
         app.on_shutdown.append(self._on_shutdown)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()

@@ -1,6 +1,8 @@
 // The outbound-log page. Plain ES module, no framework, no build step. Everything that comes
 // from the log (bodies, errors, names) is put on the page with textContent only.
 
+import { enterViews, leaveViews, setupViews } from "./operate.js";
+
 const $ = (id) => document.getElementById(id);
 const PARAMS = ["identifier", "customer_id", "error", "status", "connection", "start", "end"];
 const LABELS = {
@@ -308,6 +310,7 @@ function setPaused(value) {
 
 function showLogin(reason = "") {
   stopLive();
+  leaveViews();
   $("logs").hidden = true;
   $("who").hidden = true;
   $("login").hidden = false;
@@ -338,9 +341,11 @@ function showApp(session) {
   $("logs").hidden = false;
   renderChips();
   reload();
+  enterViews(session);
 }
 
 async function start() {
+  setupViews({ api, el, localTime });
   $("login-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const { ok, body } = await api("/ui/session", {
