@@ -2,15 +2,15 @@
 // from the log (bodies, errors, names) is put on the page with textContent only.
 
 const $ = (id) => document.getElementById(id);
-const PARAMS = ["identifier", "customer_id", "error", "status", "connection", "start", "end"];
+const PARAMS = ["identifier", "customer_id", "error", "status", "connection", "start", "end", "tag"];
 const LABELS = {
   identifier: "id", customer_id: "customer", error: "error", status: "status",
-  connection: "connection", start: "from", end: "to",
+  connection: "connection", start: "from", end: "to", tag: "tag",
 };
 const KEYS = {
   id: "identifier", identifier: "identifier", customer: "customer_id", customer_id: "customer_id",
   error: "error", status: "status", connection: "connection", start: "start", from: "start",
-  end: "end", to: "end",
+  end: "end", to: "end", tag: "tag", tags: "tag",
 };
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const STATUS = /^(?:[1-5]xx|\d{1,3})(?:\s*,\s*(?:[1-5]xx|\d{1,3}))*$/i;
