@@ -292,10 +292,9 @@ async def test_the_stats_match_counts_made_from_the_rows_written(
         )
     ]
     await write(engine, *made, *outside)
+    end_z = end.isoformat().replace("+00:00", "Z")
 
-    status, body = await get(
-        http, engine, f"/ui/api/stats?window=1h&end={end.isoformat().replace('+00:00', 'Z')}"
-    )
+    status, body = await get(http, engine, f"/ui/api/stats?window=1h&end={end_z}")
     assert status == 200, body
     assert body["window"] == "1h" and body["bucketSeconds"] == 60
     assert body["start"] == start_1h.isoformat().replace("+00:00", "Z")
@@ -327,7 +326,7 @@ async def test_the_stats_match_counts_made_from_the_rows_written(
     status, body = await get(
         http,
         engine,
-        f"/ui/api/stats?window=24h&connection=insider-b&end={end.isoformat().replace('+00:00', 'Z')}",
+        f"/ui/api/stats?window=24h&connection=insider-b&end={end_z}",
     )
     assert status == 200
     assert body["bucketSeconds"] == 900 and [c["connection"] for c in body["connections"]] == [

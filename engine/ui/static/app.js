@@ -1,6 +1,8 @@
 // The outbound-log page. Plain ES module, no framework, no build step. Everything that comes
 // from the log (bodies, errors, names) is put on the page with textContent only.
 
+import { customerHref, hideInsight, highlightInto, showInsight } from "./insight.js";
+
 const $ = (id) => document.getElementById(id);
 const PARAMS = ["identifier", "customer_id", "error", "status", "connection", "start", "end", "tag"];
 const LABELS = {
@@ -128,7 +130,10 @@ function rowFor(entry, fresh) {
   const first = entry.customers[0];
   if (first) {
     customer.append(el("span", { class: "name" }, first.name || "(no name)"));
-    customer.append(el("span", { class: "cid" }, first.customerId));
+    const cid = el("a", { class: "cid", href: customerHref(first.customerId), title: "Everything sent for this customer" }, first.customerId);
+    cid.addEventListener("click", (e) => e.stopPropagation());
+    cid.addEventListener("keydown", (e) => e.stopPropagation());
+    customer.append(cid);
     if (entry.customerCount > 1) customer.append(el("span", { class: "cid" }, `+${entry.customerCount - 1} more`));
   }
   const status = el("td");
@@ -192,24 +197,20 @@ async function loadPage() {
 
 // -- a row's details --------------------------------------------------------------------------
 
-function pretty(text) {
-  if (!text) return "(empty)";
-  try { return JSON.stringify(JSON.parse(text), null, 2); } catch { return text; }
-}
-
 function bodyBlock(title, text) {
   const box = el("div");
   const head = el("h3", {}, title);
   const copy = el("button", { type: "button", class: "copy" }, "Copy");
   copy.setAttribute("aria-label", `Copy the ${title.toLowerCase()}`);
-  const shown = pretty(text);
+  const pre = el("pre", { tabindex: "0", class: "json" });
+  const shown = highlightInto(pre, text);
   copy.addEventListener("click", async (e) => {
     e.stopPropagation();
     try { await navigator.clipboard.writeText(shown); copy.textContent = "Copied"; }
     catch { copy.textContent = "Copy failed"; }
   });
   head.append(" ", copy);
-  box.append(head, el("pre", { tabindex: "0" }, shown));
+  box.append(head, pre);
   return box;
 }
 
@@ -300,6 +301,7 @@ function setPaused(value) {
 
 function showLogin() {
   stopLive();
+  hideInsight();
   $("logs").hidden = true;
   $("who").hidden = true;
   $("login").hidden = false;
@@ -311,6 +313,8 @@ function showApp(session) {
   $("who-name").textContent = `${session.name} (${session.role})`;
   $("who").hidden = false;
   $("login").hidden = true;
+  $("views").hidden = false;
+  if (showInsight(showLogin)) { $("logs").hidden = true; return; }
   $("logs").hidden = false;
   renderChips();
   reload();
@@ -365,7 +369,12 @@ async function start() {
     }
   });
   $("pause").addEventListener("click", () => setPaused(!paused));
-  window.addEventListener("popstate", () => { renderChips(); reload(); });
+  window.addEventListener("popstate", () => {
+    if (showInsight(showLogin)) { stopLive(); $("logs").hidden = true; return; }
+    $("logs").hidden = false;
+    renderChips();
+    reload();
+  });
   document.addEventListener("visibilitychange", () => {
     // Browsers allow 6 streams per origin: a hidden tab gives its one back.
     if (!$("logs").hidden && $("live").getAttribute("aria-pressed") === "true") {
