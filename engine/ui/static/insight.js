@@ -161,20 +161,23 @@ const PAD_B = 18;
 function showCharts(query) {
   const window = query.get("window") === "24h" ? "24h" : "1h";
   const connection = query.get("connection") || "";
+  const end = query.get("end") || "";  // a past window, e.g. a log copied from elsewhere
   for (const [which, a] of [["1h", $("window-1h")], ["24h", $("window-24h")]]) {
     const q = new URLSearchParams({ view: "charts", window: which });
     if (connection) q.set("connection", connection);
+    if (end) q.set("end", end);
     a.href = `/ui/?${q}`;
     if (which === window) a.setAttribute("aria-current", "true"); else a.removeAttribute("aria-current");
   }
   $("charts-all").hidden = !connection;
   $("charts-all").href = `/ui/?${new URLSearchParams({ view: "charts", window })}`;
-  loadCharts(window, connection);
+  loadCharts(window, connection, end);
 }
 
-async function loadCharts(window, connection) {
+async function loadCharts(window, connection, end) {
   const query = new URLSearchParams({ window });
   if (connection) query.set("connection", connection);
+  if (end) query.set("end", end);
   const { ok, body } = await getJson(`/ui/api/stats?${query}`);
   const panels = $("chart-panels");
   panels.replaceChildren();
