@@ -185,9 +185,8 @@ async def _live(workdir: Path, rows: int) -> tuple[list[float], int]:
                 await page.press("#token", "Enter")
                 await page.wait_for_selector("#logs:not([hidden])")
                 await page.click("#live")
-                await page.wait_for_function(
-                    "document.getElementById('live-state').textContent === 'live'"
-                )
+                # (wait_for_function evaluates a string: the page's CSP refuses that)
+                await page.locator("#live-state", has_text="live").wait_for()
                 await page.evaluate(OBSERVER)
                 async with aiohttp.ClientSession() as http:
                     started = time.monotonic()
