@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Browser, Page, expect
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
@@ -225,3 +225,32 @@ async def test_highlighting_shows_a_hostile_json_body_as_text(engine: Engine, pa
     assert await page.evaluate("window.pwned") is None
     assert await page.locator("#rows img, #rows script").count() == 0
     assert dialogs == []
+
+
+async def test_the_insight_views_fit_a_phone_and_work_by_keyboard(
+    engine: Engine, browser: Browser
+) -> None:
+    await write(
+        engine,
+        row("phone-customer", 503, "Service Unavailable " * 5, connection="insider-" + "x" * 40),
+        row("phone-customer", 200),
+    )
+    context = await browser.new_context(viewport={"width": 375, "height": 700})
+    page = await context.new_page()
+    try:
+        await log_in(page, engine, await make_token(engine, tokens.Role.VIEWER, "phone-viewer"))
+        await expect(page.locator("#rows tr.entry")).to_have_count(2)
+        # The row's details link each customer to their view, reached here by keyboard.
+        await page.locator("#rows tr.entry").first.focus()
+        await page.keyboard.press("Enter")
+        outcome_link = page.locator("#rows tr.detail table.outcomes a")
+        await expect(outcome_link).to_have_text("phone-customer")
+        await outcome_link.focus()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#ledger tr")).to_have_count(2)
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 375
+        await page.goto(f"{base(engine)}/ui/?view=charts")
+        await expect(page.locator(".chart-panel")).to_have_count(2)
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 375
+    finally:
+        await context.close()

@@ -356,3 +356,12 @@ async def test_the_stats_refuse_a_bad_window_and_answer_an_empty_log(
         assert status == 400 and body["field"] == field, body
     status, body = await get(http, engine, "/ui/api/stats?window=24h&connection=none")
     assert status == 200 and body["connections"] == []
+
+
+async def test_the_insight_module_is_served_under_the_same_policy(engine: Engine) -> None:
+    async with session() as anonymous:
+        async with anonymous.get(base(engine) + "/ui/static/insight.js") as r:
+            assert r.status == 200 and r.content_type == "text/javascript"
+            assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
+            script = await r.text()
+    assert "innerHTML" not in script and "eval(" not in script

@@ -243,7 +243,9 @@ async function toggle(tr) {
   outcomes.append(head);
   for (const c of e.customers) {
     const row = el("tr");
-    row.append(el("td", {}, c.customerId), el("td", {}, c.name), el("td", {}, c.outcome), el("td", {}, c.error));
+    const id = el("td");
+    id.append(el("a", { href: customerHref(c.customerId) }, c.customerId));
+    row.append(id, el("td", {}, c.name), el("td", {}, c.outcome), el("td", {}, c.error));
     outcomes.append(row);
   }
   const bodies = el("div", { class: "bodies" });
