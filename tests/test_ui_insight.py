@@ -19,6 +19,7 @@ from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.state import tokens
+from engine.ui import insight
 from tests.ui_support import base, login, make_token, row, session, write
 
 
@@ -153,9 +154,13 @@ def carrying(at: datetime, customers: list[tuple[str, str, str]], **fields: Any)
     )
 
 
+@pytest.mark.parametrize("via_index", [1000, 2], ids=["index", "partition-scan"])
 async def test_the_ledger_shows_every_request_for_one_customer_in_either_order(
-    engine: Engine, http: aiohttp.ClientSession
+    engine: Engine, http: aiohttp.ClientSession, via_index: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Oldest first reads up to OLDEST_VIA_INDEX requests through the customer index, and
+    # the partitions oldest first for a customer with more: 2 makes alice such a one.
+    monkeypatch.setattr(insight, "OLDEST_VIA_INDEX", via_index)
     now = datetime.now(UTC).replace(microsecond=0)
     # Five requests for alice over three weeks (three partitions), one in a batch where she
     # is second and failed; others for bob only.

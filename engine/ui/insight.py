@@ -34,6 +34,11 @@ from engine.ui.server import BadParameter, Session, cut, json_response, parse_ti
 
 MAX_CUSTOMER_ID_LENGTH = 256
 """As the admin API's ids (``engine.admin.limits.MAX_ID_LENGTH``)."""
+OLDEST_VIA_INDEX = 1000
+"""Oldest first, the ledger first reads up to this many of the customer's requests (after
+the cursor) newest first through the customer index: when that is all of them, the page
+is their oldest. A customer with more is read from the partitions, oldest first (on the
+bench's 10M-row log that scan took 1-2 s, the index 0.2-0.4 s cold)."""
 
 
 def _representable(cursor: tuple[int, str]) -> bool:
@@ -307,10 +312,7 @@ class InsightViews:
         if order == "newest":
             rows, last = await self._logs.page(LogQuery(customer_id=customer_id), size, after)
         else:
-            low = None if after is None else from_micros(after[0])
-            rows, last = await self._logs.scan(
-                lambda cur, chosen: _oldest_page(cur, chosen, customer_id, size, after), low
-            )
+            rows, last = await self._oldest(customer_id, size, after)
         return json_response(
             {
                 "customerId": customer_id,
@@ -318,6 +320,20 @@ class InsightViews:
                 "entries": ledger_entries(rows, customer_id),
                 "nextPageToken": pages.token(last),
             }
+        )
+
+    async def _oldest(
+        self, customer_id: str, size: int, after: tuple[int, str] | None
+    ) -> tuple[list[LogRow], tuple[int, str] | None]:
+        low = None if after is None else from_micros(after[0])
+        query = LogQuery(customer_id=customer_id, start_time=low)
+        newest, beyond = await self._logs.page(query, OLDEST_VIA_INDEX)
+        if beyond is None:  # every request since the cursor: the index had them all
+            rows = [r for r in reversed(newest) if after is None or (micros(r.time), r.id) > after]
+            more, rows = len(rows) > size, rows[:size]
+            return rows, (micros(rows[-1].time), rows[-1].id) if more else None
+        return await self._logs.scan(
+            lambda cur, chosen: _oldest_page(cur, chosen, customer_id, size, after), low
         )
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
