@@ -389,13 +389,14 @@ async def run_ui_section(ctx: Context) -> None:
     big = s.ui_rows >= GOAL_SEARCH_ROWS
     for name, seconds in r.api.items():
         cold, warm = seconds[0], seconds[1:]
-        goal = f"< {ms(GOAL_PAGE_FIRST)}" if big else ""
+        first_page = not name.startswith("customers")  # the goal: the first page
+        goal = f"< {ms(GOAL_PAGE_FIRST)}" if big and first_page else ""
         ctx.report.add(
             "ui",
             f"{s.ui_rows:,} rows: GET /ui/api/{name}: first call / then p50 / p99",
             f"{ms(cold)} / {ms(percentile(warm, 50))} / {ms(percentile(warm, 99))}",
             goal,
-            max(cold, percentile(warm, 99)) < GOAL_PAGE_FIRST if big else None,
+            max(cold, percentile(warm, 99)) < GOAL_PAGE_FIRST if goal else None,
         )
     for name, seconds in r.browser.items():
         what = (

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -108,10 +110,19 @@ async def run_ui(data_dir: Path, workdir: Path, calls: int, live_rows: int) -> U
     samples = json.loads((data_dir / SAMPLES_FILE).read_text())
     result = UiResult(samples["rows"])
     end = _iso(samples["last_ms"] + 1)
-    endpoints = {
-        "logs": "/ui/api/logs?page_size=50",
-        "stats 1h": f"/ui/api/stats?window=1h&end={end}",
-        "stats 24h": f"/ui/api/stats?window=24h&end={end}",
+    rng = random.Random(7)
+
+    def ledger(order: str) -> Callable[[], str]:
+        # A sampled customer per call, as the log search does: one customer's pages
+        # would be cached after the first call.
+        return lambda: f"/ui/api/customers/{rng.choice(samples['customers'])}/ledger?order={order}"
+
+    endpoints: dict[str, Callable[[], str]] = {
+        "logs": lambda: "/ui/api/logs?page_size=50",
+        "stats?window=1h": lambda: f"/ui/api/stats?window=1h&end={end}",
+        "stats?window=24h": lambda: f"/ui/api/stats?window=24h&end={end}",
+        "customers/{id}/ledger (newest first)": ledger("newest"),
+        "customers/{id}/ledger?order=oldest": ledger("oldest"),
     }
     with start_engine(data_dir, workdir / "engine.log") as engine:
         base, token = page_base(engine), engine.extra["token"]
@@ -119,10 +130,10 @@ async def run_ui(data_dir: Path, workdir: Path, calls: int, live_rows: int) -> U
         async with aiohttp.ClientSession(cookie_jar=jar) as http:
             await _login(http, base, token)
             for name, path in endpoints.items():  # each one's first call is cold
-                result.api[name] = [await _timed_get(http, base + path)]
+                result.api[name] = [await _timed_get(http, base + path())]
             for name, path in endpoints.items():
                 for _ in range(calls):
-                    result.api[name].append(await _timed_get(http, base + path))
+                    result.api[name].append(await _timed_get(http, base + path()))
         if HAVE_CHROMIUM:
             result.browser = await _browser_first_paint(base, token, end, max(3, calls // 4))
         else:

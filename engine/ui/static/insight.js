@@ -184,17 +184,19 @@ async function loadCharts(window, connection, end) {
   $("charts-error").textContent = ok ? "" : body.error || "the statistics could not be read";
   if (!ok) return;
   $("charts-empty").hidden = body.connections.length > 0;
-  for (const c of body.connections) panels.append(panel(c, body, window));
+  for (const c of body.connections) panels.append(panel(c, body, window, end));
 }
 
 function seconds(value) {
   return value === null || value === undefined ? "–" : `${Number(value).toFixed(3)} s`;
 }
 
-function panel(c, stats, window) {
+function panel(c, stats, window, end) {
   const box = el("section", { class: "chart-panel", "aria-label": `Connection ${c.connection}` });
   const head = el("h3");
-  head.append(link(`/ui/?${new URLSearchParams({ view: "charts", window, connection: c.connection })}`, c.connection));
+  const only = new URLSearchParams({ view: "charts", window, connection: c.connection });
+  if (end) only.set("end", end);
+  head.append(link(`/ui/?${only}`, c.connection));
   const facts = el("dl", { class: "chart-facts" });
   for (const [k, v, cls] of [
     ["Requests", c.total, "total"],
