@@ -370,3 +370,13 @@ async def test_the_insight_module_is_served_under_the_same_policy(engine: Engine
             assert r.headers["Content-Security-Policy"].startswith("default-src 'self'")
             script = await r.text()
     assert "innerHTML" not in script and "eval(" not in script
+
+
+async def test_a_customer_id_with_a_slash_and_accents_reaches_its_ledger(
+    engine: Engine, http: aiohttp.ClientSession
+) -> None:
+    await write(engine, row("a/b c%d?é"), row("a"))
+    status, body = await get(http, engine, "/ui/api/customers/a%2Fb%20c%25d%3F%C3%A9/ledger")
+    assert status == 200
+    assert body["customerId"] == "a/b c%d?é"
+    assert [e["name"] for e in body["entries"]] == ["Ada Lovelace"]

@@ -15,6 +15,8 @@ other ports.
   outbound log through the same ``LogStore`` calls, filter checks, page tokens and JSON
   field names as ``ListLogs``/``GetLog``/``StreamLogs``. A bad filter is a JSON 400 naming
   the query parameter.
+- ``GET /ui/api/customers/{id}/ledger`` and ``GET /ui/api/stats``: the customer view and
+  the charts (``engine.ui.insight``).
 
 Every answer carries ``Content-Security-Policy: default-src 'self'`` (no inline script or
 style) and ``X-Content-Type-Options: nosniff``; the page renders bodies with
