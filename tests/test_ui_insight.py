@@ -17,6 +17,7 @@ import pytest
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
+from engine.outbound_log.partitions import week_of
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.state import tokens
 from engine.ui import insight
@@ -380,3 +381,19 @@ async def test_a_customer_id_with_a_slash_and_accents_reaches_its_ledger(
     assert status == 200
     assert body["customerId"] == "a/b c%d?é"
     assert [e["name"] for e in body["entries"]] == ["Ada Lovelace"]
+
+
+async def test_the_stats_read_only_the_partitions_their_window_touches(engine: Engine) -> None:
+    # The middle of a past week: an hour before it lies in that week's file alone.
+    now = week_of(datetime.now(UTC) - timedelta(days=14)) + timedelta(days=3, hours=12)
+    await write(engine, *(row("p", at=now + timedelta(days=d)) for d in (-7, 0, 7, 14)))
+
+    def names(_cur: Any, chosen: list[Any]) -> list[str]:
+        return [p.name for p in chosen]
+
+    every = await engine.logs.scan(names)
+    assert len(every) >= 4  # one file per week
+    start, end = insight.window_bounds(insight.WINDOWS["1h"], now)
+    assert end - start == timedelta(hours=1) and start <= now < end
+    (chosen,) = await engine.logs.scan(names, start, end)
+    assert chosen == f"log_{week_of(now):%Y%m%d}"
