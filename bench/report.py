@@ -15,6 +15,7 @@ SECTIONS = {
     "latency": "4. Latency",
     "logsearch": "5. Log search",
     "memory": "6. Memory",
+    "ui": "7. The page",
 }
 
 

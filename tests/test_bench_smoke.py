@@ -15,6 +15,7 @@ SECTIONS = (
     "4. Latency",
     "5. Log search",
     "6. Memory",
+    "7. The page",
 )
 
 

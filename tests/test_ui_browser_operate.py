@@ -4,8 +4,7 @@ connection paused by a 401 shows its reason and is resumed; dead letters from a 
 listed, filtered, expanded, counted by a dry run and queued again after a confirmation.
 
 Each view is kept as a screenshot under ``$TIDEGATE_SCREENSHOTS`` (default: the test's
-tmp_path/screenshots); with ``TIDEGATE_README_SCREENSHOTS=1`` a copy also goes to
-docs/screenshots/ for the README."""
+tmp_path/screenshots); ``TIDEGATE_SCREENSHOTS=docs/screenshots`` remakes the README's."""
 
 from __future__ import annotations
 
@@ -35,8 +34,6 @@ from tests.test_ui_operate import (
     points,
 )
 from tests.ui_support import base, make_token
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -77,11 +74,8 @@ def shots(tmp_path: Path) -> Path:
 
 
 async def screenshot(page: Page, folder: Path, name: str) -> None:
-    """Keeps the page as ``name``.png in ``folder`` (a test artefact), and with
-    TIDEGATE_README_SCREENSHOTS=1 the README's copy in docs/screenshots/."""
+    """Keeps the page as ``name``.png in ``folder`` (a test artefact)."""
     await page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
-    if os.environ.get("TIDEGATE_README_SCREENSHOTS") == "1":
-        await page.screenshot(path=str(ROOT / "docs" / "screenshots" / f"{name}.png"))
 
 
 async def log_in(page: Page, engine: Engine, token: str, hash: str = "") -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC
 
 import grpc
@@ -46,7 +47,27 @@ PAGES = Pager[tuple[int, str]]("ListLogs", (int, str), _representable)
 """ListLogs tokens: the time (Unix microseconds) and id of the page's last entry."""
 
 
+TAG_RE = re.compile(r"[a-z0-9_-]{1,64}")
+"""A tag a filter names: what the engine writes ("backfill", "replay", "erasure")."""
+MAX_FILTER_TAGS = 20
+
+
+def check_tags(tags: Iterable[str], field: str = "filter.tags") -> tuple[str, ...]:
+    """``tags`` as a ``LogQuery`` takes them; ``InvalidInputError`` names a bad one."""
+    found = tuple(dict.fromkeys(tags))
+    if len(found) > MAX_FILTER_TAGS:
+        raise InvalidInputError(field, f"at most {MAX_FILTER_TAGS} tags, not {len(found)}")
+    for i, tag in enumerate(found):
+        if TAG_RE.fullmatch(tag) is None:
+            raise InvalidInputError(
+                f"{field}[{i}]",
+                f"{shown(tag)} is not a tag: 1-64 characters of a-z, 0-9, _ and -",
+            )
+    return found
+
+
 def query_from_pb(f: pb.LogFilter) -> LogQuery:
+    tags = check_tags(f.tags)
     for i, code in enumerate(f.status_codes):
         if not 0 <= code <= 599:
             raise InvalidInputError(f"filter.status_codes[{i}]", "must be an HTTP status (0-599)")
@@ -63,6 +84,7 @@ def query_from_pb(f: pb.LogFilter) -> LogQuery:
         end_time=end,
         connection_id=f.connection_id,
         errors_only=f.errors_only,
+        tags=tags,
     )
 
 

@@ -79,6 +79,7 @@ class LogQuery:
     end_time: datetime | None = None  # exclusive
     connection_id: str = ""
     errors_only: bool = False
+    tags: tuple[str, ...] = ()  # any of these tags
 
     def matches(self, row: LogRow) -> bool:
         """The same test ``LogStore.list`` applies in SQL. Use it on full rows."""
@@ -99,6 +100,7 @@ class LogQuery:
             and (self.end_time is None or row.time < self.end_time)
             and (not self.connection_id or row.connection_id == self.connection_id)
             and (not self.errors_only or row.error != "")
+            and (not self.tags or any(t in self.tags for t in row.tags.split(",") if t))
         )
 
 

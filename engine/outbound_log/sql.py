@@ -150,6 +150,9 @@ def where_clause(query: LogQuery, after: tuple[datetime, str] | None) -> tuple[s
         params.append(list(query.status_codes))
     if query.errors_only:
         conds.append("r.error <> ''")
+    if query.tags:
+        conds.append("r.tags <> '' AND list_has_any(string_split(r.tags, ','), ?::VARCHAR[])")
+        params.append(list(query.tags))
     if query.customer_id:
         time_conds, time_params = within("c")
         subquery = " AND ".join(["c.customer_id = ?", *time_conds])

@@ -312,6 +312,27 @@ class LogStore:
         """The row with bodies and every customer, or None."""
         return await self._read(self._get, request_id)
 
+    async def scan(
+        self,
+        fn: Callable[[duckdb.DuckDBPyConnection, list[Partition]], T],
+        low: datetime | None = None,
+        high: datetime | None = None,
+    ) -> T:
+        """Runs ``fn(cursor, partitions)`` on a worker thread, with the partitions that may
+        hold rows with ``low <= time <= high`` (newest first) held for the call: a read of
+        its own (the page's charts and customer view, ``engine.ui.insight``) that prunes
+        partitions by time as ``page`` does. ``fn`` names a partition's tables
+        ``<partition.name>.log_requests`` and must only read."""
+
+        def run(cur: duckdb.DuckDBPyConnection) -> T:
+            partitions = self._partitions
+            if partitions is None:
+                raise TidegateError("log store is not running")
+            with partitions.using(low, high) as chosen:
+                return fn(cur, chosen)
+
+        return await self._read(run)
+
     async def count(self) -> int:
         """The requests in the log, every partition."""
 

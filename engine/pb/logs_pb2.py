@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctidegate/admin/v1/logs.proto\x12\x11tidegate.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x0bLogCustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xfa\x02\n\x08LogEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x1d\n\x15response_time_seconds\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x31\n\tcustomers\x18\t \x03(\x0b\x32\x1e.tidegate.admin.v1.LogCustomer\x12\x16\n\x0e\x63ustomer_count\x18\n \x01(\x05\x12\x17\n\x0fmapping_version\x18\x0b \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x11\n\tambiguous\x18\r \x01(\x08\x12\x14\n\x0crequest_body\x18\x0e \x01(\t\x12\x15\n\rresponse_body\x18\x0f \x01(\t\x12\x0c\n\x04tags\x18\x10 \x03(\t\"\xec\x01\n\tLogFilter\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65rror_contains\x18\x03 \x01(\t\x12\x14\n\x0cstatus_codes\x18\x04 \x03(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconnection_id\x18\x07 \x01(\t\x12\x13\n\x0b\x65rrors_only\x18\x08 \x01(\x08\"f\n\x0fListLogsRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.tidegate.admin.v1.LogFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x10ListLogsResponse\x12)\n\x04logs\x18\x01 \x03(\x0b\x32\x1b.tidegate.admin.v1.LogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\rGetLogRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x0eGetLogResponse\x12(\n\x03log\x18\x01 \x01(\x0b\x32\x1b.tidegate.admin.v1.LogEntry\"A\n\x11StreamLogsRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.tidegate.admin.v1.LogFilter\"?\n\x12StreamLogsResponse\x12)\n\x04logs\x18\x01 \x03(\x0b\x32\x1b.tidegate.admin.v1.LogEntry2\x8d\x02\n\nLogService\x12S\n\x08ListLogs\x12\".tidegate.admin.v1.ListLogsRequest\x1a#.tidegate.admin.v1.ListLogsResponse\x12M\n\x06GetLog\x12 .tidegate.admin.v1.GetLogRequest\x1a!.tidegate.admin.v1.GetLogResponse\x12[\n\nStreamLogs\x12$.tidegate.admin.v1.StreamLogsRequest\x1a%.tidegate.admin.v1.StreamLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctidegate/admin/v1/logs.proto\x12\x11tidegate.admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x0bLogCustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xfa\x02\n\x08LogEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x1d\n\x15response_time_seconds\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x31\n\tcustomers\x18\t \x03(\x0b\x32\x1e.tidegate.admin.v1.LogCustomer\x12\x16\n\x0e\x63ustomer_count\x18\n \x01(\x05\x12\x17\n\x0fmapping_version\x18\x0b \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x11\n\tambiguous\x18\r \x01(\x08\x12\x14\n\x0crequest_body\x18\x0e \x01(\t\x12\x15\n\rresponse_body\x18\x0f \x01(\t\x12\x0c\n\x04tags\x18\x10 \x03(\t\"\xfa\x01\n\tLogFilter\x12\x12\n\nidentifier\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65rror_contains\x18\x03 \x01(\t\x12\x14\n\x0cstatus_codes\x18\x04 \x03(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconnection_id\x18\x07 \x01(\t\x12\x13\n\x0b\x65rrors_only\x18\x08 \x01(\x08\x12\x0c\n\x04tags\x18\t \x03(\t\"f\n\x0fListLogsRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.tidegate.admin.v1.LogFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x10ListLogsResponse\x12)\n\x04logs\x18\x01 \x03(\x0b\x32\x1b.tidegate.admin.v1.LogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\rGetLogRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x0eGetLogResponse\x12(\n\x03log\x18\x01 \x01(\x0b\x32\x1b.tidegate.admin.v1.LogEntry\"A\n\x11StreamLogsRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.tidegate.admin.v1.LogFilter\"?\n\x12StreamLogsResponse\x12)\n\x04logs\x18\x01 \x03(\x0b\x32\x1b.tidegate.admin.v1.LogEntry2\x8d\x02\n\nLogService\x12S\n\x08ListLogs\x12\".tidegate.admin.v1.ListLogsRequest\x1a#.tidegate.admin.v1.ListLogsResponse\x12M\n\x06GetLog\x12 .tidegate.admin.v1.GetLogRequest\x1a!.tidegate.admin.v1.GetLogResponse\x12[\n\nStreamLogs\x12$.tidegate.admin.v1.StreamLogsRequest\x1a%.tidegate.admin.v1.StreamLogsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGENTRY']._serialized_start=167
   _globals['_LOGENTRY']._serialized_end=545
   _globals['_LOGFILTER']._serialized_start=548
-  _globals['_LOGFILTER']._serialized_end=784
-  _globals['_LISTLOGSREQUEST']._serialized_start=786
-  _globals['_LISTLOGSREQUEST']._serialized_end=888
-  _globals['_LISTLOGSRESPONSE']._serialized_start=890
-  _globals['_LISTLOGSRESPONSE']._serialized_end=976
-  _globals['_GETLOGREQUEST']._serialized_start=978
-  _globals['_GETLOGREQUEST']._serialized_end=1005
-  _globals['_GETLOGRESPONSE']._serialized_start=1007
-  _globals['_GETLOGRESPONSE']._serialized_end=1065
-  _globals['_STREAMLOGSREQUEST']._serialized_start=1067
-  _globals['_STREAMLOGSREQUEST']._serialized_end=1132
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=1134
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=1197
-  _globals['_LOGSERVICE']._serialized_start=1200
-  _globals['_LOGSERVICE']._serialized_end=1469
+  _globals['_LOGFILTER']._serialized_end=798
+  _globals['_LISTLOGSREQUEST']._serialized_start=800
+  _globals['_LISTLOGSREQUEST']._serialized_end=902
+  _globals['_LISTLOGSRESPONSE']._serialized_start=904
+  _globals['_LISTLOGSRESPONSE']._serialized_end=990
+  _globals['_GETLOGREQUEST']._serialized_start=992
+  _globals['_GETLOGREQUEST']._serialized_end=1019
+  _globals['_GETLOGRESPONSE']._serialized_start=1021
+  _globals['_GETLOGRESPONSE']._serialized_end=1079
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1081
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1146
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=1148
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=1211
+  _globals['_LOGSERVICE']._serialized_start=1214
+  _globals['_LOGSERVICE']._serialized_end=1483
 # @@protoc_insertion_point(module_scope)

@@ -159,6 +159,7 @@ class LogFilter(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
     ERRORS_ONLY_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     identifier: _builtins.str
     """Request identifier (LogEntry.id), exact."""
     customer_id: _builtins.str
@@ -181,6 +182,12 @@ class LogFilter(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Time range end, exclusive; must be after start_time when both are set."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Entries carrying any of these tags (LogEntry.tags, exact), e.g. "replay" or
+        "backfill". Each tag is 1-64 characters of a-z, 0-9, "_" and "-".
+        """
+
     def __init__(
         self,
         *,
@@ -192,10 +199,11 @@ class LogFilter(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         connection_id: _builtins.str = ...,
         errors_only: _builtins.bool = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "customer_id", b"customer_id", "end_time", b"end_time", "error_contains", b"error_contains", "errors_only", b"errors_only", "identifier", b"identifier", "start_time", b"start_time", "status_codes", b"status_codes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "customer_id", b"customer_id", "end_time", b"end_time", "error_contains", b"error_contains", "errors_only", b"errors_only", "identifier", b"identifier", "start_time", b"start_time", "status_codes", b"status_codes", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

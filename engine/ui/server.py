@@ -15,6 +15,8 @@ other ports.
   outbound log through the same ``LogStore`` calls, filter checks, page tokens and JSON
   field names as ``ListLogs``/``GetLog``/``StreamLogs``. A bad filter is a JSON 400 naming
   the query parameter.
+- ``GET /ui/api/customers/{id}/ledger`` and ``GET /ui/api/stats``: the customer view and
+  the charts (``engine.ui.insight``).
 
 Every answer carries ``Content-Security-Policy: default-src 'self'`` (no inline script or
 style) and ``X-Content-Type-Options: nosniff``; the page renders bodies with
@@ -79,6 +81,7 @@ STATIC_TYPES = {
     "app.js": "text/javascript",
     "app.css": "text/css",
     "operate.js": "text/javascript",
+    "insight.js": "text/javascript",
 }
 _STATUS_RE = re.compile(r"([1-5])xx|[0-9]{1,3}")
 
@@ -135,6 +138,10 @@ def _parse_time(field: str, text: str) -> datetime:
     return value.astimezone(UTC)
 
 
+json_response = _json
+parse_time = _parse_time
+
+
 def parse_status(text: str) -> list[int]:
     """``status``: codes and classes separated by commas, e.g. ``4xx,503,0``."""
     codes: list[int] = []
@@ -158,7 +165,9 @@ def parse_status(text: str) -> list[int]:
     return sorted(set(codes))
 
 
-FILTER_PARAMS = ("customer_id", "identifier", "error", "status", "connection", "start", "end")
+FILTER_PARAMS = (
+    "customer_id", "identifier", "error", "status", "connection", "start", "end", "tag",
+)  # fmt: skip
 
 
 def filter_from_params(params: Any) -> pb.LogFilter:
@@ -175,6 +184,7 @@ def filter_from_params(params: Any) -> pb.LogFilter:
         errors_only=params.get("errors_only", "") in ("1", "true"),
     )
     f.status_codes.extend(parse_status(params.get("status", "")))
+    f.tags.extend(t for t in (p.strip() for p in params.get("tag", "").split(",")) if t)
     for field, target in (("start", f.start_time), ("end", f.end_time)):
         text = params.get(field, "").strip()
         if text:
@@ -188,7 +198,10 @@ def query_from_params(params: Any) -> LogQuery:
         return query_from_pb(f)
     except InvalidInputError as exc:
         names = {"filter.end_time": "end", "filter.start_time": "start"}
-        field = names.get(exc.field, "status" if exc.field.startswith("filter.status") else "")
+        prefixes = {"filter.status": "status", "filter.tags": "tag"}
+        field = names.get(exc.field) or next(
+            (v for k, v in prefixes.items() if exc.field.startswith(k)), ""
+        )
         raise BadParameter(field or exc.field, exc.message) from None
 
 
@@ -246,6 +259,9 @@ class UiServer:
         app.router.add_get("/ui/api/logs/{id}", self._get)
         if self._operate is not None:
             self._operate.register(app, self)
+        from engine.ui.insight import InsightViews  # it imports this module
+
+        InsightViews(self._logs, self._viewer).routes(app)
         app.on_shutdown.append(self._on_shutdown)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()

@@ -1,18 +1,19 @@
 // The outbound-log page. Plain ES module, no framework, no build step. Everything that comes
 // from the log (bodies, errors, names) is put on the page with textContent only.
 
+import { customerHref, highlightInto, setupInsight } from "./insight.js";
 import { enterViews, leaveViews, setupViews } from "./operate.js";
 
 const $ = (id) => document.getElementById(id);
-const PARAMS = ["identifier", "customer_id", "error", "status", "connection", "start", "end"];
+const PARAMS = ["identifier", "customer_id", "error", "status", "connection", "start", "end", "tag"];
 const LABELS = {
   identifier: "id", customer_id: "customer", error: "error", status: "status",
-  connection: "connection", start: "from", end: "to",
+  connection: "connection", start: "from", end: "to", tag: "tag",
 };
 const KEYS = {
   id: "identifier", identifier: "identifier", customer: "customer_id", customer_id: "customer_id",
   error: "error", status: "status", connection: "connection", start: "start", from: "start",
-  end: "end", to: "end",
+  end: "end", to: "end", tag: "tag", tags: "tag",
 };
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const STATUS = /^(?:[1-5]xx|\d{1,3})(?:\s*,\s*(?:[1-5]xx|\d{1,3}))*$/i;
@@ -130,7 +131,10 @@ function rowFor(entry, fresh) {
   const first = entry.customers[0];
   if (first) {
     customer.append(el("span", { class: "name" }, first.name || "(no name)"));
-    customer.append(el("span", { class: "cid" }, first.customerId));
+    const cid = el("a", { class: "cid", href: customerHref(first.customerId), title: "Everything sent for this customer" }, first.customerId);
+    cid.addEventListener("click", (e) => e.stopPropagation());
+    cid.addEventListener("keydown", (e) => e.stopPropagation());
+    customer.append(cid);
     if (entry.customerCount > 1) customer.append(el("span", { class: "cid" }, `+${entry.customerCount - 1} more`));
   }
   const status = el("td");
@@ -194,24 +198,20 @@ async function loadPage() {
 
 // -- a row's details --------------------------------------------------------------------------
 
-function pretty(text) {
-  if (!text) return "(empty)";
-  try { return JSON.stringify(JSON.parse(text), null, 2); } catch { return text; }
-}
-
 function bodyBlock(title, text) {
   const box = el("div");
   const head = el("h3", {}, title);
   const copy = el("button", { type: "button", class: "copy" }, "Copy");
   copy.setAttribute("aria-label", `Copy the ${title.toLowerCase()}`);
-  const shown = pretty(text);
+  const pre = el("pre", { tabindex: "0", class: "json" });
+  const shown = highlightInto(pre, text);
   copy.addEventListener("click", async (e) => {
     e.stopPropagation();
     try { await navigator.clipboard.writeText(shown); copy.textContent = "Copied"; }
     catch { copy.textContent = "Copy failed"; }
   });
   head.append(" ", copy);
-  box.append(head, el("pre", { tabindex: "0" }, shown));
+  box.append(head, pre);
   return box;
 }
 
@@ -244,7 +244,9 @@ async function toggle(tr) {
   outcomes.append(head);
   for (const c of e.customers) {
     const row = el("tr");
-    row.append(el("td", {}, c.customerId), el("td", {}, c.name), el("td", {}, c.outcome), el("td", {}, c.error));
+    const id = el("td");
+    id.append(el("a", { href: customerHref(c.customerId) }, c.customerId));
+    row.append(id, el("td", {}, c.name), el("td", {}, c.outcome), el("td", {}, c.error));
     outcomes.append(row);
   }
   const bodies = el("div", { class: "bodies" });
@@ -346,6 +348,7 @@ function showApp(session) {
 
 async function start() {
   setupViews({ api, el, localTime });
+  setupInsight(showLogin);
   $("login-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const { ok, body } = await api("/ui/session", {
