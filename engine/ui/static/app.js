@@ -173,20 +173,26 @@ function addRows(entries, atTop) {
   $("empty").hidden = body.rows.length > 0;
 }
 
+let searchGeneration = 0; // a reload starts a new one: answers to older searches are dropped
+
 async function reload() {
+  searchGeneration += 1;
   lastEventId = "";
   $("rows").replaceChildren();
   listed = new Set();
   nextToken = "";
   waiting = [];
+  const generation = searchGeneration;
   await loadPage();
-  if (source) startLive();
+  if (source && generation === searchGeneration) startLive();
 }
 
 async function loadPage() {
+  const generation = searchGeneration;
   const query = filterQuery();
   if (nextToken) query.set("page_token", nextToken);
   const { ok, body } = await api(`/ui/api/logs?${query}`);
+  if (generation !== searchGeneration) return; // the search changed while this was asked
   $("list-error").textContent = ok ? "" : body.error || "the log could not be read";
   $("search-error").textContent = "";
   if (!ok) { $("more").hidden = true; return; }
