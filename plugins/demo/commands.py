@@ -31,10 +31,27 @@ def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--http-port", type=tcp_port, default=0, help="ingest port (default: any free)"
     )
+    demo.add_argument(
+        "--ui-port",
+        type=_port_or_off,
+        default=0,
+        help="outbound-log page port (default: any free; off: no page)",
+    )
     demo.add_argument("--customers", type=int, default=40, help="simulated customers (default 40)")
     demo.add_argument(
-        "--keep-running", action="store_true", help="keep serving after the traffic, for grpcurl"
+        "--keep-running",
+        action="store_true",
+        help="keep serving after the traffic (for the page and grpcurl)",
     )
+
+
+def _port_or_off(text: str) -> int | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return tcp_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is neither a TCP port nor off") from None
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -212,6 +213,7 @@ async def _demo(args: argparse.Namespace) -> int:
             data_dir=data_dir,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
+            ui_port=args.ui_port,
             # The sandboxes are on loopback: the demo allows them, as serve
             # --allow-destination does.
             allowed_destinations=(Allowance.parse(sandbox.url), Allowance.parse(braze.url)),
@@ -227,6 +229,9 @@ async def _demo(args: argparse.Namespace) -> int:
         f"  gRPC admin API   127.0.0.1:{engine.grpc_port}"
         f"   (try: grpcurl -plaintext {auth} 127.0.0.1:{engine.grpc_port} list)"
     )
+    page = f"http://127.0.0.1:{engine.ui_port}/ui/" if args.ui_port is not None else ""
+    if page:
+        _print(f"  outbound-log UI  {page}   (log in with the admin token below)")
     _print(f"  data             {data_dir}")
     _print(f"  admin token      {data_dir / ADMIN_TOKEN_FILE}")
     try:
@@ -325,6 +330,17 @@ async def _demo(args: argparse.Namespace) -> int:
                 _print(f"  request:  {detail.request_body[:300]}…")
                 _print(f"  response: {detail.response_body[:300]}")
             if args.keep_running:
+                if page and failing is not None:
+                    customer = next(
+                        (c.customer_id for c in failing.customers if c.outcome == "failed"),
+                        failing.customers[0].customer_id if failing.customers else "",
+                    )
+                    search = f"?{urlencode({'customer_id': customer})}" if customer else ""
+                    _print(
+                        f"\nOn the page: {page}{search} lists that customer's requests; open"
+                        " the failed one for the destination's answer. Log in with the token"
+                        f" in {data_dir / ADMIN_TOKEN_FILE}."
+                    )
                 _print(
                     f"\nStill serving. Try: grpcurl -plaintext {auth} -d "
                     """'{"filter":{"errors_only":true}}' """
