@@ -283,6 +283,25 @@ def dead_letter_id(text: str) -> int:
     return value
 
 
+def closed_pipe_ends_quietly(
+    func: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``func``, ending with 0 and no traceback when its reader goes away
+    (``tidegate logs search | head``), as Unix filters do."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except BrokenPipeError:
+            # Python flushes stdout again at exit; point it at nothing so that flush is quiet.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+
+    run.__name__ = func.__name__
+    return run
+
+
 # -- the commands ------------------------------------------------------------------------------
 
 
@@ -321,7 +340,7 @@ class AdminCommands:
             help="table for people (default) or json for scripts",
         )
         self.access.add_arguments(parser)
-        parser.set_defaults(func=func)
+        parser.set_defaults(func=closed_pipe_ends_quietly(func))
         return parser
 
     def register(self, sub: Any) -> None:
@@ -581,7 +600,10 @@ class AdminCommands:
                 f"{ids.source_attribute} -> {ids.target_identifier}"
                 + (" (custom)" if ids.custom else ""),
             ),
-            ("retry window", f"{c.retry_window_seconds} s"),
+            (
+                "retry window",
+                age(c.retry_window_seconds) if c.retry_window_seconds else "6.0h (the default)",
+            ),
             ("created", when(c.create_time)),
             ("updated", when(c.update_time)),
         ]

@@ -1,0 +1,562 @@
+"""``tidegate connections|mappings|logs|dead-letters|tokens``: the real ``tidegate``
+command, as a subprocess, against a real in-process engine (gRPC on 127.0.0.1) and the
+Insider sandbox. Expected values come from what each test sent, never from the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from clients.client import TidegateClient, read_token
+from engine.app import Engine
+from engine.pb import connections_pb2 as cpb
+from plugins.insider.sandbox import RunningSandbox
+from tests.conftest import eventually, insider_connection, post_events
+
+BIN = Path(sys.executable).parent
+CONNECTION = "insider-main"
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        assert self.code == 0, self.err
+        return json.loads(self.out)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TIDEGATE_TOKEN", "NO_COLOR")}
+    return {**env, **extra}
+
+
+def engine_flags(engine: Engine) -> list[str]:
+    return ["--target", f"127.0.0.1:{engine.grpc_port}", "--data-dir", str(engine.config.data_dir)]
+
+
+async def tidegate(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"") -> Ran:
+    """Runs ``tidegate ARGS`` without blocking the engine that serves in this loop."""
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "tidegate"),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env or cli_env(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), 60)
+    ran = Ran(process.returncode or 0, out.decode(), err.decode())
+    assert "Traceback" not in ran.err, ran.err
+    return ran
+
+
+async def on(engine: Engine, *args: str, **kwargs: Any) -> Ran:
+    """``tidegate ARGS`` against ``engine``, with its admin token (from its data folder)."""
+    return await tidegate(*args, *engine_flags(engine), **kwargs)
+
+
+async def fault(http: aiohttp.ClientSession, sandbox: RunningSandbox, **body: Any) -> None:
+    async with http.post(f"{sandbox.url}/sandbox/faults", json=body) as r:
+        assert r.status == 200, await r.text()
+
+
+async def drained(client: TidegateClient) -> cpb.Connection:
+    async def empty() -> bool:
+        return (await client.get_connection(CONNECTION)).queue_depth == 0
+
+    await eventually(empty)
+    return await client.get_connection(CONNECTION)
+
+
+async def log_rows(client: TidegateClient, count: int) -> None:
+    async def enough() -> bool:
+        return len((await client.list_logs(page_size=1000)).logs) >= count
+
+    await eventually(enough)
+
+
+def point(customer: str, n: int) -> dict[str, Any]:
+    return {"customer": customer, "action": "point_add", "data": {"points": n}}
+
+
+def profile(customer: str, email: str, **data: Any) -> dict[str, Any]:
+    return {"customer": customer, "action": "profile", "data": {"email": email, **data}}
+
+
+# -- connections and mappings ------------------------------------------------------------
+
+
+async def test_connections_list_get_and_resume_a_paused_connection(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    await fault(http, sandbox, status=401, count=1)  # Insider refuses the key once
+    await post_events(http, engine, point("ann", 5))
+
+    async def paused() -> bool:
+        return (await client.get_connection(CONNECTION)).state == cpb.CONNECTION_STATE_PAUSED
+
+    await eventually(paused)
+
+    listed = (await on(engine, "connections", "list", "--output", "json")).json()
+    [row] = listed["connections"]
+    assert row["id"] == CONNECTION and row["state"] == "CONNECTION_STATE_PAUSED"
+    assert row["queueDepth"] == "1" and row["stateReason"]
+    table = await on(engine, "connections", "list")
+    [header, line] = table.out.splitlines()
+    assert header.split()[:3] == ["ID", "CONNECTOR", "STATE"]
+    assert line.split()[:4] == [CONNECTION, "insider", "paused", "1"]
+    assert "\033[" not in table.out  # not a terminal: no colour
+
+    shown = await on(engine, "connections", "get", CONNECTION)
+    fields = dict(line.split(":", 1) for line in shown.out.splitlines())
+    assert fields["state"].strip().startswith("paused (")
+    assert fields["setting partner_name"].strip() == "acme"
+    assert fields["api key"].strip() == "****6789"  # the hint, never the key
+    assert "ucd-secret-key" not in shown.out
+
+    resumed = await on(engine, "connections", "resume", CONNECTION, "--output", "json")
+    assert resumed.json()["state"] == "CONNECTION_STATE_ACTIVE"
+    assert (await drained(client)).state == cpb.CONNECTION_STATE_ACTIVE
+    assert sandbox.state.lookup("uuid", "ann") is not None  # the probe delivered the item
+
+
+async def test_mappings_list_shows_profile_and_event_mappings(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox
+) -> None:
+    await insider_connection(client, sandbox)
+    await insider_connection(client, sandbox, connection_id="second")
+    await client.create_profile_mapping("second", "city", "city_name", custom=True)
+
+    every = (await on(engine, "mappings", "list", "--output", "json")).json()
+    assert sorted(c["connectionId"] for c in every["connections"]) == [CONNECTION, "second"]
+    one = (
+        await on(engine, "mappings", "list", "--connection", "second", "--output", "json")
+    ).json()
+    [second] = one["connections"]
+    pairs = {
+        (m["sourceAttribute"], m["targetAttribute"], m["custom"]) for m in second["profileMappings"]
+    }
+    assert pairs == {
+        ("email", "email", False),
+        ("first_name", "name", False),
+        ("last_name", "surname", False),
+        ("tier", "loyalty_tier", True),
+        ("city", "city_name", True),
+    }
+    events = {m["sourceEvent"]: m for m in second["eventMappings"]}
+    assert events["checkout"]["targetEvent"] == "purchase"
+    assert {p["sourceParameter"] for p in events["checkout"]["parameters"]} == {
+        "transaction_id",
+        "total",
+        "currency",
+        "channel",
+    }
+    table = (await on(engine, "mappings", "list", "--connection", "second")).out.splitlines()
+    assert table[0].split() == ["CONNECTION", "KIND", "ID", "SOURCE", "TARGET", "DETAILS"]
+    rows = [line.split() for line in table[1:]]
+    assert ["second", "profile"] == rows[0][:2]
+    assert any(r[1] == "profile" and r[3:6] == ["city", "city_name", "(custom)"] for r in rows)
+    assert any(
+        r[1] == "event"
+        and r[3:5] == ["point_add", "loyalty_points_earned"]
+        and "points->points*" in r
+        for r in rows
+    )
+
+
+# -- logs ------------------------------------------------------------------------------
+
+
+async def test_logs_search_with_criteria_returns_the_requests_sent(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    await post_events(http, engine, point("ann", 1))
+    await drained(client)
+    await fault(http, sandbox, status=400, count=1)  # refused as a whole: a dead letter
+    await post_events(http, engine, point("bob", 2))
+    await drained(client)
+    await post_events(http, engine, point("cid", 3))
+    await drained(client)
+    await log_rows(client, 3)
+
+    async def search(*criteria: str) -> list[dict[str, Any]]:
+        logs: list[dict[str, Any]] = (
+            await on(engine, "logs", "search", "--output", "json", *criteria)
+        ).json()["logs"]
+        return logs
+
+    def customers(rows: list[dict[str, Any]]) -> list[str]:
+        return [c["customerId"] for r in rows for c in r["customers"]]
+
+    assert customers(await search()) == ["cid", "bob", "ann"]  # newest first
+    assert customers(await search("--customer", "ann")) == ["ann"]
+    failed = await search("--status", "4xx")
+    assert customers(failed) == ["bob"] and failed[0]["statusCode"] == 400
+    assert customers(await search("--status", "200,503")) == ["cid", "ann"]
+    assert customers(await search("--errors-only")) == ["bob"]
+    assert await search("--status", "2xx", "--customer", "bob") == []
+    assert customers(await search("--connection", CONNECTION, "--since", "1h")) == [
+        "cid",
+        "bob",
+        "ann",
+    ]
+    assert await search("--connection", "other") == []
+    assert await search("--end", "2020-01-01T00:00:00Z") == []
+    bob = failed[0]["id"]
+    assert customers(await search("--identifier", bob)) == ["bob"]
+    assert customers(await search("--error", failed[0]["error"][:12].upper())) == ["bob"]
+
+    # --limit stops the paging; the page token goes on from there.
+    first = (await on(engine, "logs", "search", "--limit", "2", "--output", "json")).json()
+    assert customers(first["logs"]) == ["cid", "bob"] and first["nextPageToken"]
+    rest = await search("--page-token", first["nextPageToken"])
+    assert customers(rest) == ["ann"]
+
+    table = await on(engine, "logs", "search", "--customer", "bob")
+    [header, row] = table.out.splitlines()
+    assert header.split()[:4] == ["TIME", "(UTC)", "STATUS", "SECONDS"]
+    assert bob in row and " 400 " in row and "bob" in row
+
+
+async def test_logs_get_shows_pretty_bodies_and_each_customers_outcome(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    tier = "platinum-" + "x" * 5000  # a body past what the table shows
+    await post_events(
+        http,
+        engine,
+        {"events": [profile("ann", "ann@example.com", tier=tier), profile("bob", "not-an-email")]},
+    )
+    await drained(client)
+    await log_rows(client, 1)
+    [entry] = (await client.list_logs()).logs
+
+    shown = await on(engine, "logs", "get", entry.id)
+    out = shown.out
+    assert f"id:               {entry.id}" in out or entry.id in out.splitlines()[0]
+    outcomes = {
+        line.split()[0]: line.split()[2]
+        for line in out.split("customers (2):")[1].split("request body:")[0].splitlines()[2:]
+        if line.strip()
+    }
+    assert outcomes == {"ann": "delivered", "bob": "failed"}
+    assert "not a valid email address" in out  # Insider's message for bob
+    request = out.split("request body:")[1].split("response body:")[0]
+    assert '\n          "uuid": "ann"' in request  # indented JSON, one key a line
+    assert "more characters; --full shows them" in request
+    response = out.split("response body:")[1]
+    assert '"fail": {' in response
+
+    whole = await on(engine, "logs", "get", entry.id, "--full")
+    assert tier in whole.out and "--full shows them" not in whole.out
+
+    document = (await on(engine, "logs", "get", entry.id, "--output", "json")).json()
+    sent = json.loads(document["requestBody"])
+    assert [u["identifiers"]["uuid"] for u in sent["users"]] == ["ann", "bob"]
+    assert json.loads(document["responseBody"])["data"]["fail"]["count"] == 1
+
+
+async def test_logs_tail_prints_a_row_delivered_after_it_started_and_ctrl_c_ends_it(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    await post_events(http, engine, point("before", 1))
+    await drained(client)
+    await log_rows(client, 1)
+
+    def default_sigint() -> None:  # Ctrl-C must reach it even if this run ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    tail = await asyncio.create_subprocess_exec(
+        str(BIN / "tidegate"),
+        "logs",
+        "tail",
+        "--output",
+        "json",
+        "--customer",
+        "after",
+        *engine_flags(engine),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        preexec_fn=default_sigint,
+    )
+    assert tail.stdout is not None and tail.stderr is not None
+    try:
+        started = await asyncio.wait_for(tail.stderr.readline(), 30)
+        assert b"following the outbound log" in started, started  # subscribed by now
+        await post_events(http, engine, {"events": [point("other", 2), point("after", 3)]})
+        line = await asyncio.wait_for(tail.stdout.readline(), 30)
+        row = json.loads(line)
+        assert row["customers"][0]["customerId"] == "after" and row["statusCode"] == 200
+        tail.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(tail.wait(), 30)
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+    rest = (await tail.stdout.read()).decode()
+    assert code == 0
+    assert rest == ""  # "before" was logged before the tail started: never printed
+    assert "Traceback" not in (await tail.stderr.read()).decode()
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+async def test_dead_letters_dry_run_counts_what_the_replay_then_replays(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    bad = ["bad1", "bad2", "bad3"]
+    await post_events(
+        http,
+        engine,
+        {
+            "events": [profile(c, f"{c}-at-example") for c in bad]
+            + [profile("ok", "ok@example.com")]
+        },
+    )
+    await drained(client)
+
+    async def three() -> bool:
+        return (await client.get_connection(CONNECTION)).dead_letter_count == 3
+
+    await eventually(three)
+
+    listed = (await on(engine, "dead-letters", "list", "--output", "json")).json()["deadLetters"]
+    assert sorted(d["customerId"] for d in listed) == bad
+    assert {d["stage"] for d in listed} == {"destination"}
+    one = (
+        await on(engine, "dead-letters", "list", "--customer", "bad2", "--output", "json")
+    ).json()
+    assert [d["customerId"] for d in one["deadLetters"]] == ["bad2"]
+    table = (await on(engine, "dead-letters", "list")).out.splitlines()
+    assert table[0].split()[:3] == ["ID", "FAILED", "(UTC)"] and len(table) == 4
+
+    dry = (
+        await on(
+            engine,
+            "dead-letters",
+            "replay",
+            "--connection",
+            CONNECTION,
+            "--dry-run",
+            "--output",
+            "json",
+        )
+    ).json()
+    assert dry["dryRun"] is True and dry["matched"] == 3
+
+    # No terminal and no --yes: refused, nothing replayed.
+    refused = await on(engine, "dead-letters", "replay", "--connection", CONNECTION)
+    assert refused.code == 1 and "--yes" in refused.err
+    assert (await client.get_connection(CONNECTION)).dead_letter_count == 3
+
+    before = len(sandbox.state.requests)
+    done = (
+        await on(
+            engine,
+            "dead-letters",
+            "replay",
+            "--connection",
+            CONNECTION,
+            "--yes",
+            "--output",
+            "json",
+        )
+    ).json()
+    assert done["dryRun"] is False and done["replayed"] == dry["replayed"] == 3
+    await drained(client)
+
+    async def sent_again() -> bool:
+        return len(sandbox.state.requests) > before
+
+    await eventually(sent_again)
+    again = [
+        u["identifiers"]["uuid"]
+        for r in sandbox.state.requests[before:]
+        for u in r["body"]["users"]
+    ]
+    assert sorted(again) == bad
+
+    # A replay by id of one of the new dead letters, with the table's words.
+    [first, *_] = (
+        await on(engine, "dead-letters", "list", "--customer", "bad1", "--output", "json")
+    ).json()["deadLetters"]
+    by_id = await on(engine, "dead-letters", "replay", "--id", str(first["id"]), "--yes")
+    assert by_id.code == 0 and by_id.out.startswith("replayed 1 of 1 ")
+    nothing = await on(engine, "dead-letters", "replay", "--id", "999999", "--dry-run")
+    assert nothing.out.startswith("dry run: 0 dead letter(s) match")
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+async def test_tokens_create_list_and_revoke_over_the_api(engine: Engine) -> None:
+    made = await on(
+        engine, "tokens", "create", "--name", "ci", "--role", "viewer", "--expires-in", "1d"
+    )
+    assert made.code == 0, made.err
+    token = made.out.strip()
+    assert token.startswith("tg_") and "shown only this once" in made.err
+    assert token not in made.err
+
+    listed = (await on(engine, "tokens", "list", "--output", "json")).json()["tokens"]
+    ci = next(t for t in listed if t["name"] == "ci")
+    assert ci["role"] == "TOKEN_ROLE_VIEWER" and "expireTime" in ci
+    assert token not in json.dumps(listed)
+
+    as_viewer = ["--target", f"127.0.0.1:{engine.grpc_port}", "--token", token]
+    assert (await tidegate("connections", "list", *as_viewer)).code == 0
+    weak = await tidegate("tokens", "list", *as_viewer)
+    assert weak.code == 1 and "role does not allow it" in weak.err
+
+    revoked = await on(engine, "tokens", "revoke", "--name", "ci")
+    assert revoked.code == 0 and "revoked token 'ci'" in revoked.err
+    gone = await tidegate("connections", "list", *as_viewer)
+    assert gone.code == 1 and "refused the token" in gone.err
+    again = await on(engine, "tokens", "revoke", "--name", "ci")
+    assert again.code == 1 and "NOT_FOUND" in again.err
+
+    # The environment variable serves as well as the flag.
+    env = cli_env(TIDEGATE_TOKEN=read_token(engine.config.data_dir))
+    assert (
+        await tidegate(
+            "tokens",
+            "list",
+            "--target",
+            f"127.0.0.1:{engine.grpc_port}",
+            "--data-dir",
+            "/nonexistent",
+            env=env,
+        )
+    ).code == 0
+
+
+async def test_help_says_which_token_command_is_offline_and_which_calls_the_engine() -> None:
+    text = (await tidegate("--help", env=cli_env(COLUMNS="300"))).out  # a line each
+    token = next(line for line in text.splitlines() if line.strip().startswith("token "))
+    tokens = next(line for line in text.splitlines() if line.strip().startswith("tokens "))
+    assert "offline" in token
+    assert "admin API" in tokens
+
+
+# -- exit codes and errors ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_exit_codes_and_one_line_errors(engine: Engine, tmp_path: Path) -> None:
+    nowhere = await tidegate(
+        "connections", "list", "--target", f"127.0.0.1:{free_port()}", "--token", "tg_x_y"
+    )
+    assert nowhere.code == 1 and "cannot reach the engine" in nowhere.err
+    wrong = await tidegate(
+        "logs",
+        "search",
+        "--target",
+        f"127.0.0.1:{engine.grpc_port}",
+        "--token",
+        "tg_000000000000_wrong",
+    )
+    assert wrong.code == 1 and "refused the token" in wrong.err and "wrong" not in wrong.err
+
+    unknown = await on(engine, "connections", "get", "no-such-connection")
+    assert unknown.code == 1 and "'no-such-connection' does not exist" in unknown.err
+    missing_log = await on(engine, "logs", "get", "01a24d48-0000-7000-8000-000000000000")
+    assert missing_log.code == 1 and "NOT_FOUND" in missing_log.err
+    assert (await on(engine, "connections", "resume", "no-such-connection")).code == 1
+
+    for flags, named in [
+        (["--status", "6xx"], "--status"),
+        (["--status", "700"], "--status"),
+        (["--start", "yesterday"], "--start"),
+        (["--start", "2026-12-06T18:00:00"], "--start"),
+        (["--since", "soon"], "--since"),
+        (["--start", "2026-12-06T18:00:00Z", "--end", "2026-12-06T17:00:00Z"], "--end"),
+    ]:
+        bad = await on(engine, "logs", "search", *flags)
+        assert bad.code == 1, flags
+        assert bad.err.startswith(f"tidegate: {named}") and bad.err.count("\n") == 1, bad.err
+    long = await on(engine, "logs", "search", "--status", "9" * 500)
+    assert long.code == 1 and len(long.err) < 300  # the echo of what was typed is cut
+
+    nothing = await on(engine, "dead-letters", "replay")
+    assert nothing.code == 1 and "--id" in nothing.err
+
+    for usage in (
+        ["logs", "search", "--limit", "0"],
+        ["connections", "get"],
+        ["logs", "search", "--since", "1h", "--start", "2026-12-06T18:00:00Z"],
+        ["dead-letters", "replay", "--id", "x"],
+        ["logs", "search", "--output", "xml"],
+    ):
+        ran = await tidegate(*usage)
+        assert ran.code == 2, usage
+        assert ran.err.startswith("usage: tidegate")
+
+
+# -- colour ------------------------------------------------------------------------------------
+
+
+async def test_status_codes_are_coloured_on_a_terminal_unless_no_color(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    await post_events(http, engine, point("ann", 1))
+    await drained(client)
+    await log_rows(client, 1)
+
+    async def on_terminal(env: dict[str, str]) -> str:
+        leader, follower = pty.openpty()
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "tidegate"),
+            "logs",
+            "search",
+            *engine_flags(engine),
+            stdout=follower,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        os.close(follower)
+        await asyncio.wait_for(process.wait(), 60)
+        chunks = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: all read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert process.returncode == 0
+        return b"".join(chunks).decode()
+
+    coloured = await on_terminal(cli_env())
+    assert "\033[32m200" in coloured  # 2xx in green
+    plain = await on_terminal(cli_env(NO_COLOR="1"))
+    assert " 200 " in plain and "\033[" not in plain
