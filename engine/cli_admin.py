@@ -127,11 +127,17 @@ def table(
     headers: Sequence[str],
     rows: Iterable[Sequence[str]],
     colours: Callable[[int, Sequence[str]], str] | None = None,
+    widths: list[int] | None = None,
 ) -> list[str]:
     """Lines of an aligned table; ``colours(column, row)`` gives a cell's ANSI colour
-    ("" for none), applied after padding so colour codes never skew the columns."""
+    ("" for none), applied after padding so colour codes never skew the columns.
+    ``widths``: the columns' widths so far, widened in place to fit these rows (so the
+    batches of a stream line up with the ones before)."""
     body = [list(r) for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+    if widths is None:
+        widths = [0] * len(headers)
+    for i, h in enumerate(headers):
+        widths[i] = max([widths[i], len(h)] + [len(r[i]) for r in body])
     last = len(headers) - 1
 
     def line(cells: Sequence[str], coloured: bool) -> str:
@@ -714,13 +720,15 @@ class AdminCommands:
             print(f"(more match: raise --limit, now {args.limit}, to see them)", file=sys.stderr)
         return 0
 
-    def _log_table(self, entries: Sequence[logs_pb2.LogEntry], header: bool = True) -> list[str]:
-        lines = table(
+    def _log_table(
+        self, entries: Sequence[logs_pb2.LogEntry], widths: list[int] | None = None
+    ) -> list[str]:
+        return table(
             ["TIME (UTC)", "STATUS", "SECONDS", "CUSTOMER", "CONNECTION", "ERROR", "ID"],
             (self._log_row(e) for e in entries),
             self._status_colour,
+            widths,
         )
-        return lines if header else lines[1:]
 
     def _log_row(self, e: logs_pb2.LogEntry) -> list[str]:
         customer = "-"
@@ -760,13 +768,14 @@ class AdminCommands:
                     flush=True,
                 )
                 header = not as_json
+                widths = [24, 6, 7, 24, 12, 5, 36]  # a time, a code, a UUID: the usual sizes
                 async for response in call:
                     if as_json:
                         for entry in response.logs:
                             print(json.dumps(to_json(entry), ensure_ascii=False))
                     else:
-                        lines = self._log_table(response.logs)
-                        # The header once; each batch's columns sized for that batch.
+                        lines = self._log_table(response.logs, widths)
+                        # The header once; columns only ever widen, so rows line up.
                         print("\n".join(lines if header else lines[1:]))
                         header = False
                     sys.stdout.flush()

@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import aiohttp
 
 from clients.client import TidegateClient, read_token
 from engine.app import Engine
+from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.pb import connections_pb2 as cpb
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import eventually, insider_connection, post_events
@@ -560,3 +562,98 @@ async def test_status_codes_are_coloured_on_a_terminal_unless_no_color(
     assert "\033[32m200" in coloured  # 2xx in green
     plain = await on_terminal(cli_env(NO_COLOR="1"))
     assert " 200 " in plain and "\033[" not in plain
+
+
+async def test_replay_asks_on_a_terminal_and_only_yes_replays(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    await post_events(http, engine, {"events": [profile(c, f"{c}-at") for c in ("d1", "d2")]})
+
+    async def two() -> bool:
+        return (await client.get_connection(CONNECTION)).dead_letter_count == 2
+
+    await eventually(two)
+
+    async def answering(answer: bytes) -> Ran:
+        leader, follower = pty.openpty()
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "tidegate"),
+            "dead-letters",
+            "replay",
+            "--customer",
+            "d1",
+            *engine_flags(engine),
+            stdin=follower,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+        )
+        os.close(follower)
+        assert process.stderr is not None
+        try:
+            prompt = await asyncio.wait_for(process.stderr.readuntil(b"[y/N] "), 30)
+            assert b"Replay 1 dead letter(s)" in prompt
+            os.write(leader, answer)
+            out, err = await asyncio.wait_for(process.communicate(), 30)
+        finally:
+            os.close(leader)
+        return Ran(process.returncode or 0, out.decode(), err.decode())
+
+    declined = await answering(b"n\n")
+    assert declined.code == 1 and "nothing was replayed" in declined.err
+    assert (await client.get_connection(CONNECTION)).dead_letter_count == 2
+    accepted = await answering(b"y\n")
+    assert accepted.code == 0 and accepted.out.startswith("replayed 1 of 1 "), accepted.err
+
+    async def d1_sent_again() -> bool:
+        return (
+            sum(
+                u["identifiers"]["uuid"] == "d1"
+                for r in sandbox.state.requests
+                for u in r["body"]["users"]
+            )
+            == 2
+        )
+
+    await eventually(d1_sent_again)
+
+
+async def test_logs_search_pages_through_the_log_up_to_the_limit(engine: Engine) -> None:
+    """More rows than one page (1,000) holds: the command follows the page tokens."""
+    start = datetime.now(UTC) - timedelta(hours=1)
+    sent = []
+    for n in range(1203):
+        at = start + timedelta(milliseconds=n)
+        row = LogRow(
+            id=new_request_id(at=at),
+            time=at,
+            connection_id=CONNECTION,
+            method="POST",
+            url="https://unification.useinsider.com/api/user/v1/upsert",
+            status_code=200,
+            response_time=0.1,
+            error="",
+            customers=(LogCustomer(f"cust-{n}"),),
+            mapping_version=1,
+        )
+        sent.append(row.id)
+        await engine.logs.append(row)
+    await engine.logs.flush()
+
+    every = (await on(engine, "logs", "search", "--limit", "5000", "--output", "json")).json()
+    assert [e["id"] for e in every["logs"]] == sent[::-1] and every["nextPageToken"] == ""
+    some = (await on(engine, "logs", "search", "--limit", "1100", "--output", "json")).json()
+    assert [e["id"] for e in some["logs"]] == sent[::-1][:1100] and some["nextPageToken"]
+    rest = await on(
+        engine,
+        "logs",
+        "search",
+        "--page-token",
+        some["nextPageToken"],
+        "--limit",
+        "5000",
+        "--output",
+        "json",
+    )
+    assert [e["id"] for e in rest.json()["logs"]] == sent[::-1][1100:]
