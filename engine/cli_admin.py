@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -46,6 +47,8 @@ from engine.ui.server import BadParameter, parse_status
 
 T = TypeVar("T")
 
+TARGET = re.compile(r"[^\s/]{1,253}")
+"""What ``--target`` may be: a host (or [IPv6]) and port, no scheme, spaces or path."""
 MAX_PAGE = 1000
 """The largest page the admin API serves."""
 CELL = 60
@@ -321,6 +324,10 @@ class AdminCommands:
         job: Callable[[TidegateClient], Awaitable[T]],
         refused: str = "the engine refused the request",
     ) -> T:
+        if TARGET.fullmatch(args.target) is None:
+            raise TidegateError(
+                f"--target: {shown(args.target)} is not an address such as 127.0.0.1:50051"
+            )
         result: T = self.access.call(
             args.target, job, refused=refused, **self.access.client_options(args)
         )

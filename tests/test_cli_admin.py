@@ -505,6 +505,10 @@ async def test_exit_codes_and_one_line_errors(engine: Engine, tmp_path: Path) ->
     long = await on(engine, "logs", "search", "--status", "9" * 500)
     assert long.code == 1 and len(long.err) < 300  # the echo of what was typed is cut
 
+    garbled = await tidegate("connections", "list", "--target", "http://" + "h" * 400)
+    assert garbled.code == 1 and garbled.err.startswith("tidegate: --target: ")
+    assert len(garbled.err) < 300
+
     nothing = await on(engine, "dead-letters", "replay")
     assert nothing.code == 1 and "--id" in nothing.err
 
