@@ -51,6 +51,11 @@ TARGET = re.compile(r"[^\s/]{1,253}")
 """What ``--target`` may be: a host (or [IPv6]) and port, no scheme, spaces or path."""
 MAX_PAGE = 1000
 """The largest page the admin API serves."""
+MAX_REPLAY_IDS = 10_000
+"""Ids one ReplayDeadLetters call takes at most."""
+REPLAY_CHUNK = 1000
+"""Dead letters a replay sends per call: each call is one short transaction in the
+engine, so ingest and delivery go on between them, and progress shows after each."""
 CELL = 60
 """Characters of a free-text table cell (an error) shown before it is cut."""
 BODY = 4000
@@ -488,7 +493,7 @@ class AdminCommands:
             description="Queues dead letters again, by --id or by filter (with both, a dead"
             " letter must match both). It first counts them; --dry-run stops there. Without"
             " --yes it asks for confirmation on a terminal, and refuses when there is none."
-            " The engine replays them in one call.",
+            f" Then it replays those it counted, {REPLAY_CHUNK} per call, with progress.",
         )
         for parser in (listing, replay):
             parser.add_argument("--connection", metavar="ID", help="one connection's")
@@ -911,56 +916,95 @@ class AdminCommands:
         return 0
 
     def dead_letters_replay(self, args: argparse.Namespace) -> int:
+        """Counts (one dry-run call), confirms, then replays in calls of ``REPLAY_CHUNK``
+        ids: the oldest dead letters that were counted, each call its own short
+        transaction, with progress on standard error after each."""
         f = dead_letter_filter(args)
         if not args.ids and f == dead_letters_pb2.DeadLetterFilter():
             raise TidegateError(
                 "say which dead letters to replay: --id ID, or a filter such as --connection"
                 " ID, --customer ID, --stage STAGE, --error TEXT or --since 1h"
             )
-
-        def replay(dry_run: bool) -> dead_letters_pb2.ReplayDeadLettersResponse:
-            request = dead_letters_pb2.ReplayDeadLettersRequest(
-                ids=args.ids, filter=f, mode=REPLAY_MODES[args.mode], dry_run=dry_run
+        if len(args.ids) > MAX_REPLAY_IDS:
+            raise TidegateError(
+                f"--id: {len(args.ids)} given, at most {MAX_REPLAY_IDS} at a time; replay by"
+                " filter instead"
             )
+        mode = REPLAY_MODES[args.mode]
 
-            async def job(client: TidegateClient) -> dead_letters_pb2.ReplayDeadLettersResponse:
-                stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
-                answer: dead_letters_pb2.ReplayDeadLettersResponse = await stub.ReplayDeadLetters(
-                    request
+        async def count(client: TidegateClient) -> dead_letters_pb2.ReplayDeadLettersResponse:
+            stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+            answer: dead_letters_pb2.ReplayDeadLettersResponse = await stub.ReplayDeadLetters(
+                dead_letters_pb2.ReplayDeadLettersRequest(
+                    ids=args.ids, filter=f, mode=mode, dry_run=True
                 )
-                return answer
-
-            answer: dead_letters_pb2.ReplayDeadLettersResponse = self.run(
-                args, job, refused="the replay was refused, nothing was replayed"
             )
             return answer
 
-        counted = replay(dry_run=True)
+        refused = "the replay was refused, nothing was replayed"
+        counted = self.run(args, count, refused=refused)
         skipped = f"; {counted.skipped} skipped (never rendered)" if counted.skipped else ""
-        if args.dry_run:
+        if args.dry_run or counted.replayed == 0:
             if args.output == "json":
-                print_json({**to_json(counted), "dryRun": True})
-            else:
+                print_json({**to_json(counted), "dryRun": args.dry_run})
+            elif args.dry_run:
                 print(
                     f"dry run: {counted.matched} dead letter(s) match, {counted.replayed} would"
                     f" be replayed{skipped}; nothing was replayed"
                 )
-            return 0
-        if counted.replayed == 0:
-            if args.output == "json":
-                print_json({**to_json(counted), "dryRun": False})
             else:
                 print(f"nothing to replay: {counted.matched} dead letter(s) match{skipped}")
             return 0
         if not args.yes:
             self._confirm(counted.replayed, args.mode)
-        print(
-            f"tidegate dead-letters replay: replaying {counted.replayed} dead letter(s); the"
-            " engine replays them in one call, so this waits for its answer",
-            file=sys.stderr,
-            flush=True,
-        )
-        done = replay(dry_run=False)
+        done = dead_letters_pb2.ReplayDeadLettersResponse()
+        total = counted.matched
+
+        def progress() -> None:
+            print(
+                f"tidegate dead-letters replay: {done.matched} of {total} done,"
+                f" {done.replayed} replayed",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        async def replay(client: TidegateClient) -> None:
+            stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+            ids = list(args.ids)
+            if not ids:  # the oldest `total` that match: those counted, not later ones
+                token = ""
+                while len(ids) < total:
+                    page = await stub.ListDeadLetters(
+                        dead_letters_pb2.ListDeadLettersRequest(
+                            filter=f, page_size=MAX_PAGE, page_token=token
+                        )
+                    )
+                    ids += [d.id for d in page.dead_letters]
+                    token = page.next_page_token
+                    if not token:
+                        break
+                ids = ids[:total]
+            for start in range(0, len(ids), REPLAY_CHUNK):
+                answer = await stub.ReplayDeadLetters(
+                    dead_letters_pb2.ReplayDeadLettersRequest(
+                        ids=ids[start : start + REPLAY_CHUNK], filter=f, mode=mode
+                    )
+                )
+                done.matched += answer.matched
+                done.replayed += answer.replayed
+                done.skipped += answer.skipped
+                if len(ids) > REPLAY_CHUNK:
+                    progress()
+
+        try:
+            self.run(args, replay, refused=refused)
+        except (TidegateError, KeyboardInterrupt) as exc:
+            if not done.matched:
+                raise
+            progress()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise TidegateError(f"{exc} (after the calls counted above)") from None
         if args.output == "json":
             print_json({**to_json(done), "dryRun": False})
         else:

@@ -661,3 +661,40 @@ async def test_logs_search_pages_through_the_log_up_to_the_limit(engine: Engine)
         "json",
     )
     assert [e["id"] for e in rest.json()["logs"]] == sent[::-1][1100:]
+
+
+async def test_a_long_replay_goes_in_calls_of_a_thousand_with_progress(
+    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    await insider_connection(client, sandbox)
+    customers = [f"many-{n}" for n in range(1001)]
+    status, _ = await post_events(
+        http, engine, {"events": [profile(c, f"{c}-at-example") for c in customers]}
+    )
+    assert status == 202
+
+    async def all_dead() -> bool:
+        return (await client.get_connection(CONNECTION)).dead_letter_count == 1001
+
+    await eventually(all_dead, within=60)
+    before = len(sandbox.state.requests)
+    ran = await on(engine, "dead-letters", "replay", "--connection", CONNECTION, "--yes")
+    assert ran.code == 0, ran.err
+    assert ran.out.startswith("replayed 1001 of 1001 ")
+    progress = [line for line in ran.err.splitlines() if " done, " in line]
+    assert progress == [
+        "tidegate dead-letters replay: 1000 of 1001 done, 1000 replayed",
+        "tidegate dead-letters replay: 1001 of 1001 done, 1001 replayed",
+    ]
+
+    async def sent_again() -> bool:
+        users = [u for r in sandbox.state.requests[before:] for u in r["body"]["users"]]
+        return len(users) == 1001
+
+    await eventually(sent_again, within=60)
+    again = {
+        u["identifiers"]["uuid"]
+        for r in sandbox.state.requests[before:]
+        for u in r["body"]["users"]
+    }
+    assert again == set(customers)
