@@ -219,7 +219,10 @@ def parse_time(flag: str, text: str) -> datetime:
         ) from None
     if value.utcoffset() is None:
         raise TidegateError(f"{flag}: give a time zone, e.g. 2026-12-06T18:00:00Z or +01:00")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise TidegateError(f"{flag}: {shown(text)} is out of range in UTC") from None
 
 
 def time_range(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
@@ -230,6 +233,8 @@ def time_range(args: argparse.Namespace) -> tuple[datetime | None, datetime | No
             seconds = parse_duration(args.since, "--since")
         except InvalidInputError as exc:
             raise TidegateError(f"--since: {exc.message}; e.g. --since 15m or 1h") from None
+        if seconds >= time.time():
+            raise TidegateError(f"--since: {shown(args.since)} reaches back before 1970")
         start = datetime.fromtimestamp(time.time() - seconds, UTC)
     if args.start is not None:
         start = parse_time("--start", args.start)

@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clients.client import TidegateClient, read_token
 from engine.app import Engine
+from engine.cli import build_parser
+from engine.cli_admin import log_filter
+from engine.errors import TidegateError
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.pb import connections_pb2 as cpb
 from plugins.insider.sandbox import RunningSandbox
@@ -497,6 +502,9 @@ async def test_exit_codes_and_one_line_errors(engine: Engine, tmp_path: Path) ->
         (["--start", "yesterday"], "--start"),
         (["--start", "2026-12-06T18:00:00"], "--start"),
         (["--since", "soon"], "--since"),
+        (["--since", "99999999999w"], "--since"),
+        (["--start", "9999-12-31T23:59:59-14:00"], "--start"),
+        (["--end", "0001-01-01T00:00:00+01:00"], "--end"),
         (["--start", "2026-12-06T18:00:00Z", "--end", "2026-12-06T17:00:00Z"], "--end"),
     ]:
         bad = await on(engine, "logs", "search", *flags)
@@ -698,3 +706,20 @@ async def test_a_long_replay_goes_in_calls_of_a_thousand_with_progress(
         for u in r["body"]["users"]
     }
     assert again == set(customers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flag=st.sampled_from(["--status", "--since", "--start", "--end", "--customer", "--error"]),
+    value=st.text(min_size=1, max_size=300).filter(lambda v: not v.startswith("-")),
+)
+def test_any_filter_value_is_a_filter_or_one_clear_error(flag: str, value: str) -> None:
+    """What a person may type: a filter comes out, or a TidegateError naming the flag and
+    quoting at most 100 characters of the value; nothing else (no traceback)."""
+    args = build_parser().parse_args(["logs", "search", flag, value])
+    try:
+        log_filter(args)
+    except TidegateError as exc:
+        message = str(exc)
+        assert message.startswith(flag) or message.startswith("--end must be after")
+        assert len(message) < 300
