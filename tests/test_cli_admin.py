@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -280,8 +281,13 @@ async def test_logs_get_shows_pretty_bodies_and_each_customers_outcome(
     assert json.loads(document["responseBody"])["data"]["fail"]["count"] == 1
 
 
+@pytest.mark.parametrize("output", ["json", "table"])
 async def test_logs_tail_prints_a_row_delivered_after_it_started_and_ctrl_c_ends_it(
-    engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
+    engine: Engine,
+    client: TidegateClient,
+    sandbox: RunningSandbox,
+    http: aiohttp.ClientSession,
+    output: str,
 ) -> None:
     await insider_connection(client, sandbox)
     await post_events(http, engine, point("before", 1))
@@ -296,7 +302,7 @@ async def test_logs_tail_prints_a_row_delivered_after_it_started_and_ctrl_c_ends
         "logs",
         "tail",
         "--output",
-        "json",
+        output,
         "--customer",
         "after",
         *engine_flags(engine),
@@ -311,8 +317,14 @@ async def test_logs_tail_prints_a_row_delivered_after_it_started_and_ctrl_c_ends
         assert b"following the outbound log" in started, started  # subscribed by now
         await post_events(http, engine, {"events": [point("other", 2), point("after", 3)]})
         line = await asyncio.wait_for(tail.stdout.readline(), 30)
-        row = json.loads(line)
-        assert row["customers"][0]["customerId"] == "after" and row["statusCode"] == 200
+        if output == "json":  # one object a line
+            row = json.loads(line)
+            assert row["customers"][0]["customerId"] == "after" and row["statusCode"] == 200
+        else:  # the header, then the row
+            assert line.split()[:3] == [b"TIME", b"(UTC)", b"STATUS"]
+            cells = (await asyncio.wait_for(tail.stdout.readline(), 30)).split()
+            # time (2 cells), status, seconds, the customer (+N when batched with "other")
+            assert cells[2] == b"200" and cells[4] == b"after" and CONNECTION.encode() in cells
         tail.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(tail.wait(), 30)
     finally:
