@@ -582,8 +582,23 @@ class AdminCommands:
         return GREEN if row[2] == "active" else RED
 
     def connections_get(self, args: argparse.Namespace) -> int:
-        found = self.run(args, lambda client: client.get_connection(args.id))
-        self._show_connection(args, found)
+        async def job(
+            client: TidegateClient,
+        ) -> tuple[connections_pb2.Connection, list[logs_pb2.LogEntry]]:
+            found = await client.get_connection(args.id)
+            if args.output == "json":
+                return found, []
+            latest = []  # its newest request that succeeded, and its newest with an error
+            for f in (
+                logs_pb2.LogFilter(connection_id=found.id, status_codes=range(200, 300)),
+                logs_pb2.LogFilter(connection_id=found.id, errors_only=True),
+            ):
+                page = await client.logs.ListLogs(logs_pb2.ListLogsRequest(filter=f, page_size=1))
+                latest.append(page.logs[0] if page.logs else logs_pb2.LogEntry())
+            return found, latest
+
+        found, latest = self.run(args, job)
+        self._show_connection(args, found, latest)
         return 0
 
     def connections_resume(self, args: argparse.Namespace) -> int:
@@ -601,7 +616,12 @@ class AdminCommands:
         self._show_connection(args, found)
         return 0
 
-    def _show_connection(self, args: argparse.Namespace, c: connections_pb2.Connection) -> None:
+    def _show_connection(
+        self,
+        args: argparse.Namespace,
+        c: connections_pb2.Connection,
+        latest: Sequence[logs_pb2.LogEntry] = (),
+    ) -> None:
         if args.output == "json":
             print_json(to_json(c))
             return
@@ -631,6 +651,12 @@ class AdminCommands:
             ("updated", when(c.update_time)),
         ]
         rows += [(f"setting {k}", v) for k, v in sorted(c.settings.items())]
+        for title, entry in zip(("last success", "last error"), latest, strict=True):
+            said = f" {clip(entry.error, 100)}" if entry.error else ""
+            code = entry.status_code or "no response"
+            rows.append(
+                (title, f"{when_ms(entry.time)} {code}{said} ({entry.id})" if entry.id else "-")
+            )
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             print(f"{key + ':':<{width + 1}}  {value}")

@@ -142,6 +142,16 @@ async def test_connections_list_get_and_resume_a_paused_connection(
     assert (await drained(client)).state == cpb.CONNECTION_STATE_ACTIVE
     assert sandbox.state.lookup("uuid", "ann") is not None  # the probe delivered the item
 
+    await log_rows(client, 2)  # the 401, then the probe's 200
+    [ok, refused] = (await client.list_logs()).logs
+    shown = await on(engine, "connections", "get", CONNECTION)
+    fields = {k: v.strip() for k, v in (line.split(":", 1) for line in shown.out.splitlines())}
+    assert fields["state"] == "active"
+    assert fields["last success"].endswith(f" 200 ({ok.id})")
+    assert fields["last error"].split()[2] == "401" and fields["last error"].endswith(
+        f"({refused.id})"
+    )
+
 
 async def test_mappings_list_shows_profile_and_event_mappings(
     engine: Engine, client: TidegateClient, sandbox: RunningSandbox
