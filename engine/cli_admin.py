@@ -49,6 +49,11 @@ T = TypeVar("T")
 
 TARGET = re.compile(r"[^\s/]{1,253}")
 """What ``--target`` may be: a host (or [IPv6]) and port, no scheme, spaces or path."""
+EXIT_CODES = (
+    "exit codes: 0 done; 1 not done (unreachable engine, refused token or role, unknown id,"
+    " bad filter, declined replay), with one line on standard error naming what to fix;"
+    " 2 usage error"
+)
 MAX_PAGE = 1000
 """The largest page the admin API serves."""
 MAX_REPLAY_IDS = 10_000
@@ -354,7 +359,7 @@ class AdminCommands:
         description: str | None = None,
     ) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(
-            name, help=help_text, description=description or help_text
+            name, help=help_text, description=description or help_text, epilog=EXIT_CODES
         )
         parser.add_argument(
             "--output",
