@@ -17,16 +17,19 @@ input (one line on standard error naming what to fix), 2 usage errors (argparse)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -55,6 +58,13 @@ EXIT_CODES = (
     " 2 usage error"
 )
 MAX_PAGE = 1000
+TAIL_GAP = 1000
+"""Requests logged while ``logs tail`` reconnected that it lists, at most (the newest)."""
+TAIL_RECONNECT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+)
+"""How a followed stream may end that ``logs tail`` reconnects after: the engine went away
+or restarts, or cut the stream of a reader that fell behind."""
 """The largest page the admin API serves."""
 MAX_REPLAY_IDS = 10_000
 """Ids one ReplayDeadLetters call takes at most."""
@@ -184,6 +194,10 @@ def when_ms(ts: Timestamp) -> str:
     if not ts.seconds and not ts.nanos:
         return "-"
     return ts.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def when_iso(ts: Timestamp) -> str:
+    return ts.ToDatetime(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def age(seconds: float) -> str:
@@ -802,33 +816,83 @@ class AdminCommands:
         return status_colour(int(row[1]) if row[1].isdigit() else 0)
 
     def logs_tail(self, args: argparse.Namespace) -> int:
+        """Follows StreamLogs. Once it has followed, a stream that ends (the engine
+        restarted, or cut a reader that fell behind) is opened again, with backoff, and
+        the requests logged meanwhile are listed first (at most ``TAIL_GAP``), so the
+        output has no gap and no repeat."""
         f = log_filter(args)
         as_json = args.output == "json"
+        header = not as_json
+        widths = [24, 6, 7, 24, 12, 5, 36]  # a time, a code, a UUID: the usual sizes
+        printed: deque[str] = deque(maxlen=TAIL_GAP * 2)  # ids, to print none twice
+
+        def emit(entries: Sequence[logs_pb2.LogEntry]) -> None:
+            nonlocal header
+            entries = [e for e in entries if e.id not in printed]
+            if not entries:
+                return
+            printed.extend(e.id for e in entries)
+            since.CopyFrom(entries[-1].time)
+            if as_json:
+                for entry in entries:
+                    print(json.dumps(to_json(entry), ensure_ascii=False))
+            else:
+                lines = self._log_table(entries, widths)
+                # The header once; columns only ever widen, so rows line up.
+                print("\n".join(lines if header else lines[1:]))
+                header = False
+            sys.stdout.flush()
+
+        def say(text: str) -> None:
+            print(f"tidegate logs tail: {text}", file=sys.stderr, flush=True)
+
+        since = Timestamp()  # the newest row printed, or when following began
+
+        async def missed(client: TidegateClient) -> None:
+            """Prints what was logged since ``since`` (the stream is open again first)."""
+            gap = logs_pb2.LogFilter()
+            gap.CopyFrom(f)
+            gap.start_time.CopyFrom(since)
+            page = await client.logs.ListLogs(
+                logs_pb2.ListLogsRequest(filter=gap, page_size=TAIL_GAP)
+            )
+            if page.next_page_token:
+                say(
+                    f"more than {TAIL_GAP} requests were logged meanwhile; the newest"
+                    f" {TAIL_GAP} follow (`logs search --start {when_iso(since)}` lists all)"
+                )
+            emit(list(reversed(page.logs)))
 
         async def job(client: TidegateClient) -> None:
-            call = client.logs.StreamLogs(logs_pb2.StreamLogsRequest(filter=f))
-            try:
-                await call.initial_metadata()  # the engine sends it once it is subscribed
-                print(
-                    f"tidegate logs tail: following the outbound log of {args.target}"
-                    " (Ctrl-C stops)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                header = not as_json
-                widths = [24, 6, 7, 24, 12, 5, 36]  # a time, a code, a UUID: the usual sizes
-                async for response in call:
-                    if as_json:
-                        for entry in response.logs:
-                            print(json.dumps(to_json(entry), ensure_ascii=False))
+            followed, delay, down = False, 1.0, ""
+            while True:
+                call = client.logs.StreamLogs(logs_pb2.StreamLogsRequest(filter=f))
+                try:
+                    await call.initial_metadata()  # the engine sends it once it is subscribed
+                    if not followed:
+                        since.GetCurrentTime()
+                        say(f"following the outbound log of {args.target} (Ctrl-C stops)")
+                        followed = True
                     else:
-                        lines = self._log_table(response.logs, widths)
-                        # The header once; columns only ever widen, so rows line up.
-                        print("\n".join(lines if header else lines[1:]))
-                        header = False
-                    sys.stdout.flush()
-            finally:
-                call.cancel()
+                        await missed(client)
+                        if down:
+                            say("following again")
+                            down = ""
+                    delay = 1.0
+                    async for response in call:
+                        emit(response.logs)
+                    reason = "the engine ended the stream"
+                except grpc.aio.AioRpcError as exc:
+                    if not followed or exc.code() not in TAIL_RECONNECT:
+                        raise
+                    reason = f"{exc.code().name}: {clip(exc.details() or '', 100)}"
+                finally:
+                    call.cancel()
+                if not down:
+                    down = reason
+                    say(f"the stream ended ({reason}); reconnecting")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
         try:
             self.run(args, job, refused="the stream was refused")

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clients.client import TidegateClient, read_token
-from engine.app import Engine
+from engine.app import Engine, EngineConfig
 from engine.cli import build_parser
 from engine.cli_admin import log_filter
 from engine.errors import TidegateError
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.pb import connections_pb2 as cpb
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import eventually, insider_connection, post_events
+from tests.conftest import engine_client, eventually, insider_connection, post_events
 
 BIN = Path(sys.executable).parent
 CONNECTION = "insider-main"
@@ -745,3 +745,69 @@ def test_any_filter_value_is_a_filter_or_one_clear_error(flag: str, value: str) 
         message = str(exc)
         assert message.startswith(flag) or message.startswith("--end must be after")
         assert len(message) < 300
+
+
+async def test_logs_tail_reconnects_after_an_engine_restart_without_gap_or_repeat(
+    engine_config: EngineConfig, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    config = replace(engine_config, grpc_port=free_port())  # the same address after restart
+    first = Engine(config)
+    await first.start()
+    second: Engine | None = None
+    tail: asyncio.subprocess.Process | None = None
+    try:
+        async with engine_client(first) as admin:
+            await insider_connection(admin, sandbox)
+
+        def default_sigint() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        tail = await asyncio.create_subprocess_exec(
+            str(BIN / "tidegate"),
+            "logs",
+            "tail",
+            "--output",
+            "json",
+            *engine_flags(first),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+            preexec_fn=default_sigint,
+        )
+        assert tail.stdout is not None and tail.stderr is not None
+
+        async def said(text: bytes) -> None:
+            assert tail is not None and tail.stderr is not None
+            line = await asyncio.wait_for(tail.stderr.readline(), 60)
+            assert text in line, line
+
+        async def next_customer() -> str:
+            assert tail is not None and tail.stdout is not None
+            line = await asyncio.wait_for(tail.stdout.readline(), 60)
+            return str(json.loads(line)["customers"][0]["customerId"])
+
+        await said(b"following the outbound log")
+        await post_events(http, first, point("one", 1))
+        assert await next_customer() == "one"
+
+        await first.stop(grace=1.0)
+        await said(b"the stream ended")
+        second = Engine(config)
+        await second.start()
+        # Logged while the tail is away (or just back): it comes once, from the list or
+        # from the stream.
+        await post_events(http, second, point("two", 2))
+        assert await next_customer() == "two"
+        await said(b"following again")
+        await post_events(http, second, point("three", 3))
+        assert await next_customer() == "three"
+
+        tail.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(tail.wait(), 30) == 0
+        assert await tail.stdout.read() == b""  # nothing twice
+        assert b"Traceback" not in await tail.stderr.read()
+    finally:
+        if tail is not None and tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+        await (second or first).stop(grace=1.0)
