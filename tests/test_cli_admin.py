@@ -4,6 +4,7 @@ Insider sandbox. Expected values come from what each test sent, never from the C
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -29,7 +30,9 @@ from engine.cli_admin import log_filter
 from engine.errors import TidegateError
 from engine.outbound_log.rows import LogCustomer, LogRow, new_request_id
 from engine.pb import connections_pb2 as cpb
+from engine.security import TlsFiles
 from plugins.insider.sandbox import RunningSandbox
+from tests.certs import make_certs
 from tests.conftest import engine_client, eventually, insider_connection, post_events
 
 BIN = Path(sys.executable).parent
@@ -811,3 +814,58 @@ async def test_logs_tail_reconnects_after_an_engine_restart_without_gap_or_repea
             tail.kill()
             await tail.wait()
         await (second or first).stop(grace=1.0)
+
+
+async def test_the_commands_speak_mutual_tls_with_the_flags_config_uses(
+    engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    engine = Engine(
+        replace(engine_config, tls=TlsFiles(certs.server_cert, certs.server_key, certs.ca))
+    )
+    await engine.start()
+    try:
+        tls = ["--tls-ca", str(certs.ca)]
+        client = [
+            "--tls-client-cert",
+            str(certs.client_cert),
+            "--tls-client-key",
+            str(certs.client_key),
+        ]
+        listed = await on(engine, "tokens", "list", "--output", "json", *tls, *client)
+        assert [t["name"] for t in listed.json()["tokens"]] == ["bootstrap-admin"]
+        plain = await on(engine, "tokens", "list")
+        assert plain.code == 1 and "cannot reach the engine" in plain.err
+        half = await on(engine, "tokens", "list", *tls, "--tls-client-cert", str(certs.client_cert))
+        assert half.code == 1 and "go together" in half.err
+    finally:
+        await engine.stop(grace=1.0)
+
+
+def test_the_readme_documents_every_admin_command_and_flag() -> None:
+    """The README's "The CLI" names each command, and each of its flags somewhere."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## The CLI\n", 1)[1].split("\n## ", 1)[0]
+    parser = build_parser()
+    top = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    shared = {
+        "--output",
+        "--target",
+        "--token",
+        "--data-dir",
+        "--tls-ca",
+        "--tls-client-cert",
+        "--tls-client-key",
+        "--help",
+        "-h",
+    }
+    for name in ("connections", "mappings", "logs", "dead-letters", "tokens"):
+        command = top.choices[name]
+        actions = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction))
+        for action, leaf in actions.choices.items():
+            assert f"`{name} {action}" in section, f"{name} {action}"
+            for flag in (o for a in leaf._actions for o in a.option_strings):
+                if flag not in shared:
+                    assert f"`{flag}" in section, f"{name} {action} {flag}"
+    for flag in shared - {"--help", "-h"}:
+        assert f"`{flag}" in section, flag
