@@ -607,11 +607,16 @@ class AdminCommands:
             found = await client.get_connection(args.id)
             if args.output == "json":
                 return found, []
-            latest = []  # its newest request that succeeded, and its newest with an error
+            # Its newest request that succeeded, and its newest with an error, of the last
+            # day (as the page shows them): a bounded search, however big the log.
+            day = Timestamp()
+            day.FromSeconds(int(time.time()) - 86400)
+            latest = []
             for f in (
                 logs_pb2.LogFilter(connection_id=found.id, status_codes=range(200, 300)),
                 logs_pb2.LogFilter(connection_id=found.id, errors_only=True),
             ):
+                f.start_time.CopyFrom(day)
                 page = await client.logs.ListLogs(logs_pb2.ListLogsRequest(filter=f, page_size=1))
                 latest.append(page.logs[0] if page.logs else logs_pb2.LogEntry())
             return found, latest
@@ -674,7 +679,12 @@ class AdminCommands:
             said = f" {clip(entry.error, 100)}" if entry.error else ""
             code = entry.status_code or "no response"
             rows.append(
-                (title, f"{when_ms(entry.time)} {code}{said} ({entry.id})" if entry.id else "-")
+                (
+                    title,
+                    f"{when_ms(entry.time)} {code}{said} ({entry.id})"
+                    if entry.id
+                    else "none in the last day",
+                )
             )
         width = max(len(k) for k, _ in rows)
         for key, value in rows:

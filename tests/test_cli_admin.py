@@ -115,6 +115,11 @@ async def test_connections_list_get_and_resume_a_paused_connection(
     engine: Engine, client: TidegateClient, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
     await insider_connection(client, sandbox)
+    quiet = (await on(engine, "connections", "get", CONNECTION)).out.splitlines()
+    assert [line.split(":", 1)[1].strip() for line in quiet if line.startswith("last ")] == [
+        "none in the last day",
+        "none in the last day",
+    ]
     await fault(http, sandbox, status=401, count=1)  # Insider refuses the key once
     await post_events(http, engine, point("ann", 5))
 
