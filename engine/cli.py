@@ -35,6 +35,7 @@ from engine.app import (
     EngineConfig,
 )
 from engine.backup import back_up_stopped
+from engine.cli_admin import EngineAccess, add_admin_commands
 from engine.connector.destinations import Allowance, DestinationError
 from engine.connector.info import tcp_port
 from engine.delivery.worker import DeliverySettings
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_command(sub)
     add_migrate_command(sub)
     add_secrets_command(sub)
+    add_admin_commands(sub, EngineAccess(_target_argument, client_options, _engine_call))
     for command in plugin_commands(plugin_manager()):
         added = sub.add_parser(command.name, help=command.help)
         command.configure(added)

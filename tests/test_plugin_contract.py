@@ -122,6 +122,8 @@ FLOORS = [
     {"engine.admin"},
     {"engine.metrics_server", "engine.ui"},  # the page reuses engine.admin's log calls
     {"engine.app"},
+    # The admin commands: engine.cli registers them and hands them its client helpers.
+    {"engine.cli_admin"},
     {"engine.cli"},
 ]
 KIT = "engine.connector.testing"
