@@ -273,6 +273,7 @@ def log_filter(args: argparse.Namespace) -> logs_pb2.LogFilter:
         error_contains=args.error or "",
         connection_id=args.connection or "",
         errors_only=args.errors_only,
+        tags=args.tag or (),
     )
     try:
         f.status_codes.extend(parse_status(args.status or ""))
@@ -472,6 +473,12 @@ class AdminCommands:
                 help="any of these codes or classes, e.g. 4xx,503 (0: no response)",
             )
             parser.add_argument("--connection", metavar="ID", help="one connection's requests")
+            parser.add_argument(
+                "--tag",
+                action="append",
+                metavar="TAG",
+                help="carries this tag, e.g. replay or backfill (repeat: any of them)",
+            )
             parser.add_argument(
                 "--errors-only", action="store_true", help="only requests with an error"
             )

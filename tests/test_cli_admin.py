@@ -34,6 +34,8 @@ from engine.security import TlsFiles
 from plugins.insider.sandbox import RunningSandbox
 from tests.certs import make_certs
 from tests.conftest import engine_client, eventually, insider_connection, post_events
+from tests.ui_support import row as log_row
+from tests.ui_support import write
 
 BIN = Path(sys.executable).parent
 CONNECTION = "insider-main"
@@ -874,3 +876,22 @@ def test_the_readme_documents_every_admin_command_and_flag() -> None:
                     assert f"`{flag}" in section, f"{name} {action} {flag}"
     for flag in shared - {"--help", "-h"}:
         assert f"`{flag}" in section, flag
+
+
+async def test_logs_search_takes_tags(engine: Engine) -> None:
+    plain, replayed, backfilled = (
+        log_row("dee"),
+        log_row("eve", tags="replay"),
+        log_row("fay", tags="backfill,replay"),
+    )
+    await write(engine, plain, replayed, backfilled)
+
+    async def ids(*criteria: str) -> list[str]:
+        found = (await on(engine, "logs", "search", "--output", "json", *criteria)).json()
+        return [r["id"] for r in found["logs"]]
+
+    assert set(await ids("--tag", "replay")) == {replayed.id, backfilled.id}
+    assert await ids("--tag", "backfill") == [backfilled.id]
+    assert set(await ids("--tag", "backfill", "--tag", "erasure")) == {backfilled.id}
+    refused = await on(engine, "logs", "search", "--tag", "Not A Tag")
+    assert refused.code == 1 and "not a tag" in refused.err

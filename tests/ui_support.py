@@ -21,6 +21,7 @@ def row(
     request_body: str = '{"users":[{"identifiers":{"uuid":"c-1"}}]}',
     at: datetime | None = None,
     name: str = "Ada Lovelace",
+    tags: str = "",
 ) -> LogRow:
     when = at or datetime.now(UTC)
     return LogRow(
@@ -37,6 +38,7 @@ def row(
         attempt=2 if error else 1,
         request_body=request_body,
         response_body=response_body,
+        tags=tags,
     )
 
 
