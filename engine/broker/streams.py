@@ -154,10 +154,10 @@ def replicas_for(nc: NATS, settings: BrokerSettings) -> int:
     return 3 if len(known) >= 3 else 1
 
 
-async def retrying(call: Callable[[], Awaitable[T]], what: str, timeout: float) -> T:
+async def retrying(call: Callable[[], Awaitable[T]], what: str, within: float) -> T:
     """``call`` again while the cluster elects (no suitable peers, timeouts, no
-    responders), until ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
+    responders), until ``within`` seconds have passed."""
+    deadline = time.monotonic() + within
     while True:
         try:
             return await call()
@@ -173,7 +173,7 @@ async def retrying(call: Callable[[], Awaitable[T]], what: str, timeout: float) 
             last = exc
         if time.monotonic() > deadline:
             raise BrokerError(
-                f"{what}: the JetStream cluster did not answer within {timeout:g} s"
+                f"{what}: the JetStream cluster did not answer within {within:g} s"
                 f" ({type(last).__name__}: {str(last)[:100]}); check that a quorum of its"
                 " servers runs"
             )
@@ -233,9 +233,7 @@ async def lease_bucket(js: JetStreamContext, settings: BrokerSettings, replicas:
 async def profile_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
     """Customer profiles by customer token, as of each customer's acknowledged events."""
     config = js_api.KeyValueConfig(bucket=PROFILES_BUCKET, history=1, replicas=replicas)
-    return await retrying(
-        lambda: _bucket(js, config), "creating the profile bucket", SETUP_TIMEOUT
-    )
+    return await retrying(lambda: _bucket(js, config), "creating the profile bucket", SETUP_TIMEOUT)
 
 
 async def _bucket(js: JetStreamContext, config: js_api.KeyValueConfig) -> KeyValue:
