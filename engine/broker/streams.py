@@ -162,7 +162,7 @@ async def retrying(call: Callable[[], Awaitable[T]], what: str, within: float) -
         try:
             return await call()
         except nats.js.errors.APIError as exc:
-            if exc.err_code != ERR_NO_SUITABLE_PEERS and not isinstance(
+            if getattr(exc, "err_code", None) != ERR_NO_SUITABLE_PEERS and not isinstance(
                 exc, nats.js.errors.ServiceUnavailableError
             ):
                 raise
