@@ -112,6 +112,15 @@ class Owned:
     renewed: float
     task: asyncio.Task[None] | None = None
     consumers: set[str] = field(default_factory=set)
+    stopped: bool = False
+
+
+async def finish(task: asyncio.Task[None]) -> None:
+    """Cancels ``task`` until it ends: nats-py swallows a cancellation in places (a KV
+    watcher, a fetch), and a loop of ours then goes round once more."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
 
 
 async def clear_local_queue(db: Database, queue: DurableQueue) -> int:
@@ -155,6 +164,7 @@ class PartitionWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._leases: KeyValue | None = None
         self._profiles: KeyValue | None = None
+        self._stopping = False
         self.acked = 0
 
     async def start(self) -> None:
@@ -171,9 +181,9 @@ class PartitionWorker:
     async def stop(self) -> None:
         """Stops pulling and gives the leases back (the next owner still waits out any
         request this process had in flight: its consumer shows pending events)."""
+        self._stopping = True
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await finish(task)
         self._tasks = []
         for n in list(self.owned):
             await self._drop(n, "worker stopping", release=True)
@@ -188,7 +198,7 @@ class PartitionWorker:
     # -- leases --------------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -244,9 +254,9 @@ class PartitionWorker:
         own = self.owned.pop(n, None)
         if own is None:
             return
+        own.stopped = True
         if own.task is not None:
-            own.task.cancel()
-            await asyncio.gather(own.task, return_exceptions=True)
+            await finish(own.task)
         seqs = [s for s, p in self.pending.items() if p.partition == n]
         ids = sorted({self.pending[s].event_id for s in seqs})
         for s in seqs:
@@ -291,7 +301,7 @@ class PartitionWorker:
 
     async def _run_partition(self, n: int, own: Owned) -> None:
         first = True
-        while True:
+        while not own.stopped:
             sub = None
             try:
                 name, wait = await self._new_consumer(n, own)
@@ -300,11 +310,13 @@ class PartitionWorker:
                     await asyncio.sleep(self.takeover_wait)
                 first = False
                 sub = await self._js.pull_subscribe_bind(name, stream=STREAM)
-                while True:
+                while not own.stopped:
                     try:
                         msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT)
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:  # nothing to pull (nats-py raises either kind)
                         continue
+                    if own.stopped:  # fenced while the fetch ran: not ours to queue
+                        break
                     await self._take(n, msgs)
             except asyncio.CancelledError:
                 raise
@@ -440,7 +452,7 @@ class PartitionWorker:
     # -- acknowledging -------------------------------------------------------------------
 
     async def _ack_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(ACK_INTERVAL)
             try:
                 await self._ack_settled()
