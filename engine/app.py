@@ -15,9 +15,13 @@ from pathlib import Path
 import grpc
 import structlog
 from aiohttp import web
+from nats.aio.client import Client as NATS
 
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
+from engine.broker.publish import BrokerIngestor
+from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
+from engine.broker.worker import PartitionWorker, clear_local_queue
 from engine.connector.destinations import Allowance
 from engine.delivery.erasure import CustomerEraser
 from engine.delivery.worker import Deliverer, DeliverySettings
@@ -117,6 +121,15 @@ class EngineConfig:
     ui_port: int | None = None
     """Port of the outbound-log page (``engine.ui``); None serves no page. ``tidegate
     serve`` passes ``--ui-port`` (default 8081)."""
+    broker: BrokerSettings | None = None
+    """``serve --broker``: ingest publishes to JetStream, and workers pull partitions into
+    this engine (``engine.broker``). None: the embedded engine alone."""
+    role: str = "all"
+    """With a broker: ``ingest`` (publish only), ``worker`` (own partitions, deliver; no
+    ingest HTTP port) or ``all``."""
+    takeover_wait: float | None = None
+    """With a broker: seconds before pulling a partition an earlier owner had events
+    pending in; None: the lease TTL plus the request timeout."""
 
 
 class Engine:
@@ -140,6 +153,8 @@ class Engine:
         self._deliverer: Deliverer | None = None
         self._jobs: list[Periodic] = []
         self._checker: TokenChecker | None = None
+        self._nc: NATS | None = None
+        self.partitions: PartitionWorker | None = None
         self.admin_token_file: Path | None = None
         """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
@@ -192,7 +207,9 @@ class Engine:
             self.db, self.registry, self.queue, self.deliverer.wake, cfg.max_backlog
         )
         await self.ingestor.load()
+        front = await self._connect_broker()
         await self.deliverer.start()
+        await self._start_partitions()
         self._jobs = [
             dedupe_sweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay),
             dead_letter_sweeper(
@@ -214,10 +231,8 @@ class Engine:
             job.start()
         if cfg.ingest_worker:
             await self._start_worker()
-        else:
-            self._http = create_ingest_runner(
-                self.ingestor, self.ingest_settings, self.metrics.ingest
-            )
+        elif cfg.broker is None or cfg.role != "worker":
+            self._http = create_ingest_runner(front, self.ingest_settings, self.metrics.ingest)
             await self._http.setup()
             site = web.TCPSite(
                 self._http,
@@ -233,7 +248,7 @@ class Engine:
             self.registry,
             self.queue,
             self.logs,
-            self.ingestor,
+            front,
             self.deliverer.wake,
             self.connectors,
             cfg.data_dir,
@@ -265,6 +280,34 @@ class Engine:
                 ),
             )
             self.ui_port = await self._ui.start()
+
+    async def _connect_broker(self) -> Ingestor:
+        """With ``--broker``: connects, creates the stream, and gives the ingest that
+        publishes to it; a worker first empties its local queue (``clear_local_queue``).
+        Without: the local ingestor."""
+        cfg = self.config
+        if cfg.broker is None:
+            return self.ingestor
+        self._nc = await connect(cfg.broker, f"tidegate-{cfg.role}-{os.getpid()}")
+        js = self._nc.jetstream()
+        await ensure_stream(js, cfg.broker, replicas_for(self._nc, cfg.broker))
+        if cfg.role != "ingest":
+            cleared = await clear_local_queue(self.db, self.queue)
+            if cleared:
+                log.info("broker_local_queue_cleared", items=cleared)
+        return BrokerIngestor(self.db, self.registry, self.queue, js, cfg.broker)
+
+    async def _start_partitions(self) -> None:
+        cfg = self.config
+        if cfg.broker is None or self._nc is None or cfg.role == "ingest":
+            return
+        wait = cfg.takeover_wait
+        if wait is None:
+            wait = cfg.broker.lease_ttl + cfg.delivery.request_timeout
+        self.partitions = PartitionWorker(
+            self._nc, cfg.broker, self.ingestor, self.db, self.queue, wait
+        )
+        await self.partitions.start()
 
     async def _bootstrap_token(self) -> None:
         """On a data folder that has never had a token, makes an admin token and writes
@@ -347,6 +390,9 @@ class Engine:
         """Stops taking requests, lets in-flight deliveries finish, and closes the stores."""
         if self._grpc is not None:  # started: the announcement is this engine's
             (self.config.data_dir / ENGINE_FILE).unlink(missing_ok=True)
+        if self.partitions is not None:  # first: no more pulls while delivery winds down
+            await self.partitions.stop()
+            self.partitions = None
         if self._ui is not None:  # first: its open streams end before the log store closes
             await self._ui.stop()
             self._ui = None
@@ -381,6 +427,9 @@ class Engine:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._nc is not None:
+            await self._nc.close()
+            self._nc = None
 
 
 def write_private(path: Path, text: str) -> None:

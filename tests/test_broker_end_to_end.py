@@ -1,0 +1,187 @@
+"""Scale-out end to end with real processes: a 3-node JetStream cluster on loopback,
+``tidegate serve --broker ... --role ingest``, two ``--role worker`` processes and the
+Insider sandbox. The load and the checker are the fault tests' (``tests.faultload``): every
+acknowledged event delivered, zero reordered per customer among first deliveries,
+duplicates counted.
+
+The kill trials run ``TIDEGATE_BROKER_TRIALS`` times each (default 1, as CI does; the long
+mode runs more, e.g. ``TIDEGATE_BROKER_TRIALS=10``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from engine.broker import streams
+from engine.broker.cluster import LocalCluster
+from tests.faultload import (
+    CheckReport,
+    EngineProcess,
+    LoadGenerator,
+    SandboxControl,
+    SandboxProcess,
+    check_load,
+    create_connection,
+    list_logs,
+)
+from tests.natscluster import nats_cluster
+from tests.test_broker_cluster import reset_broker
+
+__all__ = ["nats_cluster"]
+
+PARTITIONS = 8
+LEASE_SECONDS = 3
+TAKEOVER_WAIT = 2
+TRIALS = int(os.environ.get("TIDEGATE_BROKER_TRIALS", "1"))
+
+
+class BrokerEngine(EngineProcess):
+    """``tidegate serve --broker`` in one role; a worker serves no ingest port."""
+
+    def __init__(self, log_path: Path, data_dir: Path, servers: str, role: str) -> None:
+        super().__init__(log_path, data_dir)
+        self.name = f"engine ({role})"
+        self.role = role
+        self.extra_args = [
+            "--broker",
+            servers,
+            "--role",
+            role,
+            "--partitions",
+            str(PARTITIONS),
+            "--lease-seconds",
+            str(LEASE_SECONDS),
+            "--takeover-wait",
+            str(TAKEOVER_WAIT),
+            "--broker-max-bytes",
+            str(64 << 20),  # the test cluster's nodes store 256 MB each
+        ]
+        if role == "worker":
+            self.ports = [self.grpc_port, self.metrics_port]
+
+
+class ScaleOut:
+    def __init__(self, tmp_path: Path, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.sandbox = SandboxProcess(tmp_path / "sandbox.out")
+        self.control = SandboxControl(self.sandbox.url)
+        self.ingest = BrokerEngine(
+            tmp_path / "ingest.out", tmp_path / "ingest", cluster.servers, "ingest"
+        )
+        self.workers = [
+            BrokerEngine(
+                tmp_path / f"worker{i}.out", tmp_path / f"worker{i}", cluster.servers, "worker"
+            )
+            for i in (1, 2)
+        ]
+
+    async def start(self) -> None:
+        await reset_broker(self.cluster)
+        await asyncio.to_thread(self.sandbox.start)
+        await asyncio.to_thread(self.ingest.start)
+        for worker in self.workers:
+            await asyncio.to_thread(worker.start)
+            # Connections before any event: a worker routes by its own connections.
+            await create_connection(worker.target, self.sandbox.url)
+
+    def load(self, run_id: str) -> LoadGenerator:
+        return LoadGenerator(
+            self.ingest.ingest_url, customers=40, workers=4, batch=40, run_id=run_id
+        )
+
+    async def settle(self, load: LoadGenerator, within: float = 90.0) -> CheckReport:
+        """Waits until every acknowledged event arrived (or ``within`` passed)."""
+        deadline = time.monotonic() + within
+        while True:
+            report = await check_load(load, self.control)
+            if report.missing == 0 or time.monotonic() > deadline:
+                return report
+            await asyncio.sleep(0.5)
+
+    def close(self) -> None:
+        for process in [*self.workers, self.ingest, self.sandbox]:
+            process.close()
+
+    def tails(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.tail(3000)}" for p in [self.ingest, *self.workers])
+
+
+@pytest.fixture
+async def scale_out(tmp_path: Path, nats_cluster: LocalCluster) -> AsyncIterator[ScaleOut]:
+    setup = ScaleOut(tmp_path, nats_cluster)
+    try:
+        await setup.start()
+        yield setup
+    finally:
+        setup.close()
+        for node in nats_cluster.nodes:  # a trial that killed a node leaves it running again
+            if not node.running:
+                nats_cluster.restart(node.name)
+
+
+def assert_clean(report: CheckReport, load: LoadGenerator, setup: ScaleOut) -> None:
+    assert load.acknowledged_events > 0
+    assert (report.missing, report.reordered, report.unexpected) == (0, 0, 0), (
+        report.summary() + "\n" + report.details() + "\n" + setup.tails()
+    )
+    print(f"\n{report.summary()}; load {dict(load.stats.outcomes)}")
+
+
+async def stream_leader(cluster: LocalCluster) -> str:
+    nc = await nats.connect(cluster.urls)
+    info = await nc.jetstream().stream_info(streams.STREAM)
+    await nc.close()
+    assert info.cluster is not None and info.cluster.leader
+    return str(info.cluster.leader)
+
+
+async def test_two_workers_deliver_every_event_in_order(scale_out: ScaleOut) -> None:
+    load = scale_out.load("e2e")
+    load.start()
+    await load.wait_acknowledged(1500, within=60)
+    await load.stop()
+    report = await scale_out.settle(load)
+    assert_clean(report, load, scale_out)
+    assert report.acknowledged == load.acknowledged_events
+    # The partitions were shared: each worker sent requests of its own.
+    for worker in scale_out.workers:
+        assert await list_logs(worker.target), f"{worker.name} sent nothing\n{worker.tail()}"
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("trial", range(TRIALS))
+async def test_sigkill_of_a_worker_under_load_loses_nothing(
+    scale_out: ScaleOut, trial: int
+) -> None:
+    load = scale_out.load(f"killw{trial}")
+    load.start()
+    await load.wait_acknowledged(600, within=60)
+    await asyncio.to_thread(scale_out.workers[0].kill)
+    await load.wait_acknowledged(800, within=60)  # the other worker takes over
+    await load.stop()
+    report = await scale_out.settle(load)
+    assert_clean(report, load, scale_out)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("trial", range(TRIALS))
+async def test_sigkill_of_the_stream_leader_under_load_loses_nothing(
+    scale_out: ScaleOut, trial: int
+) -> None:
+    load = scale_out.load(f"killl{trial}")
+    load.start()
+    await load.wait_acknowledged(600, within=60)
+    leader = await stream_leader(scale_out.cluster)
+    await asyncio.to_thread(scale_out.cluster.kill, leader)
+    await load.wait_acknowledged(800, within=60)  # the other two elect a leader and go on
+    await asyncio.to_thread(scale_out.cluster.restart, leader)
+    await load.stop()
+    report = await scale_out.settle(load)
+    assert_clean(report, load, scale_out)

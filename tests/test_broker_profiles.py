@@ -1,0 +1,79 @@
+"""Profiles follow a partition to its next owner: a worker that meets a customer for the
+first time reads the profile the earlier owner wrote to the ``tg_profiles`` bucket, so
+it syncs only what changed, as the embedded engine does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from engine.app import Engine, EngineConfig
+from engine.broker import streams
+from engine.broker.cluster import LocalCluster
+from plugins.insider.sandbox import RunningSandbox
+from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
+from tests.conftest import insider_connection as make_connection
+from tests.natscluster import nats_cluster
+from tests.test_broker_cluster import post, reset_broker
+
+__all__ = ["nats_cluster"]
+
+
+def worker_config(data_dir: Path, cluster: LocalCluster) -> EngineConfig:
+    return EngineConfig(
+        data_dir=data_dir,
+        grpc_port=0,
+        http_port=0,
+        delivery=FAST_DELIVERY,
+        allowed_destinations=TEST_DESTINATIONS,
+        broker=streams.BrokerSettings(
+            servers=tuple(cluster.urls), partitions=2, lease_ttl=2.0, max_bytes=64 << 20
+        ),
+        role="all",
+        takeover_wait=0.5,
+    )
+
+
+async def settled(engine: Engine, acked: int) -> None:
+    async def all_acked() -> bool:
+        worker = engine.partitions
+        return worker is not None and worker.acked >= acked and not worker.pending
+
+    await eventually(all_acked, within=30)
+
+
+async def start_owner(data_dir: Path, cluster: LocalCluster, sandbox: RunningSandbox) -> Engine:
+    engine = Engine(worker_config(data_dir, cluster))
+    await engine.start()
+    async with engine_client(engine) as client:
+        await make_connection(client, sandbox)
+    return engine
+
+
+async def test_the_next_owner_syncs_only_what_changed_since_the_last_owner(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    await reset_broker(nats_cluster)
+    first = await start_owner(tmp_path / "a", nats_cluster, sandbox)
+    try:
+        profile = {"tier": "gold", "first_name": "Pia"}
+        event = {"customer": "pia", "action": "profile", "data": profile}
+        assert (await post(first, [event])).status == 202
+        await settled(first, 1)
+        assert b"gold" in orjson.dumps(sandbox.state.requests)
+    finally:
+        await first.stop()
+    second = await start_owner(tmp_path / "b", nats_cluster, sandbox)
+    try:
+        before = len(sandbox.state.requests)
+        change = {"tier": "gold", "first_name": "Pina"}
+        event = {"customer": "pia", "action": "profile", "data": change}
+        assert (await post(second, [event])).status == 202
+        await settled(second, 1)
+        sent = orjson.dumps(sandbox.state.requests[before:])
+        assert b"Pina" in sent
+        # The tier did not change: a worker without the bucket's profile would send it.
+        assert b"gold" not in sent
+    finally:
+        await second.stop()
