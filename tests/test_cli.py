@@ -90,3 +90,17 @@ def test_non_positive_retry_delay_is_a_usage_error() -> None:
     result = tidegate("serve", "--retry-base-seconds", "0")
     assert result.returncode == 2
     assert "0 is not a positive number" in result.stderr
+
+
+def test_demo_runs_on_a_three_node_jetstream_cluster(tmp_path: Path) -> None:
+    result = tidegate("demo", "--broker", "--customers", "10", "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "Tidegate demo on NATS JetStream" in out
+    assert out.count("nats://127.0.0.1:") == 3
+    assert "not a valid email address" in out  # the same rejections as the embedded demo
+    assert "queue depth 0" in out
+    assert "Traceback" not in result.stderr and "warning" not in result.stdout
+    # The cluster's servers stopped with the demo.
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "nats")], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout

@@ -288,7 +288,9 @@ class PartitionWorker:
         if release and self._leases is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._leases.delete(f"p.{n}", last=own.revision), 2.0)
-        log.warning(
+        # Giving back a partition with nothing held is routine (a clean stop, a rebalance).
+        emit = log.info if release and not seqs else log.warning
+        emit(
             "partition_released" if release else "partition_fenced",
             worker=self.id,
             partition=n,

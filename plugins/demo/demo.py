@@ -206,6 +206,21 @@ async def _demo(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="tidegate-demo-")
         data_dir = Path(tmp.name)
     api_key = "demo-" + secrets.token_hex(8)
+    cluster = None
+    broker = None
+    if args.broker:
+        from engine.broker.cluster import LocalCluster
+        from engine.broker.streams import BrokerSettings
+
+        _print("Starting a three-node NATS JetStream cluster on loopback…")
+        cluster = LocalCluster(data_dir / "nats", size=3, max_file_store="256MB")
+        try:
+            await asyncio.to_thread(cluster.start)
+        except BaseException:
+            await asyncio.to_thread(cluster.stop)
+            raise
+        # The stream's size limit fits in the nodes' store.
+        broker = BrokerSettings(servers=tuple(cluster.urls), max_bytes=128 << 20)
     sandbox = await start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=api_key))
     braze = await start_braze_sandbox(config=BrazeSandboxConfig(api_key=api_key))
     engine = Engine(
@@ -214,13 +229,25 @@ async def _demo(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             ui_port=args.ui_port,
+            broker=broker,
+            role="all",
             # The sandboxes are on loopback: the demo allows them, as serve
             # --allow-destination does.
             allowed_destinations=(Allowance.parse(sandbox.url), Allowance.parse(braze.url)),
         )
     )
-    await engine.start()
-    _print("Tidegate demo")
+    try:
+        await engine.start()
+    except BaseException:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+        raise
+    _print("Tidegate demo" + (" on NATS JetStream" if cluster is not None else ""))
+    if cluster is not None:
+        _print(
+            f"  JetStream        {cluster.servers}   (3 nodes, R3; this process has the"
+            " ingest, worker and log roles: --role all)"
+        )
     _print(f"  Insider sandbox  {sandbox.url}")
     _print(f"  Braze sandbox    {braze.url}")
     _print(f"  ingest endpoint  http://127.0.0.1:{engine.http_port}/v1/events")
@@ -297,6 +324,8 @@ async def _demo(args: argparse.Namespace) -> int:
                             return 1
                     sent += len(events)
                     await asyncio.sleep(0.3)  # traffic arrives over time, not all at once
+            if cluster is not None:
+                await _stream_emptied(cluster.urls)
             connection = await _drained(client)
             braze_connection = await _drained(client, BRAZE_CONNECTION_ID)
             await asyncio.sleep(0.5)  # the last rows reach the stream
@@ -353,6 +382,8 @@ async def _demo(args: argparse.Namespace) -> int:
         await engine.stop()
         await sandbox.close()
         await braze.close()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
         if tmp is not None:
             tmp.cleanup()
     return 0
@@ -362,6 +393,24 @@ def _stream_request() -> Any:
     from engine.pb import logs_pb2
 
     return logs_pb2.StreamLogsRequest(filter=logs_pb2.LogFilter())
+
+
+async def _stream_emptied(servers: list[str], within: float = 60.0) -> None:
+    """Waits until the workers acknowledged every event JetStream holds (a work-queue
+    stream keeps only what is not yet acknowledged)."""
+    import nats
+
+    from engine.broker.streams import STREAM
+
+    nc = await nats.connect(servers=servers)
+    try:
+        js = nc.jetstream()
+        for _ in range(int(within / 0.2)):
+            if not (await js.stream_info(STREAM)).state.messages:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
 
 
 async def _drained(
