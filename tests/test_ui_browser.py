@@ -65,6 +65,23 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     await context.close()
 
 
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where a test keeps its screenshots: ``$TIDEGATE_SCREENSHOTS`` (the README's are
+    made with ``docs/screenshots``), else the test's tmp_path."""
+    folder = Path(os.environ.get("TIDEGATE_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+async def screenshot(page: Page, shots: Path, name: str) -> None:
+    """Keeps the whole page as ``name``.png in ``shots`` (a test artefact)."""
+    await page.set_viewport_size({"width": 1280, "height": 800})
+    path = shots / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000
+
+
 def points(n: int, customer: str) -> dict[str, object]:
     return {"customer": customer, "action": "point_add", "data": {"points": n}, "id": f"ev-{n}"}
 

@@ -7,7 +7,6 @@ docs/screenshots/ are made that way), else in the test's tmp_path."""
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,30 +21,25 @@ from engine.outbound_log.rows import LogCustomer, new_request_id
 from engine.state import tokens
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import insider_connection, post_events
-from tests.test_ui_browser import add_criterion, browser, log_in, logged, page, points
+from tests.test_ui_browser import (
+    add_criterion,
+    browser,
+    log_in,
+    logged,
+    page,
+    points,
+    screenshot,
+    shots,
+)
 from tests.ui_support import base, make_token, row, write
 
-__all__ = ["browser", "page"]  # fixtures shared with test_ui_browser.py
+__all__ = ["browser", "page", "shots"]  # fixtures shared with test_ui_browser.py
 
 
 @pytest.fixture
 def engine_config(engine_config: EngineConfig) -> EngineConfig:
     engine_config.ui_port = 0
     return engine_config
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("TIDEGATE_SCREENSHOTS") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-async def screenshot(page: Page, shots: Path, name: str) -> None:
-    await page.set_viewport_size({"width": 1280, "height": 800})
-    path = shots / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
-    assert path.stat().st_size > 1000
 
 
 async def test_the_tag_chip_narrows_the_log_and_the_url_holds_it(

@@ -8,13 +8,11 @@ tmp_path/screenshots); ``TIDEGATE_SCREENSHOTS=docs/screenshots`` remakes the REA
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
 from clients.client import TidegateClient
 from engine.app import Engine, EngineConfig
@@ -24,7 +22,7 @@ from engine.state.connections import STATE_ACTIVE
 from plugins.insider.sandbox import RunningSandbox
 from plugins.insider.sandbox.server import Fault
 from tests.conftest import insider_connection, post_events
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
+from tests.test_ui_browser import browser, page, screenshot, shots
 from tests.test_ui_operate import (
     CONNECTION,
     dead_letters,
@@ -35,47 +33,13 @@ from tests.test_ui_operate import (
 )
 from tests.ui_support import base, make_token
 
+__all__ = ["browser", "page", "shots"]  # fixtures shared with test_ui_browser.py
+
 
 @pytest.fixture
 def engine_config(engine_config: EngineConfig) -> EngineConfig:
     engine_config.ui_port = 0
     return engine_config
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not HAVE_CHROMIUM:
-        message = "Debian's chromium is missing: apt-get install -y chromium (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    async with async_playwright() as p:
-        launched = await p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        yield launched
-        await launched.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 720})
-    opened = await context.new_page()
-    yield opened
-    await context.close()
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    """Where the screenshots go: ``$TIDEGATE_SCREENSHOTS``, else tmp_path/screenshots."""
-    folder = Path(os.environ.get("TIDEGATE_SCREENSHOTS") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-async def screenshot(page: Page, folder: Path, name: str) -> None:
-    """Keeps the page as ``name``.png in ``folder`` (a test artefact)."""
-    await page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
 async def log_in(page: Page, engine: Engine, token: str, hash: str = "") -> None:
