@@ -35,7 +35,8 @@ its call passed at the start, and must end when the token is revoked or expires.
 TOKEN_ENDED = "the token of this stream was revoked or has expired: reconnect with a valid one"
 
 
-def _representable(cursor: tuple[int, str]) -> bool:
+def representable(cursor: tuple[int, str]) -> bool:
+    """Whether a log page cursor's time (microseconds) is a datetime."""
     try:
         from_micros(cursor[0])
     except (OverflowError, ValueError):
@@ -43,7 +44,7 @@ def _representable(cursor: tuple[int, str]) -> bool:
     return True
 
 
-PAGES = Pager[tuple[int, str]]("ListLogs", (int, str), _representable)
+PAGES = Pager[tuple[int, str]]("ListLogs", (int, str), representable)
 """ListLogs tokens: the time (Unix microseconds) and id of the page's last entry."""
 
 

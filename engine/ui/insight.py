@@ -24,13 +24,14 @@ from typing import Any
 import duckdb
 from aiohttp import web
 
-from engine.admin.paging import DEFAULT_PAGE_SIZE, Pager, page_size
+from engine.admin.logs import representable
+from engine.admin.paging import Pager
 from engine.errors import InvalidInputError
 from engine.outbound_log.partitions import Partition
 from engine.outbound_log.rows import LogCustomer, LogQuery, LogRow, from_micros, micros
 from engine.outbound_log.sql import REQUEST_COLUMNS, REQUEST_FIELD_INDEX, row_from_record
 from engine.outbound_log.store import LogStore
-from engine.ui.server import BadParameter, Session, cut, json_response, parse_time
+from engine.ui.server import BadParameter, Session, cut, json_response, page_size_param, parse_time
 
 MAX_CUSTOMER_ID_LENGTH = 256
 """As the admin API's ids (``engine.admin.limits.MAX_ID_LENGTH``)."""
@@ -41,17 +42,9 @@ is their oldest. A customer with more is read from the partitions, oldest first 
 bench's 10M-row log that scan took 1-2 s, the index 0.2-0.4 s cold)."""
 
 
-def _representable(cursor: tuple[int, str]) -> bool:
-    try:
-        from_micros(cursor[0])
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
 LEDGER_PAGES = {
-    "newest": Pager[tuple[int, str]]("CustomerLedger", (int, str), _representable),
-    "oldest": Pager[tuple[int, str]]("CustomerLedgerOldest", (int, str), _representable),
+    "newest": Pager[tuple[int, str]]("CustomerLedger", (int, str), representable),
+    "oldest": Pager[tuple[int, str]]("CustomerLedgerOldest", (int, str), representable),
 }
 """Page tokens of the ledger, one kind per order: (time in Unix microseconds, request id)
 of the page's last entry."""
@@ -298,13 +291,7 @@ class InsightViews:
         order = params.get("order", "newest")
         if order not in LEDGER_PAGES:
             raise BadParameter("order", f"{cut(order)!r} is neither newest nor oldest")
-        size_text = params.get("page_size", "")
-        try:
-            size = page_size(int(size_text)) if size_text else DEFAULT_PAGE_SIZE
-        except ValueError:
-            raise BadParameter("page_size", f"{cut(size_text)!r} is not a number") from None
-        except InvalidInputError as exc:
-            raise BadParameter("page_size", exc.message) from None
+        size = page_size_param(params)
         pages = LEDGER_PAGES[order]
         try:
             after = pages.cursor(params.get("page_token", ""))

@@ -170,6 +170,17 @@ FILTER_PARAMS = (
 )  # fmt: skip
 
 
+def page_size_param(params: Any) -> int:
+    """``page_size`` (default ``DEFAULT_PAGE_SIZE``), checked as the List RPCs check it."""
+    size_text = params.get("page_size", "")
+    try:
+        return page_size(int(size_text)) if size_text else DEFAULT_PAGE_SIZE
+    except ValueError:
+        raise BadParameter("page_size", f"{cut(size_text)!r} is not a number") from None
+    except InvalidInputError as exc:
+        raise BadParameter("page_size", exc.message) from None
+
+
 def filter_from_params(params: Any) -> pb.LogFilter:
     """The ``LogFilter`` a request's query parameters describe (``BadParameter`` names
     the parameter when one is wrong)."""
@@ -423,13 +434,7 @@ class UiServer:
         self._viewer(request)
         params = request.query
         query = query_from_params(params)
-        size_text = params.get("page_size", "")
-        try:
-            size = page_size(int(size_text)) if size_text else DEFAULT_PAGE_SIZE
-        except ValueError:
-            raise BadParameter("page_size", f"{cut(size_text)!r} is not a number") from None
-        except InvalidInputError as exc:
-            raise BadParameter("page_size", exc.message) from None
+        size = page_size_param(params)
         try:
             after = PAGES.cursor(params.get("page_token", ""))
         except InvalidInputError as exc:
