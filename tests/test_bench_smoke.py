@@ -16,6 +16,7 @@ SECTIONS = (
     "5. Log search",
     "6. Memory",
     "7. The page",
+    "8. Scale-out",
 )
 
 
