@@ -157,6 +157,7 @@ def _start_role(data_dir: Path, log_path: Path, servers: str, role: str) -> Proc
         "--allow-destination", "127.0.0.1", "--metrics-port", "0", "--ui-port", "0",
         "--broker", servers, "--role", role, "--partitions", str(PARTITIONS),
         "--lease-seconds", str(LEASE_SECONDS), "--takeover-wait", str(TAKEOVER_WAIT),
+        *processes.ENGINE_ARGS,
     ]  # fmt: skip
     process = processes._spawn(f"engine ({role})", argv, log_path, processes.ENGINE_SRC)
     match = processes._wait_for(process, processes.SERVING)
