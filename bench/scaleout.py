@@ -11,8 +11,9 @@ requests of ``BATCH`` with ``IN_FLIGHT`` posts at a time) and deliver to the ben
 For each: events/s from the first post until the sink has every event, the CPU of every
 tidegate process per event (and apart from it the nats-servers'), and the ingest
 acknowledgement p50/p99 (post -> 202, closed loop). Each JetStream set-up starts on an
-empty stream and lease bucket, with workers that hold a fair share of the partitions
-before the first post. Every process and the cluster stop at the end, also on errors.
+empty stream and lease bucket, with workers that hold a fair share of the partitions;
+every set-up first sends one warm-up request through to the sink, not counted. Every
+process and the cluster stop at the end, also on errors.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class ScaleResult:
     tidegate_cpu: float = 0.0  # CPU seconds of every tidegate process (and its children)
     nats_cpu: float = 0.0  # CPU seconds of the nats-servers
     ack: list[float] = field(default_factory=list)  # seconds, one per request
+    ingest_seconds: float = 0.0  # first post -> last 202
     ingest_retries: int = 0
 
     @property
@@ -79,6 +81,28 @@ def _bodies(events: int) -> list[bytes]:
     """The same ``events`` for every set-up: ``events / BATCH`` request bodies."""
     source: Iterator[tuple[bytes, int]] = ingest_bodies(BATCH, CUSTOMERS)
     return [next(source)[0] for _ in range(math.ceil(events / BATCH))]
+
+
+WARMUP_FIRST = 100_000_000
+"""The warm-up request's event numbers: far from the measured ones, so no id repeats."""
+
+
+async def _warm_up(
+    session: aiohttp.ClientSession, ingest_url: str, sink: Process, within: float
+) -> None:
+    """One request of other events, all the way to the sink, then the sink's counters
+    reset: the measurement starts with connections open and consumers pulling."""
+    body, count = next(ingest_bodies(BATCH, CUSTOMERS, seed=2, start=WARMUP_FIRST))
+    await post_ingest(session, ingest_url, body)
+    deadline = time.monotonic() + within
+    while (await _sink_stats(session, sink))["events"] < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the warm-up's {count} events did not reach the sink in {within:g} s"
+            )
+        await asyncio.sleep(0.05)
+    async with session.post(sink.extra["url"] + "/bench/reset") as response:
+        response.raise_for_status()
 
 
 async def _sink_stats(session: aiohttp.ClientSession, sink: Process) -> dict[str, Any]:
@@ -110,6 +134,7 @@ async def _drive(
     and fills in ``result``."""
     queue = list(reversed(bodies))
     async with aiohttp.ClientSession() as session:
+        await _warm_up(session, ingest_url, sink, drain_timeout)
 
         async def poster() -> None:
             while queue:
@@ -122,6 +147,7 @@ async def _drive(
         nats0 = _nats_cpu(cluster)
         t0 = time.monotonic()
         await asyncio.gather(*(poster() for _ in range(IN_FLIGHT)))
+        result.ingest_seconds = time.monotonic() - t0
         deadline = time.monotonic() + drain_timeout
         while True:
             stats = await _sink_stats(session, sink)

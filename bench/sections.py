@@ -447,8 +447,8 @@ async def run_scaleout_section(ctx: Context) -> None:
             "scaleout",
             f"[{r.label}] {r.events:,} events in requests of {BATCH}, {IN_FLIGHT} in flight:"
             " first post -> every event at the sink",
-            f"{rate(r.events_per_s, 'events')} ({r.delivered:,} in {r.seconds:.1f} s"
-            f"{retries}){missing}"
+            f"{rate(r.events_per_s, 'events')} ({r.delivered:,} in {r.seconds:.1f} s; ingest"
+            f" acknowledged them all in {r.ingest_seconds:.1f} s{retries}){missing}"
             + ("" if r is embedded else f"; {cores} cores: throughput shows overhead, not scaling"),
         )
         if r is embedded:
