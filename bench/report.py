@@ -16,6 +16,7 @@ SECTIONS = {
     "logsearch": "5. Log search",
     "memory": "6. Memory",
     "ui": "7. The page",
+    "scaleout": "8. Scale-out",
 }
 
 

@@ -1,4 +1,4 @@
-"""The six sections of ``python -m bench``: each runs its measurement and adds its rows
+"""The sections of ``python -m bench``: each runs its measurement and adds its rows
 (and the ratios against baselines measured earlier in the same run) to the report."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from bench.memory import run_memory
 from bench.pipeline import run_pipeline
 from bench.processes import start_sink
 from bench.report import Report, ms, percentile, rate, ratio
+from bench.scaleout import BATCH, IN_FLIGHT, run_scaleout
 from bench.ui import run_ui
 
 GOAL_EVENTS_PER_S = 20_000
@@ -52,6 +53,8 @@ class Settings:
     ui_rows: int = 10_000_000
     ui_calls: int = 20
     ui_live_rows: int = 200
+    scaleout_events: int = 20_000  # the same events for the embedded and JetStream runs
+    scaleout_drain_timeout: float = 120.0
 
 
 FULL = Settings()
@@ -68,6 +71,8 @@ QUICK = Settings(
     ui_rows=20_000,
     ui_calls=4,
     ui_live_rows=20,
+    scaleout_events=1_000,
+    scaleout_drain_timeout=30.0,
 )
 
 
@@ -425,6 +430,43 @@ async def run_ui_section(ctx: Context) -> None:
 LIVE_RATE_NOTE = "one event per request, 20 a second"
 
 
+async def run_scaleout_section(ctx: Context) -> None:
+    s = ctx.settings
+    work = ctx.scratch("scaleout")
+    embedded, runs = await run_scaleout(work, s.scaleout_events, s.scaleout_drain_timeout)
+    add = ctx.report.add
+    cores = os.cpu_count() or 0
+    for r in [embedded, *runs]:
+        ctx.remember(
+            f"scaleout.{r.label}",
+            {k: v for k, v in r.__dict__.items() if k != "ack"},
+        )
+        missing = "" if r.drained else f" (NOT drained: {r.events - r.delivered:,} missing)"
+        retries = f", {r.ingest_retries:,} ingest 503 retries" if r.ingest_retries else ""
+        add(
+            "scaleout",
+            f"[{r.label}] {r.events:,} events in requests of {BATCH}, {IN_FLIGHT} in flight:"
+            " first post -> every event at the sink",
+            f"{rate(r.events_per_s, 'events')} ({r.delivered:,} in {r.seconds:.1f} s; ingest"
+            f" acknowledged them all in {r.ingest_seconds:.1f} s{retries}){missing}"
+            + ("" if r is embedded else f"; {cores} cores: throughput shows overhead, not scaling"),
+        )
+        if r is embedded:
+            cpu = f"{r.tidegate_us:,.0f} us (tidegate serve and its ingest worker)"
+        else:
+            cpu = (
+                f"{r.tidegate_us:,.0f} us tidegate = {ratio(r.tidegate_us, embedded.tidegate_us)}"
+                f" the embedded engine's; nats-servers {r.nats_us:,.0f} us more"
+                f" (tidegate + nats {ratio(r.tidegate_us + r.nats_us, embedded.tidegate_us)})"
+            )
+        add("scaleout", f"[{r.label}] CPU per delivered event", cpu)
+        add(
+            "scaleout",
+            f"[{r.label}] ingest acknowledgement p50 / p99 (post -> 202)",
+            f"{ms(percentile(r.ack, 50))} / {ms(percentile(r.ack, 99))} ({len(r.ack):,} requests)",
+        )
+
+
 SECTION_RUNNERS = {
     "ceiling": run_ceiling,
     "naive": run_naive,
@@ -433,4 +475,5 @@ SECTION_RUNNERS = {
     "logsearch": run_logsearch,
     "memory": run_memory_section,
     "ui": run_ui_section,
+    "scaleout": run_scaleout_section,
 }

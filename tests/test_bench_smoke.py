@@ -16,6 +16,7 @@ SECTIONS = (
     "5. Log search",
     "6. Memory",
     "7. The page",
+    "8. Scale-out",
 )
 
 
@@ -45,4 +46,8 @@ def test_quick_bench_completes_and_writes_a_table_with_every_section(tmp_path: P
         rows = [line for line in table.splitlines() if line.startswith(f"| {section} |")]
         assert rows, f"no rows for {section}"
         assert not any("section failed" in row for row in rows), rows
+    # Scale-out: every event reached the sink through the embedded engine and JetStream.
+    scaleout = [line for line in table.splitlines() if line.startswith("| 8. Scale-out |")]
+    assert not any("NOT drained" in row for row in scaleout), scaleout
+    assert sum("first post -> every event at the sink" in row for row in scaleout) == 3
     assert "Machine:" in table and "Python:" in table and "Date:" in table
