@@ -67,3 +67,26 @@ async def test_an_answer_to_an_older_search_does_not_land_in_a_newer_one(
     rows = page.locator("#rows tr.entry")
     await expect(rows).to_have_count(1)
     await expect(rows.locator("td:nth-child(3)")).to_have_text(["429"])
+
+
+async def test_live_mode_gives_its_stream_back_on_another_view_and_resumes(
+    engine: Engine,
+    page: Page,  # noqa: F811
+) -> None:
+    await log_in(page, engine, await make_token(engine, tokens.Role.VIEWER, "switcher"))
+    await page.click("#live")
+    await expect(page.locator("#live-state")).to_have_text("live")
+    assert engine.logs.subscribers == 1
+    await page.click("#views a[data-view=charts]")
+    await expect(page.locator("#charts")).to_be_visible()
+    for _ in range(50):  # the server notices the closed stream at its next recheck
+        if engine.logs.subscribers == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert engine.logs.subscribers == 0
+    missed = row("gus")
+    await write(engine, missed)  # logged while another view was shown
+    await page.click("#views a[data-view=logs]")
+    await expect(page.locator("#live-state")).to_have_text("live")
+    await expect(page.locator("#rows")).to_contain_text("gus")
+    assert engine.logs.subscribers == 1

@@ -511,6 +511,9 @@ class UiServer:
                 )
                 if closing in done:
                     break
+                transport = request.transport
+                if transport is None or transport.is_closing():  # the browser went away
+                    break
                 if self._session_of(sid) is not session:  # logged out, revoked or expired
                     await response.write(b"event: ended\ndata: " + orjson.dumps(ENDED) + b"\n\n")
                     break

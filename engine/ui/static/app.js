@@ -410,6 +410,13 @@ async function start() {
       if (document.hidden) stopLive(); else startLive(lastEventId);
     }
   });
+  document.addEventListener("tidegate:view", (e) => {
+    // Another view gives the live stream back; back on the log view, the list is read
+    // again (with what was logged meanwhile) and live mode goes on.
+    if ($("live").getAttribute("aria-pressed") !== "true") return;
+    if (e.detail.view !== "logs") stopLive();
+    else if (!source) reload().then(() => startLive());
+  });
   const { ok, body } = await api("/ui/session");
   if (ok) showApp(body); else showLogin();
 }
