@@ -302,24 +302,23 @@ def dead_letter_filter(args: argparse.Namespace) -> dead_letters_pb2.DeadLetterF
     return f
 
 
-def positive_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a whole number of 1 or more")
-    return value
+def _counting_number(what: str) -> Callable[[str], int]:
+    """An argparse type for a whole number of 1 or more; an error says it is not ``what``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r:.40} is not {what}")
+        return value
+
+    return parse
 
 
-def dead_letter_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r:.40} is not a dead-letter id (a number)")
-    return value
+positive_limit = _counting_number("a whole number of 1 or more")
+dead_letter_id = _counting_number("a dead-letter id (a number)")
 
 
 def closed_pipe_ends_quietly(
