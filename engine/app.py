@@ -19,6 +19,13 @@ from nats.aio.client import Client as NATS
 
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
+from engine.broker.logs import (
+    DEFAULT_LOG_STREAM_DAYS,
+    LogForwarder,
+    LogWriter,
+    consumer_name,
+    ensure_log_stream,
+)
 from engine.broker.publish import BrokerIngestor
 from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
 from engine.broker.worker import PartitionWorker, clear_local_queue
@@ -67,6 +74,10 @@ DEFAULT_DATA_DIR = Path("tidegate-data")
 ENGINE_FILE = "engine.json"
 """In the data folder while an engine serves it: its process id and admin address."""
 ADMIN_TOKEN_FILE = tokens.ADMIN_TOKEN_FILE
+LOG_ELSEWHERE = (
+    "this process (--role {role}) keeps no outbound log: ask a process started with"
+    " --role log (or all), which keeps every worker's rows"
+)
 
 
 @dataclass
@@ -130,6 +141,13 @@ class EngineConfig:
     takeover_wait: float | None = None
     """With a broker: seconds before pulling a partition an earlier owner had events
     pending in; None: the lease TTL plus the request timeout."""
+    log_stream_days: float = DEFAULT_LOG_STREAM_DAYS
+    """With a broker: how long ``TG_LOG`` keeps rows for a log service that is down."""
+
+    def has(self, role: str) -> bool:
+        """Whether this process plays ``role`` (ingest, worker or log): the embedded
+        engine plays all three."""
+        return self.broker is None or self.role in (role, "all")
 
 
 class Engine:
@@ -155,6 +173,8 @@ class Engine:
         self._checker: TokenChecker | None = None
         self._nc: NATS | None = None
         self.partitions: PartitionWorker | None = None
+        self.forwarder: LogForwarder | None = None
+        self.log_writer: LogWriter | None = None
         self.admin_token_file: Path | None = None
         """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
@@ -185,19 +205,23 @@ class Engine:
         self.outbox = LogOutbox(self.db)
         self.logs = self._logs = LogStore(
             cfg.data_dir / LOG_DIR,
-            on_committed=self.outbox.forget,
+            # On a broker the outbox's rows go to the log service (``LogForwarder``).
+            on_committed=self.outbox.forget if cfg.broker is None else None,
             max_subscribers=cfg.max_log_streams,
         )
         await self.logs.start()
-        recovered = await self.outbox.recover(self.logs)
-        if recovered:
-            log.info("log_rows_recovered", rows=recovered)
+        if cfg.broker is None:
+            recovered = await self.outbox.recover(self.logs)
+            if recovered:
+                log.info("log_rows_recovered", rows=recovered)
+        else:
+            await self._connect()
         self.deliverer = self._deliverer = Deliverer(
             self.registry,
             self.queue,
             self.db,
             self.connectors,
-            self.logs,
+            self.forwarder or self.logs,
             cfg.delivery,
             self.metrics.delivery,
         )
@@ -210,6 +234,10 @@ class Engine:
         front = await self._connect_broker()
         await self.deliverer.start()
         await self._start_partitions()
+        if self.forwarder is not None:
+            self.forwarder.start()
+        if self.log_writer is not None:
+            self.log_writer.start()
         self._jobs = [
             dedupe_sweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay),
             dead_letter_sweeper(
@@ -231,7 +259,7 @@ class Engine:
             job.start()
         if cfg.ingest_worker:
             await self._start_worker()
-        elif cfg.broker is None or cfg.role != "worker":
+        elif cfg.has("ingest"):
             self._http = create_ingest_runner(front, self.ingest_settings, self.metrics.ingest)
             await self._http.setup()
             site = web.TCPSite(
@@ -265,10 +293,13 @@ class Engine:
             self.metrics.ingest,
             cfg.tls,
             self.ingest_settings,
+            log_elsewhere=None if cfg.has("log") else LOG_ELSEWHERE.format(role=cfg.role),
         )
         self._announce()
         await self._start_metrics()
-        if cfg.ui_port is not None:
+        if cfg.ui_port is not None and not cfg.has("log"):
+            log.info("ui_not_served", role=cfg.role, reason="the log service serves the page")
+        elif cfg.ui_port is not None:
             self._ui = UiServer(
                 cfg.host,
                 cfg.ui_port,
@@ -281,17 +312,36 @@ class Engine:
             )
             self.ui_port = await self._ui.start()
 
-    async def _connect_broker(self) -> Ingestor:
-        """With ``--broker``: connects, creates the stream, and gives the ingest that
-        publishes to it; a worker first empties its local queue (``clear_local_queue``).
-        Without: the local ingestor."""
+    async def _connect(self) -> None:
+        """With ``--broker``: connects and creates the streams; a worker gets the
+        forwarder of its log rows, a log service the writer of its outbound log."""
         cfg = self.config
-        if cfg.broker is None:
-            return self.ingestor
+        assert cfg.broker is not None
         self._nc = await connect(cfg.broker, f"tidegate-{cfg.role}-{os.getpid()}")
         js = self._nc.jetstream()
-        await ensure_stream(js, cfg.broker, replicas_for(self._nc, cfg.broker))
-        if cfg.role != "ingest":
+        replicas = replicas_for(self._nc, cfg.broker)
+        await ensure_stream(js, cfg.broker, replicas)
+        await ensure_log_stream(js, cfg.broker, replicas, cfg.log_stream_days)
+        if cfg.has("worker"):
+            self.forwarder = LogForwarder(self.db, js)
+        if cfg.has("log"):
+            self.log_writer = LogWriter(
+                js,
+                self.logs,
+                consumer_name(cfg.data_dir),
+                cfg.broker,
+                cfg.log_stream_days,
+            )
+
+    async def _connect_broker(self) -> Ingestor:
+        """With ``--broker``: the ingest that publishes to the event stream; a worker
+        first empties its local queue (``clear_local_queue``). Without: the local
+        ingestor."""
+        cfg = self.config
+        if cfg.broker is None or self._nc is None:
+            return self.ingestor
+        js = self._nc.jetstream()
+        if cfg.has("worker"):
             cleared = await clear_local_queue(self.db, self.queue)
             if cleared:
                 log.info("broker_local_queue_cleared", items=cleared)
@@ -299,13 +349,20 @@ class Engine:
 
     async def _start_partitions(self) -> None:
         cfg = self.config
-        if cfg.broker is None or self._nc is None or cfg.role == "ingest":
+        if cfg.broker is None or self._nc is None or not cfg.has("worker"):
             return
         wait = cfg.takeover_wait
         if wait is None:
             wait = cfg.broker.lease_ttl + cfg.delivery.request_timeout
         self.partitions = PartitionWorker(
-            self._nc, cfg.broker, self.ingestor, self.db, self.queue, wait
+            self._nc,
+            cfg.broker,
+            self.ingestor,
+            self.db,
+            self.queue,
+            wait,
+            settled=self.deliverer.settled,
+            hand_back_wait=cfg.delivery.request_timeout,
         )
         await self.partitions.start()
 
@@ -411,6 +468,12 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
+        if self.forwarder is not None:  # after delivery: its last rows go too
+            await self.forwarder.stop()
+            self.forwarder = None
+        if self.log_writer is not None:
+            await self.log_writer.stop()
+            self.log_writer = None
         for job in self._jobs:
             await job.stop()
         self._jobs = []

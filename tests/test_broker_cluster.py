@@ -23,16 +23,12 @@ __all__ = ["nats_cluster"]
 
 
 async def reset_broker(cluster: LocalCluster) -> None:
-    """Deletes the event stream and the buckets an earlier test left."""
+    """Deletes every stream and bucket an earlier test left."""
     nc = await nats.connect(cluster.urls)
     js = nc.jetstream()
-    for name in (
-        streams.STREAM,
-        f"KV_{streams.LEASES_BUCKET}",
-        f"KV_{streams.PROFILES_BUCKET}",
-    ):
+    for info in await js.streams_info():
         try:
-            await js.delete_stream(name)
+            await js.delete_stream(info.config.name)
         except nats.js.errors.NotFoundError:
             pass
     await nc.close()

@@ -41,7 +41,7 @@ import math
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -113,6 +113,8 @@ class Owned:
     task: asyncio.Task[None] | None = None
     consumers: set[str] = field(default_factory=set)
     stopped: bool = False
+    leaving: bool = False
+    """Being handed back: no more pulls, the lease renewed until what was sent settled."""
 
 
 async def finish(task: asyncio.Task[None]) -> None:
@@ -147,7 +149,12 @@ class PartitionWorker:
         db: Database,
         queue: DurableQueue,
         takeover_wait: float,
+        settled: Callable[[], Awaitable[None]] | None = None,
+        hand_back_wait: float = 10.0,
     ) -> None:
+        """``settled``: returns once every batch the local deliverer has claimed so far is
+        settled (``Deliverer.settled``); a partition handed back waits for it, up to
+        ``hand_back_wait`` seconds, so that what it sent is acked, not sent again."""
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
         self.settings = settings
@@ -165,6 +172,10 @@ class PartitionWorker:
         self._leases: KeyValue | None = None
         self._profiles: KeyValue | None = None
         self._stopping = False
+        self._settled = settled
+        self.hand_back_wait = hand_back_wait
+        self._ack_lock = asyncio.Lock()
+        self._hand_backs: set[asyncio.Task[None]] = set()
         self.acked = 0
 
     async def start(self) -> None:
@@ -179,14 +190,16 @@ class PartitionWorker:
         log.info("broker_worker_started", worker=self.id, partitions=self.settings.partitions)
 
     async def stop(self) -> None:
-        """Stops pulling and gives the leases back (the next owner still waits out any
-        request this process had in flight: its consumer shows pending events)."""
+        """Stops pulling, lets what was sent settle and be acked (within half the lease
+        TTL: renewals stop now), and gives the leases back. The next owner still waits
+        out a request that outlived that: its consumer shows pending events."""
         self._stopping = True
         for task in self._tasks:
             await finish(task)
         self._tasks = []
-        for n in list(self.owned):
-            await self._drop(n, "worker stopping", release=True)
+        self.hand_back_wait = min(self.hand_back_wait, self.settings.lease_ttl / 2)
+        await asyncio.gather(*self._hand_backs, return_exceptions=True)
+        await asyncio.gather(*(self._hand_back(n, "worker stopping") for n in list(self.owned)))
         if self._leases is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._leases.delete(self._worker_key), 2.0)
@@ -229,8 +242,11 @@ class PartitionWorker:
             keys = []
         workers = max(1, sum(1 for k in keys if k.startswith("w.")))
         share = math.ceil(self.settings.partitions / workers)
-        if len(self.owned) > share:
-            await self._drop(max(self.owned), "rebalancing", release=True)
+        staying = [n for n, own in self.owned.items() if not own.leaving]
+        if len(staying) > share and not self._hand_backs:
+            task = asyncio.create_task(self._hand_back(max(staying), "rebalancing"))
+            self._hand_backs.add(task)
+            task.add_done_callback(self._hand_backs.discard)
             return
         held = {k for k in keys if k.startswith("p.")}
         start = int(self.id, 16) % self.settings.partitions
@@ -247,6 +263,37 @@ class PartitionWorker:
             own = self.owned[n] = Owned(revision, time.monotonic())
             own.task = asyncio.create_task(self._run_partition(n, own))
             log.info("partition_claimed", worker=self.id, partition=n, revision=revision)
+
+    async def _hand_back(self, n: int, reason: str) -> None:
+        """Gives partition ``n`` back gracefully: stops pulling, lets the local queue
+        deliver and ack what it holds of the partition (the lease loop keeps renewing
+        meanwhile) for up to ``hand_back_wait`` seconds, waits for the batches then in
+        flight, and only then drops what is left unsent and releases the lease. A
+        rebalance or a clean stop thus sends nothing twice unless a lane is held longer
+        (a destination down): its events go to the next owner unsent."""
+        own = self.owned.get(n)
+        if own is None or own.leaving:
+            return
+        own.leaving = own.stopped = True
+        if own.task is not None:  # the pull in progress ends by itself (nothing left pending)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(own.task), 2 * FETCH_TIMEOUT + 1)
+            await finish(own.task)
+        deadline = time.monotonic() + self.hand_back_wait
+        try:
+            while any(p.partition == n for p in self.pending.values()):
+                await self._ack_settled()
+                if time.monotonic() > deadline:
+                    if self._settled is not None:  # what is in flight settles first
+                        await asyncio.wait_for(self._settled(), self.hand_back_wait)
+                        await self._ack_settled()
+                    break
+                await asyncio.sleep(ACK_INTERVAL)
+            # The acks are on their way; the server has them before the lease goes.
+            await self._nc.flush(timeout=2)
+        except Exception as exc:  # unacked events go to the next owner, as on a kill
+            log.warning("broker_hand_back_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+        await self._drop(n, reason, release=True)
 
     async def _drop(self, n: int, reason: str, release: bool = False) -> None:
         """Stops partition ``n`` at once (fenced): no more pulls or acks, and its events
@@ -317,7 +364,10 @@ class PartitionWorker:
                         msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT)
                     except TimeoutError:  # nothing to pull (nats-py raises either kind)
                         continue
-                    if own.stopped:  # fenced while the fetch ran: not ours to queue
+                    if own.stopped:  # fenced or leaving while the fetch ran: not ours to queue
+                        for msg in msgs:  # not pending any more: the next owner need not wait
+                            with contextlib.suppress(*TRANSIENT):
+                                await msg.nak()
                         break
                     await self._take(n, msgs)
             except asyncio.CancelledError:
@@ -465,6 +515,10 @@ class PartitionWorker:
 
     async def _ack_settled(self) -> None:
         """Acks, per customer in stream order, the events no queue item is left of."""
+        async with self._ack_lock:  # the ack loop and a hand-back: one at a time
+            await self._ack_round()
+
+    async def _ack_round(self) -> None:
         if not self.pending:
             return
         queued: set[str] = set(
