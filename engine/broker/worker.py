@@ -7,7 +7,10 @@ entries expire ``lease_ttl`` after their last write. A worker takes a free parti
 the server refuses (someone else holds it), or no renewal for 0.6 x ``lease_ttl``, fences
 the partition at once: its pulling stops and its events leave the local queue unsent.
 Workers announce themselves with ``w.<id>`` keys; each takes at most its share
-(ceil(P / workers)) and gives one partition back per round while it holds more.
+(ceil(P / workers)) and gives one partition back at a time while it holds more. Giving
+back (``_hand_back``, also on a clean stop) stops the pulls, lets the local queue deliver
+and ack what it holds of the partition while the lease is still renewed, and releases the
+lease only then: the next owner finds nothing pending and nothing is sent twice.
 
 Takeover. On a claim the worker deletes every earlier consumer of the partition and
 creates its own, ``p<n>-<epoch>`` (the lease revision): the server then hands it every
