@@ -74,6 +74,11 @@ DEFAULT_DATA_DIR = Path("tidegate-data")
 ENGINE_FILE = "engine.json"
 """In the data folder while an engine serves it: its process id and admin address."""
 ADMIN_TOKEN_FILE = tokens.ADMIN_TOKEN_FILE
+ERASE_ON_BROKER = (
+    "EraseCustomer is not available with --broker yet: the customer's data is spread over"
+    " the workers, the log processes and the cluster's streams, and erasing it in this"
+    " process alone would leave the rest while answering that it was erased"
+)
 LOG_ELSEWHERE = (
     "this process (--role {role}) keeps no outbound log: ask a process started with"
     " --role log (or all), which keeps every worker's rows"
@@ -289,6 +294,7 @@ class Engine:
                 self.deliverer,
                 self.registry,
                 self.connectors,
+                refusal=None if cfg.broker is None else ERASE_ON_BROKER,
             ),
             self.metrics.ingest,
             cfg.tls,

@@ -221,3 +221,18 @@ async def test_a_workers_rows_reach_the_log_service_and_leave_its_outbox(
     finally:
         for engine in (ingest, worker, service):
             await engine.stop()
+
+
+async def test_erase_customer_is_refused_on_a_broker_rather_than_done_in_one_process(
+    tmp_path: Path, log_stream: LocalCluster
+) -> None:
+    engine = Engine(config(tmp_path / "all", log_stream, "all"))
+    await engine.start()
+    try:
+        async with engine_client(engine) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.erase_customer("pia")
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not available with --broker" in str(refused.value.details())
+    finally:
+        await engine.stop()
