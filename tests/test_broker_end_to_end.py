@@ -205,6 +205,9 @@ async def test_sigkill_of_a_worker_under_load_loses_nothing(
     await load.stop()
     report = await scale_out.settle(load)
     assert_clean(report, load, scale_out)
+    # Restarted, the killed worker forwards the log rows its outbox kept.
+    await asyncio.to_thread(scale_out.workers[0].start)
+    await assert_logged(scale_out, sent_unsettled=True)
 
 
 @pytest.mark.long
@@ -222,6 +225,7 @@ async def test_sigkill_of_the_stream_leader_under_load_loses_nothing(
     await load.stop()
     report = await scale_out.settle(load)
     assert_clean(report, load, scale_out)
+    await assert_logged(scale_out)
 
 
 async def test_workers_joining_and_leaving_under_load_send_nothing_twice(
