@@ -6,8 +6,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from engine.queue.items import KIND_EVENT, enqueue
 from engine.queue.dead_letters import DeadLetter
+from engine.queue.items import KIND_EVENT, enqueue
 from engine.queue.lanes import DurableQueue, Retry
 from engine.state.database import Database
 

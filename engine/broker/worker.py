@@ -79,7 +79,12 @@ from engine.state.profiles import load_profile
 log = structlog.get_logger("tidegate.broker")
 
 ACK_WAIT = 3600.0
-MAX_ACK_PENDING = 1000
+MAX_ACK_PENDING = 20_000
+"""Events a partition's consumer hands out before an ack: what a worker holds while one
+connection's destination is down and the others go on (an event is acked only once every
+connection settled it). Past it the partition stops pulling and the other connections
+wait too. An entry costs about 430 bytes (measured with tracemalloc: the ack subject, the
+ids and the bookkeeping): 16 partitions on one worker hold 140 MB at most."""
 FETCH_BATCH = 250
 FETCH_TIMEOUT = 1.0
 ACK_INTERVAL = 0.1
@@ -96,12 +101,13 @@ TRANSIENT = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A pulled event in the local queue, not yet acked."""
 
     seq: int
-    msg: Msg
+    reply: str
+    """Its ack subject (on the consumer that delivered it last), not the whole message."""
     event_id: str
     customer: str
     partition: int
@@ -425,7 +431,7 @@ class PartitionWorker:
             seq = msg.metadata.sequence.stream
             known = self.pending.get(seq)
             if known is not None:  # redelivered to our new consumer: ack through it
-                known.msg = msg
+                known.reply = msg.reply
                 continue
             try:
                 event = decode_event(msg.data)
@@ -469,7 +475,7 @@ class PartitionWorker:
             customer = items[0][2].customer
             profile = orjson.dumps(await self._db.read(lambda c: load_profile(c, customer)))
         for seq, msg, event in items:
-            self.pending[seq] = Pending(seq, msg, event.id, event.customer, n, profile)
+            self.pending[seq] = Pending(seq, msg.reply, event.id, event.customer, n, profile)
             self._by_customer.setdefault(event.customer, []).append(seq)
 
     async def _load_profiles(self, n: int, customers: set[str]) -> None:
@@ -552,7 +558,7 @@ class PartitionWorker:
                 entry = self.pending.pop(seq, None)
                 if entry is not None:
                     with contextlib.suppress(*TRANSIENT):
-                        await entry.msg.ack()
+                        await self._nc.publish(entry.reply)  # an empty payload acks
                     self.acked += 1
             del seqs[:done]
             if not seqs:
