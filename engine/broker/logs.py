@@ -139,6 +139,23 @@ class LogForwarder:
     async def _run(self) -> None:
         delay = 0.0
         while True:
+            try:
+                delay = await self._round(delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a database error: the rows stay in the outbox
+                delay = _backoff(delay)
+                log.warning(
+                    "log_forward_failed", error=f"{type(exc).__name__}: {exc}"[:200], retry_in=delay
+                )
+                await asyncio.sleep(delay)
+            if delay < 0:
+                return
+
+    async def _round(self, delay: float) -> float:
+        """One batch from the outbox; returns the next backoff, or -1 to stop."""
+        while True:
+            self._wake.clear()  # before the read: a row staged after it wakes the wait
             rows = await self._db.read(
                 lambda c: c.execute(
                     "SELECT request_id, row FROM log_outbox ORDER BY rowid LIMIT ?",
@@ -147,8 +164,7 @@ class LogForwarder:
             )
             if not rows:
                 if self._stopping:
-                    return
-                self._wake.clear()
+                    return -1
                 try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 except TimeoutError:
@@ -158,13 +174,13 @@ class LogForwarder:
             if stored:
                 await self._db.write(functools.partial(_delete, request_ids=stored))
                 self.forwarded += len(stored)
-            if len(stored) < len(rows):
-                delay = _backoff(delay)
-                if self._stopping:
-                    return
-                await asyncio.sleep(delay)
-            else:
-                delay = 0.0
+            if len(stored) == len(rows):
+                return 0.0
+            if self._stopping:
+                return -1
+            delay = _backoff(delay)
+            await asyncio.sleep(delay)
+            return delay
 
     async def _publish(self, rows: list[tuple[str, bytes]]) -> list[str]:
         results = await asyncio.gather(
