@@ -9,6 +9,8 @@ from pathlib import Path
 
 from engine.app import Engine
 from engine.broker.cluster import LocalCluster
+from engine.pb import dead_letters_pb2 as dpb
+from engine.pb import dead_letters_pb2_grpc
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from plugins.insider.sandbox.server import Fault
 from tests.conftest import API_KEY, PARTNER, engine_client, eventually, insider_connection
@@ -54,3 +56,52 @@ async def test_a_down_destination_does_not_hold_back_another_connection(
     finally:
         await engine.stop()
         await healthy.close()
+
+
+async def test_a_replayed_dead_letter_survives_a_worker_restart(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """A replay queues the item locally, outside the stream: the restart's clearing of
+    the local queue (whose other items come back from the stream) keeps it."""
+    await reset_broker(nats_cluster)
+    engine = Engine(config(tmp_path / "all", nats_cluster, "all"))
+    await engine.start()
+    try:
+        async with engine_client(engine) as client:
+            await insider_connection(client, sandbox)
+        sandbox.state.faults.append(Fault(400, remaining=1))
+        event = {"id": "e1", "customer": "pia", "action": "point_add", "data": {"points": 5}}
+        assert (await post(engine, [event])).status == 202
+
+        async def dead_lettered() -> bool:
+            async with engine_client(engine) as client:
+                stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+                listed = await stub.ListDeadLetters(dpb.ListDeadLettersRequest(page_size=10))
+            return len(listed.dead_letters) == 1
+
+        await eventually(dead_lettered, within=30)
+
+        async def acked() -> bool:  # settled by its dead letter: the stream is done with it
+            return engine.partitions is not None and engine.partitions.acked == 1
+
+        await eventually(acked, within=10)
+        sandbox.state.faults.append(Fault(503, remaining=10**9))  # the replay is held
+        async with engine_client(engine) as client:
+            stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+            replayed = await stub.ReplayDeadLetters(
+                dpb.ReplayDeadLettersRequest(filter=dpb.DeadLetterFilter(customer_id="pia"))
+            )
+        assert replayed.replayed == 1
+    finally:
+        await engine.stop()
+    sandbox.state.faults.clear()
+    engine = Engine(config(tmp_path / "all", nats_cluster, "all"))
+    await engine.start()
+    try:
+
+        async def delivered() -> bool:
+            return any(u.events for u in sandbox.state.users)
+
+        await eventually(delivered, within=30)
+    finally:
+        await engine.stop()

@@ -72,6 +72,7 @@ from engine.broker.streams import (
 from engine.connector.records import PROFILE_ACTIONS, AntavoEvent
 from engine.errors import BacklogFullError
 from engine.ingest.ingestor import Ingestor
+from engine.queue.items import ORIGIN_REPLAY, ORIGIN_REPLAY_STORED
 from engine.queue.lanes import DurableQueue
 from engine.state.database import Database
 from engine.state.profiles import load_profile
@@ -135,14 +136,19 @@ async def finish(task: asyncio.Task[None]) -> None:
 
 
 async def clear_local_queue(db: Database, queue: DurableQueue) -> int:
-    """At a worker's start: every local queue item belongs to an event that was never
-    acked (an ack waits for the queue to empty of it), so JetStream hands those events to
-    the partition's next owner. The items go, with their re-send marks (or the redelivery
-    would count as a re-send here)."""
+    """At a worker's start: every local queue item that came from the stream belongs to
+    an event that was never acked (an ack waits for the queue to empty of it), so
+    JetStream hands those events to the partition's next owner. Those items go, with
+    their re-send marks (or the redelivery would count as a re-send here). Items a
+    dead-letter replay queued stay: they are in no stream, this queue is their only copy."""
 
     def clear(c: sqlite3.Connection) -> int:
-        c.execute("DELETE FROM seen_events WHERE event_id IN (SELECT event_id FROM queue)")
-        return int(c.execute("DELETE FROM queue").rowcount)
+        from_stream = f"origin NOT IN ('{ORIGIN_REPLAY}', '{ORIGIN_REPLAY_STORED}')"
+        c.execute(
+            "DELETE FROM seen_events WHERE event_id IN"
+            f" (SELECT event_id FROM queue WHERE {from_stream})"
+        )
+        return int(c.execute(f"DELETE FROM queue WHERE {from_stream}").rowcount)
 
     removed = await db.write(clear)
     await queue.load()
