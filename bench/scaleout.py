@@ -184,6 +184,8 @@ def _start_role(data_dir: Path, log_path: Path, servers: str, role: str) -> Proc
         "--allow-destination", "127.0.0.1", "--metrics-port", "0", "--ui-port", "0",
         "--broker", servers, "--role", role, "--partitions", str(PARTITIONS),
         "--lease-seconds", str(LEASE_SECONDS), "--takeover-wait", str(TAKEOVER_WAIT),
+        # Both streams (events and log rows) reserve this on each node's 1 GB store.
+        "--broker-max-bytes", str(256 << 20),
         *processes.ENGINE_ARGS,
     ]  # fmt: skip
     process = processes._spawn(f"engine ({role})", argv, log_path, processes.ENGINE_SRC)
