@@ -205,19 +205,21 @@ class PartitionWorker:
         log.info("broker_worker_started", worker=self.id, partitions=self.settings.partitions)
 
     async def stop(self) -> None:
-        """Stops pulling, lets what was sent settle and be acked (within half the lease
-        TTL: renewals stop now), and gives the leases back. The next owner still waits
-        out a request that outlived that: its consumer shows pending events."""
-        self._stopping = True
-        for task in self._tasks:
-            await finish(task)
-        self._tasks = []
+        """Stops pulling, lets what was taken settle and be acked (for up to half the
+        lease TTL, while the lease loop keeps renewing: no other worker may take a
+        partition whose events this one may still be sending), and gives the leases back.
+        The next owner still waits out a request that outlived that: its consumer shows
+        pending events."""
+        self._stopping = True  # the lease loop renews, and claims or gives back nothing
+        if self._leases is not None:  # leaving: the others' share grows at once
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._leases.delete(self._worker_key), 2.0)
         self.hand_back_wait = min(self.hand_back_wait, self.settings.lease_ttl / 2)
         await asyncio.gather(*self._hand_backs, return_exceptions=True)
         await asyncio.gather(*(self._hand_back(n, "worker stopping") for n in list(self.owned)))
-        if self._leases is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._leases.delete(self._worker_key), 2.0)
+        for task in self._tasks:
+            await finish(task)
+        self._tasks = []
 
     @property
     def _worker_key(self) -> str:
@@ -226,7 +228,7 @@ class PartitionWorker:
     # -- leases --------------------------------------------------------------------------
 
     async def _lease_loop(self) -> None:
-        while not self._stopping:
+        while True:
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -240,8 +242,9 @@ class PartitionWorker:
         assert leases is not None
         now = time.monotonic()
         me = self.id.encode()
-        with contextlib.suppress(*TRANSIENT, nats.js.errors.APIError):
-            await leases.put(self._worker_key, me)
+        if not self._stopping:
+            with contextlib.suppress(*TRANSIENT, nats.js.errors.APIError):
+                await leases.put(self._worker_key, me)
         for n, own in list(self.owned.items()):
             try:
                 own.revision = await leases.update(f"p.{n}", me, last=own.revision)
@@ -251,6 +254,8 @@ class PartitionWorker:
             except (*TRANSIENT, nats.js.errors.APIError):
                 if now - own.renewed > FENCE_AFTER * self.settings.lease_ttl:
                     await self._drop(n, "lease not renewed in time")
+        if self._stopping:  # only renewing what is being handed back
+            return
         try:
             keys = await leases.keys()
         except nats.js.errors.NoKeysError:
