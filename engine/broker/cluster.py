@@ -1,7 +1,8 @@
 """A local JetStream cluster of ``nats-server`` processes on 127.0.0.1, for the tests and
 ``tidegate demo --broker``: start N nodes (each with its own config file and store folder
 under one directory), wait until JetStream has a meta leader, kill a node with SIGKILL,
-restart it with the same config and store, stop them all.
+restart it with the same config and store, freeze one with SIGSTOP and thaw it with
+SIGCONT (a partition as its peers see it), stop them all.
 
 A production cluster is the operator's; this harness is not how one is run.
 """
@@ -71,6 +72,8 @@ class Node:
     store: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    frozen: bool = False
+    """Stopped with SIGSTOP (``LocalCluster.freeze``) until ``thaw``."""
 
     @property
     def url(self) -> str:
@@ -170,7 +173,7 @@ class LocalCluster:
         """Until every running node answers health and knows a meta leader."""
         deadline = time.monotonic() + timeout
         while True:
-            running = [n for n in self.nodes if n.running]
+            running = [n for n in self.nodes if n.running and not n.frozen]
             dead = [n.name for n in self.nodes if n.process is not None and not n.running]
             if dead and not running:
                 raise BrokerSetupError(f"nats-server exited: {self.tail(dead[0])}")
@@ -193,12 +196,31 @@ class LocalCluster:
         if node.process is not None and node.process.poll() is None:
             node.process.send_signal(signal.SIGKILL)
             node.process.wait()
+        node.frozen = False
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: a network partition as the peers see it. The node stops answering
+        without closing a socket, so its peers elect without it and a client connected
+        to it sees its requests time out (until its pings go unanswered)."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(signal.SIGSTOP)
+            node.frozen = True
+
+    def thaw(self, name: str, timeout: float = 30.0) -> None:
+        """SIGCONT a frozen node; returns once every node answers again."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(signal.SIGCONT)
+        node.frozen = False
+        self.wait_ready(timeout)
 
     def restart(self, name: str, timeout: float = 30.0) -> None:
         """Starts a stopped node again with its config and store."""
         node = self.node(name)
         if node.running:
             raise BrokerSetupError(f"node {name} is still running")
+        node.frozen = False
         self._spawn(node)
         self.wait_ready(timeout)
 
@@ -206,6 +228,9 @@ class LocalCluster:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
+                if node.frozen:  # a stopped process acts on SIGTERM once continued
+                    node.process.send_signal(signal.SIGCONT)
+                    node.frozen = False
         for node in self.nodes:
             if node.process is None:
                 continue
