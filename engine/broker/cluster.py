@@ -9,6 +9,7 @@ A production cluster is the operator's; this harness is not how one is run.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -16,9 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,55 @@ def find_server_binary() -> Path:
     raise BrokerSetupError(
         f"{BINARY} not found next to {sys.executable} or on PATH; install it with {INSTALL_HINT}"
     )
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+_PRCTL = _find_prctl()
+"""Looked up here, in the parent: the child between fork and exec only calls it."""
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when the thread that forked
+    it ends (Linux ``PR_SET_PDEATHSIG``), and killing it at once if ``parent`` is already
+    gone. None where there is no ``prctl`` (the nodes then outlive a killed parent)."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn_thread() -> ThreadPoolExecutor:
+    """The one thread that forks every node. The kernel sends the death signal when the
+    forking *thread* ends, not the process: a node forked from a short-lived thread (an
+    ``asyncio.to_thread`` worker, gone when its loop closes) would die with it. This
+    thread lives until the interpreter exits (or the process is killed)."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nats-spawner")
+        return _spawner
 
 
 def free_port() -> int:
@@ -161,13 +214,21 @@ class LocalCluster:
         return self
 
     def _spawn(self, node: Node) -> None:
-        with node.log.open("ab") as out:
-            node.process = subprocess.Popen(
-                [str(self._binary), "-c", str(node.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C on the caller's terminal is the caller's
-            )
+        """Starts ``node``'s nats-server in a session of its own (Ctrl-C on the caller's
+        terminal is the caller's), killed by the kernel if this process dies without
+        stopping it (a SIGKILLed pytest or ``tidegate demo --broker``)."""
+
+        def popen() -> subprocess.Popen[bytes]:
+            with node.log.open("ab") as out:
+                return subprocess.Popen(
+                    [str(self._binary), "-c", str(node.config)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_dies_with(os.getpid()),  # only prctl and kill run there
+                )
+
+        node.process = _spawn_thread().submit(popen).result()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every running node answers health and knows a meta leader."""

@@ -1,0 +1,97 @@
+"""Faults of the broker's processes themselves: nats-server nodes the harness started die
+with the process that started them, and a client leaves a frozen server for a live one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.broker import streams
+from engine.broker.cluster import LocalCluster
+from tests.natscluster import nats_cluster
+
+__all__ = ["nats_cluster"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CLUSTER_IN_A_CHILD = """
+import asyncio, sys, time
+from pathlib import Path
+from engine.broker.cluster import LocalCluster
+
+cluster = LocalCluster(Path(sys.argv[1]), size=3, max_file_store="64MB")
+# As `tidegate demo --broker` does: started from a worker thread of a loop that then ends.
+asyncio.run(asyncio.to_thread(cluster.start))
+time.sleep(0.5)
+print(" ".join(str(n.process.pid) for n in cluster.nodes if n.running), flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is no zombie (a reparented child may wait to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_nodes_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER_IN_A_CHILD, str(tmp_path / "nats")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    pids: list[int] = []
+    try:
+        assert child.stdout is not None
+        pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(pids) == 3, f"the child started {pids}"
+        # The thread that started them has ended; the nodes run on with their parent.
+        assert all(alive(pid) for pid in pids)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        child.kill()
+        child.communicate()
+        for pid in pids:  # never leave one behind, whatever failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_client_leaves_a_frozen_server_for_a_live_one(
+    nats_cluster: LocalCluster,
+) -> None:
+    """A frozen node keeps its sockets open; the client must notice by its pings (the
+    client library's default waits minutes) and reconnect to another node."""
+    settings = streams.BrokerSettings(servers=tuple(nats_cluster.urls))
+    nc = await streams.connect(settings, "frozen-server-test")
+    frozen = None
+    try:
+        assert nc.connected_url is not None
+        port = nc.connected_url.port
+        frozen = next(n.name for n in nats_cluster.nodes if n.client_port == port)
+        await asyncio.to_thread(nats_cluster.freeze, frozen)
+        deadline = time.monotonic() + 30
+        while nc.connected_url is None or nc.connected_url.port == port or not nc.is_connected:
+            assert time.monotonic() < deadline, f"still on the frozen node {frozen} after 30 s"
+            await asyncio.sleep(0.1)
+        await nc.jetstream().account_info()  # and the new connection answers
+    finally:
+        if frozen is not None:
+            await asyncio.to_thread(nats_cluster.thaw, frozen)
+        await nc.close()
