@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import orjson
 import pytest
 
 from engine.broker import streams
@@ -285,4 +286,7 @@ async def test_a_killed_follower_catches_up_after_the_load_moved_on(
     await load.stop()
     report = await setup.settle(load)
     print(f"\nkilled {follower}, caught up; then killed {other}")
+    if not report.ok:  # what the sandbox got, in order, for a look afterwards
+        dump = setup.sandbox.log_path.with_name("sandbox-requests.json")
+        dump.write_bytes(orjson.dumps(await setup.control.requests()))
     assert_clean(report, load, setup)
