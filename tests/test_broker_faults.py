@@ -1,5 +1,6 @@
-"""Faults of the broker's processes themselves: nats-server nodes the harness started die
-with the process that started them, and a client leaves a frozen server for a live one."""
+"""Faults around the broker: nats-server nodes the harness started die with the process
+that started them, a client leaves a frozen server for a live one, and a new partition
+owner waits out an earlier owner that still had events out."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from engine.app import Engine, EngineConfig
 from engine.broker import streams
 from engine.broker.cluster import LocalCluster
+from plugins.insider.sandbox import RunningSandbox
+from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
+from tests.conftest import insider_connection as make_connection
+from tests.faultload import SandboxControl
 from tests.natscluster import nats_cluster
+from tests.test_broker_cluster import post, reset_broker
 
 __all__ = ["nats_cluster"]
 
@@ -95,3 +102,65 @@ async def test_a_client_leaves_a_frozen_server_for_a_live_one(
         if frozen is not None:
             await asyncio.to_thread(nats_cluster.thaw, frozen)
         await nc.close()
+
+
+async def start_worker(
+    data_dir: Path, cluster: LocalCluster, sandbox: RunningSandbox, takeover_wait: float
+) -> Engine:
+    engine = Engine(
+        EngineConfig(
+            data_dir=data_dir,
+            grpc_port=0,
+            http_port=0,
+            delivery=FAST_DELIVERY,
+            allowed_destinations=TEST_DESTINATIONS,
+            broker=streams.BrokerSettings(
+                servers=tuple(cluster.urls), partitions=1, lease_ttl=2.0, max_bytes=64 << 20
+            ),
+            role="all",
+            takeover_wait=takeover_wait,
+        )
+    )
+    await engine.start()
+    async with engine_client(engine) as client:
+        await make_connection(client, sandbox)
+    return engine
+
+
+async def test_a_new_owner_waits_out_an_earlier_owner_that_had_events_out(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """The earlier owner's consumer still has an event out (its sends fail and retry):
+    the next owner must not pull before ``takeover_wait``, in case a send is in flight."""
+    await reset_broker(nats_cluster)
+    control = SandboxControl(sandbox.url)
+    await control.fault(500, count=1000)
+    first = await start_worker(tmp_path / "a", nats_cluster, sandbox, takeover_wait=0.3)
+    try:
+        event: dict[str, object] = {
+            "customer": "wes",
+            "action": "point_add",
+            "id": "wes-1",
+            "data": {"points": 1},
+        }
+        assert (await post(first, [event])).status == 202
+
+        async def failed_once() -> bool:
+            return await control.answered(500) >= 1
+
+        await eventually(failed_once, within=30)
+    finally:
+        await first.stop()
+    await control.clear_faults()
+    second = await start_worker(tmp_path / "b", nats_cluster, sandbox, takeover_wait=60)
+    try:
+
+        async def claimed() -> bool:
+            return second.partitions is not None and 0 in second.partitions.owned
+
+        await eventually(claimed, within=30)
+        await asyncio.sleep(3)  # time enough to pull and send, were it not waiting
+        assert second.partitions is not None and not second.partitions.pending
+        assert await control.answered(200) == 0
+    finally:
+        await second.stop()
