@@ -114,7 +114,7 @@ async def test_a_new_data_folder_gets_the_current_schemas_with_their_versions(
     tmp_path: Path,
 ) -> None:
     partition = await fresh_partition(tmp_path / "new")
-    assert state_version(tmp_path / "new") == (4, [(4, "created")])
+    assert state_version(tmp_path / "new") == (3, [(3, "created")])
     assert log_history(tmp_path / "new", partition.name) == [(2, "created")]
     assert not (tmp_path / "new" / MARKER).exists()
 
@@ -163,10 +163,8 @@ async def test_the_steps_make_exactly_the_current_schema_of_0_1_0s(
     fresh = tmp_path / "fresh"
     partition = await fresh_partition(fresh)
     assert sqlite_layout(folder / STATE) == sqlite_layout(fresh / STATE)
-    table, columns, where = sqlite_layout(folder / STATE)["queue_by_event"]  # step 4
-    assert (table, [c[2] for c in columns if c[1] >= 0], where) == ("queue", ["event_id"], "")
     assert duckdb_layout(folder / LOG) == duckdb_layout(partition)
-    assert state_version(folder)[0] == state_version(fresh)[0] == 4
+    assert state_version(folder)[0] == state_version(fresh)[0] == 3
     assert [v for v, _ in log_history(folder)] == [1, 2]
     assert not (folder / SINGLE_LOG).exists()
 
@@ -175,7 +173,7 @@ def test_a_0_1_0_folder_is_version_1_with_nothing_recorded(folder: Path) -> None
     found = plan(folder)
     versions = [(sp.store.name, sp.found.version, sp.found.recorded) for sp in found.stores]
     assert versions == [("state database", 1, False), ("outbound log", 1, False)]
-    assert [[step.to for step in sp.steps] for sp in found.stores] == [[1, 2, 3, 4], [1, 2]]
+    assert [[step.to for step in sp.steps] for sp in found.stores] == [[1, 2, 3], [1, 2]]
 
 
 # -- tidegate migrate ---------------------------------------------------------------------
@@ -191,10 +189,9 @@ def test_migrate_dry_run_lists_the_pending_steps_and_changes_nothing(folder: Pat
     assert "step 1: record the schema version" in out
     assert "step 2: dead-letter retention" in out
     assert "step 3: admin API tokens and the audit trail" in out
-    assert "step 4: index the queue by event id" in out
     assert "outbound log (outbound-log): schema 1 (Tidegate 0.1.0, not recorded)" in out
     assert "step 2: keep the log in weekly partition files" in out
-    assert "6 step(s) pending" in out
+    assert "5 step(s) pending" in out
 
 
 def test_migrate_runs_the_steps_with_progress_and_is_then_done(folder: Path) -> None:
@@ -202,11 +199,10 @@ def test_migrate_runs_the_steps_with_progress_and_is_then_done(folder: Path) -> 
     assert done.returncode == 0, done.stderr
     assert "tidegate migrate: state database: schema 1 -> 2: dead-letter retention" in done.stderr
     assert "tidegate migrate: state database: schema 2 -> 3: admin API tokens" in done.stderr
-    assert "tidegate migrate: state database: schema 3 -> 4: index the queue" in done.stderr
-    assert "6 step(s) applied" in done.stderr
+    assert "5 step(s) applied" in done.stderr
     assert "Traceback" not in done.stderr
     version, history = state_version(folder)
-    assert version == 4 and [v for v, _ in history] == [1, 2, 3, 4]
+    assert version == 3 and [v for v, _ in history] == [1, 2, 3]
     assert [v for v, _ in log_history(folder)] == [1, 2]
     assert not (folder / MARKER).exists()
     again = tidegate("migrate", "--data-dir", str(folder), "--dry-run")
@@ -250,7 +246,7 @@ def test_a_state_database_from_a_newer_release_is_refused_unchanged(folder: Path
     for done in (serve(folder), tidegate("migrate", "--data-dir", str(folder))):
         assert done.returncode == 1
         assert (
-            "the state database (state.sqlite3) has schema 5, newer than this Tidegate's 4:"
+            "the state database (state.sqlite3) has schema 5, newer than this Tidegate's 3:"
             " use Tidegate >= 0.9.0, or restore a backup" in done.stderr
         )
         assert "Traceback" not in done.stderr
@@ -314,12 +310,12 @@ async def test_migrate_says_when_a_running_engine_holds_the_folder(tmp_path: Pat
 # -- steps that fail, and migrations that are killed --------------------------------------
 
 
-class StateWithStep5(StateSchema):
-    """The state database with a fifth step, made by the test."""
+class StateWithStep4(StateSchema):
+    """The state database with a fourth step, made by the test."""
 
     def __init__(self, step: Step) -> None:
         self.steps: Sequence[Step] = (*STATE_STEPS, step)
-        self.current = 5
+        self.current = 4
 
 
 def test_a_failing_step_leaves_its_store_as_it_was_and_names_both_versions(
@@ -328,20 +324,20 @@ def test_a_failing_step_leaves_its_store_as_it_was_and_names_both_versions(
     migrate(folder)
 
     def half_done(c: sqlite3.Connection) -> None:
-        c.execute("CREATE TABLE added_by_step_5 (n INTEGER)")
+        c.execute("CREATE TABLE added_by_step_4 (n INTEGER)")
         c.execute("ALTER TABLE dead_letters ADD COLUMN note TEXT")
         raise sqlite3.OperationalError("disk I/O error")
 
-    stores = [StateWithStep5(Step(5, "a step that fails", half_done))]
+    stores = [StateWithStep4(Step(4, "a step that fails", half_done))]
     with pytest.raises(SchemaError) as refused:
         migrate(folder, stores=stores)
-    assert "migrating the state database from schema 4 to 5 (a step that fails) failed" in str(
+    assert "migrating the state database from schema 3 to 4 (a step that fails) failed" in str(
         refused.value
     )
     assert "disk I/O error" in str(refused.value)
-    assert state_version(folder)[0] == 4
+    assert state_version(folder)[0] == 3
     layout = sqlite_layout(folder / STATE)
-    assert "added_by_step_5" not in layout
+    assert "added_by_step_4" not in layout
     assert "note" not in [column[1] for column in layout["dead_letters"][0]]
     assert not (folder / MARKER).exists()  # one transaction: nothing to finish
 
@@ -391,13 +387,13 @@ from engine.state.migrations import STEPS, StateSchema
 from engine.upgrade import migrate
 
 def slow(c):
-    c.execute("CREATE TABLE added_by_step_5 (n INTEGER)")
-    print("in step 5", flush=True)
+    c.execute("CREATE TABLE added_by_step_4 (n INTEGER)")
+    print("in step 4", flush=True)
     time.sleep(60)
 
 class Store(StateSchema):
-    steps = (*STEPS, Step(5, "a slow step", slow))
-    current = 5
+    steps = (*STEPS, Step(4, "a slow step", slow))
+    current = 4
 
 migrate(Path(sys.argv[1]), stores=[Store()])
 """
@@ -415,30 +411,30 @@ def test_a_migration_killed_in_a_step_is_refused_until_migrate_finishes_it(
     )
     try:
         assert killed.stdout is not None
-        assert killed.stdout.readline().strip() == "in step 5"
+        assert killed.stdout.readline().strip() == "in step 4"
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.communicate()
     marker = json.loads((folder / MARKER).read_text())
-    assert (marker["store"], marker["from"], marker["to"]) == ("state database", 4, 5)
+    assert (marker["store"], marker["from"], marker["to"]) == ("state database", 3, 4)
     assert marker["transactional"] is True
 
     def fast(c: sqlite3.Connection) -> None:
-        c.execute("CREATE TABLE added_by_step_5 (n INTEGER)")
+        c.execute("CREATE TABLE added_by_step_4 (n INTEGER)")
 
-    stores = [StateWithStep5(Step(5, "a slow step", fast))]
+    stores = [StateWithStep4(Step(4, "a slow step", fast))]
     assert plan(folder, stores=stores).interrupted is not None
     with pytest.raises(SchemaError) as refused:
         prepare(folder, stores=stores)
     message = str(refused.value)
     assert f"data folder {folder} is half-migrated" in message
-    assert "the state database (state.sqlite3) from schema 4 to 5 (a slow step)" in message
+    assert "the state database (state.sqlite3) from schema 3 to 4 (a slow step)" in message
     assert f"by process {killed.pid}" in message
     assert f"run `tidegate migrate --data-dir {folder}` to finish the migration" in message
-    assert state_version(folder)[0] == 4  # the killed transaction left nothing
-    assert "added_by_step_5" not in sqlite_layout(folder / STATE)
+    assert state_version(folder)[0] == 3  # the killed transaction left nothing
+    assert "added_by_step_4" not in sqlite_layout(folder / STATE)
     migrate(folder, stores=stores)
-    assert state_version(folder)[0] == 5
+    assert state_version(folder)[0] == 4
     assert not (folder / MARKER).exists()
     prepare(folder, stores=stores)  # nothing pending: starts
 
@@ -467,7 +463,7 @@ def test_serve_refuses_a_half_migrated_folder_unchanged(folder: Path) -> None:
     finished = tidegate("migrate", "--data-dir", str(folder))
     assert finished.returncode == 0, finished.stderr
     assert "finishing an interrupted migration" in finished.stderr
-    assert state_version(folder)[0] == 4 and not (folder / MARKER).exists()
+    assert state_version(folder)[0] == 3 and not (folder / MARKER).exists()
 
 
 def test_a_step_of_several_transactions_is_undone_and_run_again(folder: Path) -> None:
@@ -550,7 +546,7 @@ def test_the_ingest_worker_never_migrates_and_refuses_other_versions(folder: Pat
     assert done.returncode == 1
     assert "tidegate ingest worker:" in done.stderr
     assert (
-        "is Tidegate 0.1.0's (schema 1, not recorded yet) and this Tidegate needs schema 4"
+        "is Tidegate 0.1.0's (schema 1, not recorded yet) and this Tidegate needs schema 3"
         in done.stderr
     )
     assert f"run `tidegate migrate --data-dir {folder}`" in done.stderr
@@ -558,7 +554,7 @@ def test_the_ingest_worker_never_migrates_and_refuses_other_versions(folder: Pat
     make_newer(folder)
     newer = run_worker(folder)
     assert newer.returncode == 1
-    assert "has schema 5, newer than this Tidegate's 4: use Tidegate >= 0.9.0" in newer.stderr
+    assert "has schema 5, newer than this Tidegate's 3: use Tidegate >= 0.9.0" in newer.stderr
 
 
 async def test_the_outbound_log_store_refuses_a_version_it_does_not_use(folder: Path) -> None:
@@ -584,10 +580,9 @@ def test_a_marker_is_written_before_each_step_and_removed_after(folder: Path) ->
         ("state database", 0, 1),
         ("state database", 1, 2),
         ("state database", 2, 3),
-        ("state database", 3, 4),
         ("outbound log", 0, 1),
         ("outbound log", 1, 2),
     ]
     assert all(m["pid"] == os.getpid() for m in seen)
-    assert [m["transactional"] for m in seen] == [True, True, True, True, True, False]
+    assert [m["transactional"] for m in seen] == [True, True, True, True, False]
     assert not (folder / MARKER).exists()

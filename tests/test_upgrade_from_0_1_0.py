@@ -109,7 +109,6 @@ async def check_migrated(engine: EngineProcess) -> None:
         ("state database", 0, 1),
         ("state database", 1, 2),
         ("state database", 2, 3),
-        ("state database", 3, 4),
         ("outbound log", 0, 1),
         ("outbound log", 1, 2),
     ]

@@ -499,19 +499,9 @@ class PartitionWorker:
         """Acks, per customer in stream order, the events no queue item is left of."""
         if not self.pending:
             return
-        # Only about the events pending here, through the queue_by_event index: one probe
-        # per pending event instead of a scan of the whole queue every round.
-        asked = orjson.dumps(list({p.event_id for p in self.pending.values()})).decode()
         queued: set[str] = set(
             await self._db.read(
-                lambda c: [
-                    row[0]
-                    for row in c.execute(
-                        "SELECT value FROM json_each(?) WHERE EXISTS"
-                        " (SELECT 1 FROM queue WHERE event_id = value)",
-                        (asked,),
-                    )
-                ]
+                lambda c: [row[0] for row in c.execute("SELECT DISTINCT event_id FROM queue")]
             )
         )
         profiles = self._profiles

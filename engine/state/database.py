@@ -33,7 +33,7 @@ STATE_FILE = "state.sqlite3"
 STORE_NAME = "state database"
 _STOP: Any = object()
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 3
 """The version of ``SCHEMA``, kept in ``PRAGMA user_version``. A change to ``SCHEMA``
 bumps it and adds the step that makes the change to ``engine.state.migrations``
 (tests/test_migrations.py checks that the steps lead to exactly this schema)."""
@@ -126,8 +126,6 @@ CREATE INDEX IF NOT EXISTS queue_held_lanes ON queue (connection_id, customer_id
     WHERE attempts > 0;
 CREATE INDEX IF NOT EXISTS queue_held_due ON queue (connection_id, next_attempt_time)
     WHERE attempts > 0;
--- The broker worker asks which of its pending events still have items (engine.broker.worker).
-CREATE INDEX IF NOT EXISTS queue_by_event ON queue (event_id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER PRIMARY KEY,
     connection_id TEXT NOT NULL,

@@ -88,10 +88,6 @@ def tokens_and_audit(c: sqlite3.Connection) -> None:
     )
 
 
-def queue_by_event(c: sqlite3.Connection) -> None:
-    c.execute("CREATE INDEX queue_by_event ON queue (event_id)")
-
-
 STEPS = (
     Step(1, "record the schema version (Tidegate 0.1.0 recorded none)", record_first_version),
     Step(
@@ -101,9 +97,6 @@ STEPS = (
         dead_letter_retention,
     ),
     Step(3, "admin API tokens and the audit trail of admin changes", tokens_and_audit),
-    Step(
-        4, "index the queue by event id (the broker worker's acknowledgement check)", queue_by_event
-    ),
 )
 check_steps(STEPS, SCHEMA_VERSION)
 
