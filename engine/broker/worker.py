@@ -81,6 +81,9 @@ MAX_ACK_PENDING = 1000
 FETCH_BATCH = 250
 FETCH_TIMEOUT = 1.0
 ACK_INTERVAL = 0.1
+ACK_RECHECK = 1.0
+"""Seconds after which an ack round reads the queue even when nothing seemed to change:
+a replay that added as many items as a settle removed leaves the depth as it was."""
 FENCE_AFTER = 0.6
 """Fraction of the lease TTL without a renewal after which a worker fences itself: well
 before the server lets the lease expire and another worker take it."""
@@ -167,6 +170,9 @@ class PartitionWorker:
         self._profiles: KeyValue | None = None
         self._stopping = False
         self.acked = 0
+        self._checked_depth = -1
+        self._checked_at = 0.0
+        self._recheck = True
 
     async def start(self) -> None:
         replicas = replicas_for(self._nc, self.settings)
@@ -450,6 +456,7 @@ class PartitionWorker:
         for seq, msg, event in items:
             self.pending[seq] = Pending(seq, msg, event.id, event.customer, n, profile)
             self._by_customer.setdefault(event.customer, []).append(seq)
+        self._recheck = True  # an event routed to no item (or a duplicate) is settled now
 
     async def _load_profiles(self, n: int, customers: set[str]) -> None:
         """Replaces the local profile of each customer met for the first time in this
@@ -496,12 +503,25 @@ class PartitionWorker:
                 log.warning("broker_ack_round_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def _ack_settled(self) -> None:
-        """Acks, per customer in stream order, the events no queue item is left of."""
+        """Acks, per customer in stream order, the events no queue item is left of. Reads
+        the queue only when something can have settled since the last read: the queue's
+        depth moved (a settle, an erasure), events were pulled, a profile write failed, or
+        ``ACK_RECHECK`` passed; a lane held by a retry costs no read per round."""
         if not self.pending:
             return
+        depth, now = self._queue.depth, time.monotonic()
+        if (
+            not self._recheck
+            and depth == self._checked_depth
+            and now - self._checked_at < ACK_RECHECK
+        ):
+            return
+        self._recheck, self._checked_depth, self._checked_at = False, depth, now
+        # The whole column, made a set here: cheaper than DISTINCT's temporary b-tree, and
+        # than probing an index for each pending event (measured; no index either).
         queued: set[str] = set(
             await self._db.read(
-                lambda c: [row[0] for row in c.execute("SELECT DISTINCT event_id FROM queue")]
+                lambda c: [row[0] for row in c.execute("SELECT event_id FROM queue")]
             )
         )
         profiles = self._profiles
@@ -522,6 +542,7 @@ class PartitionWorker:
                 try:
                     await profiles.put(customer_token(customer), profile)
                 except (*TRANSIENT, nats.js.errors.APIError):
+                    self._recheck = True
                     continue  # not acked: tried again next round
             for seq in seqs[:done]:
                 entry = self.pending.pop(seq, None)
