@@ -108,6 +108,9 @@ class Pending:
     partition: int
     profile: bytes | None = None
     """The customer's merged profile after this event (profile events only)."""
+    queued: bool = True
+    """False while this event's local ingest runs: its queue items may not be committed
+    yet, so the ack check must not take it for settled."""
 
 
 @dataclass
@@ -443,19 +446,42 @@ class PartitionWorker:
     ) -> None:
         if not items:
             return
-        while True:
-            try:
-                await self._ingestor.ingest([event for _, _, event in items])
-                break
-            except BacklogFullError:  # the local backlog is full: wait, keep them unacked
-                await asyncio.sleep(1.0)
+        # Pending before the ingest starts: a fence that cancels this task mid-ingest must
+        # still find these events, since the ingest's transaction commits all the same
+        # (on the database thread), and its items must leave the local queue unsent.
+        # Found by the partition trials: items of a cancelled ingest were sent after the
+        # partition's earlier events had been dropped, reordering the customer.
+        entries = []
+        for seq, msg, event in items:
+            entry = Pending(seq, msg, event.id, event.customer, n, queued=False)
+            self.pending[seq] = entry
+            self._by_customer.setdefault(event.customer, []).append(seq)
+            entries.append(entry)
+        try:
+            while True:
+                try:
+                    await self._ingestor.ingest([event for _, _, event in items])
+                    break
+                except BacklogFullError:  # the local backlog is full: wait, keep them unacked
+                    await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            raise  # fenced: the entries stay for _drop
+        except BaseException:
+            for entry in entries:  # not ingested: the redelivery is ingested afresh
+                self.pending.pop(entry.seq, None)
+                lane = self._by_customer.get(entry.customer)
+                if lane is not None:
+                    with contextlib.suppress(ValueError):
+                        lane.remove(entry.seq)
+                    if not lane:
+                        del self._by_customer[entry.customer]
+            raise
         profile = None
         if snapshot:
             customer = items[0][2].customer
             profile = orjson.dumps(await self._db.read(lambda c: load_profile(c, customer)))
-        for seq, msg, event in items:
-            self.pending[seq] = Pending(seq, msg, event.id, event.customer, n, profile)
-            self._by_customer.setdefault(event.customer, []).append(seq)
+        for entry in entries:
+            entry.profile, entry.queued = profile, True
         self._recheck = True  # an event routed to no item (or a duplicate) is settled now
 
     async def _load_profiles(self, n: int, customers: set[str]) -> None:
@@ -531,7 +557,7 @@ class PartitionWorker:
             profile = None
             for seq in seqs:
                 entry = self.pending.get(seq)
-                if entry is None or entry.event_id in queued:
+                if entry is None or not entry.queued or entry.event_id in queued:
                     break
                 if entry.profile is not None:
                     profile = entry.profile
