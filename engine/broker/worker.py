@@ -543,6 +543,10 @@ class PartitionWorker:
         ):
             return
         self._recheck, self._checked_depth, self._checked_at = False, depth, now
+        # Only events whose items were committed before the read below can be judged by
+        # it: the profile writes further down await, and an ingest that commits meanwhile
+        # adds events this read never saw (not in ``queued``, yet not settled).
+        known = {seq for seq, entry in self.pending.items() if entry.queued}
         # The whole column, made a set here: cheaper than DISTINCT's temporary b-tree, and
         # than probing an index for each pending event (measured; no index either).
         queued: set[str] = set(
@@ -557,7 +561,7 @@ class PartitionWorker:
             profile = None
             for seq in seqs:
                 entry = self.pending.get(seq)
-                if entry is None or not entry.queued or entry.event_id in queued:
+                if entry is None or seq not in known or entry.event_id in queued:
                     break
                 if entry.profile is not None:
                     profile = entry.profile
