@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import orjson
 import pytest
 
@@ -144,6 +145,7 @@ async def stream_leader(cluster: LocalCluster) -> str:
 
 
 async def test_two_workers_deliver_every_event_in_order(scale_out: ScaleOut) -> None:
+    await shared(scale_out.cluster, workers=2)  # else one worker may send it all alone
     load = scale_out.load("e2e")
     load.start()
     await load.wait_acknowledged(1500, within=60)
@@ -290,3 +292,26 @@ async def test_a_killed_follower_catches_up_after_the_load_moved_on(
         dump = setup.sandbox.log_path.with_name("sandbox-requests.json")
         dump.write_bytes(orjson.dumps(await setup.control.requests()))
     assert_clean(report, load, setup)
+
+
+async def shared(cluster: LocalCluster, workers: int, within: float = 60.0) -> None:
+    """Until ``workers`` workers hold leases (the partitions are shared): a worker
+    claims its partitions at once, the next one gets one per lease round."""
+    nc = await nats.connect(cluster.urls)
+    owners: set[bytes] = set()
+    try:
+        deadline = time.monotonic() + within
+        while len(owners) < workers:
+            assert time.monotonic() < deadline, f"partitions held by {owners} after {within} s"
+            await asyncio.sleep(0.25)
+            kv = await nc.jetstream().key_value(streams.LEASES_BUCKET)
+            owners = set()
+            for n in range(PARTITIONS):
+                try:
+                    entry = await kv.get(f"p.{n}")
+                except nats.js.errors.KeyNotFoundError:
+                    continue
+                if entry.value:
+                    owners.add(entry.value)
+    finally:
+        await nc.close()
