@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import nats.js.errors
+import orjson
 import pytest
 
 from engine.broker import streams
-from engine.broker.cluster import LocalCluster
+from engine.broker.cluster import HOST, LocalCluster, _http_json
 from tests.faultload import (
     CheckReport,
     EngineProcess,
@@ -179,6 +181,7 @@ async def stream_leader(cluster: LocalCluster) -> str:
 
 
 async def test_two_workers_deliver_every_event_in_order(scale_out: ScaleOut) -> None:
+    await shared(scale_out.cluster, workers=2)  # else one worker may send it all alone
     load = scale_out.load("e2e")
     load.start()
     await load.wait_acknowledged(1500, within=60)
@@ -254,6 +257,61 @@ async def test_workers_joining_and_leaving_under_load_send_nothing_twice(
     await assert_logged(scale_out)
 
 
+# -- a node partitioned away (frozen), or killed and caught up ----------------------------
+
+
+def connected_nodes(cluster: LocalCluster) -> dict[str, str]:
+    """Which node each engine process's connection is on (``/connz``), for the report:
+    a frozen node times out its own clients, its peers' clients go on."""
+    where = {}
+    for node in cluster.nodes:
+        connz = _http_json(f"http://{HOST}:{node.http_port}/connz") or {}
+        conns = connz.get("connections")
+        for conn in conns if isinstance(conns, list) else []:
+            name = conn.get("name", "") if isinstance(conn, dict) else ""
+            if isinstance(name, str) and name.startswith("tidegate-"):
+                where[name.removeprefix("tidegate-")] = node.name
+    return where
+
+
+async def replica_state(cluster: LocalCluster) -> dict[str, tuple[bool, int]]:
+    """Each follower of the event stream: (current, lag) as its leader reports them."""
+    nc = await nats.connect(cluster.urls)
+    try:
+        info = await nc.jetstream().stream_info(streams.STREAM)
+    finally:
+        await nc.close()
+    assert info.cluster is not None
+    return {str(p.name): (bool(p.current), int(p.lag or 0)) for p in info.cluster.replicas or []}
+
+
+async def partition_trial(setup: ScaleOut, run_id: str, pick: str) -> None:
+    """Freezes the stream's leader (``pick="leader"``) or a follower under load, keeps the
+    load going until 800 more events are acknowledged, thaws it, and checks."""
+    load = setup.load(run_id)
+    load.start()
+    await load.wait_acknowledged(600, within=60)
+    leader = await stream_leader(setup.cluster)
+    victim = (
+        leader
+        if pick == "leader"
+        else next(n.name for n in setup.cluster.nodes if n.name != leader)
+    )
+    where = await asyncio.to_thread(connected_nodes, setup.cluster)
+    print(f"\nfreezing {victim} ({pick}); clients are on {where}")
+    await asyncio.to_thread(setup.cluster.freeze, victim)
+    try:
+        # Clients on the frozen node time out until they notice and reconnect elsewhere.
+        await load.wait_acknowledged(800, within=120)
+    finally:
+        await asyncio.to_thread(setup.cluster.thaw, victim)
+    await load.wait_acknowledged(300, within=60)  # and the cluster takes it back
+    await load.stop()
+    report = await setup.settle(load)
+    assert_clean(report, load, setup)
+    await assert_logged(setup)
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("trial", range(TRIALS))
 async def test_sigkill_of_a_log_service_under_load_loses_no_row(
@@ -272,3 +330,77 @@ async def test_sigkill_of_a_log_service_under_load_loses_no_row(
     report = await scale_out.settle(load)
     assert_clean(report, load, scale_out)
     await assert_logged(scale_out)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("trial", range(TRIALS))
+@pytest.mark.parametrize("pick", ["leader", "follower"])
+async def test_a_node_stopped_and_restarted_under_load_loses_nothing(
+    scale_out: ScaleOut, pick: str, trial: int
+) -> None:
+    await partition_trial(scale_out, f"freeze-{pick}{trial}", pick)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("trial", range(TRIALS))
+async def test_a_killed_follower_catches_up_after_the_load_moved_on(
+    scale_out: ScaleOut, trial: int
+) -> None:
+    """SIGKILL a follower, let 800 events go by without it, restart it: it must catch up
+    (a current replica, lag 0), and then carry the quorum when the leader is killed."""
+    setup = scale_out
+    load = setup.load(f"catchup{trial}")
+    load.start()
+    await load.wait_acknowledged(600, within=60)
+    leader = await stream_leader(setup.cluster)
+    follower = next(n.name for n in setup.cluster.nodes if n.name != leader)
+    await asyncio.to_thread(setup.cluster.kill, follower)
+    await load.wait_acknowledged(800, within=90)
+    await asyncio.to_thread(setup.cluster.restart, follower)
+    deadline = time.monotonic() + 60
+    while (state := await replica_state(setup.cluster)).get(follower) != (True, 0):
+        assert time.monotonic() < deadline, f"{follower} did not catch up: {state}"
+        await asyncio.sleep(0.5)
+    # Now the quorum needs the restarted node: kill the leader, the load must go on.
+    leader = await stream_leader(setup.cluster)
+    other = (
+        leader
+        if leader != follower
+        else next(n.name for n in setup.cluster.nodes if n.name != follower)
+    )
+    await asyncio.to_thread(setup.cluster.kill, other)
+    try:
+        await load.wait_acknowledged(600, within=90)
+    finally:
+        await asyncio.to_thread(setup.cluster.restart, other)
+    await load.stop()
+    report = await setup.settle(load)
+    print(f"\nkilled {follower}, caught up; then killed {other}")
+    if not report.ok:  # what the sandbox got, in order, for a look afterwards
+        dump = setup.sandbox.log_path.with_name("sandbox-requests.json")
+        dump.write_bytes(orjson.dumps(await setup.control.requests()))
+    assert_clean(report, load, setup)
+    await assert_logged(setup)
+
+
+async def shared(cluster: LocalCluster, workers: int, within: float = 60.0) -> None:
+    """Until ``workers`` workers hold leases (the partitions are shared): a worker
+    claims its partitions at once, the next one gets one per lease round."""
+    nc = await nats.connect(cluster.urls)
+    owners: set[bytes] = set()
+    try:
+        deadline = time.monotonic() + within
+        while len(owners) < workers:
+            assert time.monotonic() < deadline, f"partitions held by {owners} after {within} s"
+            await asyncio.sleep(0.25)
+            kv = await nc.jetstream().key_value(streams.LEASES_BUCKET)
+            owners = set()
+            for n in range(PARTITIONS):
+                try:
+                    entry = await kv.get(f"p.{n}")
+                except nats.js.errors.KeyNotFoundError:
+                    continue
+                if entry.value:
+                    owners.add(entry.value)
+    finally:
+        await nc.close()

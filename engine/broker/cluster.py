@@ -1,13 +1,15 @@
 """A local JetStream cluster of ``nats-server`` processes on 127.0.0.1, for the tests and
 ``tidegate demo --broker``: start N nodes (each with its own config file and store folder
 under one directory), wait until JetStream has a meta leader, kill a node with SIGKILL,
-restart it with the same config and store, stop them all.
+restart it with the same config and store, freeze one with SIGSTOP and thaw it with
+SIGCONT (a partition as its peers see it), stop them all.
 
 A production cluster is the operator's; this harness is not how one is run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -15,9 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,55 @@ def find_server_binary() -> Path:
     )
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+_PRCTL = _find_prctl()
+"""Looked up here, in the parent: the child between fork and exec only calls it."""
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when the thread that forked
+    it ends (Linux ``PR_SET_PDEATHSIG``), and killing it at once if ``parent`` is already
+    gone. None where there is no ``prctl`` (the nodes then outlive a killed parent)."""
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn_thread() -> ThreadPoolExecutor:
+    """The one thread that forks every node. The kernel sends the death signal when the
+    forking *thread* ends, not the process: a node forked from a short-lived thread (an
+    ``asyncio.to_thread`` worker, gone when its loop closes) would die with it. This
+    thread lives until the interpreter exits (or the process is killed)."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nats-spawner")
+        return _spawner
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -71,6 +125,8 @@ class Node:
     store: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    frozen: bool = False
+    """Stopped with SIGSTOP (``LocalCluster.freeze``) until ``thaw``."""
 
     @property
     def url(self) -> str:
@@ -158,19 +214,27 @@ class LocalCluster:
         return self
 
     def _spawn(self, node: Node) -> None:
-        with node.log.open("ab") as out:
-            node.process = subprocess.Popen(
-                [str(self._binary), "-c", str(node.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C on the caller's terminal is the caller's
-            )
+        """Starts ``node``'s nats-server in a session of its own (Ctrl-C on the caller's
+        terminal is the caller's), killed by the kernel if this process dies without
+        stopping it (a SIGKILLed pytest or ``tidegate demo --broker``)."""
+
+        def popen() -> subprocess.Popen[bytes]:
+            with node.log.open("ab") as out:
+                return subprocess.Popen(
+                    [str(self._binary), "-c", str(node.config)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_dies_with(os.getpid()),  # only prctl and kill run there
+                )
+
+        node.process = _spawn_thread().submit(popen).result()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every running node answers health and knows a meta leader."""
         deadline = time.monotonic() + timeout
         while True:
-            running = [n for n in self.nodes if n.running]
+            running = [n for n in self.nodes if n.running and not n.frozen]
             dead = [n.name for n in self.nodes if n.process is not None and not n.running]
             if dead and not running:
                 raise BrokerSetupError(f"nats-server exited: {self.tail(dead[0])}")
@@ -193,12 +257,31 @@ class LocalCluster:
         if node.process is not None and node.process.poll() is None:
             node.process.send_signal(signal.SIGKILL)
             node.process.wait()
+        node.frozen = False
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: a network partition as the peers see it. The node stops answering
+        without closing a socket, so its peers elect without it and a client connected
+        to it sees its requests time out (until its pings go unanswered)."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(signal.SIGSTOP)
+            node.frozen = True
+
+    def thaw(self, name: str, timeout: float = 30.0) -> None:
+        """SIGCONT a frozen node; returns once every node answers again."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(signal.SIGCONT)
+        node.frozen = False
+        self.wait_ready(timeout)
 
     def restart(self, name: str, timeout: float = 30.0) -> None:
         """Starts a stopped node again with its config and store."""
         node = self.node(name)
         if node.running:
             raise BrokerSetupError(f"node {name} is still running")
+        node.frozen = False
         self._spawn(node)
         self.wait_ready(timeout)
 
@@ -206,6 +289,9 @@ class LocalCluster:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
+                if node.frozen:  # a stopped process acts on SIGTERM once continued
+                    node.process.send_signal(signal.SIGCONT)
+                    node.frozen = False
         for node in self.nodes:
             if node.process is None:
                 continue

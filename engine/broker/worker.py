@@ -80,6 +80,7 @@ from engine.state.profiles import load_profile
 log = structlog.get_logger("tidegate.broker")
 
 ACK_WAIT = 3600.0
+CONSUMER_NAMES = f"$JS.API.CONSUMER.NAMES.{STREAM}"
 MAX_ACK_PENDING = 20_000
 """Events a partition's consumer hands out before an ack: what a worker holds while one
 connection's destination is down and the others go on (an event is acked only once every
@@ -89,6 +90,9 @@ ids and the bookkeeping): 16 partitions on one worker hold 140 MB at most."""
 FETCH_BATCH = 250
 FETCH_TIMEOUT = 1.0
 ACK_INTERVAL = 0.1
+ACK_RECHECK = 1.0
+"""Seconds after which an ack round reads the queue even when nothing seemed to change:
+a replay that added as many items as a settle removed leaves the depth as it was."""
 FENCE_AFTER = 0.6
 """Fraction of the lease TTL without a renewal after which a worker fences itself: well
 before the server lets the lease expire and another worker take it."""
@@ -114,6 +118,9 @@ class Pending:
     partition: int
     profile: bytes | None = None
     """The customer's merged profile after this event (profile events only)."""
+    queued: bool = True
+    """False while this event's local ingest runs: its queue items may not be committed
+    yet, so the ack check must not take it for settled."""
 
 
 @dataclass
@@ -192,6 +199,9 @@ class PartitionWorker:
         self._ack_lock = asyncio.Lock()
         self._hand_backs: set[asyncio.Task[None]] = set()
         self.acked = 0
+        self._checked_depth = -1
+        self._checked_at = 0.0
+        self._recheck = True
 
     async def start(self) -> None:
         replicas = replicas_for(self._nc, self.settings)
@@ -407,16 +417,16 @@ class PartitionWorker:
     async def _new_consumer(self, n: int, own: Owned) -> tuple[str, bool]:
         """Deletes the partition's earlier consumers and creates this epoch's. Returns its
         name, and whether an earlier owner's consumer still had events pending."""
-        infos = await retrying(lambda: self._js.consumers_info(STREAM), "listing consumers", 30.0)
+        names = await retrying(self._consumer_names, "listing consumers", 30.0)
         wait = False
-        for info in infos:
-            if not info.name.startswith(f"p{n}-"):
+        for name in names:
+            if not name.startswith(f"p{n}-"):
                 continue
-            if info.name not in own.consumers and (info.num_ack_pending or 0) > 0:
+            if name not in own.consumers and await self._had_pending(name):
                 wait = True
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await retrying(
-                    functools.partial(self._js.delete_consumer, STREAM, info.name),
+                    functools.partial(self._js.delete_consumer, STREAM, name),
                     "deleting a consumer",
                     30.0,
                 )
@@ -435,6 +445,37 @@ class PartitionWorker:
         await retrying(lambda: self._js.add_consumer(STREAM, config), "creating a consumer", 30.0)
         own.consumers.add(name)
         return name, wait
+
+    async def _consumer_names(self) -> list[str]:
+        """The stream's consumer names (``CONSUMER.NAMES``, answered from the cluster's
+        assignments). Not ``CONSUMER.LIST``: in a cluster it waits up to 4 s for the info
+        of a consumer still being created, and the partitions a worker claims together
+        create theirs at the same time (measured: the first event waited 4.1 s)."""
+        names: list[str] = []
+        while True:
+            request = orjson.dumps({"offset": len(names)})
+            try:
+                reply = await self._nc.request(CONSUMER_NAMES, request, timeout=5.0)
+            except nats.errors.NoRespondersError:
+                raise nats.js.errors.ServiceUnavailableError from None
+            answer = orjson.loads(reply.data)
+            if "error" in answer:
+                raise nats.js.errors.APIError.from_error(answer["error"])
+            page = answer.get("consumers") or []
+            names += page
+            if not page or len(names) >= int(answer.get("total", 0)):
+                return names
+
+    async def _had_pending(self, name: str) -> bool:
+        """Whether an earlier owner's consumer still has events out; unknown counts as
+        yes (the takeover wait is the safe side)."""
+        try:
+            info = await self._js.consumer_info(STREAM, name, timeout=5.0)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (*TRANSIENT, nats.js.errors.APIError):
+            return True
+        return (info.num_ack_pending or 0) > 0
 
     async def _take(self, n: int, msgs: Sequence[Msg]) -> None:
         fresh: list[tuple[int, Msg, AntavoEvent]] = []
@@ -475,19 +516,43 @@ class PartitionWorker:
     ) -> None:
         if not items:
             return
-        while True:
-            try:
-                await self._ingestor.ingest([event for _, _, event in items])
-                break
-            except BacklogFullError:  # the local backlog is full: wait, keep them unacked
-                await asyncio.sleep(1.0)
+        # Pending before the ingest starts: a fence that cancels this task mid-ingest must
+        # still find these events, since the ingest's transaction commits all the same
+        # (on the database thread), and its items must leave the local queue unsent.
+        # Found by the partition trials: items of a cancelled ingest were sent after the
+        # partition's earlier events had been dropped, reordering the customer.
+        entries = []
+        for seq, msg, event in items:
+            entry = Pending(seq, msg.reply, event.id, event.customer, n, queued=False)
+            self.pending[seq] = entry
+            self._by_customer.setdefault(event.customer, []).append(seq)
+            entries.append(entry)
+        try:
+            while True:
+                try:
+                    await self._ingestor.ingest([event for _, _, event in items])
+                    break
+                except BacklogFullError:  # the local backlog is full: wait, keep them unacked
+                    await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            raise  # fenced: the entries stay for _drop
+        except BaseException:
+            for entry in entries:  # not ingested: the redelivery is ingested afresh
+                self.pending.pop(entry.seq, None)
+                lane = self._by_customer.get(entry.customer)
+                if lane is not None:
+                    with contextlib.suppress(ValueError):
+                        lane.remove(entry.seq)
+                    if not lane:
+                        del self._by_customer[entry.customer]
+            raise
         profile = None
         if snapshot:
             customer = items[0][2].customer
             profile = orjson.dumps(await self._db.read(lambda c: load_profile(c, customer)))
-        for seq, msg, event in items:
-            self.pending[seq] = Pending(seq, msg.reply, event.id, event.customer, n, profile)
-            self._by_customer.setdefault(event.customer, []).append(seq)
+        for entry in entries:
+            entry.profile, entry.queued = profile, True
+        self._recheck = True  # an event routed to no item (or a duplicate) is settled now
 
     async def _load_profiles(self, n: int, customers: set[str]) -> None:
         """Replaces the local profile of each customer met for the first time in this
@@ -534,16 +599,33 @@ class PartitionWorker:
                 log.warning("broker_ack_round_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def _ack_settled(self) -> None:
-        """Acks, per customer in stream order, the events no queue item is left of."""
+        """Acks, per customer in stream order, the events no queue item is left of. Reads
+        the queue only when something can have settled since the last read: the queue's
+        depth moved (a settle, an erasure), events were pulled, a profile write failed, or
+        ``ACK_RECHECK`` passed; a lane held by a retry costs no read per round."""
         async with self._ack_lock:  # the ack loop and a hand-back: one at a time
             await self._ack_round()
 
     async def _ack_round(self) -> None:
         if not self.pending:
             return
+        depth, now = self._queue.depth, time.monotonic()
+        if (
+            not self._recheck
+            and depth == self._checked_depth
+            and now - self._checked_at < ACK_RECHECK
+        ):
+            return
+        self._recheck, self._checked_depth, self._checked_at = False, depth, now
+        # Only events whose items were committed before the read below can be judged by
+        # it: the profile writes further down await, and an ingest that commits meanwhile
+        # adds events this read never saw (not in ``queued``, yet not settled).
+        known = {seq for seq, entry in self.pending.items() if entry.queued}
+        # The whole column, made a set here: cheaper than DISTINCT's temporary b-tree, and
+        # than probing an index for each pending event (measured; no index either).
         queued: set[str] = set(
             await self._db.read(
-                lambda c: [row[0] for row in c.execute("SELECT DISTINCT event_id FROM queue")]
+                lambda c: [row[0] for row in c.execute("SELECT event_id FROM queue")]
             )
         )
         profiles = self._profiles
@@ -553,7 +635,7 @@ class PartitionWorker:
             profile = None
             for seq in seqs:
                 entry = self.pending.get(seq)
-                if entry is None or entry.event_id in queued:
+                if entry is None or seq not in known or entry.event_id in queued:
                     break
                 if entry.profile is not None:
                     profile = entry.profile
@@ -564,6 +646,7 @@ class PartitionWorker:
                 try:
                     await profiles.put(customer_token(customer), profile)
                 except (*TRANSIENT, nats.js.errors.APIError):
+                    self._recheck = True
                     continue  # not acked: tried again next round
             for seq in seqs[:done]:
                 entry = self.pending.pop(seq, None)
