@@ -19,6 +19,8 @@ from nats.aio.client import Client as NATS
 
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
+from engine.broker.config_sync import ConfigSync
+from engine.broker.pacing import PaceSync
 from engine.broker.publish import BrokerIngestor
 from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
 from engine.broker.worker import PartitionWorker, clear_local_queue
@@ -155,6 +157,8 @@ class Engine:
         self._checker: TokenChecker | None = None
         self._nc: NATS | None = None
         self.partitions: PartitionWorker | None = None
+        self.config_sync: ConfigSync | None = None
+        self.pace_sync: PaceSync | None = None
         self.admin_token_file: Path | None = None
         """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
@@ -290,12 +294,20 @@ class Engine:
             return self.ingestor
         self._nc = await connect(cfg.broker, f"tidegate-{cfg.role}-{os.getpid()}")
         js = self._nc.jetstream()
-        await ensure_stream(js, cfg.broker, replicas_for(self._nc, cfg.broker))
+        replicas = replicas_for(self._nc, cfg.broker)
+        await ensure_stream(js, cfg.broker, replicas)
+        # Connections and mappings from the cluster before anything routes or sends.
+        self.config_sync = ConfigSync(self._nc, self.registry, replicas)
+        await self.config_sync.start()
         if cfg.role != "ingest":
+            self.pace_sync = PaceSync(self._nc, self.deliverer, self.registry, replicas)
+            await self.pace_sync.start()
             cleared = await clear_local_queue(self.db, self.queue)
             if cleared:
                 log.info("broker_local_queue_cleared", items=cleared)
-        return BrokerIngestor(self.db, self.registry, self.queue, js, cfg.broker)
+        return BrokerIngestor(
+            self.db, self.registry, self.queue, js, cfg.broker, self.config_sync.stamp
+        )
 
     async def _start_partitions(self) -> None:
         cfg = self.config
@@ -305,7 +317,13 @@ class Engine:
         if wait is None:
             wait = cfg.broker.lease_ttl + cfg.delivery.request_timeout
         self.partitions = PartitionWorker(
-            self._nc, cfg.broker, self.ingestor, self.db, self.queue, wait
+            self._nc,
+            cfg.broker,
+            self.ingestor,
+            self.db,
+            self.queue,
+            wait,
+            None if self.config_sync is None else self.config_sync.wait_for,
         )
         await self.partitions.start()
 
@@ -411,6 +429,10 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
+        for sync in (self.pace_sync, self.config_sync):  # after delivery: a pause is shared
+            if sync is not None:
+                await sync.stop()
+        self.pace_sync = self.config_sync = None
         for job in self._jobs:
             await job.stop()
         self._jobs = []

@@ -16,6 +16,8 @@ import pytest
 from engine.app import Engine, EngineConfig
 from engine.broker import streams
 from engine.broker.cluster import BrokerSetupError, LocalCluster, find_server_binary
+from engine.broker.config_sync import CONFIG_BUCKET
+from engine.broker.pacing import PACE_BUCKET
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS
 from tests.natscluster import nats_cluster
 
@@ -30,6 +32,8 @@ async def reset_broker(cluster: LocalCluster) -> None:
         streams.STREAM,
         f"KV_{streams.LEASES_BUCKET}",
         f"KV_{streams.PROFILES_BUCKET}",
+        f"KV_{CONFIG_BUCKET}",
+        f"KV_{PACE_BUCKET}",
     ):
         try:
             await js.delete_stream(name)

@@ -41,7 +41,7 @@ import math
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -54,7 +54,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
-from engine.broker.publish import decode_event
+from engine.broker.publish import config_revision, decode_event
 from engine.broker.streams import (
     STREAM,
     BrokerSettings,
@@ -147,8 +147,11 @@ class PartitionWorker:
         db: Database,
         queue: DurableQueue,
         takeover_wait: float,
+        config_applied: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._nc = nc
+        self._config_applied = config_applied
+        """Waits until this process applied a configuration revision (``ConfigSync``)."""
         self._js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self._ingestor = ingestor
@@ -388,6 +391,9 @@ class PartitionWorker:
             fresh.append((seq, msg, event))
         if not fresh:
             return
+        revision = max(config_revision(msg.headers) for _, msg, _ in fresh)
+        if revision and self._config_applied is not None:  # route with the sender's config
+            await self._config_applied(revision)
         await self._load_profiles(n, {e.customer for _, _, e in fresh if not e.external_id})
         run: list[tuple[int, Msg, AntavoEvent]] = []
         for item in fresh:
