@@ -37,9 +37,11 @@ from tests.conftest import (
     eventually,
     insider_connection,
 )
+from tests.faultload import create_connection, list_logs
 from tests.natscluster import nats_cluster
 from tests.test_broker_cli import TIDEGATE
 from tests.test_broker_cluster import post, reset_broker
+from tests.test_broker_end_to_end import ScaleOut, assert_clean
 from tests.test_cli_admin import engine_flags, tidegate
 
 __all__ = ["nats_cluster"]
@@ -327,3 +329,72 @@ async def test_a_process_with_another_secret_key_refuses_to_start(
         key_file = data_dir / "secret.key"
         if key_file.exists():
             assert key_file.read_text().strip() not in output
+
+
+async def test_a_connection_whose_connector_is_not_installed_here_is_refused_and_the_rest_applies(
+    processes: Cluster,
+    nats_cluster: LocalCluster,
+    sandbox: RunningSandbox,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a = await processes.start("a", "worker")
+    b = await processes.start("b", "worker")
+    async with engine_client(b) as client:
+        await insider_connection(client, sandbox)
+    await eventually(lambda: has_connection(a), within=10)
+    # Another process's connection, of a connector this one lacks: its rows as stored,
+    # under its own key.
+    stored = await bucket_value(nats_cluster, CONNECTION)
+    assert stored is not None
+    document = orjson.loads(stored)
+    document["connection"]["id"] = "elsewhere"
+    document["connection"]["connector"] = "salesforce"
+    document["profile_mappings"] = document["event_mappings"] = []
+    key = "c." + hashlib.sha256(b"elsewhere").hexdigest()[:32]
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        kv = await nc.jetstream().key_value("tg_config")
+        await kv.put(key, orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
+    finally:
+        await nc.close()
+    async with engine_client(b) as client:  # a change after it still reaches a
+        await client.create_profile_mapping(CONNECTION, "city", "city", custom=False)
+
+    async def mapped() -> bool:
+        mappings = a.registry.runtime(CONNECTION).profile_mappings
+        return any(m.source_attribute == "city" for m in mappings)
+
+    await eventually(mapped, within=10)
+    assert not await has_connection(a, "elsewhere")
+    out = capsys.readouterr().out
+    assert "config_connector_missing" in out and "salesforce" in out
+
+
+class ConfiguredOnce(ScaleOut):
+    """The end-to-end set-up of real ``tidegate serve --broker`` processes (an ingest, two
+    workers), with the connection created once, on the ingest process."""
+
+    async def start(self) -> None:
+        await reset_broker(self.cluster)
+        await asyncio.to_thread(self.sandbox.start)
+        for process in [self.ingest, *self.workers]:
+            await asyncio.to_thread(process.start)
+        await create_connection(self.ingest.target, self.sandbox.url)
+
+
+async def test_real_processes_deliver_with_a_connection_made_once_on_the_ingest_process(
+    tmp_path: Path, nats_cluster: LocalCluster, shared_key: str
+) -> None:
+    setup = ConfiguredOnce(tmp_path, nats_cluster)
+    try:
+        await setup.start()
+        load = setup.load("once")
+        load.start()
+        await load.wait_acknowledged(600, within=60)
+        await load.stop()
+        report = await setup.settle(load)
+        assert_clean(report, load, setup)
+        for worker in setup.workers:  # each worker sent, with the connection it was given
+            assert await list_logs(worker.target), f"{worker.name} sent nothing\n{worker.tail()}"
+    finally:
+        setup.close()
