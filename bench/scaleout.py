@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import nats
 import nats.js.errors
+from cryptography.fernet import Fernet
 
 from bench import processes
 from bench.pipeline import post_ingest
@@ -194,6 +197,29 @@ def _start_role(data_dir: Path, log_path: Path, servers: str, role: str) -> Proc
     return process
 
 
+async def _create_unless_there(worker: Process, sink: Process) -> None:
+    try:
+        await create_connection(
+            worker.extra["grpc"], sink.extra["url"], token=worker.extra["token"]
+        )
+    except grpc.aio.AioRpcError as exc:
+        if "already exists" not in (exc.details() or ""):
+            raise
+
+
+@contextlib.contextmanager
+def _shared_secret_key() -> Iterator[None]:
+    """``TIDEGATE_SECRET_KEY`` for the processes started meanwhile (unless it is set)."""
+    if os.environ.get("TIDEGATE_SECRET_KEY"):
+        yield
+        return
+    os.environ["TIDEGATE_SECRET_KEY"] = Fernet.generate_key().decode()
+    try:
+        yield
+    finally:
+        os.environ.pop("TIDEGATE_SECRET_KEY", None)
+
+
 async def _reset_broker(cluster: LocalCluster) -> None:
     """An empty stream and lease bucket for the next set-up."""
     nc = await nats.connect(cluster.urls)
@@ -203,6 +229,8 @@ async def _reset_broker(cluster: LocalCluster) -> None:
             streams.STREAM,
             f"KV_{streams.LEASES_BUCKET}",
             f"KV_{streams.PROFILES_BUCKET}",
+            "KV_tg_config",
+            "KV_tg_pace",
         ):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_stream(name)
@@ -251,19 +279,24 @@ async def run_jetstream(
     bodies = _bodies(events)
     await _reset_broker(cluster)
     with contextlib.ExitStack() as stack:
+        # The processes of a cluster share one secret key (the configuration they share
+        # carries the API keys encrypted).
+        stack.enter_context(_shared_secret_key())
         sink = stack.enter_context(start_sink(work / "sink.log"))
         ingest = stack.enter_context(
             _start_role(work / "ingest", work / "ingest.log", cluster.servers, "ingest")
+        )
+        await create_connection(
+            ingest.extra["grpc"], sink.extra["url"], token=ingest.extra["token"]
         )
         started = []
         for i in range(1, workers + 1):
             worker = stack.enter_context(
                 _start_role(work / f"worker{i}", work / f"worker{i}.log", cluster.servers, "worker")
             )
-            # Connections before any event: a worker routes by its own connections.
-            await create_connection(
-                worker.extra["grpc"], sink.extra["url"], token=worker.extra["token"]
-            )
+            # The worker has the connection from the cluster; an engine from before the
+            # shared configuration (--engine-src) routes by its own: make it there too.
+            await _create_unless_there(worker, sink)
             started.append(worker)
         await _wait_balanced(cluster, workers)
         await _drive(
