@@ -171,6 +171,7 @@ async def test_a_connection_created_on_one_process_appears_on_the_others(
         await eventually(same, within=10)
         assert await mappings(on_a) == await mappings(on_b)
         assert len((await on_b.list_event_mappings(CONNECTION)).mappings) == 2
+        assert len((await on_b.list_profile_mappings(CONNECTION)).mappings) == 4
     assert b.registry.runtime(CONNECTION).api_key == API_KEY
     listed = await tidegate("connections", "list", "--output", "json", *engine_flags(b))
     assert listed.code == 0, listed.err
@@ -228,6 +229,35 @@ async def test_an_event_ingested_right_after_a_mapping_change_is_sent_with_it(
     data = {"first_name": "Cy", "favourite_store": "east"}
     assert (await post(a, [{"customer": "cy", "action": "profile", "data": data}])).status == 202
     assert b"east" in await sent_after(sandbox, 0, b"Cy")
+
+
+async def test_changes_made_at_once_on_two_processes_all_land_everywhere(
+    processes: Cluster, sandbox: RunningSandbox
+) -> None:
+    """Many admin calls at the same time, on two processes and two connections: none is
+    lost, here or there (a process never takes its own earlier write back)."""
+    a = await processes.start("a", "worker")
+    b = await processes.start("b", "worker")
+    async with engine_client(a) as on_a, engine_client(b) as on_b:
+        await insider_connection(on_a, sandbox, "conn-a")
+        await insider_connection(on_b, sandbox, "conn-b")
+        names = [f"extra_{i}" for i in range(8)]
+        await asyncio.gather(
+            *(on_a.create_profile_mapping("conn-a", n, n, custom=True) for n in names),
+            *(on_b.create_profile_mapping("conn-b", n, n, custom=True) for n in names),
+        )
+
+        async def complete() -> bool:
+            for client in (on_a, on_b):
+                for connection_id in ("conn-a", "conn-b"):
+                    listed = await client.list_profile_mappings(connection_id)
+                    if len(listed.mappings) != 4 + len(names):
+                        return False
+            return True
+
+        await eventually(complete, within=15)
+        for connection_id in ("conn-a", "conn-b"):
+            assert await mappings(on_a, connection_id) == await mappings(on_b, connection_id)
 
 
 async def test_a_deleted_connection_is_deleted_everywhere(

@@ -107,7 +107,10 @@ class ConfigSync:
         self._last: dict[str, bytes | None] = {}
         self._ids: dict[str, str] = {}
         self._revisions: dict[str, int] = {}
-        """The last revision of each key this process saw (0: none)."""
+        """The last revision of each key this process saw or wrote (0: none)."""
+        self._pending: dict[str, bytes | None] = {}
+        """What this process is writing to a key right now."""
+        self._writing = asyncio.Lock()
         self._advanced = asyncio.Condition()
         self._stopping = False
         self.applied = 0
@@ -236,8 +239,15 @@ class ConfigSync:
         key = entry.key
         deleted = entry.operation in (KV_DEL, KV_PURGE)
         value = None if deleted else (entry.value or b"")
+        revision = entry.revision or 0
+        if revision <= self._revisions.get(key, 0) or self._pending.get(key, _ABSENT) == value:
+            # This process's own write (done, or on its way): its rows are here already,
+            # maybe changed again since; applying it would take them back.
+            if revision > self._revisions.get(key, 0):
+                self._revisions[key], self._last[key] = revision, value
+            return
         self._last[key] = value
-        self._revisions[key] = max(self._revisions.get(key, 0), entry.revision or 0)
+        self._revisions[key] = revision
         document: dict[str, Any] | None = None
         if value is None:
             connection_id = self._ids.get(key) or self._local_id(key)
@@ -298,6 +308,10 @@ class ConfigSync:
         revision this process last saw: a write made from an older state of X (a 401
         pause of a lane that sent with the credentials another process has just replaced)
         does not overwrite the newer one, which the watcher then applies here too."""
+        async with self._writing:  # one at a time: each on the revision the last one made
+            await self._put_now(connection_id)
+
+    async def _put_now(self, connection_id: str) -> None:
         key = connection_key(connection_id)
         self._ids[key] = connection_id
         value = encode(await self._registry.document(connection_id))
@@ -313,6 +327,7 @@ class ConfigSync:
             ack = await self._js.publish(subject, value or b"", headers=headers)
             return int(ack.seq)
 
+        self._pending[key] = value
         try:
             revision = await retrying(write, "publishing a configuration change", PUBLISH_TIMEOUT)
         except nats.js.errors.APIError as exc:
@@ -324,8 +339,11 @@ class ConfigSync:
                 hint="another process changed this connection first; its change applies here",
             )
             return
-        self._last[key] = value
-        self._revisions[key] = revision
+        finally:
+            self._pending.pop(key, None)
+        if revision > self._revisions.get(key, 0):
+            self._last[key] = value
+            self._revisions[key] = revision
         self._own = max(self._own, revision)
 
     async def _keep_trying(self, connection_id: str) -> None:
