@@ -24,7 +24,7 @@ from tests.conftest import API_KEY, engine_client, eventually, insider_connectio
 from tests.natscluster import nats_cluster
 from tests.test_broker_cluster import post
 from tests.test_broker_config import CONNECTION, Cluster, processes, shared_key
-from tests.test_delivery_rules import inject
+from tests.test_delivery_rules import configure, inject
 
 __all__ = ["nats_cluster", "processes", "shared_key"]
 
@@ -176,6 +176,51 @@ async def test_new_credentials_given_to_one_process_resume_a_paused_connection_e
     points = _points(sandbox)
     for customer in CUSTOMERS:
         assert 200 in points.get(customer, set()), customer
+
+
+async def test_a_401_to_old_credentials_does_not_undo_new_ones_given_on_another_process(
+    setup: Setup,
+    sandbox: RunningSandbox,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The workers retry with the old key while the new one reaches them (slowed here by
+    2 s): the 401 they get pauses each locally, but that pause was decided on the old
+    credentials and must not replace the new ones in the cluster."""
+    new_key = "ucd-secret-key-rotated-9876543210"
+    await inject(http, sandbox, status=503, count=100000)  # everything waits, retrying
+    await send(setup.ingest, 400)
+    for worker in setup.workers:
+        replace = worker.registry.replace_from_document
+
+        async def slowly(*args: Any, replace: Any = replace, **kwargs: Any) -> None:
+            await asyncio.sleep(2.0)
+            await replace(*args, **kwargs)
+
+        monkeypatch.setattr(worker.registry, "replace_from_document", slowly)
+    old = setup.ingest.registry.runtime(CONNECTION).credentials_version
+    async with engine_client(setup.ingest) as client:
+        await client.connections.UpdateConnection(
+            cpb.UpdateConnectionRequest(connection=cpb.Connection(id=CONNECTION, api_key=new_key))
+        )
+    await configure(http, sandbox, api_key=new_key)
+    async with http.delete(f"{sandbox.url}/sandbox/faults") as r:
+        assert r.status == 200
+
+    async def refused() -> bool:  # the old key went out and was refused
+        rows = [s for i, w in enumerate(setup.workers) for s in await sent_by(w, i)]
+        return any(s.status in (401, 403) for s in rows)
+
+    await eventually(refused, within=10)
+
+    async def delivered() -> bool:
+        return 400 in set.intersection(*(_points(sandbox).get(c, set()) for c in CUSTOMERS))
+
+    await eventually(delivered, within=30)
+    for engine in [setup.ingest, *setup.workers]:
+        assert not paused(engine)
+        connection = engine.registry.runtime(CONNECTION)
+        assert connection.api_key == new_key and connection.credentials_version == old + 1
 
 
 async def test_a_429_with_retry_after_on_one_worker_holds_the_other(

@@ -237,8 +237,7 @@ class ConfigSync:
 
     async def _apply_entry(self, entry: KeyValue.Entry, notify: bool) -> None:
         key = entry.key
-        deleted = entry.operation in (KV_DEL, KV_PURGE)
-        value = None if deleted else (entry.value or b"")
+        value = None if entry.operation in (KV_DEL, KV_PURGE) else (entry.value or b"")
         revision = entry.revision or 0
         if revision <= self._revisions.get(key, 0) or self._pending.get(key, _ABSENT) == value:
             # This process's own write (done, or on its way): its rows are here already,
@@ -246,8 +245,18 @@ class ConfigSync:
             if revision > self._revisions.get(key, 0):
                 self._revisions[key], self._last[key] = revision, value
             return
+        # The bytes count as seen at once (the listeners this apply tells publish nothing
+        # back); the revision only once the rows are here: until then a write of this
+        # process made from the earlier rows (a lane's pause) is conditional on the earlier
+        # revision, so it cannot overwrite this change.
         self._last[key] = value
-        self._revisions[key] = revision
+        try:
+            await self._replace(key, value, revision, notify)
+        finally:
+            self._revisions[key] = max(self._revisions.get(key, 0), revision)
+
+    async def _replace(self, key: str, value: bytes | None, revision: int, notify: bool) -> None:
+        deleted = value is None
         document: dict[str, Any] | None = None
         if value is None:
             connection_id = self._ids.get(key) or self._local_id(key)
@@ -272,9 +281,7 @@ class ConfigSync:
                 hint="install the connector's plugin on this process as on the others",
             )
             return
-        log.info(
-            "config_applied", connection=connection_id, revision=entry.revision, deleted=deleted
-        )
+        log.info("config_applied", connection=connection_id, revision=revision, deleted=deleted)
 
     def _local_id(self, key: str) -> str | None:
         for view in self._registry.views():
