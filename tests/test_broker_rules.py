@@ -199,6 +199,10 @@ async def test_a_401_to_old_credentials_does_not_undo_new_ones_given_on_another_
 
         monkeypatch.setattr(worker.registry, "replace_from_document", slowly)
     old = setup.ingest.registry.runtime(CONNECTION).credentials_version
+    states: list[str] = []  # the connection's state on the ingest process, at every change
+    setup.ingest.registry.on_change(
+        lambda _: states.append(setup.ingest.registry.view(CONNECTION).state)
+    )
     async with engine_client(setup.ingest) as client:
         await client.connections.UpdateConnection(
             cpb.UpdateConnectionRequest(connection=cpb.Connection(id=CONNECTION, api_key=new_key))
@@ -217,6 +221,7 @@ async def test_a_401_to_old_credentials_does_not_undo_new_ones_given_on_another_
         return 400 in set.intersection(*(_points(sandbox).get(c, set()) for c in CUSTOMERS))
 
     await eventually(delivered, within=30)
+    assert "paused" not in states, states  # a stale pause never reached the cluster
     for engine in [setup.ingest, *setup.workers]:
         assert not paused(engine)
         connection = engine.registry.runtime(CONNECTION)
