@@ -231,6 +231,38 @@ async def test_an_event_ingested_right_after_a_mapping_change_is_sent_with_it(
     assert b"east" in await sent_after(sandbox, 0, b"Cy")
 
 
+async def test_a_worker_waits_for_a_revision_a_bounded_time_then_sends_and_says_so(
+    processes: Cluster,
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Never a stall: a change that does not arrive within the worker's wait (cut to
+    0.5 s here, its watcher slowed by 3 s) lets the event go with what the worker has,
+    and the log says so."""
+    a = await processes.start("a", "ingest")
+    b = await processes.start("b", "worker")
+    assert b.config_sync is not None
+    b.config_sync.revision_wait = 0.5
+    async with engine_client(a) as client:
+        await insider_connection(client, sandbox)
+        await eventually(lambda: has_connection(b), within=10)
+        replace = b.registry.replace_from_document
+
+        async def slowly(*args: Any, **kwargs: Any) -> None:
+            await asyncio.sleep(3.0)
+            await replace(*args, **kwargs)
+
+        monkeypatch.setattr(b.registry, "replace_from_document", slowly)
+        await client.create_profile_mapping(
+            CONNECTION, "favourite_store", "favourite_store", custom=True
+        )
+    data = {"first_name": "Di", "favourite_store": "west"}
+    assert (await post(a, [{"customer": "di", "action": "profile", "data": data}])).status == 202
+    assert b"west" not in await sent_after(sandbox, 0, b"Di")
+    assert "config_revision_wait_timeout" in capsys.readouterr().out
+
+
 async def test_changes_made_at_once_on_two_processes_all_land_everywhere(
     processes: Cluster, sandbox: RunningSandbox
 ) -> None:
@@ -428,3 +460,40 @@ async def test_real_processes_deliver_with_a_connection_made_once_on_the_ingest_
             assert await list_logs(worker.target), f"{worker.name} sent nothing\n{worker.tail()}"
     finally:
         setup.close()
+
+
+async def test_a_change_made_while_the_cluster_has_no_quorum_lands_once_it_has(
+    processes: Cluster,
+    nats_cluster: LocalCluster,
+    sandbox: RunningSandbox,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The put fails (two of three servers down): the admin call still answers, the
+    failure is logged, and the change is put in the background once the servers are
+    back, so the other processes get it."""
+    a = await processes.start("a", "ingest")
+    b = await processes.start("b", "worker")
+    async with engine_client(a) as client:
+        await insider_connection(client, sandbox)
+    await eventually(lambda: has_connection(b), within=10)
+    down = [node.name for node in nats_cluster.nodes[1:]]
+    try:
+        for name in down:
+            await asyncio.to_thread(nats_cluster.kill, name)
+        async with engine_client(a) as client:
+            await client.connections.UpdateConnection(
+                cpb.UpdateConnectionRequest(
+                    connection=cpb.Connection(id=CONNECTION, display_name="changed without quorum")
+                )
+            )
+        assert "config_publish_failed" in capsys.readouterr().out
+    finally:
+        for name in down:
+            await asyncio.to_thread(nats_cluster.restart, name)
+
+    async def arrived() -> bool:
+        return b.registry.view(CONNECTION).display_name == "changed without quorum"
+
+    await eventually(arrived, within=60)
+    stored = await bucket_value(nats_cluster, CONNECTION)
+    assert stored is not None and b"changed without quorum" in stored

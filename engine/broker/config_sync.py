@@ -12,11 +12,16 @@ Publish. On a change of connection X (``ConnectionRegistry.on_change``) this pro
 X's rows, and puts them unless they are the bytes last seen for X's key. The admin call
 that made the change returns after the put, so when it answers, the bucket holds the
 change. A put that fails (no quorum within 5 s) is logged (``config_publish_failed``) and
-tried again in the background, with the rows as they are then, until it lands.
+tried again in the background, with the rows as they are then, until it lands. Puts go
+one at a time, each conditional on the revision of X's key this process last saw or
+wrote: a write made from older rows (a lane's 401 pause decided on credentials another
+process has just replaced, or two processes changing X at once) is refused by the server
+and dropped (``config_change_superseded``); the watcher then brings the newer rows here.
 
-Apply. A watcher on ``c.>`` gets every key's last value at start, then each change. For
-each, if the bytes equal this process's own encoding of X, nothing happens (so a change
-does not bounce between processes); else X's rows are replaced in one transaction and X
+Apply. A watcher on ``c.>`` gets every key's last value at start, then each change. This
+process's own writes are skipped (its rows are here already, maybe changed again since).
+For each other, if the bytes equal this process's own encoding of X, nothing happens (so
+a change does not bounce between processes); else X's rows are replaced in one transaction and X
 reloaded, which tells every listener (delivery lanes, ingest routing). A connection whose
 connector is not installed here is refused with a log line (``config_connector_missing``);
 the watcher goes on. ``start`` returns once the initial values are applied, so a fresh
