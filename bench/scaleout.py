@@ -11,7 +11,9 @@ requests of ``BATCH`` with ``IN_FLIGHT`` posts at a time) and deliver to the ben
 For each: events/s from the first post until the sink has every event, the CPU of every
 tidegate process per event (and apart from it the nats-servers'), and the ingest
 acknowledgement p50/p99 (post -> 202, closed loop). Each JetStream set-up starts on an
-empty stream and lease bucket, with workers that hold a fair share of the partitions;
+empty stream and buckets, its processes share one ``TIDEGATE_SECRET_KEY`` and get the
+connection from the one made on the ingest process, with workers that hold a fair share
+of the partitions;
 every set-up first sends one warm-up request through to the sink, not counted. Every
 process and the cluster stop at the end, also on errors.
 """
