@@ -5,7 +5,8 @@ requests of ``BATCH`` with ``IN_FLIGHT`` posts at a time) and deliver to the ben
 
 - the embedded engine, as the other sections start it (``tidegate serve``);
 - JetStream: a ``LocalCluster`` of 3 ``nats-server`` nodes (R3, ``sync_interval: always``)
-  under the run's scratch folder, one ``--role ingest`` process and one ``--role worker``;
+  under the run's scratch folder, one ``--role ingest`` process, one ``--role worker`` and
+  one ``--role log`` (the outbound log, which the embedded engine writes itself);
 - the same with two workers.
 
 For each: events/s from the first post until the sink has every event, the CPU of every
@@ -188,6 +189,8 @@ def _start_role(data_dir: Path, log_path: Path, servers: str, role: str) -> Proc
         "--allow-destination", "127.0.0.1", "--metrics-port", "0", "--ui-port", "0",
         "--broker", servers, "--role", role, "--partitions", str(PARTITIONS),
         "--lease-seconds", str(LEASE_SECONDS), "--takeover-wait", str(TAKEOVER_WAIT),
+        # Both streams (events and log rows) reserve this on each node's 1 GB store.
+        "--broker-max-bytes", str(256 << 20),
         *processes.ENGINE_ARGS,
     ]  # fmt: skip
     process = processes._spawn(f"engine ({role})", argv, log_path, processes.ENGINE_SRC)
@@ -223,19 +226,13 @@ def _shared_secret_key() -> Iterator[None]:
 
 
 async def _reset_broker(cluster: LocalCluster) -> None:
-    """An empty stream and lease bucket for the next set-up."""
+    """Empty streams and buckets for the next set-up."""
     nc = await nats.connect(cluster.urls)
     try:
         js = nc.jetstream()
-        for name in (
-            streams.STREAM,
-            f"KV_{streams.LEASES_BUCKET}",
-            f"KV_{streams.PROFILES_BUCKET}",
-            "KV_tg_config",
-            "KV_tg_pace",
-        ):
+        for info in await js.streams_info():  # events, log rows, buckets
             with contextlib.suppress(nats.js.errors.NotFoundError):
-                await js.delete_stream(name)
+                await js.delete_stream(info.config.name)
     finally:
         await nc.close()
 
@@ -276,7 +273,7 @@ async def _wait_balanced(cluster: LocalCluster, workers: int) -> None:
 async def run_jetstream(
     work: Path, cluster: LocalCluster, workers: int, events: int, drain_timeout: float
 ) -> ScaleResult:
-    label = f"JetStream R3, 1 ingest + {workers} worker{'s' if workers > 1 else ''}"
+    label = f"JetStream R3, 1 ingest + {workers} worker{'s' if workers > 1 else ''} + 1 log"
     result = ScaleResult(label, events)
     bodies = _bodies(events)
     await _reset_broker(cluster)
@@ -291,7 +288,9 @@ async def run_jetstream(
         await create_connection(
             ingest.extra["grpc"], sink.extra["url"], token=ingest.extra["token"]
         )
-        started = []
+        started = [
+            stack.enter_context(_start_role(work / "log", work / "log.log", cluster.servers, "log"))
+        ]
         for i in range(1, workers + 1):
             worker = stack.enter_context(
                 _start_role(work / f"worker{i}", work / f"worker{i}.log", cluster.servers, "worker")

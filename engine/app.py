@@ -20,6 +20,13 @@ from nats.aio.client import Client as NATS
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
 from engine.broker.config_sync import ConfigSync
+from engine.broker.logs import (
+    DEFAULT_LOG_STREAM_DAYS,
+    LogForwarder,
+    LogWriter,
+    consumer_name,
+    ensure_log_stream,
+)
 from engine.broker.pacing import PaceSync
 from engine.broker.publish import BrokerIngestor
 from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
@@ -69,6 +76,15 @@ DEFAULT_DATA_DIR = Path("tidegate-data")
 ENGINE_FILE = "engine.json"
 """In the data folder while an engine serves it: its process id and admin address."""
 ADMIN_TOKEN_FILE = tokens.ADMIN_TOKEN_FILE
+ERASE_ON_BROKER = (
+    "EraseCustomer is not available with --broker yet: the customer's data is spread over"
+    " the workers, the log processes and the cluster's streams, and erasing it in this"
+    " process alone would leave the rest while answering that it was erased"
+)
+LOG_ELSEWHERE = (
+    "this process (--role {role}) keeps no outbound log: ask a process started with"
+    " --role log (or all), which keeps every worker's rows"
+)
 
 
 @dataclass
@@ -132,6 +148,13 @@ class EngineConfig:
     takeover_wait: float | None = None
     """With a broker: seconds before pulling a partition an earlier owner had events
     pending in; None: the lease TTL plus the request timeout."""
+    log_stream_days: float = DEFAULT_LOG_STREAM_DAYS
+    """With a broker: how long ``TG_LOG`` keeps rows for a log service that is down."""
+
+    def has(self, role: str) -> bool:
+        """Whether this process plays ``role`` (ingest, worker or log): the embedded
+        engine plays all three."""
+        return self.broker is None or self.role in (role, "all")
 
 
 class Engine:
@@ -157,6 +180,8 @@ class Engine:
         self._checker: TokenChecker | None = None
         self._nc: NATS | None = None
         self.partitions: PartitionWorker | None = None
+        self.forwarder: LogForwarder | None = None
+        self.log_writer: LogWriter | None = None
         self.config_sync: ConfigSync | None = None
         self.pace_sync: PaceSync | None = None
         self.admin_token_file: Path | None = None
@@ -189,19 +214,23 @@ class Engine:
         self.outbox = LogOutbox(self.db)
         self.logs = self._logs = LogStore(
             cfg.data_dir / LOG_DIR,
-            on_committed=self.outbox.forget,
+            # On a broker the outbox's rows go to the log service (``LogForwarder``).
+            on_committed=self.outbox.forget if cfg.broker is None else None,
             max_subscribers=cfg.max_log_streams,
         )
         await self.logs.start()
-        recovered = await self.outbox.recover(self.logs)
-        if recovered:
-            log.info("log_rows_recovered", rows=recovered)
+        if cfg.broker is None:
+            recovered = await self.outbox.recover(self.logs)
+            if recovered:
+                log.info("log_rows_recovered", rows=recovered)
+        else:
+            await self._connect()
         self.deliverer = self._deliverer = Deliverer(
             self.registry,
             self.queue,
             self.db,
             self.connectors,
-            self.logs,
+            self.forwarder or self.logs,
             cfg.delivery,
             self.metrics.delivery,
         )
@@ -214,6 +243,10 @@ class Engine:
         front = await self._connect_broker()
         await self.deliverer.start()
         await self._start_partitions()
+        if self.forwarder is not None:
+            self.forwarder.start()
+        if self.log_writer is not None:
+            self.log_writer.start()
         self._jobs = [
             dedupe_sweeper(self.db, cfg.dedupe_sweep_interval, cfg.dedupe_sweep_delay),
             dead_letter_sweeper(
@@ -235,7 +268,7 @@ class Engine:
             job.start()
         if cfg.ingest_worker:
             await self._start_worker()
-        elif cfg.broker is None or cfg.role != "worker":
+        elif cfg.has("ingest"):
             self._http = create_ingest_runner(front, self.ingest_settings, self.metrics.ingest)
             await self._http.setup()
             site = web.TCPSite(
@@ -265,14 +298,18 @@ class Engine:
                 self.deliverer,
                 self.registry,
                 self.connectors,
+                refusal=None if cfg.broker is None else ERASE_ON_BROKER,
             ),
             self.metrics.ingest,
             cfg.tls,
             self.ingest_settings,
+            log_elsewhere=None if cfg.has("log") else LOG_ELSEWHERE.format(role=cfg.role),
         )
         self._announce()
         await self._start_metrics()
-        if cfg.ui_port is not None:
+        if cfg.ui_port is not None and not cfg.has("log"):
+            log.info("ui_not_served", role=cfg.role, reason="the log service serves the page")
+        elif cfg.ui_port is not None:
             self._ui = UiServer(
                 cfg.host,
                 cfg.ui_port,
@@ -285,13 +322,11 @@ class Engine:
             )
             self.ui_port = await self._ui.start()
 
-    async def _connect_broker(self) -> Ingestor:
-        """With ``--broker``: connects, creates the stream, and gives the ingest that
-        publishes to it; a worker first empties its local queue (``clear_local_queue``).
-        Without: the local ingestor."""
+    async def _connect(self) -> None:
+        """With ``--broker``: connects and creates the streams; a worker gets the
+        forwarder of its log rows, a log service the writer of its outbound log."""
         cfg = self.config
-        if cfg.broker is None:
-            return self.ingestor
+        assert cfg.broker is not None
         self._nc = await connect(cfg.broker, f"tidegate-{cfg.role}-{os.getpid()}")
         js = self._nc.jetstream()
         replicas = replicas_for(self._nc, cfg.broker)
@@ -299,19 +334,41 @@ class Engine:
         # Connections and mappings from the cluster before anything routes or sends.
         self.config_sync = ConfigSync(self._nc, self.registry, replicas)
         await self.config_sync.start()
-        if cfg.role != "ingest":
+        await ensure_log_stream(js, cfg.broker, replicas, cfg.log_stream_days)
+        if cfg.has("worker"):
+            self.forwarder = LogForwarder(self.db, js)
+        if cfg.has("log"):
+            self.log_writer = LogWriter(
+                js,
+                self.logs,
+                consumer_name(cfg.data_dir),
+                cfg.broker,
+                cfg.log_stream_days,
+            )
+
+    async def _connect_broker(self) -> Ingestor:
+        """With ``--broker``: the ingest that publishes to the event stream; a worker
+        first empties its local queue (``clear_local_queue``). Without: the local
+        ingestor."""
+        cfg = self.config
+        if cfg.broker is None or self._nc is None:
+            return self.ingestor
+        js = self._nc.jetstream()
+        if cfg.has("worker"):  # 429 pacing shared with the other workers
+            replicas = replicas_for(self._nc, cfg.broker)
             self.pace_sync = PaceSync(self._nc, self.deliverer, self.registry, replicas)
             await self.pace_sync.start()
             cleared = await clear_local_queue(self.db, self.queue)
             if cleared:
                 log.info("broker_local_queue_cleared", items=cleared)
+        assert self.config_sync is not None  # started by _connect
         return BrokerIngestor(
             self.db, self.registry, self.queue, js, cfg.broker, self.config_sync.stamp
         )
 
     async def _start_partitions(self) -> None:
         cfg = self.config
-        if cfg.broker is None or self._nc is None or cfg.role == "ingest":
+        if cfg.broker is None or self._nc is None or not cfg.has("worker"):
             return
         wait = cfg.takeover_wait
         if wait is None:
@@ -323,7 +380,9 @@ class Engine:
             self.db,
             self.queue,
             wait,
-            None if self.config_sync is None else self.config_sync.wait_for,
+            settled=self.deliverer.settled,
+            hand_back_wait=cfg.delivery.request_timeout,
+            config_applied=None if self.config_sync is None else self.config_sync.wait_for,
         )
         await self.partitions.start()
 
@@ -433,6 +492,12 @@ class Engine:
             if sync is not None:
                 await sync.stop()
         self.pace_sync = self.config_sync = None
+        if self.forwarder is not None:  # after delivery: its last rows go too
+            await self.forwarder.stop()
+            self.forwarder = None
+        if self.log_writer is not None:
+            await self.log_writer.stop()
+            self.log_writer = None
         for job in self._jobs:
             await job.stop()
         self._jobs = []

@@ -16,8 +16,6 @@ import pytest
 from engine.app import Engine, EngineConfig
 from engine.broker import streams
 from engine.broker.cluster import BrokerSetupError, LocalCluster, find_server_binary
-from engine.broker.config_sync import CONFIG_BUCKET
-from engine.broker.pacing import PACE_BUCKET
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS
 from tests.natscluster import nats_cluster
 
@@ -25,18 +23,12 @@ __all__ = ["nats_cluster"]
 
 
 async def reset_broker(cluster: LocalCluster) -> None:
-    """Deletes the event stream and the buckets an earlier test left."""
+    """Deletes every stream and bucket an earlier test left."""
     nc = await nats.connect(cluster.urls)
     js = nc.jetstream()
-    for name in (
-        streams.STREAM,
-        f"KV_{streams.LEASES_BUCKET}",
-        f"KV_{streams.PROFILES_BUCKET}",
-        f"KV_{CONFIG_BUCKET}",
-        f"KV_{PACE_BUCKET}",
-    ):
+    for info in await js.streams_info():
         try:
-            await js.delete_stream(name)
+            await js.delete_stream(info.config.name)
         except nats.js.errors.NotFoundError:
             pass
     await nc.close()

@@ -1,8 +1,9 @@
 """Scale-out end to end with real processes: a 3-node JetStream cluster on loopback,
-``tidegate serve --broker ... --role ingest``, two ``--role worker`` processes and the
-Insider sandbox. The load and the checker are the fault tests' (``tests.faultload``): every
-acknowledged event delivered, zero reordered per customer among first deliveries,
-duplicates counted.
+``tidegate serve --broker ... --role ingest``, two ``--role worker`` processes, two
+``--role log`` processes (each keeps the whole outbound log) and the Insider sandbox. The
+load and the checker are the fault tests' (``tests.faultload``): every acknowledged event
+delivered, zero reordered per customer among first deliveries, duplicates counted; and
+every settled request in the log, once, on each log service.
 
 The kill trials run ``TIDEGATE_BROKER_TRIALS`` times each (default 1, as CI does; the long
 mode runs more, e.g. ``TIDEGATE_BROKER_TRIALS=10``).
@@ -63,7 +64,7 @@ class BrokerEngine(EngineProcess):
             "--broker-max-bytes",
             str(64 << 20),  # the test cluster's nodes store 256 MB each
         ]
-        if role == "worker":
+        if role in ("worker", "log"):  # no ingest port
             self.ports = [self.grpc_port, self.metrics_port]
 
 
@@ -81,6 +82,10 @@ class ScaleOut:
             )
             for i in (1, 2)
         ]
+        self.log_services = [
+            BrokerEngine(tmp_path / f"log{i}.out", tmp_path / f"log{i}", cluster.servers, "log")
+            for i in (1, 2)
+        ]
 
     async def start(self) -> None:
         await reset_broker(self.cluster)
@@ -90,6 +95,8 @@ class ScaleOut:
             await asyncio.to_thread(worker.start)
             # Connections before any event: a worker routes by its own connections.
             await create_connection(worker.target, self.sandbox.url)
+        for service in self.log_services:
+            await asyncio.to_thread(service.start)
 
     def load(self, run_id: str) -> LoadGenerator:
         return LoadGenerator(
@@ -105,12 +112,25 @@ class ScaleOut:
                 return report
             await asyncio.sleep(0.5)
 
+    async def logged(self, within: float = 60.0) -> list[list[str]]:
+        """The request ids in each log service's log, once the workers have forwarded
+        every settled request and each log service holds them all (or ``within`` passed):
+        the sandbox's count of requests is what the log must hold."""
+        deadline = time.monotonic() + within
+        while True:
+            sent = len(await self.control.requests())
+            ids = [[e.id for e in await list_logs(s.target)] for s in self.log_services]
+            if all(len(i) >= sent for i in ids) or time.monotonic() > deadline:
+                return ids
+            await asyncio.sleep(0.5)
+
     def close(self) -> None:
-        for process in [*self.workers, self.ingest, self.sandbox]:
+        for process in [*self.workers, *self.log_services, self.ingest, self.sandbox]:
             process.close()
 
     def tails(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.tail(3000)}" for p in [self.ingest, *self.workers])
+        processes = [self.ingest, *self.workers, *self.log_services]
+        return "\n".join(f"== {p.name}\n{p.tail(3000)}" for p in processes)
 
 
 @pytest.fixture
@@ -134,6 +154,22 @@ def assert_clean(report: CheckReport, load: LoadGenerator, setup: ScaleOut) -> N
     print(f"\n{report.summary()}; load {dict(load.stats.outcomes)}")
 
 
+async def assert_logged(setup: ScaleOut, sent_unsettled: bool = False) -> None:
+    """Every request the sandbox answered is in each log service's log, once. With
+    ``sent_unsettled`` (a worker was killed) a request in flight at the kill was sent but
+    never settled, so it has no row: the log may then hold fewer, never more."""
+    sent = len(await setup.control.requests())
+    for service, ids in zip(setup.log_services, await setup.logged(), strict=True):
+        assert len(ids) == len(set(ids)), f"{service.name}: a row logged twice"
+        if sent_unsettled:
+            assert sent - 10 <= len(ids) <= sent, (service.name, len(ids), sent)
+        else:
+            assert len(ids) == sent, (service.name, len(ids), sent, setup.tails())
+    first, second = await setup.logged()
+    assert sorted(first) == sorted(second)
+    print(f"log: {len(first)} rows on each log service, {sent} requests sent")
+
+
 async def stream_leader(cluster: LocalCluster) -> str:
     nc = await nats.connect(cluster.urls)
     info = await nc.jetstream().stream_info(streams.STREAM)
@@ -150,9 +186,10 @@ async def test_two_workers_deliver_every_event_in_order(scale_out: ScaleOut) -> 
     report = await scale_out.settle(load)
     assert_clean(report, load, scale_out)
     assert report.acknowledged == load.acknowledged_events
-    # The partitions were shared: each worker sent requests of its own.
+    # The partitions were shared: each worker owned some.
     for worker in scale_out.workers:
-        assert await list_logs(worker.target), f"{worker.name} sent nothing\n{worker.tail()}"
+        assert "partition_claimed" in worker.tail(10**7), f"{worker.name} owned nothing"
+    await assert_logged(scale_out)
 
 
 @pytest.mark.long
@@ -168,6 +205,9 @@ async def test_sigkill_of_a_worker_under_load_loses_nothing(
     await load.stop()
     report = await scale_out.settle(load)
     assert_clean(report, load, scale_out)
+    # Restarted, the killed worker forwards the log rows its outbox kept.
+    await asyncio.to_thread(scale_out.workers[0].start)
+    await assert_logged(scale_out, sent_unsettled=True)
 
 
 @pytest.mark.long
@@ -185,3 +225,50 @@ async def test_sigkill_of_the_stream_leader_under_load_loses_nothing(
     await load.stop()
     report = await scale_out.settle(load)
     assert_clean(report, load, scale_out)
+    await assert_logged(scale_out)
+
+
+async def test_workers_joining_and_leaving_under_load_send_nothing_twice(
+    scale_out: ScaleOut,
+) -> None:
+    """A rebalance and a clean stop hand partitions back gracefully: what a worker had
+    taken is delivered and acked before the next owner gets the partition."""
+    first, second = scale_out.workers
+    await asyncio.to_thread(second.terminate, 30.0)  # the first owns every partition
+    load = scale_out.load("handback")
+    load.start()
+    await load.wait_acknowledged(600, within=60)
+    await asyncio.to_thread(second.start)  # joins: the first gives half back under load
+    deadline = time.monotonic() + 60
+    while first.tail(10**7).count('"rebalancing"') < 2:
+        assert time.monotonic() < deadline, "no rebalance\n" + scale_out.tails()
+        await asyncio.sleep(0.2)
+    await load.wait_acknowledged(load.acknowledged_events + 400, within=60)
+    await asyncio.to_thread(first.terminate, 30.0)  # leaves: the second takes the rest
+    await load.wait_acknowledged(load.acknowledged_events + 400, within=60)
+    await load.stop()
+    report = await scale_out.settle(load)
+    assert_clean(report, load, scale_out)
+    assert "worker stopping" in first.tail(10**7)
+    assert report.duplicates == 0, report.summary() + "\n" + scale_out.tails()
+    await assert_logged(scale_out)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("trial", range(TRIALS))
+async def test_sigkill_of_a_log_service_under_load_loses_no_row(
+    scale_out: ScaleOut, trial: int
+) -> None:
+    """The other log service keeps logging; the killed one, restarted, catches up from
+    its own consumer and inserts what it had written but not acknowledged only once."""
+    load = scale_out.load(f"killlog{trial}")
+    load.start()
+    await load.wait_acknowledged(600, within=60)
+    await asyncio.to_thread(scale_out.log_services[0].kill)
+    await load.wait_acknowledged(1400, within=60)
+    await asyncio.to_thread(scale_out.log_services[0].start)
+    await load.wait_acknowledged(1800, within=60)
+    await load.stop()
+    report = await scale_out.settle(load)
+    assert_clean(report, load, scale_out)
+    await assert_logged(scale_out)

@@ -136,13 +136,26 @@ def message_chunks(rows: list[LogRow]) -> Iterator[list[LogRow]]:
 
 
 class LogServicer(logs_pb2_grpc.LogServiceServicer):
-    def __init__(self, logs: LogStore, token_holds: Callable[[str], bool] | None = None) -> None:
-        """``token_holds``: whether a token still admits its caller (None: no recheck)."""
+    def __init__(
+        self,
+        logs: LogStore,
+        token_holds: Callable[[str], bool] | None = None,
+        elsewhere: str | None = None,
+    ) -> None:
+        """``token_holds``: whether a token still admits its caller (None: no recheck).
+        ``elsewhere``: this process keeps no outbound log; every call is refused with
+        this text (FAILED_PRECONDITION), which says where the log is."""
         self._logs = logs
         self._token_holds = token_holds
+        self._elsewhere = elsewhere
+
+    def _here(self) -> None:
+        if self._elsewhere is not None:
+            raise TidegateError(self._elsewhere)
 
     @rpc
     async def ListLogs(self, request: pb.ListLogsRequest, context: Context) -> pb.ListLogsResponse:
+        self._here()
         size = page_size(request.page_size)
         after = PAGES.cursor(request.page_token)
         rows, last = await self._logs.page(query_from_pb(request.filter), size, after)
@@ -152,6 +165,7 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
 
     @rpc
     async def GetLog(self, request: pb.GetLogRequest, context: Context) -> pb.GetLogResponse:
+        self._here()
         if not request.id:
             raise InvalidInputError("id", "required: a request identifier")
         row = await self._logs.get(request.id)
@@ -163,6 +177,8 @@ class LogServicer(logs_pb2_grpc.LogServiceServicer):
         self, request: pb.StreamLogsRequest, context: Context
     ) -> AsyncIterator[pb.StreamLogsResponse]:
         await refuse_undecodable(request, context)
+        if self._elsewhere is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._elsewhere)
         try:
             check_request(request)
             query = query_from_pb(request.filter)

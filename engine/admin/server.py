@@ -89,13 +89,16 @@ async def start_grpc_server(
     ingest_metrics: IngestMetrics | None = None,
     tls: TlsFiles | None = None,
     ingest: IngestSettings | None = None,
+    log_elsewhere: str | None = None,
 ) -> tuple[grpc.aio.Server, int, TokenChecker]:
     """Starts the server; returns it, the bound port (useful with port 0) and its token
     checker (close it after the server stops). ``IngestEvents`` counts its requests in
     ``ingest_metrics``. Every call but health and reflection needs a token of ``db``
     (``engine.admin.auth``). ``ingest``: the ingest settings; ``IngestEvents`` also admits
     their credential, when one is configured, and applies their limits. With
-    ``tls`` the port speaks TLS only (mutual TLS when it names a client CA)."""
+    ``tls`` the port speaks TLS only (mutual TLS when it names a client CA).
+    ``log_elsewhere``: this process keeps no outbound log (a broker role without it);
+    ``LogService`` refuses every call with this text."""
     credentials = None
     if tls is not None:
         cert, key, client_ca = tls.read()
@@ -121,7 +124,8 @@ async def start_grpc_server(
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
     privacy_pb2_grpc.add_PrivacyServiceServicer_to_server(PrivacyServicer(eraser), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(
-        LogServicer(logs, lambda token: checker.check(token) is not None), server
+        LogServicer(logs, lambda token: checker.check(token) is not None, log_elsewhere),
+        server,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(ingestor, ingest_metrics, ingest.limits), server

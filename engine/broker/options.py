@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine.broker.logs import DEFAULT_LOG_STREAM_DAYS
 from engine.broker.streams import (
     DEFAULT_DUPLICATE_WINDOW,
     DEFAULT_LEASE_TTL,
@@ -16,7 +17,7 @@ from engine.broker.streams import (
     parse_servers,
 )
 
-ROLES = ("ingest", "worker", "all")
+ROLES = ("ingest", "worker", "log", "all")
 
 
 def add_broker_options(serve: argparse.ArgumentParser) -> None:
@@ -32,8 +33,8 @@ def add_broker_options(serve: argparse.ArgumentParser) -> None:
         "--role",
         choices=ROLES,
         default=None,
-        help="with --broker: ingest (publish only), worker (own partitions, deliver) or all"
-        " (default all)",
+        help="with --broker: ingest (publish only), worker (own partitions, deliver), log (keep"
+        " the outbound log, serve its reads and the page) or all (default all)",
     )
     group.add_argument(
         "--partitions",
@@ -63,6 +64,14 @@ def add_broker_options(serve: argparse.ArgumentParser) -> None:
         f" {DEFAULT_MAX_BYTES}); past it ingest answers 503",
     )
 
+    group.add_argument(
+        "--log-stream-days",
+        type=float,
+        default=None,
+        help=f"with --broker: days the log-row stream keeps rows for a log service that is"
+        f" down (default {DEFAULT_LOG_STREAM_DAYS:g}); fixed when the stream is created",
+    )
+
 
 def broker_config(args: argparse.Namespace) -> dict[str, Any]:
     """``EngineConfig`` fields for the broker flags; raises ``BrokerError``."""
@@ -72,6 +81,7 @@ def broker_config(args: argparse.Namespace) -> dict[str, Any]:
         "--lease-seconds": args.lease_seconds,
         "--takeover-wait": args.takeover_wait,
         "--broker-max-bytes": args.broker_max_bytes,
+        "--log-stream-days": args.log_stream_days,
     }
     if args.broker is None:
         given = [flag for flag, value in extras.items() if value is not None]
@@ -96,4 +106,5 @@ def broker_config(args: argparse.Namespace) -> dict[str, Any]:
         "broker": settings,
         "role": args.role or "all",
         "takeover_wait": args.takeover_wait,
+        "log_stream_days": args.log_stream_days or DEFAULT_LOG_STREAM_DAYS,
     }

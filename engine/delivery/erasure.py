@@ -87,7 +87,11 @@ class CustomerEraser:
         deliverer: Deliverer,
         registry: ConnectionRegistry,
         connectors: Connectors,
+        refusal: str | None = None,
     ) -> None:
+        """``refusal``: erasure is not available in this process (a broker role: the
+        customer's data is spread over the cluster); ``erase`` refuses with this text."""
+        self._refusal = refusal
         self._db = db
         self._queue = queue
         self._logs = logs
@@ -99,6 +103,8 @@ class CustomerEraser:
     async def erase(self, customer_id: str, at_destinations: bool = False) -> Erasure:
         """Runs the steps of the module doc; returns what went. ``at_destinations``: first
         delete the customer at every connection's destination whose connector can."""
+        if self._refusal is not None:
+            raise TidegateError(self._refusal)
         if not customer_id:
             raise InvalidInputError("customer_id", "required: the Antavo customer ID")
         if len(customer_id) > MAX_CUSTOMER_ID:

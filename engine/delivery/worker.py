@@ -41,8 +41,8 @@ from engine.errors import (
 )
 from engine.metrics import DeliveryMetrics
 from engine.outbound_log import outbox
+from engine.outbound_log.outbox import LogSink
 from engine.outbound_log.rows import LogRow, Outcome, new_request_id
-from engine.outbound_log.store import LogStore
 from engine.plugins import ConnectionHooks, Connectors
 from engine.queue.dead_letters import DeadLetter
 from engine.queue.items import QueueItem
@@ -84,7 +84,7 @@ class Deliverer:
         queue: DurableQueue,
         db: Database,
         connectors: Connectors,
-        logs: LogStore,
+        logs: LogSink,
         settings: DeliverySettings | None = None,
         metrics: DeliveryMetrics | None = None,
     ) -> None:

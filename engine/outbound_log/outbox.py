@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
@@ -21,6 +21,13 @@ from engine.state.database import Database
 
 if TYPE_CHECKING:  # the ingest worker stages no log rows: it need not load DuckDB
     from engine.outbound_log.store import LogStore
+
+
+class LogSink(Protocol):
+    """Where the ``Deliverer`` hands a log row once the row is in the outbox: the
+    ``LogStore`` in the embedded engine, a forwarder to the log service on a broker."""
+
+    async def append(self, row: LogRow) -> None: ...
 
 
 def encode(row: LogRow) -> tuple[str, bytes]:

@@ -67,6 +67,16 @@ def _delete_items(c: sqlite3.Connection, seqs: Sequence[int]) -> int:
     return removed
 
 
+def _queued(c: sqlite3.Connection, seqs: Sequence[int]) -> list[int]:
+    """Which of ``seqs`` are still in the queue."""
+    found: list[int] = []
+    for start in range(0, len(seqs), DELETE_CHUNK):
+        chunk = seqs[start : start + DELETE_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found += [r[0] for r in c.execute(f"SELECT seq FROM queue WHERE seq IN ({marks})", chunk)]
+    return found
+
+
 class DurableQueue:
     """The queue. ``depth`` counts queued items across connections without a query, so
     ingest can refuse work when the backlog is full."""
@@ -151,8 +161,12 @@ class DurableQueue:
                 " first_attempt_time = COALESCE(first_attempt_time, ?) WHERE seq = ?",
                 [(r.next_attempt_time, r.error, now, r.seq) for r in retries],
             )
-            insert_dead_letters(c, dead, now)
-            removed += _delete_items(c, [d.item.seq for d in dead])
+            # Only items still queued: one taken away while its send was in flight (a
+            # partition handed to another worker, an erased customer) is not this send's
+            # to dead-letter; whoever holds it now decides.
+            queued = set(_queued(c, [d.item.seq for d in dead])) if dead else set()
+            insert_dead_letters(c, [d for d in dead if d.item.seq in queued], now)
+            removed += _delete_items(c, list(queued))
             return removed
 
         # Not ``self.depth -= await ...``: that reads depth before the await, and would undo

@@ -213,7 +213,7 @@ async def _demo(args: argparse.Namespace) -> int:
         from engine.broker.streams import BrokerSettings
 
         _print("Starting a three-node NATS JetStream cluster on loopback…")
-        cluster = LocalCluster(data_dir / "nats", size=3, max_file_store="256MB")
+        cluster = LocalCluster(data_dir / "nats", size=3, max_file_store="512MB")
         try:
             await asyncio.to_thread(cluster.start)
         except BaseException:
