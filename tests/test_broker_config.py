@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import nats.js.errors
 import orjson
@@ -37,7 +38,7 @@ from tests.conftest import (
     eventually,
     insider_connection,
 )
-from tests.faultload import create_connection, list_logs
+from tests.faultload import create_connection
 from tests.natscluster import nats_cluster
 from tests.test_broker_cli import TIDEGATE
 from tests.test_broker_cluster import post, reset_broker
@@ -215,7 +216,14 @@ async def test_an_event_ingested_right_after_a_mapping_change_is_sent_with_it(
     b = await processes.start("b", "worker")
     async with engine_client(a) as client:
         await insider_connection(client, sandbox)
-        await eventually(lambda: has_connection(b), within=10)
+        assert a.config_sync is not None
+        made = a.config_sync.stamp()
+
+        async def caught_up() -> bool:  # every mapping of the connection is there
+            assert b.config_sync is not None
+            return b.config_sync.applied >= made
+
+        await eventually(caught_up, within=10)
         replace = b.registry.replace_from_document
 
         async def slowly(*args: Any, **kwargs: Any) -> None:
@@ -238,7 +246,7 @@ async def test_a_worker_waits_for_a_revision_a_bounded_time_then_sends_and_says_
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Never a stall: a change that does not arrive within the worker's wait (cut to
-    0.5 s here, its watcher slowed by 3 s) lets the event go with what the worker has,
+    0.5 s here, its watcher slowed by 8 s) lets the event go with what the worker has,
     and the log says so."""
     a = await processes.start("a", "ingest")
     b = await processes.start("b", "worker")
@@ -246,11 +254,18 @@ async def test_a_worker_waits_for_a_revision_a_bounded_time_then_sends_and_says_
     b.config_sync.revision_wait = 0.5
     async with engine_client(a) as client:
         await insider_connection(client, sandbox)
-        await eventually(lambda: has_connection(b), within=10)
+        assert a.config_sync is not None
+        made = a.config_sync.stamp()
+
+        async def caught_up() -> bool:  # every mapping of the connection is there
+            assert b.config_sync is not None
+            return b.config_sync.applied >= made
+
+        await eventually(caught_up, within=10)
         replace = b.registry.replace_from_document
 
         async def slowly(*args: Any, **kwargs: Any) -> None:
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(8.0)
             await replace(*args, **kwargs)
 
         monkeypatch.setattr(b.registry, "replace_from_document", slowly)
@@ -439,7 +454,7 @@ class ConfiguredOnce(ScaleOut):
     async def start(self) -> None:
         await reset_broker(self.cluster)
         await asyncio.to_thread(self.sandbox.start)
-        for process in [self.ingest, *self.workers]:
+        for process in [self.ingest, *self.workers, *self.log_services]:
             await asyncio.to_thread(process.start)
         await create_connection(self.ingest.target, self.sandbox.url)
 
@@ -457,7 +472,19 @@ async def test_real_processes_deliver_with_a_connection_made_once_on_the_ingest_
         report = await setup.settle(load)
         assert_clean(report, load, setup)
         for worker in setup.workers:  # each worker sent, with the connection it was given
-            assert await list_logs(worker.target), f"{worker.name} sent nothing\n{worker.tail()}"
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(worker.metrics_url) as response,
+            ):
+                scraped = await response.text()
+            sent = [
+                line
+                for line in scraped.splitlines()
+                if line.startswith("tidegate_delivery_requests_total{")
+                and 'code="200"' in line
+                and not line.endswith(" 0.0")
+            ]
+            assert sent, f"{worker.name} sent nothing\n{worker.tail()}"
     finally:
         setup.close()
 
