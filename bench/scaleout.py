@@ -12,7 +12,9 @@ requests of ``BATCH`` with ``IN_FLIGHT`` posts at a time) and deliver to the ben
 For each: events/s from the first post until the sink has every event, the CPU of every
 tidegate process per event (and apart from it the nats-servers'), and the ingest
 acknowledgement p50/p99 (post -> 202, closed loop). Each JetStream set-up starts on an
-empty stream and lease bucket, with workers that hold a fair share of the partitions;
+empty stream and buckets, its processes share one ``TIDEGATE_SECRET_KEY`` and get the
+connection from the one made on the ingest process, with workers that hold a fair share
+of the partitions;
 every set-up first sends one warm-up request through to the sink, not counted. Every
 process and the cluster stop at the end, also on errors.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -30,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import nats
 import nats.js.errors
+from cryptography.fernet import Fernet
 
 from bench import processes
 from bench.pipeline import post_ingest
@@ -197,6 +202,29 @@ def _start_role(data_dir: Path, log_path: Path, servers: str, role: str) -> Proc
     return process
 
 
+async def _create_unless_there(worker: Process, sink: Process) -> None:
+    try:
+        await create_connection(
+            worker.extra["grpc"], sink.extra["url"], token=worker.extra["token"]
+        )
+    except grpc.aio.AioRpcError as exc:
+        if "already exists" not in (exc.details() or ""):
+            raise
+
+
+@contextlib.contextmanager
+def _shared_secret_key() -> Iterator[None]:
+    """``TIDEGATE_SECRET_KEY`` for the processes started meanwhile (unless it is set)."""
+    if os.environ.get("TIDEGATE_SECRET_KEY"):
+        yield
+        return
+    os.environ["TIDEGATE_SECRET_KEY"] = Fernet.generate_key().decode()
+    try:
+        yield
+    finally:
+        os.environ.pop("TIDEGATE_SECRET_KEY", None)
+
+
 async def _reset_broker(cluster: LocalCluster) -> None:
     """Empty streams and buckets for the next set-up."""
     nc = await nats.connect(cluster.urls)
@@ -250,9 +278,15 @@ async def run_jetstream(
     bodies = _bodies(events)
     await _reset_broker(cluster)
     with contextlib.ExitStack() as stack:
+        # The processes of a cluster share one secret key (the configuration they share
+        # carries the API keys encrypted).
+        stack.enter_context(_shared_secret_key())
         sink = stack.enter_context(start_sink(work / "sink.log"))
         ingest = stack.enter_context(
             _start_role(work / "ingest", work / "ingest.log", cluster.servers, "ingest")
+        )
+        await create_connection(
+            ingest.extra["grpc"], sink.extra["url"], token=ingest.extra["token"]
         )
         started = [
             stack.enter_context(_start_role(work / "log", work / "log.log", cluster.servers, "log"))
@@ -261,10 +295,9 @@ async def run_jetstream(
             worker = stack.enter_context(
                 _start_role(work / f"worker{i}", work / f"worker{i}.log", cluster.servers, "worker")
             )
-            # Connections before any event: a worker routes by its own connections.
-            await create_connection(
-                worker.extra["grpc"], sink.extra["url"], token=worker.extra["token"]
-            )
+            # The worker has the connection from the cluster; an engine from before the
+            # shared configuration (--engine-src) routes by its own: make it there too.
+            await _create_unless_there(worker, sink)
             started.append(worker)
         await _wait_balanced(cluster, workers)
         await _drive(

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from engine.admin.auth import TokenChecker
 from engine.admin.server import start_grpc_server
+from engine.broker.config_sync import ConfigSync
 from engine.broker.logs import (
     DEFAULT_LOG_STREAM_DAYS,
     LogForwarder,
@@ -26,6 +27,7 @@ from engine.broker.logs import (
     consumer_name,
     ensure_log_stream,
 )
+from engine.broker.pacing import PaceSync
 from engine.broker.publish import BrokerIngestor
 from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
 from engine.broker.worker import PartitionWorker, clear_local_queue
@@ -180,6 +182,8 @@ class Engine:
         self.partitions: PartitionWorker | None = None
         self.forwarder: LogForwarder | None = None
         self.log_writer: LogWriter | None = None
+        self.config_sync: ConfigSync | None = None
+        self.pace_sync: PaceSync | None = None
         self.admin_token_file: Path | None = None
         """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
@@ -327,6 +331,9 @@ class Engine:
         js = self._nc.jetstream()
         replicas = replicas_for(self._nc, cfg.broker)
         await ensure_stream(js, cfg.broker, replicas)
+        # Connections and mappings from the cluster before anything routes or sends.
+        self.config_sync = ConfigSync(self._nc, self.registry, replicas)
+        await self.config_sync.start()
         await ensure_log_stream(js, cfg.broker, replicas, cfg.log_stream_days)
         if cfg.has("worker"):
             self.forwarder = LogForwarder(self.db, js)
@@ -347,11 +354,17 @@ class Engine:
         if cfg.broker is None or self._nc is None:
             return self.ingestor
         js = self._nc.jetstream()
-        if cfg.has("worker"):
+        if cfg.has("worker"):  # 429 pacing shared with the other workers
+            replicas = replicas_for(self._nc, cfg.broker)
+            self.pace_sync = PaceSync(self._nc, self.deliverer, self.registry, replicas)
+            await self.pace_sync.start()
             cleared = await clear_local_queue(self.db, self.queue)
             if cleared:
                 log.info("broker_local_queue_cleared", items=cleared)
-        return BrokerIngestor(self.db, self.registry, self.queue, js, cfg.broker)
+        assert self.config_sync is not None  # started by _connect
+        return BrokerIngestor(
+            self.db, self.registry, self.queue, js, cfg.broker, self.config_sync.stamp
+        )
 
     async def _start_partitions(self) -> None:
         cfg = self.config
@@ -369,6 +382,7 @@ class Engine:
             wait,
             settled=self.deliverer.settled,
             hand_back_wait=cfg.delivery.request_timeout,
+            config_applied=None if self.config_sync is None else self.config_sync.wait_for,
         )
         await self.partitions.start()
 
@@ -474,6 +488,10 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
+        for sync in (self.pace_sync, self.config_sync):  # after delivery: a pause is shared
+            if sync is not None:
+                await sync.stop()
+        self.pace_sync = self.config_sync = None
         if self.forwarder is not None:  # after delivery: its last rows go too
             await self.forwarder.stop()
             self.forwarder = None

@@ -16,6 +16,7 @@ trials (``tests/test_broker_end_to_end.py``).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 import pytest
+from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
@@ -32,6 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 from engine.app import Engine, EngineConfig
 from engine.broker import streams
 from engine.broker.cluster import LocalCluster
+from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client
 from tests.faultload import (
@@ -64,8 +67,11 @@ class DeliveryContract(RuleBasedStateMachine):
             start_sandbox(config=SandboxConfig(partner_name=PARTNER, api_key=API_KEY))
         )
         self.control = SandboxControl(self.sandbox.url)
+        self.key_before = os.environ.get(SECRET_KEY_ENV)
         if self.cluster is not None:
             self._run(reset_broker(self.cluster))
+            # The workers of a cluster share one secret key (engine.broker.config_sync).
+            os.environ[SECRET_KEY_ENV] = Fernet.generate_key().decode()
         self.generation = 0
         self.engine: Engine | None = self._run(self._start())
         self.acknowledged: dict[str, list[int]] = {}
@@ -95,7 +101,9 @@ class DeliveryContract(RuleBasedStateMachine):
         if self.backend == "jetstream":  # another worker, with a folder of its own
             self.generation += 1
         data_dir = self.dir / f"data{self.generation}"
-        first = not data_dir.exists()
+        # On JetStream only the first worker creates the connection: the later ones get
+        # it from the cluster's configuration.
+        first = not data_dir.exists() and self.generation <= 1
         engine = Engine(self._config(data_dir))
         await engine.start()
         if first:
@@ -173,6 +181,10 @@ class DeliveryContract(RuleBasedStateMachine):
                 self._run(self.engine.stop(grace=0.2))
             self._run(self.sandbox.close())
             self.loop.close()
+            if self.key_before is None:
+                os.environ.pop(SECRET_KEY_ENV, None)
+            else:
+                os.environ[SECRET_KEY_ENV] = self.key_before
             shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _settle(self) -> Any:

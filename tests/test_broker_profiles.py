@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
+from cryptography.fernet import Fernet
 
 from engine.app import Engine, EngineConfig
 from engine.broker import streams
 from engine.broker.cluster import LocalCluster
+from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
 from tests.conftest import insider_connection as make_connection
@@ -43,17 +46,26 @@ async def settled(engine: Engine, acked: int) -> None:
     await eventually(all_acked, within=30)
 
 
-async def start_owner(data_dir: Path, cluster: LocalCluster, sandbox: RunningSandbox) -> Engine:
+async def start_owner(
+    data_dir: Path, cluster: LocalCluster, sandbox: RunningSandbox, create: bool = True
+) -> Engine:
+    """A worker; ``create``: it creates the connection (a later one gets it from the
+    cluster's configuration)."""
     engine = Engine(worker_config(data_dir, cluster))
     await engine.start()
-    async with engine_client(engine) as client:
-        await make_connection(client, sandbox)
+    if create:
+        async with engine_client(engine) as client:
+            await make_connection(client, sandbox)
     return engine
 
 
 async def test_the_next_owner_syncs_only_what_changed_since_the_last_owner(
-    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+    tmp_path: Path,
+    nats_cluster: LocalCluster,
+    sandbox: RunningSandbox,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(SECRET_KEY_ENV, Fernet.generate_key().decode())  # one for the cluster
     await reset_broker(nats_cluster)
     first = await start_owner(tmp_path / "a", nats_cluster, sandbox)
     try:
@@ -64,7 +76,7 @@ async def test_the_next_owner_syncs_only_what_changed_since_the_last_owner(
         assert b"gold" in orjson.dumps(sandbox.state.requests)
     finally:
         await first.stop()
-    second = await start_owner(tmp_path / "b", nats_cluster, sandbox)
+    second = await start_owner(tmp_path / "b", nats_cluster, sandbox, create=False)
     try:
         before = len(sandbox.state.requests)
         change = {"tier": "gold", "first_name": "Pina"}

@@ -17,8 +17,9 @@ sender retries the same events, which the duplicate window then stores once.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +43,10 @@ log = structlog.get_logger("tidegate.broker")
 RETRY_AFTER = 5
 PIPELINE = 2000
 """Publishes in flight at a time for one request."""
+REVISION_HEADER = "Tg-Config-Revision"
+"""The configuration revision (``ConfigSync.stamp``) the ingesting process had applied: the
+worker applies at least that much before it routes the event."""
+_REVISION = re.compile(r"[0-9]{1,18}")
 ERR_STORE_FAILED = 10077
 """nats-server's JSStreamStoreFailedF: ``maximum bytes exceeded`` on a ``discard=new``
 stream past its ``max_bytes``."""
@@ -71,6 +76,12 @@ def encode_event(event: AntavoEvent) -> bytes:
     )
 
 
+def config_revision(headers: dict[str, str] | None) -> int:
+    """The ``Tg-Config-Revision`` of a pulled event; 0 for none (or an unreadable one)."""
+    value = (headers or {}).get(REVISION_HEADER, "")
+    return int(value) if _REVISION.fullmatch(value) else 0
+
+
 def decode_event(payload: bytes) -> AntavoEvent:
     raw: dict[str, Any] = orjson.loads(payload)
     return AntavoEvent(
@@ -95,14 +106,23 @@ class BrokerIngestor(Ingestor):
         queue: DurableQueue,
         js: JetStreamContext,
         settings: BrokerSettings,
+        config_revision: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(db, registry, queue)
         self._js = js
         self._timeout = settings.publish_timeout
+        self._config_revision = config_revision
 
     async def ingest(self, events: Sequence[AntavoEvent]) -> IngestResult:
+        revision = (
+            {} if self._config_revision is None else {REVISION_HEADER: str(self._config_revision())}
+        )
         pending = {
-            i: (event_subject(e.customer), encode_event(e), {"Nats-Msg-Id": message_id(e.id)})
+            i: (
+                event_subject(e.customer),
+                encode_event(e),
+                {"Nats-Msg-Id": message_id(e.id), **revision},
+            )
             for i, e in enumerate(events)
         }
         acks: dict[int, js_api.PubAck] = {}

@@ -57,7 +57,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
-from engine.broker.publish import decode_event
+from engine.broker.publish import config_revision, decode_event
 from engine.broker.streams import (
     STREAM,
     BrokerSettings,
@@ -173,11 +173,14 @@ class PartitionWorker:
         takeover_wait: float,
         settled: Callable[[], Awaitable[None]] | None = None,
         hand_back_wait: float = 10.0,
+        config_applied: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         """``settled``: returns once every batch the local deliverer has claimed so far is
         settled (``Deliverer.settled``); a partition handed back waits for it, up to
         ``hand_back_wait`` seconds, so that what it sent is acked, not sent again."""
         self._nc = nc
+        self._config_applied = config_applied
+        """Waits until this process applied a configuration revision (``ConfigSync``)."""
         self._js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self._ingestor = ingestor
@@ -499,6 +502,9 @@ class PartitionWorker:
             fresh.append((seq, msg, event))
         if not fresh:
             return
+        revision = max(config_revision(msg.headers) for _, msg, _ in fresh)
+        if revision and self._config_applied is not None:  # route with the sender's config
+            await self._config_applied(revision)
         await self._load_profiles(n, {e.customer for _, _, e in fresh if not e.external_id})
         run: list[tuple[int, Msg, AntavoEvent]] = []
         for item in fresh:

@@ -15,7 +15,7 @@ import functools
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,7 +25,7 @@ import structlog
 from engine.connector.records import Delivery, SendResult
 from engine.delivery.batch import Batch, pack
 from engine.delivery.outcomes import Settlement, log_rows, settle
-from engine.delivery.pace import Pace
+from engine.delivery.pace import MAX_INTERVAL, Pace
 from engine.delivery.transport import (
     Exchange,
     RecordingTransport,
@@ -104,6 +104,10 @@ class Deliverer:
         # Batches from their claim until settled: what ``settled()`` waits for.
         self._open_batches: dict[int, asyncio.Event] = {}
         self._batch_count = 0
+        self._paces: dict[str, Pace] = {}
+        self.on_pace: Callable[[str, Pace], None] | None = None
+        """Called with a connection's pace after a 429 slowed it (its hold and interval
+        changed): how the broker shares 429 pacing with the cluster's other workers."""
 
     async def start(self) -> None:
         # Hosts the operator allowed by name may resolve to internal addresses.
@@ -126,6 +130,7 @@ class Deliverer:
             self._connectors.forget(connection_id)
             task = self._workers.pop(connection_id, None)
             self._wakes.pop(connection_id, None)
+            self._paces.pop(connection_id, None)
             if task:
                 task.cancel()
             return
@@ -201,7 +206,7 @@ class Deliverer:
 
     async def _loop(self, connection_id: str, settling: list[_Settling]) -> None:
         wake = self._wakes[connection_id]
-        pace = Pace()
+        pace = self._paces.setdefault(connection_id, Pace())
         was_paused = self._registry.is_paused(connection_id)
         while not self._stopping:
             if settling and settling[0].task.done():
@@ -434,6 +439,8 @@ class Deliverer:
             pace.hold_until = now + settlement.hold
         if settlement.throttled:
             pace.slow_down()
+            if self.on_pace is not None:
+                self.on_pace(hooks.connection.id, pace)
         if settlement.item_cap is not None:
             pace.item_cap = settlement.item_cap
         if settlement.pause:
@@ -441,6 +448,14 @@ class Deliverer:
             pace.probe = True
         if settlement.succeeded:
             pace.succeeded(items, hooks.info.max_batch_items)
+
+    def merge_pace(self, connection_id: str, hold_until: float, interval: float) -> None:
+        """Takes a pace another process learned for this connection: no request before
+        the later of the two holds, at the longer of the two intervals. A lane waiting
+        out its delay sees it when the wait ends; a request already going out goes."""
+        pace = self._paces.setdefault(connection_id, Pace())
+        pace.hold_until = max(pace.hold_until, hold_until)
+        pace.interval = min(MAX_INTERVAL, max(pace.interval, interval))
 
     async def _commit(
         self,

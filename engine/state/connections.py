@@ -608,6 +608,44 @@ class ConnectionRegistry:
         await self._reload(connection_id)
         await self._changed(connection_id)
 
+    # -- rows as a document (engine.broker.config_sync) ------------------------------------
+
+    @property
+    def secrets(self) -> SecretBox:
+        """The box that encrypts the stored API keys (the broker checks that every
+        process of a cluster has the same key)."""
+        return self._secrets
+
+    async def document(self, connection_id: str) -> dict[str, object] | None:
+        """The connection's rows as stored in SQLite (the API key still encrypted), as a
+        plain document; None when there is no such connection."""
+        return await self._db.read(lambda c: _document(c, connection_id))
+
+    async def replace_from_document(
+        self, connection_id: str, document: Mapping[str, object] | None, notify: bool = True
+    ) -> None:
+        """Replaces the connection's rows with ``document`` (as ``document`` gives it; None
+        deletes the connection and its queued items) in one transaction, reloads it, and
+        tells the listeners unless ``notify`` is False. The rows were validated where they
+        were written; a connector that is not installed here is refused
+        (``InvalidInputError``) and nothing is written."""
+        if document is not None:
+            row = document["connection"]
+            assert isinstance(row, dict)
+            self._connectors.get(str(row["connector"]))
+
+        def replace(c: sqlite3.Connection) -> None:
+            if document is None:
+                c.execute("DELETE FROM queue WHERE connection_id=?", (connection_id,))
+                c.execute("DELETE FROM connections WHERE id=?", (connection_id,))
+                return
+            _replace_rows(c, connection_id, document)
+
+        await self._db.write(replace)
+        await self._reload(connection_id)
+        if notify:
+            await self._changed(connection_id)
+
     # -- loading -----------------------------------------------------------------------
 
     async def refresh(self, connection_id: str) -> None:
@@ -713,3 +751,84 @@ def _params_from_json(text: str) -> tuple[ParameterMapping, ...]:
     return tuple(
         ParameterMapping(p["source"], p["target"], bool(p["custom"])) for p in orjson.loads(text)
     )
+
+
+CONNECTION_COLUMNS = (
+    "id",
+    "display_name",
+    "connector",
+    "settings",
+    "api_key_encrypted",
+    "api_key_hint",
+    "id_source_attribute",
+    "id_target_identifier",
+    "id_custom",
+    "state",
+    "state_reason",
+    "retry_window_seconds",
+    "credentials_version",
+    "mapping_version",
+    "create_time",
+    "update_time",
+)
+PROFILE_MAPPING_COLUMNS = ("id", "source_attribute", "target_attribute", "custom", "array_mode")
+EVENT_MAPPING_COLUMNS = ("id", "source_event", "target_event", "parameters")
+DOCUMENT_VERSION = 1
+
+
+def _document(c: sqlite3.Connection, connection_id: str) -> dict[str, object] | None:
+    row = c.execute(
+        f"SELECT {', '.join(CONNECTION_COLUMNS)} FROM connections WHERE id=?", (connection_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    connection = dict(zip(CONNECTION_COLUMNS, row, strict=True))
+    connection["api_key_encrypted"] = bytes(connection["api_key_encrypted"]).decode("ascii")
+    profiles = c.execute(
+        f"SELECT {', '.join(PROFILE_MAPPING_COLUMNS)} FROM profile_mappings"
+        " WHERE connection_id=? ORDER BY rowid",
+        (connection_id,),
+    ).fetchall()
+    events = c.execute(
+        f"SELECT {', '.join(EVENT_MAPPING_COLUMNS)} FROM event_mappings"
+        " WHERE connection_id=? ORDER BY rowid",
+        (connection_id,),
+    ).fetchall()
+    return {
+        "version": DOCUMENT_VERSION,
+        "connection": connection,
+        "profile_mappings": [dict(zip(PROFILE_MAPPING_COLUMNS, r, strict=True)) for r in profiles],
+        "event_mappings": [dict(zip(EVENT_MAPPING_COLUMNS, r, strict=True)) for r in events],
+    }
+
+
+def _replace_rows(
+    c: sqlite3.Connection, connection_id: str, document: Mapping[str, object]
+) -> None:
+    row = document["connection"]
+    profiles = document["profile_mappings"]
+    events = document["event_mappings"]
+    assert isinstance(row, dict) and isinstance(profiles, list) and isinstance(events, list)
+    if row["id"] != connection_id:
+        raise TidegateError("a configuration document names another connection than its key")
+    values = [row[name] for name in CONNECTION_COLUMNS]
+    values[CONNECTION_COLUMNS.index("api_key_encrypted")] = str(row["api_key_encrypted"]).encode()
+    updates = ", ".join(f"{name}=excluded.{name}" for name in CONNECTION_COLUMNS[1:])
+    c.execute(
+        f"INSERT INTO connections ({', '.join(CONNECTION_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(CONNECTION_COLUMNS))})"
+        f" ON CONFLICT(id) DO UPDATE SET {updates}",
+        values,
+    )
+    c.execute("DELETE FROM profile_mappings WHERE connection_id=?", (connection_id,))
+    c.execute("DELETE FROM event_mappings WHERE connection_id=?", (connection_id,))
+    for table, columns, mappings in (
+        ("profile_mappings", PROFILE_MAPPING_COLUMNS, profiles),
+        ("event_mappings", EVENT_MAPPING_COLUMNS, events),
+    ):
+        for mapping in mappings:
+            c.execute(
+                f"INSERT OR REPLACE INTO {table} (connection_id, {', '.join(columns)})"
+                f" VALUES (?, {', '.join('?' * len(columns))})",
+                (connection_id, *(mapping[name] for name in columns)),
+            )
