@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import nats
 import nats.js.errors
 import orjson
@@ -38,11 +37,9 @@ from tests.conftest import (
     eventually,
     insider_connection,
 )
-from tests.faultload import create_connection
 from tests.natscluster import nats_cluster
 from tests.test_broker_cli import TIDEGATE
 from tests.test_broker_cluster import post, reset_broker
-from tests.test_broker_end_to_end import ScaleOut, assert_clean
 from tests.test_cli_admin import engine_flags, tidegate
 
 __all__ = ["nats_cluster"]
@@ -445,48 +442,6 @@ async def test_a_connection_whose_connector_is_not_installed_here_is_refused_and
     assert not await has_connection(a, "elsewhere")
     out = capsys.readouterr().out
     assert "config_connector_missing" in out and "salesforce" in out
-
-
-class ConfiguredOnce(ScaleOut):
-    """The end-to-end set-up of real ``tidegate serve --broker`` processes (an ingest, two
-    workers), with the connection created once, on the ingest process."""
-
-    async def start(self) -> None:
-        await reset_broker(self.cluster)
-        await asyncio.to_thread(self.sandbox.start)
-        for process in [self.ingest, *self.workers, *self.log_services]:
-            await asyncio.to_thread(process.start)
-        await create_connection(self.ingest.target, self.sandbox.url)
-
-
-async def test_real_processes_deliver_with_a_connection_made_once_on_the_ingest_process(
-    tmp_path: Path, nats_cluster: LocalCluster, shared_key: str
-) -> None:
-    setup = ConfiguredOnce(tmp_path, nats_cluster)
-    try:
-        await setup.start()
-        load = setup.load("once")
-        load.start()
-        await load.wait_acknowledged(600, within=60)
-        await load.stop()
-        report = await setup.settle(load)
-        assert_clean(report, load, setup)
-        for worker in setup.workers:  # each worker sent, with the connection it was given
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(worker.metrics_url) as response,
-            ):
-                scraped = await response.text()
-            sent = [
-                line
-                for line in scraped.splitlines()
-                if line.startswith("tidegate_delivery_requests_total{")
-                and 'code="200"' in line
-                and not line.endswith(" 0.0")
-            ]
-            assert sent, f"{worker.name} sent nothing\n{worker.tail()}"
-    finally:
-        setup.close()
 
 
 async def test_a_change_made_while_the_cluster_has_no_quorum_lands_once_it_has(

@@ -16,9 +16,9 @@ from plugins.insider.sandbox.server import Fault
 from tests.conftest import API_KEY, PARTNER, engine_client, eventually, insider_connection
 from tests.natscluster import nats_cluster
 from tests.test_broker_cluster import post, reset_broker
-from tests.test_broker_log import config
+from tests.test_broker_log import config, one_key
 
-__all__ = ["nats_cluster"]
+__all__ = ["nats_cluster", "one_key"]
 
 EVENTS = 3000
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
+from cryptography.fernet import Fernet
 
 from engine.app import Engine, EngineConfig
 from engine.broker import logs as broker_logs
@@ -20,6 +21,7 @@ from engine.broker.cluster import LocalCluster
 from engine.outbound_log import outbox
 from engine.outbound_log.rows import LogRow, new_request_id
 from engine.outbound_log.store import LogStore
+from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
 from tests.conftest import insider_connection as make_connection
@@ -93,6 +95,12 @@ def counts(
 
     check.__name__ = f"{what} == {expected}"
     return check
+
+
+@pytest.fixture(autouse=True)
+def one_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes of a cluster share one secret key (they share encrypted API keys)."""
+    monkeypatch.setenv(SECRET_KEY_ENV, Fernet.generate_key().decode())
 
 
 @pytest.fixture
@@ -184,9 +192,9 @@ async def test_a_workers_rows_reach_the_log_service_and_leave_its_outbox(
     ingest = Engine(config(tmp_path / "ingest", log_stream, "ingest"))
     worker = Engine(config(tmp_path / "worker", log_stream, "worker"))
     service = Engine(config(tmp_path / "log", log_stream, "log"))
-    for engine in (ingest, worker, service):
-        await engine.start()
     try:
+        for engine in (ingest, worker, service):
+            await engine.start()
         async with engine_client(worker) as client:
             await make_connection(client, sandbox)
         for i in range(3):
