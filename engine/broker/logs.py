@@ -58,15 +58,6 @@ WRITE_BATCH = 1000
 FETCH_TIMEOUT = 1.0
 PUBLISH_TIMEOUT = 5.0
 RETRY_MIN, RETRY_MAX = 0.5, 5.0
-TRANSIENT = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.APIError,
-    asyncio.TimeoutError,
-)
 
 
 def log_stream_config(
