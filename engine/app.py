@@ -18,6 +18,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from engine.admin.auth import TokenChecker
+from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.server import start_grpc_server
 from engine.broker.config_sync import ConfigSync
 from engine.broker.logs import (
@@ -29,6 +30,7 @@ from engine.broker.logs import (
 )
 from engine.broker.pacing import PaceSync
 from engine.broker.publish import BrokerIngestor
+from engine.broker.replay import StreamReplay
 from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
 from engine.broker.worker import PartitionWorker, clear_local_queue
 from engine.connector.destinations import Allowance
@@ -84,6 +86,11 @@ ERASE_ON_BROKER = (
 LOG_ELSEWHERE = (
     "this process (--role {role}) keeps no outbound log: ask a process started with"
     " --role log (or all), which keeps every worker's rows"
+)
+
+DEAD_LETTERS_ELSEWHERE = (
+    "this process (--role {role}) keeps no dead letters: each worker keeps the ones it"
+    " made; ask the workers (--role worker or all)"
 )
 
 
@@ -279,6 +286,7 @@ class Engine:
             )
             await site.start()
             self.http_port = self._http.addresses[0][1]
+        dead_letters = self._dead_letter_service()
         self._grpc, self.grpc_port, self._checker = await start_grpc_server(
             cfg.host,
             cfg.grpc_port,
@@ -286,7 +294,7 @@ class Engine:
             self.queue,
             self.logs,
             front,
-            self.deliverer.wake,
+            dead_letters,
             self.connectors,
             cfg.data_dir,
             self.db,
@@ -316,11 +324,26 @@ class Engine:
                 self.logs,
                 self._checker,
                 tls=None if cfg.tls is None else cfg.tls.server_context(),
-                operate=OperateViews(
-                    self.registry, self.queue, self.logs, self.db, self.deliverer.wake
-                ),
+                operate=OperateViews(self.registry, self.queue, self.logs, self.db, dead_letters),
             )
             self.ui_port = await self._ui.start()
+
+    def _dead_letter_service(self) -> DeadLetterServicer:
+        """Embedded: the local queue's dead letters, replayed into it. On a broker, a
+        worker's own dead letters, replayed through the event stream to the customer's
+        current owner (``engine.broker.replay``); a process without the worker role has
+        none and says where they are."""
+        cfg = self.config
+        if cfg.broker is None or self._nc is None:
+            return DeadLetterServicer(self.queue, self.deliverer.wake)
+        if not cfg.has("worker"):
+            return DeadLetterServicer(
+                self.queue,
+                self.deliverer.wake,
+                elsewhere=DEAD_LETTERS_ELSEWHERE.format(role=cfg.role),
+            )
+        replayer = StreamReplay(self.db, self._nc.jetstream(), cfg.broker)
+        return DeadLetterServicer(self.queue, self.deliverer.wake, replayer)
 
     async def _connect(self) -> None:
         """With ``--broker``: connects and creates the streams; a worker gets the

@@ -21,6 +21,7 @@ from tests.test_broker_log import config, one_key
 __all__ = ["nats_cluster", "one_key"]
 
 EVENTS = 3000
+CONNECTION = "insider-main"
 
 
 async def test_a_down_destination_does_not_hold_back_another_connection(
@@ -61,8 +62,8 @@ async def test_a_down_destination_does_not_hold_back_another_connection(
 async def test_a_replayed_dead_letter_survives_a_worker_restart(
     tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
 ) -> None:
-    """A replay queues the item locally, outside the stream: the restart's clearing of
-    the local queue (whose other items come back from the stream) keeps it."""
+    """A replay goes through the stream (``engine.broker.replay``): a worker stopped while
+    the replayed item waits for a down destination, and started again, sends it."""
     await reset_broker(nats_cluster)
     engine = Engine(config(tmp_path / "all", nats_cluster, "all"))
     await engine.start()
@@ -105,3 +106,64 @@ async def test_a_replayed_dead_letter_survives_a_worker_restart(
         await eventually(delivered, within=30)
     finally:
         await engine.stop()
+
+
+async def test_a_dead_letter_replayed_on_one_worker_is_sent_by_the_customers_owner(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """Dead letters are the worker's that made them, but their customers' partitions move:
+    the replay is published to the stream, so the customer's current owner sends it,
+    after that customer's queued events, and the worker that replayed can stop at once."""
+    await reset_broker(nats_cluster)
+    first = Engine(config(tmp_path / "first", nats_cluster, "all"))
+    second = Engine(config(tmp_path / "second", nats_cluster, "all"))
+    await first.start()
+    started = []
+    try:
+        async with engine_client(first) as client:
+            await insider_connection(client, sandbox)
+        sandbox.state.faults.append(Fault(400, remaining=10**9))
+        customers = [f"c{n}" for n in range(20)]
+        events = [
+            {"id": f"e-{c}", "customer": c, "action": "point_add", "data": {"points": 1}}
+            for c in customers
+        ]
+        assert (await post(first, events)).status == 202
+
+        async def all_dead_and_acked() -> bool:
+            return first.partitions is not None and first.partitions.acked == len(customers)
+
+        await eventually(all_dead_and_acked, within=30)
+        sandbox.state.faults.clear()
+        await second.start()
+        started.append(second)
+
+        async def shared() -> bool:  # two partitions: one each
+            return all(e.partitions and len(e.partitions.owned) == 1 for e in (first, second))
+
+        await eventually(shared, within=30)
+        async with engine_client(first) as client:
+            stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+            replayed = await stub.ReplayDeadLetters(
+                dpb.ReplayDeadLettersRequest(filter=dpb.DeadLetterFilter(connection_id=CONNECTION))
+            )
+            assert replayed.replayed == len(customers)
+            left = await stub.ListDeadLetters(dpb.ListDeadLettersRequest(page_size=100))
+            assert list(left.dead_letters) == []
+        await first.stop()
+
+        async def delivered() -> bool:
+            return all(sandbox.state.lookup("uuid", c) is not None for c in customers)
+
+        await eventually(delivered, within=30)
+        # Each once, and the second worker sent some: it owns half the partitions and
+        # never had these customers' events (it started after they were settled).
+        assert [len(sandbox.state.lookup("uuid", c).events) for c in customers] == [1] * 20  # type: ignore[union-attr]
+        sent_by_second = second.metrics.registry.get_sample_value(
+            "tidegate_items_delivered_total", {"connection": CONNECTION}
+        )
+        assert sent_by_second, "the worker that replayed sent every replay itself"
+    finally:
+        await first.stop()
+        for engine in started:
+            await engine.stop()

@@ -21,6 +21,8 @@ from engine.broker.cluster import LocalCluster
 from engine.outbound_log import outbox
 from engine.outbound_log.rows import LogRow, new_request_id
 from engine.outbound_log.store import LogStore
+from engine.pb import dead_letters_pb2 as dpb
+from engine.pb import dead_letters_pb2_grpc
 from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
@@ -226,6 +228,18 @@ async def test_a_workers_rows_reach_the_log_service_and_leave_its_outbox(
                     await client.list_logs(page_size=10)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "--role log" in str(refused.value.details())
+        # The log service and the ingest process keep no dead letters: the workers do.
+        for elsewhere in (service, ingest):
+            async with engine_client(elsewhere) as client:
+                stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.ListDeadLetters(dpb.ListDeadLettersRequest(page_size=10))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "ask the workers" in str(refused.value.details())
+        async with engine_client(worker) as client:
+            stub = dead_letters_pb2_grpc.DeadLetterServiceStub(client.channel)
+            listed = await stub.ListDeadLetters(dpb.ListDeadLettersRequest(page_size=10))
+            assert list(listed.dead_letters) == []
     finally:
         for engine in (ingest, worker, service):
             await engine.stop()

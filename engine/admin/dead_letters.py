@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC
+from typing import Protocol
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,11 +12,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from engine.admin.connections import timestamp
 from engine.admin.errors import Context, rpc
 from engine.admin.paging import Pager, page_size
-from engine.errors import InvalidInputError
+from engine.errors import InvalidInputError, TidegateError
 from engine.pb import dead_letters_pb2 as pb
 from engine.pb import dead_letters_pb2_grpc
-from engine.queue.dead_letters import DeadLetterQuery, StoredDeadLetter
+from engine.queue.dead_letters import DeadLetterQuery, ReplayResult, StoredDeadLetter
 from engine.queue.lanes import DurableQueue
+
+
+class Replayer(Protocol):
+    """What queues dead letters again: the local queue (``DurableQueue.replay``), or on
+    a broker worker the event stream (``engine.broker.replay.StreamReplay``)."""
+
+    async def replay(self, query: DeadLetterQuery, stored: bool, dry_run: bool) -> ReplayResult: ...
+
 
 PAGES = Pager[tuple[int]]("ListDeadLetters", (int,))
 """ListDeadLetters tokens: the id of the page's last dead letter."""
@@ -59,14 +68,30 @@ def dead_letter_pb(d: StoredDeadLetter) -> pb.DeadLetter:
 
 
 class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
-    def __init__(self, queue: DurableQueue, on_replayed: Callable[[set[str]], None]) -> None:
+    def __init__(
+        self,
+        queue: DurableQueue,
+        on_replayed: Callable[[set[str]], None],
+        replayer: Replayer | None = None,
+        elsewhere: str | None = None,
+    ) -> None:
+        """``on_replayed`` wakes delivery for the connections a replay queued items of;
+        ``replayer``: what replays (default ``queue``). ``elsewhere``: this process keeps
+        no dead letters; every call is refused with this text (FAILED_PRECONDITION)."""
         self._queue = queue
         self._on_replayed = on_replayed
+        self._replayer: Replayer = queue if replayer is None else replayer
+        self._elsewhere = elsewhere
+
+    def _here(self) -> None:
+        if self._elsewhere is not None:
+            raise TidegateError(self._elsewhere)
 
     @rpc
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
+        self._here()
         size = page_size(request.page_size)
         after = PAGES.cursor(request.page_token)
         found = await self._queue.dead_letters(
@@ -82,13 +107,14 @@ class DeadLetterServicer(dead_letters_pb2_grpc.DeadLetterServiceServicer):
     async def ReplayDeadLetters(
         self, request: pb.ReplayDeadLettersRequest, context: Context
     ) -> pb.ReplayDeadLettersResponse:
+        self._here()
         query = query_from_pb(request.filter, tuple(request.ids))
         if query == DeadLetterQuery():
             raise InvalidInputError(
                 "ids", "give dead-letter ids or a filter (replaying everything needs a filter)"
             )
         stored = request.mode == pb.REPLAY_MODE_STORED_REQUEST
-        result = await self._queue.replay(query, stored=stored, dry_run=request.dry_run)
+        result = await self._replayer.replay(query, stored=stored, dry_run=request.dry_run)
         if result.replayed and not request.dry_run:
             self._on_replayed(set(result.connections))
         return pb.ReplayDeadLettersResponse(

@@ -3,7 +3,6 @@ proto files."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -81,7 +80,7 @@ async def start_grpc_server(
     queue: DurableQueue,
     logs: LogStore,
     ingestor: Ingestor,
-    on_replayed: Callable[[set[str]], None],
+    dead_letters: DeadLetterServicer,
     connectors: Connectors,
     data_dir: Path,
     db: Database,
@@ -130,9 +129,7 @@ async def start_grpc_server(
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(ingestor, ingest_metrics, ingest.limits), server
     )
-    dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(
-        DeadLetterServicer(queue, on_replayed), server
-    )
+    dead_letters_pb2_grpc.add_DeadLetterServiceServicer_to_server(dead_letters, server)
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
         CatalogServicer(registry, connectors, ingestor), server
     )

@@ -28,6 +28,10 @@ acked nothing it had not settled. ``ack_wait`` is an hour: an event held by a re
 stays pending and is redelivered only when a consumer is re-created; a redelivery of a
 stream sequence this worker already queued only replaces the ack handle.
 
+A dead letter replayed on any worker arrives as a message with the ``Tg-Replay`` header
+(``engine.broker.replay``): it is queued as it is (no re-send check, no routing), in
+stream order with the customer's events, and tracked and acked like an event.
+
 Profiles follow a partition: after each profile event the merged profile is kept with the
 event, and written to the ``tg_profiles`` bucket (key: the customer token) just before the
 event is acked; the first time a worker meets a customer in an ownership it replaces its
@@ -58,6 +62,7 @@ from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
 from engine.broker.publish import config_revision, decode_event
+from engine.broker.replay import ReplayedItem, decode_replay, is_replay
 from engine.broker.streams import (
     STREAM,
     BrokerSettings,
@@ -72,7 +77,7 @@ from engine.broker.streams import (
 from engine.connector.records import PROFILE_ACTIONS, AntavoEvent
 from engine.errors import BacklogFullError
 from engine.ingest.ingestor import Ingestor
-from engine.queue.items import ORIGIN_REPLAY, ORIGIN_REPLAY_STORED
+from engine.queue.items import ORIGIN_REPLAY, ORIGIN_REPLAY_STORED, new_items
 from engine.queue.lanes import DurableQueue
 from engine.state.database import Database
 from engine.state.profiles import load_profile
@@ -106,6 +111,17 @@ TRANSIENT = (
 )
 
 
+REPLAY_ORIGINS = f"'{ORIGIN_REPLAY}', '{ORIGIN_REPLAY_STORED}'"
+
+
+def customer_of(event: AntavoEvent | ReplayedItem) -> str:
+    """The customer whose profile a worker loads before queuing ``event``: none for an
+    event sent under an external ID (resolved locally)."""
+    if isinstance(event, ReplayedItem):
+        return event.customer_id
+    return "" if event.external_id else event.customer
+
+
 @dataclass(slots=True)
 class Pending:
     """A pulled event in the local queue, not yet acked."""
@@ -121,6 +137,8 @@ class Pending:
     queued: bool = True
     """False while this event's local ingest runs: its queue items may not be committed
     yet, so the ack check must not take it for settled."""
+    replay: bool = False
+    """A replayed dead letter (``engine.broker.replay``), not an event: no re-send mark."""
 
 
 @dataclass
@@ -143,19 +161,18 @@ async def finish(task: asyncio.Task[None]) -> None:
 
 
 async def clear_local_queue(db: Database, queue: DurableQueue) -> int:
-    """At a worker's start: every local queue item that came from the stream belongs to
-    an event that was never acked (an ack waits for the queue to empty of it), so
-    JetStream hands those events to the partition's next owner. Those items go, with
-    their re-send marks (or the redelivery would count as a re-send here). Items a
-    dead-letter replay queued stay: they are in no stream, this queue is their only copy."""
+    """At a worker's start: every local queue item came from the stream (events, and dead
+    letters replayed through it: ``engine.broker.replay``) and was never acked (an ack
+    waits for the queue to empty of it), so JetStream hands it to the partition's next
+    owner. The items go, with the re-send marks of their events (or the redelivery would
+    count as a re-send here); a replayed dead letter's event keeps its mark."""
 
     def clear(c: sqlite3.Connection) -> int:
-        from_stream = f"origin NOT IN ('{ORIGIN_REPLAY}', '{ORIGIN_REPLAY_STORED}')"
         c.execute(
             "DELETE FROM seen_events WHERE event_id IN"
-            f" (SELECT event_id FROM queue WHERE {from_stream})"
+            f" (SELECT event_id FROM queue WHERE origin NOT IN ({REPLAY_ORIGINS}))"
         )
-        return int(c.execute(f"DELETE FROM queue WHERE {from_stream}").rowcount)
+        return int(c.execute("DELETE FROM queue").rowcount)
 
     removed = await db.write(clear)
     await queue.load()
@@ -337,29 +354,24 @@ class PartitionWorker:
         own.stopped = True
         if own.task is not None:
             await finish(own.task)
-        seqs = [s for s, p in self.pending.items() if p.partition == n]
-        ids = sorted({self.pending[s].event_id for s in seqs})
-        for s in seqs:
-            entry = self.pending.pop(s)
-            lane = self._by_customer.get(entry.customer)
-            if lane is not None:
-                with contextlib.suppress(ValueError):
-                    lane.remove(s)
-                if not lane:
-                    del self._by_customer[entry.customer]
+        entries = [p for p in self.pending.values() if p.partition == n]
+        ids = sorted({p.event_id for p in entries})
+        # A replayed dead letter's event was accepted long ago: its mark stays.
+        marked = sorted({p.event_id for p in entries if not p.replay})
+        for entry in entries:
+            self._untrack(entry)
         for customer in [c for c, p in self._fresh.items() if p == n]:
             del self._fresh[customer]
 
         def forget(c: sqlite3.Connection) -> int:
-            marks = orjson.dumps(ids).decode()
             c.execute(
                 "DELETE FROM seen_events WHERE event_id IN (SELECT value FROM json_each(?))",
-                (marks,),
+                (orjson.dumps(marked).decode(),),
             )
             return int(
                 c.execute(
                     "DELETE FROM queue WHERE event_id IN (SELECT value FROM json_each(?))",
-                    (marks,),
+                    (orjson.dumps(ids).decode(),),
                 ).rowcount
             )
 
@@ -369,13 +381,13 @@ class PartitionWorker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._leases.delete(f"p.{n}", last=own.revision), 2.0)
         # Giving back a partition with nothing held is routine (a clean stop, a rebalance).
-        emit = log.info if release and not seqs else log.warning
+        emit = log.info if release and not entries else log.warning
         emit(
             "partition_released" if release else "partition_fenced",
             worker=self.id,
             partition=n,
             reason=reason,
-            events_given_back=len(seqs),
+            events_given_back=len(entries),
             items_dropped=removed,
         )
 
@@ -481,7 +493,7 @@ class PartitionWorker:
         return (info.num_ack_pending or 0) > 0
 
     async def _take(self, n: int, msgs: Sequence[Msg]) -> None:
-        fresh: list[tuple[int, Msg, AntavoEvent]] = []
+        fresh: list[tuple[int, Msg, AntavoEvent | ReplayedItem]] = []
         for msg in msgs:
             seq = msg.metadata.sequence.stream
             known = self.pending.get(seq)
@@ -489,7 +501,9 @@ class PartitionWorker:
                 known.reply = msg.reply
                 continue
             try:
-                event = decode_event(msg.data)
+                event = (
+                    decode_replay(msg.data) if is_replay(msg.headers) else decode_event(msg.data)
+                )
             except (ValueError, KeyError, TypeError) as exc:
                 log.error(
                     "broker_event_undecodable",
@@ -505,17 +519,58 @@ class PartitionWorker:
         revision = max(config_revision(msg.headers) for _, msg, _ in fresh)
         if revision and self._config_applied is not None:  # route with the sender's config
             await self._config_applied(revision)
-        await self._load_profiles(n, {e.customer for _, _, e in fresh if not e.external_id})
+        await self._load_profiles(n, {customer_of(e) for _, _, e in fresh if customer_of(e)})
         run: list[tuple[int, Msg, AntavoEvent]] = []
-        for item in fresh:
-            event = item[2]
-            if event.action in PROFILE_ACTIONS and event.data and not event.external_id:
+        for seq, msg, event in fresh:
+            if isinstance(event, ReplayedItem):  # in stream order with the events around it
                 await self._ingest(n, run)
                 run = []
-                await self._ingest(n, [item], snapshot=True)
+                await self._requeue(n, seq, msg, event)
+            elif event.action in PROFILE_ACTIONS and event.data and not event.external_id:
+                await self._ingest(n, run)
+                run = []
+                await self._ingest(n, [(seq, msg, event)], snapshot=True)
             else:
-                run.append(item)
+                run.append((seq, msg, event))
         await self._ingest(n, run)
+
+    def _track(self, entry: Pending) -> None:
+        self.pending[entry.seq] = entry
+        self._by_customer.setdefault(entry.customer, []).append(entry.seq)
+
+    def _untrack(self, entry: Pending) -> None:
+        self.pending.pop(entry.seq, None)
+        lane = self._by_customer.get(entry.customer)
+        if lane is not None:
+            with contextlib.suppress(ValueError):
+                lane.remove(entry.seq)
+            if not lane:
+                del self._by_customer[entry.customer]
+
+    async def _requeue(self, n: int, seq: int, msg: Msg, item: ReplayedItem) -> None:
+        """Queues a replayed dead letter at the end of its customer's lane, tracked (and
+        acked once settled) like an event; dropped with the partition like one."""
+        entry = Pending(seq, msg.reply, item.event_id, item.customer_id, n, queued=False)
+        entry.replay = True
+        self._track(entry)
+        rows = new_items(
+            [item.connection_id],
+            item.customer_id,
+            item.kind,
+            item.event_id,
+            item.payload,
+            time.time(),
+            item.origin,
+        )
+        try:
+            await self._ingestor.requeue(rows)
+        except asyncio.CancelledError:
+            raise  # fenced: the entry stays for _drop
+        except BaseException:
+            self._untrack(entry)  # not queued: the redelivery is queued afresh
+            raise
+        entry.queued = True
+        self._recheck = True
 
     async def _ingest(
         self, n: int, items: list[tuple[int, Msg, AntavoEvent]], snapshot: bool = False
@@ -530,8 +585,7 @@ class PartitionWorker:
         entries = []
         for seq, msg, event in items:
             entry = Pending(seq, msg.reply, event.id, event.customer, n, queued=False)
-            self.pending[seq] = entry
-            self._by_customer.setdefault(event.customer, []).append(seq)
+            self._track(entry)
             entries.append(entry)
         try:
             while True:
@@ -544,13 +598,7 @@ class PartitionWorker:
             raise  # fenced: the entries stay for _drop
         except BaseException:
             for entry in entries:  # not ingested: the redelivery is ingested afresh
-                self.pending.pop(entry.seq, None)
-                lane = self._by_customer.get(entry.customer)
-                if lane is not None:
-                    with contextlib.suppress(ValueError):
-                        lane.remove(entry.seq)
-                    if not lane:
-                        del self._by_customer[entry.customer]
+                self._untrack(entry)
             raise
         profile = None
         if snapshot:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import structlog
 
 from engine.connector.records import ANTAVO_CUSTOMER_ID, PROFILE_ACTIONS, AntavoEvent, Connection
 from engine.errors import BacklogFullError
@@ -33,6 +34,8 @@ from engine.queue.lanes import DurableQueue
 from engine.state.connections import ConnectionRegistry
 from engine.state.database import Database
 from engine.state.profiles import load_profile, update_profile
+
+log = structlog.get_logger("tidegate.ingest")
 
 CONTENT_DEDUP_WINDOW = 24 * 3600.0
 """How long a record without an id counts as a re-send of identical content. Antavo
@@ -246,6 +249,25 @@ class Ingestor:
         if touched:
             self._on_enqueued(touched)
         return result
+
+    async def requeue(self, items: Sequence[NewItem]) -> int:
+        """Queues ``items`` as they are, at the end of their lanes: dead letters replayed
+        through the broker's stream (``engine.broker.replay``), no re-send check and no
+        routing. Items of a connection deleted since are left out. Returns how many were
+        queued."""
+        known = {connection.id for connection in self._registry.runtimes()}
+        rows = [item for item in items if item[0] in known]
+        if len(rows) < len(items):
+            log.warning(
+                "replay_connection_missing",
+                items=len(items) - len(rows),
+                reason="the dead letter's connection was deleted; nothing to send it to",
+            )
+        if rows:
+            await self._db.write(lambda c: enqueue_rows(c, rows))
+            self._queue.added(len(rows))
+            self._on_enqueued({item[0] for item in rows})
+        return len(rows)
 
 
 def _received(c: sqlite3.Connection, event_ids: Sequence[str]) -> dict[str, float]:

@@ -25,6 +25,7 @@ from engine.queue.items import (
     KIND_RENDERED,
     ORIGIN_REPLAY,
     ORIGIN_REPLAY_STORED,
+    NewItem,
     QueueItem,
     enqueue_rows,
     new_items,
@@ -202,33 +203,95 @@ def select_dead_letters(
     ]
 
 
-def requeue_dead_letters(
-    c: sqlite3.Connection, query: DeadLetterQuery, stored: bool, dry_run: bool, now: float
-) -> ReplayResult:
-    """Moves matching dead letters back to the end of their lanes, inside the caller's
-    transaction (see ``DurableQueue.replay``). Raises ``DeadLettersExpiredError``, having
-    changed nothing, when ``query.ids`` names dead letters retention deleted."""
+@dataclass(frozen=True)
+class Replayable:
+    """A dead letter as a replay queues it again: the source record (re-rendered with the
+    current mapping), or the stored fragment (``KIND_RENDERED``, resent as it was)."""
+
+    id: int
+    connection_id: str
+    customer_id: str
+    kind: str
+    event_id: str
+    payload: bytes
+    """The record or fragment as stored: JSON."""
+    origin: str
+    fail_time: float
+
+    def items(self, now: float) -> list[NewItem]:
+        return new_items(
+            [self.connection_id],
+            self.customer_id,
+            self.kind,
+            self.event_id,
+            self.payload,
+            now,
+            self.origin,
+        )
+
+
+def select_replayable(
+    c: sqlite3.Connection, query: DeadLetterQuery, stored: bool
+) -> tuple[int, list[Replayable]]:
+    """How many dead letters match ``query``, and those a replay can queue, oldest
+    first: with ``stored``, only those that got a fragment rendered. Raises
+    ``DeadLettersExpiredError`` when ``query.ids`` names dead letters retention deleted."""
     if query.ids:
         expired = expired_ids(c, query.ids)
         if expired is not None:
             raise expired
     where, params = query.where()
     rows = c.execute(
-        "SELECT seq, connection_id, customer_id, kind, event_id, payload, rendered"
+        "SELECT seq, connection_id, customer_id, kind, event_id, payload, rendered, fail_time"
         f" FROM dead_letters{where} ORDER BY seq",
         params,
     ).fetchall()
-    usable = [r for r in rows if not stored or r[6] is not None]
-    if not dry_run:
-        for seq, connection_id, customer_id, kind, event_id, payload, rendered in usable:
-            if stored:
-                kind, payload, origin = KIND_RENDERED, rendered, ORIGIN_REPLAY_STORED
-            else:
-                origin = ORIGIN_REPLAY
-            enqueue_rows(
-                c, new_items([connection_id], customer_id, kind, event_id, payload, now, origin)
+    usable = []
+    for seq, connection_id, customer_id, kind, event_id, payload, rendered, failed in rows:
+        if not stored:
+            usable.append(
+                Replayable(
+                    seq, connection_id, customer_id, kind, event_id, payload, ORIGIN_REPLAY, failed
+                )
             )
-            c.execute("DELETE FROM dead_letters WHERE seq = ?", (seq,))
+        elif rendered is not None:
+            usable.append(
+                Replayable(
+                    seq,
+                    connection_id,
+                    customer_id,
+                    KIND_RENDERED,
+                    event_id,
+                    rendered,
+                    ORIGIN_REPLAY_STORED,
+                    failed,
+                )
+            )
+    return len(rows), usable
+
+
+def replay_result(matched: int, usable: Sequence[Replayable]) -> ReplayResult:
     return ReplayResult(
-        len(rows), len(usable), len(rows) - len(usable), frozenset(r[1] for r in usable)
+        matched,
+        len(usable),
+        matched - len(usable),
+        frozenset(r.connection_id for r in usable),
     )
+
+
+def delete_dead_letters(c: sqlite3.Connection, ids: Sequence[int]) -> None:
+    c.executemany("DELETE FROM dead_letters WHERE seq = ?", [(i,) for i in ids])
+
+
+def requeue_dead_letters(
+    c: sqlite3.Connection, query: DeadLetterQuery, stored: bool, dry_run: bool, now: float
+) -> ReplayResult:
+    """Moves matching dead letters back to the end of their lanes, inside the caller's
+    transaction (see ``DurableQueue.replay``). Raises ``DeadLettersExpiredError``, having
+    changed nothing, when ``query.ids`` names dead letters retention deleted."""
+    matched, usable = select_replayable(c, query, stored)
+    if not dry_run:
+        for replayable in usable:
+            enqueue_rows(c, replayable.items(now))
+        delete_dead_letters(c, [r.id for r in usable])
+    return replay_result(matched, usable)

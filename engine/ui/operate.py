@@ -148,7 +148,7 @@ def _row_summary(row: LogRow | None) -> dict[str, Any] | None:
 
 class OperateViews:
     """The connections and dead-letter endpoints; ``register`` adds them to the page's
-    app. ``on_replayed`` wakes delivery for the connections a replay queued items of."""
+    app, on the servicers the gRPC server has (``dead_letters``: the engine's one)."""
 
     def __init__(
         self,
@@ -156,10 +156,10 @@ class OperateViews:
         queue: DurableQueue,
         logs: LogStore,
         db: Database,
-        on_replayed: Callable[[set[str]], None],
+        dead_letters: DeadLetterServicer,
     ) -> None:
         self._connections = ConnectionServicer(registry, queue)
-        self._dead_letters = DeadLetterServicer(queue, on_replayed)
+        self._dead_letters = dead_letters
         self._logs = logs
         self._db = db
         self._ui: UiServer | None = None
