@@ -19,7 +19,7 @@ from engine.app import Engine, EngineConfig
 from engine.broker import streams
 from engine.pb import connections_pb2 as cpb
 from engine.state.secrets import SECRET_KEY_ENV
-from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, eventually
+from tests.conftest import embedded_config, eventually
 from tests.natscluster import nats_cluster
 from tests.test_broker_cluster import broker_engine_config, reset_broker
 
@@ -31,13 +31,7 @@ async def engine_config(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> EngineConfig:
     if request.param == "embedded":
-        return EngineConfig(
-            data_dir=tmp_path / "data",
-            grpc_port=0,
-            http_port=0,
-            delivery=FAST_DELIVERY,
-            allowed_destinations=TEST_DESTINATIONS,
-        )
+        return embedded_config(tmp_path)
     cluster = request.getfixturevalue("nats_cluster")
     await reset_broker(cluster)
     # Every process of a cluster decrypts the shared API keys with one key.

@@ -47,8 +47,8 @@ async def sandbox() -> AsyncIterator[RunningSandbox]:
     await running.close()
 
 
-@pytest.fixture
-def engine_config(tmp_path: Path) -> EngineConfig:
+def embedded_config(tmp_path: Path) -> EngineConfig:
+    """A test engine's configuration: ports chosen by the system, fast retries."""
     return EngineConfig(
         data_dir=tmp_path / "data",
         grpc_port=0,
@@ -56,6 +56,11 @@ def engine_config(tmp_path: Path) -> EngineConfig:
         delivery=FAST_DELIVERY,
         allowed_destinations=TEST_DESTINATIONS,
     )
+
+
+@pytest.fixture
+def engine_config(tmp_path: Path) -> EngineConfig:
+    return embedded_config(tmp_path)
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ replay published again after a crash between the PubAck and the deletion is stor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -44,41 +44,17 @@ REPLAY_HEADER = "Tg-Replay"
 PIPELINE = 1000
 
 
-@dataclass(frozen=True)
-class ReplayedItem:
-    """A replayed dead letter as the owning worker queues it."""
-
-    connection_id: str
-    customer_id: str
-    kind: str
-    event_id: str
-    payload: bytes
-    origin: str
-
-
 def encode_replay(r: Replayable) -> bytes:
-    return orjson.dumps(
-        {
-            "connection_id": r.connection_id,
-            "customer_id": r.customer_id,
-            "kind": r.kind,
-            "event_id": r.event_id,
-            "payload": orjson.Fragment(r.payload),
-            "origin": r.origin,
-        }
-    )
+    fields = dataclasses.asdict(r)
+    fields["payload"] = orjson.Fragment(r.payload)
+    return orjson.dumps(fields)
 
 
-def decode_replay(data: bytes) -> ReplayedItem:
+def decode_replay(data: bytes) -> Replayable:
+    """The replayed dead letter as the owning worker queues it (``Replayable.items``)."""
     raw: dict[str, Any] = orjson.loads(data)
-    return ReplayedItem(
-        connection_id=str(raw["connection_id"]),
-        customer_id=str(raw["customer_id"]),
-        kind=str(raw["kind"]),
-        event_id=str(raw["event_id"]),
-        payload=orjson.dumps(raw["payload"]),
-        origin=str(raw["origin"]),
-    )
+    raw["payload"] = orjson.dumps(raw["payload"])
+    return Replayable(**raw)
 
 
 def is_replay(headers: dict[str, str] | None) -> bool:

@@ -62,7 +62,7 @@ from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
 from engine.broker.publish import config_revision, decode_event
-from engine.broker.replay import ReplayedItem, decode_replay, is_replay
+from engine.broker.replay import decode_replay, is_replay
 from engine.broker.streams import (
     STREAM,
     BrokerSettings,
@@ -77,7 +77,8 @@ from engine.broker.streams import (
 from engine.connector.records import PROFILE_ACTIONS, AntavoEvent
 from engine.errors import BacklogFullError
 from engine.ingest.ingestor import Ingestor
-from engine.queue.items import ORIGIN_REPLAY, ORIGIN_REPLAY_STORED, new_items
+from engine.queue.dead_letters import Replayable
+from engine.queue.items import ORIGIN_REPLAY, ORIGIN_REPLAY_STORED
 from engine.queue.lanes import DurableQueue
 from engine.state.database import Database
 from engine.state.profiles import load_profile
@@ -114,10 +115,10 @@ TRANSIENT = (
 REPLAY_ORIGINS = f"'{ORIGIN_REPLAY}', '{ORIGIN_REPLAY_STORED}'"
 
 
-def customer_of(event: AntavoEvent | ReplayedItem) -> str:
+def customer_of(event: AntavoEvent | Replayable) -> str:
     """The customer whose profile a worker loads before queuing ``event``: none for an
     event sent under an external ID (resolved locally)."""
-    if isinstance(event, ReplayedItem):
+    if isinstance(event, Replayable):
         return event.customer_id
     return "" if event.external_id else event.customer
 
@@ -493,7 +494,7 @@ class PartitionWorker:
         return (info.num_ack_pending or 0) > 0
 
     async def _take(self, n: int, msgs: Sequence[Msg]) -> None:
-        fresh: list[tuple[int, Msg, AntavoEvent | ReplayedItem]] = []
+        fresh: list[tuple[int, Msg, AntavoEvent | Replayable]] = []
         for msg in msgs:
             seq = msg.metadata.sequence.stream
             known = self.pending.get(seq)
@@ -522,7 +523,7 @@ class PartitionWorker:
         await self._load_profiles(n, {customer_of(e) for _, _, e in fresh if customer_of(e)})
         run: list[tuple[int, Msg, AntavoEvent]] = []
         for seq, msg, event in fresh:
-            if isinstance(event, ReplayedItem):  # in stream order with the events around it
+            if isinstance(event, Replayable):  # in stream order with the events around it
                 await self._ingest(n, run)
                 run = []
                 await self._requeue(n, seq, msg, event)
@@ -547,23 +548,14 @@ class PartitionWorker:
             if not lane:
                 del self._by_customer[entry.customer]
 
-    async def _requeue(self, n: int, seq: int, msg: Msg, item: ReplayedItem) -> None:
+    async def _requeue(self, n: int, seq: int, msg: Msg, item: Replayable) -> None:
         """Queues a replayed dead letter at the end of its customer's lane, tracked (and
         acked once settled) like an event; dropped with the partition like one."""
         entry = Pending(seq, msg.reply, item.event_id, item.customer_id, n, queued=False)
         entry.replay = True
         self._track(entry)
-        rows = new_items(
-            [item.connection_id],
-            item.customer_id,
-            item.kind,
-            item.event_id,
-            item.payload,
-            time.time(),
-            item.origin,
-        )
         try:
-            await self._ingestor.requeue(rows)
+            await self._ingestor.requeue(item.items(time.time()))
         except asyncio.CancelledError:
             raise  # fenced: the entry stays for _drop
         except BaseException:
