@@ -18,6 +18,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from engine.admin.auth import TokenChecker
+from engine.admin.connections import ConnectionServicer
 from engine.admin.dead_letters import DeadLetterServicer
 from engine.admin.server import start_grpc_server
 from engine.broker.config_sync import ConfigSync
@@ -31,6 +32,7 @@ from engine.broker.logs import (
 from engine.broker.pacing import PaceSync
 from engine.broker.publish import BrokerIngestor
 from engine.broker.replay import StreamReplay
+from engine.broker.stats import ClusterStats
 from engine.broker.streams import BrokerSettings, connect, ensure_stream, replicas_for
 from engine.broker.worker import PartitionWorker, clear_local_queue
 from engine.connector.destinations import Allowance
@@ -191,6 +193,7 @@ class Engine:
         self.log_writer: LogWriter | None = None
         self.config_sync: ConfigSync | None = None
         self.pace_sync: PaceSync | None = None
+        self.cluster_stats: ClusterStats | None = None
         self.admin_token_file: Path | None = None
         """Set when this start wrote a new admin token to ``<data-dir>/admin-token``."""
 
@@ -287,6 +290,11 @@ class Engine:
             await site.start()
             self.http_port = self._http.addresses[0][1]
         dead_letters = self._dead_letter_service()
+        connections = ConnectionServicer(
+            self.registry,
+            self.queue,
+            None if self.cluster_stats is None else self.cluster_stats.stats,
+        )
         self._grpc, self.grpc_port, self._checker = await start_grpc_server(
             cfg.host,
             cfg.grpc_port,
@@ -294,6 +302,7 @@ class Engine:
             self.queue,
             self.logs,
             front,
+            connections,
             dead_letters,
             self.connectors,
             cfg.data_dir,
@@ -324,7 +333,7 @@ class Engine:
                 self.logs,
                 self._checker,
                 tls=None if cfg.tls is None else cfg.tls.server_context(),
-                operate=OperateViews(self.registry, self.queue, self.logs, self.db, dead_letters),
+                operate=OperateViews(connections, dead_letters, self.logs, self.db),
             )
             self.ui_port = await self._ui.start()
 
@@ -377,8 +386,13 @@ class Engine:
         if cfg.broker is None or self._nc is None:
             return self.ingestor
         js = self._nc.jetstream()
+        replicas = replicas_for(self._nc, cfg.broker)
+        # Backlog and dead-letter counts: a worker shares its own, every process adds them up.
+        self.cluster_stats = ClusterStats(
+            self._nc, self.db, self.queue, replicas, share=cfg.has("worker")
+        )
+        await self.cluster_stats.start()
         if cfg.has("worker"):  # 429 pacing shared with the other workers
-            replicas = replicas_for(self._nc, cfg.broker)
             self.pace_sync = PaceSync(self._nc, self.deliverer, self.registry, replicas)
             await self.pace_sync.start()
             cleared = await clear_local_queue(self.db, self.queue)
@@ -511,10 +525,10 @@ class Engine:
         if self._deliverer is not None:
             await self._deliverer.stop(deadline=grace)
             self._deliverer = None
-        for sync in (self.pace_sync, self.config_sync):  # after delivery: a pause is shared
-            if sync is not None:
+        for sync in (self.pace_sync, self.config_sync, self.cluster_stats):
+            if sync is not None:  # after delivery: a pause is shared
                 await sync.stop()
-        self.pace_sync = self.config_sync = None
+        self.pace_sync = self.config_sync = self.cluster_stats = None
         if self.forwarder is not None:  # after delivery: its last rows go too
             await self.forwarder.stop()
             self.forwarder = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -12,7 +13,7 @@ from engine.connector.records import CustomerIdMapping
 from engine.errors import InvalidInputError
 from engine.pb import connections_pb2 as pb
 from engine.pb import connections_pb2_grpc
-from engine.queue.lanes import DurableQueue
+from engine.queue.lanes import DurableQueue, QueueStats
 from engine.state.connections import (
     STATE_ACTIVE,
     STATE_PAUSED,
@@ -48,12 +49,20 @@ def id_mapping_from_pb(message: pb.CustomerIdMapping) -> CustomerIdMapping:
 
 
 class ConnectionServicer(connections_pb2_grpc.ConnectionServiceServicer):
-    def __init__(self, registry: ConnectionRegistry, queue: DurableQueue) -> None:
+    def __init__(
+        self,
+        registry: ConnectionRegistry,
+        queue: DurableQueue,
+        stats: Callable[[str], Awaitable[QueueStats]] | None = None,
+    ) -> None:
+        """``stats``: a connection's queued items and dead letters (default: the local
+        queue's; on a broker, the cluster's: ``engine.broker.stats``)."""
         self._registry = registry
         self._queue = queue
+        self._stats = queue.stats if stats is None else stats
 
     async def _message(self, view: ConnectionView) -> pb.Connection:
-        stats = await self._queue.stats(view.id)
+        stats = await self._stats(view.id)
         oldest = 0.0
         if stats.oldest_enqueue_time is not None:
             oldest = max(0.0, datetime.now(UTC).timestamp() - stats.oldest_enqueue_time)

@@ -80,6 +80,7 @@ async def start_grpc_server(
     queue: DurableQueue,
     logs: LogStore,
     ingestor: Ingestor,
+    connections: ConnectionServicer,
     dead_letters: DeadLetterServicer,
     connectors: Connectors,
     data_dir: Path,
@@ -117,9 +118,7 @@ async def start_grpc_server(
     tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(db, checker.forget), server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(db), server)
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(data_dir, logs), server)
-    connections_pb2_grpc.add_ConnectionServiceServicer_to_server(
-        ConnectionServicer(registry, queue), server
-    )
+    connections_pb2_grpc.add_ConnectionServiceServicer_to_server(connections, server)
     mappings_pb2_grpc.add_MappingServiceServicer_to_server(MappingServicer(registry), server)
     privacy_pb2_grpc.add_PrivacyServiceServicer_to_server(PrivacyServicer(eraser), server)
     logs_pb2_grpc.add_LogServiceServicer_to_server(

@@ -42,9 +42,7 @@ from engine.outbound_log.rows import LogQuery, LogRow
 from engine.outbound_log.store import LogStore
 from engine.pb import connections_pb2 as cpb
 from engine.pb import dead_letters_pb2 as dpb
-from engine.queue.lanes import DurableQueue
 from engine.state import audit
-from engine.state.connections import ConnectionRegistry
 from engine.state.database import Database
 from engine.state.tokens import Role
 from engine.ui.server import MAX_PARAM_LENGTH, BadParameter, Refusal, _json, _parse_time, cut
@@ -148,17 +146,16 @@ def _row_summary(row: LogRow | None) -> dict[str, Any] | None:
 
 class OperateViews:
     """The connections and dead-letter endpoints; ``register`` adds them to the page's
-    app, on the servicers the gRPC server has (``dead_letters``: the engine's one)."""
+    app, on the servicers the gRPC server has (the engine's)."""
 
     def __init__(
         self,
-        registry: ConnectionRegistry,
-        queue: DurableQueue,
+        connections: ConnectionServicer,
+        dead_letters: DeadLetterServicer,
         logs: LogStore,
         db: Database,
-        dead_letters: DeadLetterServicer,
     ) -> None:
-        self._connections = ConnectionServicer(registry, queue)
+        self._connections = connections
         self._dead_letters = dead_letters
         self._logs = logs
         self._db = db
