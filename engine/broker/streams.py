@@ -43,6 +43,7 @@ DEFAULT_MAX_BYTES = 1 << 30
 503) instead of dropping the oldest undelivered events."""
 LEASES_BUCKET = "tg_leases"
 PROFILES_BUCKET = "tg_profiles"
+MARKS_BUCKET = "tg_marks"
 DEFAULT_LEASE_TTL = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_PUBLISH_TIMEOUT = 5.0
@@ -242,6 +243,13 @@ async def profile_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
     """Customer profiles by customer token, as of each customer's acknowledged events."""
     config = js_api.KeyValueConfig(bucket=PROFILES_BUCKET, history=1, replicas=replicas)
     return await retrying(lambda: _bucket(js, config), "creating the profile bucket", SETUP_TIMEOUT)
+
+
+async def marks_bucket(js: JetStreamContext, replicas: int, ttl: float) -> KeyValue:
+    """Re-send marks by customer token (``engine.broker.marks``); a customer's entry
+    expires ``ttl`` after its last write."""
+    config = js_api.KeyValueConfig(bucket=MARKS_BUCKET, history=1, ttl=ttl, replicas=replicas)
+    return await retrying(lambda: _bucket(js, config), "creating the marks bucket", SETUP_TIMEOUT)
 
 
 async def _bucket(js: JetStreamContext, config: js_api.KeyValueConfig) -> KeyValue:

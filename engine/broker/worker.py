@@ -36,7 +36,9 @@ Profiles follow a partition: after each profile event the merged profile is kept
 event, and written to the ``tg_profiles`` bucket (key: the customer token) just before the
 event is acked; the first time a worker meets a customer in an ownership it replaces its
 local profile with the bucket's. So the bucket holds the profile as of the customer's
-acknowledged events, and the next owner re-applies the rest in order.
+acknowledged events, and the next owner re-applies the rest in order. Re-send marks
+follow the same way, lazily (``engine.broker.marks``): the acked events' marks are put
+every 30 s, and a first meeting merges the customer's marks into the local ones.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
+from engine.broker.marks import Marks, MarkShare, merge_into_seen
 from engine.broker.publish import config_revision, decode_event
 from engine.broker.replay import decode_replay, is_replay
 from engine.broker.streams import (
@@ -69,6 +72,7 @@ from engine.broker.streams import (
     customer_token,
     ensure_stream,
     lease_bucket,
+    marks_bucket,
     partition_filter,
     profile_bucket,
     replicas_for,
@@ -76,7 +80,7 @@ from engine.broker.streams import (
 )
 from engine.connector.records import PROFILE_ACTIONS, AntavoEvent
 from engine.errors import BacklogFullError
-from engine.ingest.ingestor import Ingestor
+from engine.ingest.ingestor import ID_DEDUP_WINDOW, Ingestor
 from engine.queue.dead_letters import Replayable
 from engine.queue.items import ORIGIN_REPLAY, ORIGIN_REPLAY_STORED
 from engine.queue.lanes import DurableQueue
@@ -93,6 +97,8 @@ connection's destination is down and the others go on (an event is acked only on
 connection settled it). Past it the partition stops pulling and the other connections
 wait too. An entry costs about 430 bytes (measured with tracemalloc: the ack subject, the
 ids and the bookkeeping): 16 partitions on one worker hold 140 MB at most."""
+LOAD_CONCURRENCY = 64
+"""Customers whose profile and marks a worker reads from the cluster at a time."""
 FETCH_BATCH = 250
 FETCH_TIMEOUT = 1.0
 ACK_INTERVAL = 0.1
@@ -214,6 +220,7 @@ class PartitionWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._leases: KeyValue | None = None
         self._profiles: KeyValue | None = None
+        self._marks: MarkShare | None = None
         self._stopping = False
         self._settled = settled
         self.hand_back_wait = hand_back_wait
@@ -229,6 +236,8 @@ class PartitionWorker:
         await ensure_stream(self._js, self.settings, replicas)
         self._leases = await lease_bucket(self._js, self.settings, replicas)
         self._profiles = await profile_bucket(self._js, replicas)
+        self._marks = MarkShare(await marks_bucket(self._js, replicas, ID_DEDUP_WINDOW), self._db)
+        self._marks.start()
         self._tasks = [
             asyncio.create_task(self._lease_loop()),
             asyncio.create_task(self._ack_loop()),
@@ -251,6 +260,8 @@ class PartitionWorker:
         for task in self._tasks:
             await finish(task)
         self._tasks = []
+        if self._marks is not None:  # what was acked, for the next owners
+            await self._marks.stop()
 
     @property
     def _worker_key(self) -> str:
@@ -520,7 +531,7 @@ class PartitionWorker:
         revision = max(config_revision(msg.headers) for _, msg, _ in fresh)
         if revision and self._config_applied is not None:  # route with the sender's config
             await self._config_applied(revision)
-        await self._load_profiles(n, {customer_of(e) for _, _, e in fresh if customer_of(e)})
+        await self._load_customers(n, [e for _, _, e in fresh])
         run: list[tuple[int, Msg, AntavoEvent]] = []
         for seq, msg, event in fresh:
             if isinstance(event, Replayable):  # in stream order with the events around it
@@ -600,37 +611,70 @@ class PartitionWorker:
             entry.profile, entry.queued = profile, True
         self._recheck = True  # an event routed to no item (or a duplicate) is settled now
 
-    async def _load_profiles(self, n: int, customers: set[str]) -> None:
-        """Replaces the local profile of each customer met for the first time in this
-        ownership with the cluster's (none there: no local one either)."""
-        profiles = self._profiles
-        assert profiles is not None
-        for customer in customers - self._fresh.keys():
-            value: bytes | None
+    async def _load_customers(self, n: int, events: Sequence[AntavoEvent | Replayable]) -> None:
+        """For each customer met for the first time in this ownership: replaces the local
+        profile with the cluster's (none there: no local one either), and adds the
+        customer's re-send marks from the cluster to the local ones. Reads
+        ``LOAD_CONCURRENCY`` customers at a time, then writes them in one transaction."""
+        wanted: dict[str, bool] = {}  # customer -> whether its profile follows it
+        for event in events:
+            customer = event.customer_id if isinstance(event, Replayable) else event.customer
+            if customer not in self._fresh:
+                wanted[customer] = wanted.get(customer, False) or bool(customer_of(event))
+        if not wanted:
+            return
+        customers = list(wanted)
+        loaded: list[tuple[bytes | None, Marks]] = []
+        for start in range(0, len(customers), LOAD_CONCURRENCY):
+            loaded += await asyncio.gather(
+                *(
+                    self._load_customer(c, wanted[c])
+                    for c in customers[start : start + LOAD_CONCURRENCY]
+                )
+            )
+        now = time.time()
+
+        def put(c: sqlite3.Connection) -> None:
+            for customer, (profile, marks) in zip(customers, loaded, strict=True):
+                if not wanted[customer]:
+                    pass
+                elif profile:
+                    c.execute(
+                        "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time)"
+                        " VALUES (?,?,?)",
+                        (customer, profile.decode(), now),
+                    )
+                else:
+                    c.execute("DELETE FROM profiles WHERE customer_id = ?", (customer,))
+                if marks:
+                    merge_into_seen(c, marks)
+
+        await self._db.write(put)
+        for customer in customers:
+            self._fresh[customer] = n
+
+    async def _load_customer(self, customer: str, with_profile: bool) -> tuple[bytes | None, Marks]:
+        profiles, marks = self._profiles, self._marks
+        assert profiles is not None and marks is not None
+
+        async def profile() -> bytes | None:
+            if not with_profile:
+                return None
             try:
                 entry = await retrying(
                     functools.partial(profiles.get, customer_token(customer)),
                     "reading a profile",
                     30.0,
                 )
-                value = entry.value
             except nats.js.errors.NotFoundError:
-                value = None
+                return None
+            return entry.value
 
-            def put(
-                c: sqlite3.Connection, customer: str = customer, value: bytes | None = value
-            ) -> None:
-                if value:
-                    c.execute(
-                        "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time)"
-                        " VALUES (?,?,?)",
-                        (customer, value.decode(), time.time()),
-                    )
-                else:
-                    c.execute("DELETE FROM profiles WHERE customer_id = ?", (customer,))
-
-            await self._db.write(put)
-            self._fresh[customer] = n
+        found = await asyncio.gather(
+            profile(),
+            retrying(functools.partial(marks.load, customer), "reading re-send marks", 30.0),
+        )
+        return found[0], found[1]
 
     # -- acknowledging -------------------------------------------------------------------
 
@@ -675,7 +719,8 @@ class PartitionWorker:
             )
         )
         profiles = self._profiles
-        assert profiles is not None
+        assert profiles is not None and self._marks is not None
+        now_wall = time.time()
         for customer, seqs in list(self._by_customer.items()):
             done = 0
             profile = None
@@ -694,12 +739,16 @@ class PartitionWorker:
                 except (*TRANSIENT, nats.js.errors.APIError):
                     self._recheck = True
                     continue  # not acked: tried again next round
+            acked: list[str] = []
             for seq in seqs[:done]:
                 entry = self.pending.pop(seq, None)
                 if entry is not None:
                     with contextlib.suppress(*TRANSIENT):
                         await self._nc.publish(entry.reply)  # an empty payload acks
                     self.acked += 1
+                    if not entry.replay:
+                        acked.append(entry.event_id)
+            self._marks.note(customer, acked, now_wall)
             del seqs[:done]
             if not seqs:
                 self._by_customer.pop(customer, None)

@@ -1,0 +1,110 @@
+"""Re-send marks follow a customer across workers (``engine.broker.marks``): an Antavo
+re-send that arrives after the stream's duplicate window, at a worker that never saw the
+event, is dropped as the embedded engine drops it, and an event that was never acked is
+not taken for a re-send."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+from engine.app import Engine, EngineConfig
+from engine.broker.cluster import LocalCluster
+from plugins.insider.sandbox import RunningSandbox
+from plugins.insider.sandbox.server import Fault
+from tests.conftest import engine_client, eventually, insider_connection
+from tests.natscluster import nats_cluster
+from tests.test_broker_cluster import post, reset_broker
+from tests.test_broker_log import config, one_key
+
+__all__ = ["nats_cluster", "one_key"]
+
+WINDOW = 1.0
+"""The stream's duplicate window here: a re-send after it is stored again."""
+
+
+def worker(data_dir: Path, cluster: LocalCluster) -> EngineConfig:
+    cfg = config(data_dir, cluster, "all")
+    assert cfg.broker is not None
+    return replace(cfg, broker=replace(cfg.broker, partitions=1, duplicate_window=WINDOW))
+
+
+def point(event_id: str, points: int) -> dict[str, object]:
+    return {"id": event_id, "customer": "pia", "action": "point_add", "data": {"points": points}}
+
+
+async def test_a_late_resend_to_another_worker_is_dropped(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    await reset_broker(nats_cluster)
+    first = Engine(worker(tmp_path / "first", nats_cluster))
+    await first.start()
+    try:
+        async with engine_client(first) as client:
+            await insider_connection(client, sandbox)
+        assert (await post(first, [point("e1", 1)])).status == 202
+
+        async def acked() -> bool:
+            return first.partitions is not None and first.partitions.acked == 1
+
+        await eventually(acked, within=30)
+    finally:
+        await first.stop()  # a clean stop puts the marks of what it acked
+    await asyncio.sleep(WINDOW + 0.5)  # the stream would store the re-send now
+    second = Engine(worker(tmp_path / "second", nats_cluster))
+    await second.start()
+    try:
+        # The re-send, then a new event: the new one arriving proves the re-send went by.
+        assert (await post(second, [point("e1", 1)])).status == 202
+        assert (await post(second, [point("e2", 2)])).status == 202
+
+        async def second_event_arrived() -> bool:
+            user = sandbox.state.lookup("uuid", "pia")
+            return user is not None and any(
+                e["event_params"]["custom"]["points"] == 2 for e in user.events
+            )
+
+        await eventually(second_event_arrived, within=30)
+        user = sandbox.state.lookup("uuid", "pia")
+        assert user is not None
+        assert [e["event_params"]["custom"]["points"] for e in user.events] == [1, 2]
+    finally:
+        await second.stop()
+
+
+async def test_an_event_never_acked_is_sent_by_the_next_worker(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """The first worker queues the event but cannot deliver it (the destination is down)
+    and stops: no mark may reach the cluster, or the next owner would drop the event
+    as a re-send of itself."""
+    await reset_broker(nats_cluster)
+    sandbox.state.faults.append(Fault(503, remaining=10**9))
+    first = Engine(worker(tmp_path / "first", nats_cluster))
+    await first.start()
+    try:
+        async with engine_client(first) as client:
+            await insider_connection(client, sandbox)
+        assert (await post(first, [point("e1", 1)])).status == 202
+
+        async def tried() -> bool:
+            return len(sandbox.state.requests) >= 2
+
+        await eventually(tried, within=30)
+        partitions = first.partitions
+    finally:
+        await first.stop()
+    assert partitions is not None and partitions.acked == 0
+    sandbox.state.faults.clear()
+    second = Engine(worker(tmp_path / "second", nats_cluster))
+    await second.start()
+    try:
+
+        async def delivered() -> bool:
+            user = sandbox.state.lookup("uuid", "pia")
+            return user is not None and len(user.events) == 1
+
+        await eventually(delivered, within=30)
+    finally:
+        await second.stop()
