@@ -51,3 +51,20 @@ def test_quick_bench_completes_and_writes_a_table_with_every_section(tmp_path: P
     assert not any("NOT drained" in row for row in scaleout), scaleout
     assert sum("first post -> every event at the sink" in row for row in scaleout) == 3
     assert "Machine:" in table and "Python:" in table and "Date:" in table
+
+
+def test_the_marks_cost_measure_runs_and_reports_each_step() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.marks_cost", "--customers", "50"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if " customers in " in line]
+    assert [line.split(":")[0] for line in lines] == [
+        "flush, creating the keys",
+        "flush, updating them",
+        "load, 64 at a time",
+    ]

@@ -44,10 +44,12 @@ from engine.state.database import Database
 
 log = structlog.get_logger("tidegate.broker")
 
-FLUSH_INTERVAL = 30.0
+FLUSH_INTERVAL = 60.0
 """Seconds between flushes: far inside the stream's 10-minute duplicate window."""
 MAX_MARKS = 5000
 """Marks kept per customer, the newest: about 250 KB for long ids."""
+CONCURRENCY = 64
+"""Customers whose marks are written at a time."""
 ATTEMPTS = 5
 TIMEOUT = 5.0
 
@@ -123,19 +125,29 @@ class MarkShare:
 
     async def flush(self) -> None:
         async with self._flushing:
-            noted, self._noted = self._noted, {}
+            items, self._noted = list(self._noted.items()), {}
             failed, error = 0, ""
-            for customer, marks in noted.items():
+            while items:
+                chunk = items[:CONCURRENCY]
                 try:
-                    await self._put(customer, marks)
-                    self.flushed += 1
-                except asyncio.CancelledError:
-                    self._keep(customer, marks)
+                    results = await asyncio.gather(
+                        *(self._put(customer, marks) for customer, marks in chunk),
+                        return_exceptions=True,
+                    )
+                except BaseException:  # cancelled: what is not known written, next time
+                    for customer, marks in items:
+                        self._keep(customer, marks)
                     raise
-                except Exception as exc:
-                    self._keep(customer, marks)
-                    failed += 1
-                    error = f"{type(exc).__name__}: {str(exc)[:100]}"
+                del items[: len(chunk)]
+                for (customer, marks), result in zip(chunk, results, strict=True):
+                    if result is None:
+                        self.flushed += 1
+                    elif isinstance(result, Exception):
+                        self._keep(customer, marks)
+                        failed += 1
+                        error = f"{type(result).__name__}: {str(result)[:100]}"
+                    else:
+                        raise result
             if failed:
                 log.warning("marks_share_failed", customers=failed, error=error)
 

@@ -38,7 +38,7 @@ event is acked; the first time a worker meets a customer in an ownership it repl
 local profile with the bucket's. So the bucket holds the profile as of the customer's
 acknowledged events, and the next owner re-applies the rest in order. Re-send marks
 follow the same way, lazily (``engine.broker.marks``): the acked events' marks are put
-every 30 s, and a first meeting merges the customer's marks into the local ones.
+every minute, and a first meeting merges the customer's marks into the local ones.
 """
 
 from __future__ import annotations
