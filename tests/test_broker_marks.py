@@ -108,3 +108,66 @@ async def test_an_event_never_acked_is_sent_by_the_next_worker(
         await eventually(delivered, within=30)
     finally:
         await second.stop()
+
+
+async def test_a_partition_handed_back_takes_its_marks_along(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """A rebalance, well before the first worker's periodic put: the partition it gives
+    back reaches the second worker with the marks of what the first one acked."""
+    await reset_broker(nats_cluster)
+
+    def two_partitions(data_dir: Path) -> EngineConfig:
+        cfg = worker(data_dir, nats_cluster)
+        assert cfg.broker is not None
+        return replace(cfg, broker=replace(cfg.broker, partitions=2))
+
+    customers = [f"c{n}" for n in range(12)]
+
+    def points(event: str, value: int) -> list[dict[str, object]]:
+        return [
+            {"id": f"{event}-{c}", "customer": c, "action": "point_add", "data": {"points": value}}
+            for c in customers
+        ]
+
+    first = Engine(two_partitions(tmp_path / "first"))
+    second = Engine(two_partitions(tmp_path / "second"))
+    await first.start()
+    started = [first]
+    try:
+        async with engine_client(first) as client:
+            await insider_connection(client, sandbox)
+        assert (await post(first, points("e1", 1))).status == 202
+
+        async def acked() -> bool:
+            return first.partitions is not None and first.partitions.acked == len(customers)
+
+        await eventually(acked, within=30)
+        await second.start()
+        started.append(second)
+
+        async def shared() -> bool:
+            return all(e.partitions and len(e.partitions.owned) == 1 for e in (first, second))
+
+        await eventually(shared, within=30)
+        await asyncio.sleep(WINDOW + 0.5)  # the stream stores the re-sends now
+        assert (await post(first, points("e1", 1))).status == 202  # every one a re-send
+        assert (await post(first, points("e2", 2))).status == 202
+
+        async def all_second_events() -> bool:
+            users = [sandbox.state.lookup("uuid", c) for c in customers]
+            return all(u is not None and len(u.events) >= 2 for u in users)
+
+        await eventually(all_second_events, within=30)
+        await asyncio.sleep(0.5)  # a late duplicate would show now
+        got = {
+            c: [
+                e["event_params"]["custom"]["points"]
+                for e in sandbox.state.lookup("uuid", c).events
+            ]  # type: ignore[union-attr]
+            for c in customers
+        }
+        assert got == {c: [1, 2] for c in customers}
+    finally:
+        for engine in started:
+            await engine.stop()

@@ -353,6 +353,8 @@ class PartitionWorker:
                 await asyncio.sleep(ACK_INTERVAL)
             # The acks are on their way; the server has them before the lease goes.
             await self._nc.flush(timeout=2)
+            if self._marks is not None:  # the next owner reads the marks when it meets
+                await self._marks.flush()  # a customer: they must be there first
         except Exception as exc:  # unacked events go to the next owner, as on a kill
             log.warning("broker_hand_back_failed", error=f"{type(exc).__name__}: {exc}"[:200])
         await self._drop(n, reason, release=True)
