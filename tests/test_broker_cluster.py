@@ -4,6 +4,7 @@ nats-server cluster on loopback, and a real engine whose ingest publishes to it.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import nats.js.errors
 import pytest
 
 from engine.app import Engine, EngineConfig
+from engine.broker import cluster as cluster_module
 from engine.broker import streams
 from engine.broker.cluster import BrokerSetupError, LocalCluster, find_server_binary
 from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS
@@ -87,6 +89,28 @@ async def post(engine: Engine, batch: list[dict[str, object]]) -> aiohttp.Client
 
 def test_the_server_binary_is_installed_next_to_python() -> None:
     assert find_server_binary().name == "nats-server"
+
+
+def test_a_port_taken_before_its_node_binds_it_starts_the_cluster_on_new_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port picked free can be another process's by the time nats-server binds it (it
+    happened in a suite run: a node's route port). The start then tries new ports."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([port])
+        real = cluster_module.free_port
+        monkeypatch.setattr(cluster_module, "free_port", lambda: next(picks, None) or real())
+        cluster = LocalCluster(tmp_path / "nats", size=3)
+        try:
+            cluster.start(timeout=20)
+            assert all(node.running and node.healthy() for node in cluster.nodes)
+            assert port not in {n.client_port for n in cluster.nodes}
+            assert "address already in use" in cluster.node("n1").log.read_text()  # 1st try
+        finally:
+            cluster.stop()
 
 
 def test_a_cluster_starts_ready_and_survives_a_node_kill(nats_cluster: LocalCluster) -> None:

