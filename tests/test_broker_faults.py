@@ -181,3 +181,69 @@ async def test_a_new_owner_waits_out_an_earlier_owner_that_had_events_out(
         assert await control.answered(200) == 0
     finally:
         await second.stop()
+
+
+async def publish_point(js: object, seq: int, stall: bool = False) -> None:
+    """Event ``seq`` of customer pia, published as ingest does; ``stall``: stamped with a
+    configuration revision no process has, so the worker taking it waits 5 s first."""
+    from datetime import UTC, datetime
+
+    from engine.broker.publish import REVISION_HEADER, encode_event
+    from engine.connector.records import AntavoEvent
+
+    event = AntavoEvent(
+        id=f"pia-{seq}",
+        customer="pia",
+        action="point_add",
+        data={"points": seq},
+        timestamp=datetime.now(UTC),
+    )
+    headers = {"Nats-Msg-Id": event.id}
+    if stall:
+        headers[REVISION_HEADER] = str(10**9)
+    await js.publish(streams.event_subject("pia"), encode_event(event), headers=headers)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("later_event", [True, False])
+async def test_deliveries_lost_on_their_way_to_the_worker_are_pulled_again(
+    later_event: bool, tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """Deliveries the server sent to a connection that was lost (a frozen or cut-off
+    server) stay pending for the hour of the ack wait. Here another client takes them
+    from the worker's consumer while the worker is busy, and drops them. The worker sees
+    the gap in the consumer's delivery sequence (with a later event), or the server's
+    count of deliveries past its own (idle), and pulls them again through a new
+    consumer: every event arrives, in order."""
+    import nats
+
+    await reset_broker(nats_cluster)
+    engine = await start_worker(tmp_path / "worker", nats_cluster, sandbox, takeover_wait=0.5)
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        await publish_point(js, 1, stall=True)
+        partitions = engine.partitions
+        assert partitions is not None
+        await asyncio.sleep(1.0)  # the worker has event 1 and waits for the revision
+        assert not partitions.pending, "the worker was not held by the revision wait"
+        consumer = max(partitions.owned[0].consumers, key=lambda c: int(c.split("-")[1]))
+        thief = await js.pull_subscribe_bind(consumer, stream=streams.STREAM)
+        await publish_point(js, 2)
+        await publish_point(js, 3)
+        stolen = await thief.fetch(2, timeout=3)
+        assert [m.metadata.sequence.stream for m in stolen] == [2, 3]  # never acked
+        if later_event:
+            await publish_point(js, 4)
+        expected = [1, 2, 3, 4] if later_event else [1, 2, 3]
+
+        async def all_arrived() -> bool:
+            user = sandbox.state.lookup("uuid", "pia")
+            return user is not None and len(user.events) >= len(expected)
+
+        await eventually(all_arrived, within=30)
+        user = sandbox.state.lookup("uuid", "pia")
+        assert user is not None
+        assert [e["event_params"]["custom"]["points"] for e in user.events] == expected
+    finally:
+        await nc.close()
+        await engine.stop()

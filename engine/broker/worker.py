@@ -26,7 +26,10 @@ An event is acked once no local queue item of its id is left (delivered or dead-
 per customer in stream order (a contiguous prefix), so a worker killed at any moment has
 acked nothing it had not settled. ``ack_wait`` is an hour: an event held by a retrying lane
 stays pending and is redelivered only when a consumer is re-created; a redelivery of a
-stream sequence this worker already queued only replaces the ack handle.
+stream sequence this worker already queued only replaces the ack handle. Deliveries sent
+to a connection that died never arrive and would wait out that hour: a gap in the consumer
+sequence, or a server count of deliveries past the last that arrived (asked after 5 s of
+pulling nothing), makes the worker re-create its consumer (``DeliveriesLostError``).
 
 A dead letter replayed on any worker arrives as a message with the ``Tg-Replay`` header
 (``engine.broker.replay``): it is queued as it is (no re-send check, no routing), in
@@ -101,6 +104,8 @@ LOAD_CONCURRENCY = 64
 """Customers whose profile and marks a worker reads from the cluster at a time."""
 FETCH_BATCH = 250
 FETCH_TIMEOUT = 1.0
+LOST_CHECK = 5.0
+"""Seconds of pulling nothing after which a worker asks whether deliveries were lost."""
 ACK_INTERVAL = 0.1
 ACK_RECHECK = 1.0
 """Seconds after which an ack round reads the queue even when nothing seemed to change:
@@ -127,6 +132,18 @@ def customer_of(event: AntavoEvent | Replayable) -> str:
     if isinstance(event, Replayable):
         return event.customer_id
     return "" if event.external_id else event.customer
+
+
+class DeliveriesLostError(Exception):
+    """Deliveries of a consumer that never arrived: the server sent them (its consumer
+    sequence moved on) to a connection that was lost before they came. They stay
+    pending until the ack wait (an hour); the worker re-creates its consumer instead,
+    which hands out every unacked event again, in stream order."""
+
+    def __init__(self, received: int, sent: int) -> None:
+        """``received``: the last delivery that arrived; ``sent``: the last one lost."""
+        lost = f"{received + 1}" if sent == received + 1 else f"{received + 1}-{sent}"
+        super().__init__(f"deliveries {lost} of the consumer never arrived")
 
 
 @dataclass(slots=True)
@@ -418,19 +435,32 @@ class PartitionWorker:
                     await asyncio.sleep(self.takeover_wait)
                 first = False
                 sub = await self._js.pull_subscribe_bind(name, stream=STREAM)
+                received = 0  # the consumer sequence of the last delivery that arrived
+                checked = time.monotonic()
                 while not own.stopped:
                     try:
                         msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT)
                     except TimeoutError:  # nothing to pull (nats-py raises either kind)
+                        if time.monotonic() - checked > LOST_CHECK:
+                            checked = time.monotonic()
+                            await self._check_delivered(name, received)
                         continue
                     if own.stopped:  # fenced or leaving while the fetch ran: not ours to queue
                         for msg in msgs:  # not pending any more: the next owner need not wait
                             with contextlib.suppress(*TRANSIENT):
                                 await msg.nak()
                         break
+                    for msg in msgs:
+                        delivery = msg.metadata.sequence.consumer
+                        if delivery != received + 1:
+                            raise DeliveriesLostError(received, delivery - 1)
+                        received = delivery
                     await self._take(n, msgs)
             except asyncio.CancelledError:
                 raise
+            except DeliveriesLostError as exc:
+                # A new consumer hands out every unacked event again, in stream order.
+                log.warning("partition_deliveries_lost", partition=n, error=str(exc))
             except Exception as exc:
                 log.warning(
                     "partition_consumer_error",
@@ -442,6 +472,19 @@ class PartitionWorker:
                 if sub is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
+
+    async def _check_delivered(self, name: str, received: int) -> None:
+        """Raises ``DeliveriesLostError`` when the server counts deliveries of consumer
+        ``name`` beyond the last that arrived here: sent to a connection that was lost
+        (a frozen or cut-off server), they would be redelivered only after the hour of
+        the ack wait, while the later events of their customers went out."""
+        try:
+            info = await self._js.consumer_info(STREAM, name, timeout=2.0)
+        except (*TRANSIENT, nats.js.errors.APIError):
+            return  # no answer: asked again on the next idle round
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if delivered > received:
+            raise DeliveriesLostError(received, delivered)
 
     async def _new_consumer(self, n: int, own: Owned) -> tuple[str, bool]:
         """Deletes the partition's earlier consumers and creates this epoch's. Returns its
