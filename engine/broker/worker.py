@@ -461,6 +461,7 @@ class PartitionWorker:
             except DeliveriesLostError as exc:
                 # A new consumer hands out every unacked event again, in stream order.
                 log.warning("partition_deliveries_lost", partition=n, error=str(exc))
+                await asyncio.sleep(0.5)  # not a loop of new consumers if it goes on
             except Exception as exc:
                 log.warning(
                     "partition_consumer_error",
