@@ -247,3 +247,40 @@ async def test_deliveries_lost_on_their_way_to_the_worker_are_pulled_again(
     finally:
         await nc.close()
         await engine.stop()
+
+
+async def test_a_worker_cut_off_from_the_cluster_fences_before_its_leases_expire(
+    tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
+) -> None:
+    """Every server frozen: the lease round's calls hang until their timeouts, longer
+    than the lease TTL. The worker must stop its partitions within 0.6 of the TTL all
+    the same, before another worker could take them."""
+    await reset_broker(nats_cluster)
+    engine = await start_worker(tmp_path / "worker", nats_cluster, sandbox, takeover_wait=0.5)
+    partitions = engine.partitions
+    assert partitions is not None and engine.config.broker is not None
+    ttl = engine.config.broker.lease_ttl
+    try:
+
+        async def owns() -> bool:
+            return bool(partitions.owned)
+
+        await eventually(owns, within=10)
+        frozen_at = time.monotonic()
+        for node in nats_cluster.nodes:
+            nats_cluster.freeze(node.name)
+        try:
+
+            async def fenced() -> bool:
+                return not partitions.owned
+
+            await eventually(fenced, within=ttl * 3)
+            took = time.monotonic() - frozen_at
+        finally:
+            for node in nats_cluster.nodes:
+                node.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                node.frozen = False
+            nats_cluster.wait_ready(30)
+        assert took < ttl, f"fenced {took:.1f} s after the last renewal could be; TTL {ttl} s"
+    finally:
+        await engine.stop()

@@ -30,6 +30,23 @@ def worker(data_dir: Path, cluster: LocalCluster) -> EngineConfig:
     return replace(cfg, broker=replace(cfg.broker, partitions=1, duplicate_window=WINDOW))
 
 
+async def first_worker_with_event(
+    data_dir: Path, cluster: LocalCluster, sandbox: RunningSandbox
+) -> Engine:
+    """A fresh cluster's first worker, with the connection, and event e1 posted to it."""
+    await reset_broker(cluster)
+    engine = Engine(worker(data_dir, cluster))
+    await engine.start()
+    try:
+        async with engine_client(engine) as client:
+            await insider_connection(client, sandbox)
+        assert (await post(engine, [point("e1", 1)])).status == 202
+    except BaseException:
+        await engine.stop()
+        raise
+    return engine
+
+
 def point(event_id: str, points: int) -> dict[str, object]:
     return {"id": event_id, "customer": "pia", "action": "point_add", "data": {"points": points}}
 
@@ -37,13 +54,8 @@ def point(event_id: str, points: int) -> dict[str, object]:
 async def test_a_late_resend_to_another_worker_is_dropped(
     tmp_path: Path, nats_cluster: LocalCluster, sandbox: RunningSandbox
 ) -> None:
-    await reset_broker(nats_cluster)
-    first = Engine(worker(tmp_path / "first", nats_cluster))
-    await first.start()
+    first = await first_worker_with_event(tmp_path / "first", nats_cluster, sandbox)
     try:
-        async with engine_client(first) as client:
-            await insider_connection(client, sandbox)
-        assert (await post(first, [point("e1", 1)])).status == 202
 
         async def acked() -> bool:
             return first.partitions is not None and first.partitions.acked == 1
@@ -79,14 +91,9 @@ async def test_an_event_never_acked_is_sent_by_the_next_worker(
     """The first worker queues the event but cannot deliver it (the destination is down)
     and stops: no mark may reach the cluster, or the next owner would drop the event
     as a re-send of itself."""
-    await reset_broker(nats_cluster)
     sandbox.state.faults.append(Fault(503, remaining=10**9))
-    first = Engine(worker(tmp_path / "first", nats_cluster))
-    await first.start()
+    first = await first_worker_with_event(tmp_path / "first", nats_cluster, sandbox)
     try:
-        async with engine_client(first) as client:
-            await insider_connection(client, sandbox)
-        assert (await post(first, [point("e1", 1)])).status == 202
 
         async def tried() -> bool:
             return len(sandbox.state.requests) >= 2

@@ -25,7 +25,6 @@ Reading. The first time a worker meets a customer in an ownership (with the prof
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from nats.js.kv import KeyValue
 from engine.broker.streams import customer_token
 from engine.ingest.ingestor import CONTENT_DEDUP_WINDOW, ID_DEDUP_WINDOW
 from engine.ingest.parse import CONTENT_ID_PREFIX
+from engine.periodic import Periodic
 from engine.state.database import Database
 
 log = structlog.get_logger("tidegate.broker")
@@ -98,30 +98,29 @@ class MarkShare:
         self._kv = kv
         self._db = db
         self._noted: dict[str, Marks] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._job = Periodic(
+            "marks_shared", self._flush_job, interval=FLUSH_INTERVAL, start_delay=FLUSH_INTERVAL
+        )
         self._flushing = asyncio.Lock()
         self.flushed = 0
         """Customers whose marks this worker has put (for tests and logs)."""
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._job.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._job.stop()
         await self.flush()
 
     def note(self, customer: str, event_ids: Sequence[str], now: float) -> None:
         if event_ids:
             self._noted.setdefault(customer, {}).update(dict.fromkeys(event_ids, now))
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            await self.flush()
+    async def _flush_job(self) -> dict[str, int]:
+        """The periodic flush, logged as ``marks_shared`` with how many customers."""
+        before = self.flushed
+        await self.flush()
+        return {"customers": self.flushed - before}
 
     async def flush(self) -> None:
         async with self._flushing:

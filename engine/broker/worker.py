@@ -5,7 +5,9 @@ Ownership. Each partition ``n`` has a lease key ``p.<n>`` in the ``tg_leases`` b
 entries expire ``lease_ttl`` after their last write. A worker takes a free partition with
 ``create`` and renews it with ``update(last=revision)`` every ``lease_ttl / 3``. A renewal
 the server refuses (someone else holds it), or no renewal for 0.6 x ``lease_ttl``, fences
-the partition at once: its pulling stops and its events leave the local queue unsent.
+the partition at once: its pulling stops and its events leave the local queue unsent. The
+second is checked every 100 ms apart from the lease round, whose calls a frozen or lost
+server can hold (``_fence_overdue``): the partition is fenced before its lease can expire.
 Workers announce themselves with ``w.<id>`` keys; each takes at most its share
 (ceil(P / workers)) and gives one partition back at a time while it holds more. Giving
 back (``_hand_back``, also on a clean stop) stops the pulls, lets the local queue deliver
@@ -277,6 +279,10 @@ class PartitionWorker:
         for task in self._tasks:
             await finish(task)
         self._tasks = []
+        # A lease round that was claiming when the stop began may have taken one more:
+        # its pulling task would otherwise go on after the stop.
+        for n in list(self.owned):
+            await self._drop(n, "worker stopping", release=True)
         if self._marks is not None:  # what was acked, for the next owners
             await self._marks.stop()
 
@@ -299,20 +305,16 @@ class PartitionWorker:
     async def _tick(self) -> None:
         leases = self._leases
         assert leases is not None
-        now = time.monotonic()
         me = self.id.encode()
+        # No call of a round may outlast the round: a server that is frozen or gone holds
+        # a request until its timeout, and renewals wait for nothing but themselves.
+        within = self.settings.lease_ttl / 3
         if not self._stopping:
             with contextlib.suppress(*TRANSIENT, nats.js.errors.APIError):
-                await leases.put(self._worker_key, me)
-        for n, own in list(self.owned.items()):
-            try:
-                own.revision = await leases.update(f"p.{n}", me, last=own.revision)
-                own.renewed = time.monotonic()
-            except nats.js.errors.KeyWrongLastSequenceError:
-                await self._drop(n, "lease taken by another worker")
-            except (*TRANSIENT, nats.js.errors.APIError):
-                if now - own.renewed > FENCE_AFTER * self.settings.lease_ttl:
-                    await self._drop(n, "lease not renewed in time")
+                await asyncio.wait_for(leases.put(self._worker_key, me), within)
+        await asyncio.gather(
+            *(self._renew(leases, n, own, me, within) for n, own in list(self.owned.items()))
+        )
         if self._stopping:  # only renewing what is being handed back
             return
         try:
@@ -330,7 +332,7 @@ class PartitionWorker:
         held = {k for k in keys if k.startswith("p.")}
         start = int(self.id, 16) % self.settings.partitions
         for i in range(self.settings.partitions):
-            if len(self.owned) >= share:
+            if len(self.owned) >= share or self._stopping:  # a stop began meanwhile
                 break
             n = (start + i) % self.settings.partitions
             if n in self.owned or f"p.{n}" in held:
@@ -342,6 +344,29 @@ class PartitionWorker:
             own = self.owned[n] = Owned(revision, time.monotonic())
             own.task = asyncio.create_task(self._run_partition(n, own))
             log.info("partition_claimed", worker=self.id, partition=n, revision=revision)
+
+    async def _renew(self, leases: KeyValue, n: int, own: Owned, me: bytes, within: float) -> None:
+        """Renews partition ``n``'s lease. A failure leaves it to ``_fence_overdue``."""
+        try:
+            revision = await asyncio.wait_for(
+                leases.update(f"p.{n}", me, last=own.revision), within
+            )
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await self._drop(n, "lease taken by another worker")
+            return
+        except (*TRANSIENT, nats.js.errors.APIError):
+            return
+        if self.owned.get(n) is own:
+            own.revision, own.renewed = revision, time.monotonic()
+
+    async def _fence_overdue(self) -> None:
+        """Fences every partition whose lease was not renewed for ``FENCE_AFTER`` of the
+        TTL, whatever the lease round is waiting for: before the server lets the lease
+        expire and another worker take the partition."""
+        limit = FENCE_AFTER * self.settings.lease_ttl
+        for n, own in list(self.owned.items()):
+            if time.monotonic() - own.renewed > limit:
+                await self._drop(n, "lease not renewed in time")
 
     async def _hand_back(self, n: int, reason: str) -> None:
         """Gives partition ``n`` back gracefully: stops pulling, lets the local queue
@@ -361,6 +386,7 @@ class PartitionWorker:
         deadline = time.monotonic() + self.hand_back_wait
         try:
             while any(p.partition == n for p in self.pending.values()):
+                await self._fence_overdue()  # the ack loop's check, ended by a stop
                 await self._ack_settled()
                 if time.monotonic() > deadline:
                     if self._settled is not None:  # what is in flight settles first
@@ -728,6 +754,7 @@ class PartitionWorker:
         while not self._stopping:
             await asyncio.sleep(ACK_INTERVAL)
             try:
+                await self._fence_overdue()
                 await self._ack_settled()
             except asyncio.CancelledError:
                 raise
