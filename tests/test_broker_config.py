@@ -23,16 +23,13 @@ from cryptography.fernet import Fernet
 from google.protobuf.json_format import MessageToDict
 
 from clients.client import TidegateClient
-from engine.app import Engine, EngineConfig
-from engine.broker import streams
+from engine.app import Engine
 from engine.broker.cluster import LocalCluster
 from engine.pb import connections_pb2 as cpb
 from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox
 from tests.conftest import (
     API_KEY,
-    FAST_DELIVERY,
-    TEST_DESTINATIONS,
     engine_client,
     eventually,
     insider_connection,
@@ -40,26 +37,12 @@ from tests.conftest import (
 from tests.natscluster import nats_cluster
 from tests.test_broker_cli import TIDEGATE
 from tests.test_broker_cluster import post, reset_broker
+from tests.test_broker_log import config
 from tests.test_cli_admin import engine_flags, tidegate
 
 __all__ = ["nats_cluster"]
 
 CONNECTION = "insider-main"
-
-
-def config(data_dir: Path, cluster: LocalCluster, role: str) -> EngineConfig:
-    return EngineConfig(
-        data_dir=data_dir,
-        grpc_port=0,
-        http_port=0,
-        delivery=FAST_DELIVERY,
-        allowed_destinations=TEST_DESTINATIONS,
-        broker=streams.BrokerSettings(
-            servers=tuple(cluster.urls), partitions=2, lease_ttl=2.0, max_bytes=64 << 20
-        ),
-        role=role,
-        takeover_wait=0.5,
-    )
 
 
 class Cluster:

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,11 +33,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
 from engine.app import Engine, EngineConfig
-from engine.broker import streams
 from engine.broker.cluster import LocalCluster
 from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox, SandboxConfig, start_sandbox
-from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client
+from tests.conftest import embedded_config, engine_client
 from tests.faultload import (
     API_KEY,
     CONNECTION_ID,
@@ -48,6 +48,7 @@ from tests.faultload import (
 )
 from tests.natscluster import nats_cluster
 from tests.test_broker_cluster import reset_broker
+from tests.test_broker_log import config
 
 __all__ = ["nats_cluster"]
 
@@ -81,21 +82,10 @@ class DeliveryContract(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def _config(self, data_dir: Path) -> EngineConfig:
-        broker = None
         if self.backend == "jetstream":
             assert self.cluster is not None
-            broker = streams.BrokerSettings(
-                servers=tuple(self.cluster.urls), partitions=2, lease_ttl=2.0, max_bytes=64 << 20
-            )
-        return EngineConfig(
-            data_dir=data_dir,
-            grpc_port=0,
-            http_port=0,
-            delivery=FAST_DELIVERY,
-            allowed_destinations=TEST_DESTINATIONS,
-            broker=broker,
-            takeover_wait=0.3,
-        )
+            return replace(config(data_dir, self.cluster, "all"), takeover_wait=0.3)
+        return replace(embedded_config(data_dir), data_dir=data_dir)
 
     async def _start(self) -> Engine:
         if self.backend == "jetstream":  # another worker, with a folder of its own

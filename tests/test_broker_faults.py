@@ -12,20 +12,21 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from engine.app import Engine, EngineConfig
+from engine.app import Engine
 from engine.broker import streams
 from engine.broker.cluster import LocalCluster
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
+from tests.conftest import engine_client, eventually
 from tests.conftest import insider_connection as make_connection
 from tests.faultload import SandboxControl
 from tests.natscluster import nats_cluster
 from tests.test_broker_cluster import post, reset_broker
-from tests.test_broker_log import one_key
+from tests.test_broker_log import config, one_key
 
 __all__ = ["nats_cluster", "one_key"]
 
@@ -121,19 +122,10 @@ async def start_worker(
     takeover_wait: float,
     connect: bool = True,
 ) -> Engine:
+    cfg = config(data_dir, cluster, "all")
+    assert cfg.broker is not None
     engine = Engine(
-        EngineConfig(
-            data_dir=data_dir,
-            grpc_port=0,
-            http_port=0,
-            delivery=FAST_DELIVERY,
-            allowed_destinations=TEST_DESTINATIONS,
-            broker=streams.BrokerSettings(
-                servers=tuple(cluster.urls), partitions=1, lease_ttl=2.0, max_bytes=64 << 20
-            ),
-            role="all",
-            takeover_wait=takeover_wait,
-        )
+        replace(cfg, broker=replace(cfg.broker, partitions=1), takeover_wait=takeover_wait)
     )
     await engine.start()
     if connect:  # once per cluster: the next worker gets it from the configuration bucket

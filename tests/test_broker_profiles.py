@@ -11,31 +11,20 @@ import pytest
 from cryptography.fernet import Fernet
 
 from engine.app import Engine, EngineConfig
-from engine.broker import streams
 from engine.broker.cluster import LocalCluster
 from engine.state.secrets import SECRET_KEY_ENV
 from plugins.insider.sandbox import RunningSandbox
-from tests.conftest import FAST_DELIVERY, TEST_DESTINATIONS, engine_client, eventually
+from tests.conftest import engine_client, eventually
 from tests.conftest import insider_connection as make_connection
 from tests.natscluster import nats_cluster
 from tests.test_broker_cluster import post, reset_broker
+from tests.test_broker_log import config
 
 __all__ = ["nats_cluster"]
 
 
 def worker_config(data_dir: Path, cluster: LocalCluster) -> EngineConfig:
-    return EngineConfig(
-        data_dir=data_dir,
-        grpc_port=0,
-        http_port=0,
-        delivery=FAST_DELIVERY,
-        allowed_destinations=TEST_DESTINATIONS,
-        broker=streams.BrokerSettings(
-            servers=tuple(cluster.urls), partitions=2, lease_ttl=2.0, max_bytes=64 << 20
-        ),
-        role="all",
-        takeover_wait=0.5,
-    )
+    return config(data_dir, cluster, "all")
 
 
 async def settled(engine: Engine, acked: int) -> None:
