@@ -6,6 +6,7 @@ not taken for a re-send."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -178,3 +179,41 @@ async def test_a_partition_handed_back_takes_its_marks_along(
     finally:
         for engine in started:
             await engine.stop()
+
+
+async def test_a_flush_on_a_stop_gives_up_on_a_cluster_that_does_not_answer(
+    tmp_path: Path, nats_cluster: LocalCluster
+) -> None:
+    """Every server frozen: a flush with a time limit starts no chunk after it (each
+    chunk waits out its requests' timeouts), and keeps every mark for later."""
+    import nats
+
+    from engine.broker.marks import CONCURRENCY, MarkShare
+    from engine.broker.streams import marks_bucket
+    from engine.ingest.ingestor import ID_DEDUP_WINDOW
+    from engine.state.database import Database
+
+    await reset_broker(nats_cluster)
+    nc = await nats.connect(nats_cluster.urls)
+    db = Database(tmp_path / "state.db")
+    await db.start()
+    share = MarkShare(await marks_bucket(nc.jetstream(), 3, ID_DEDUP_WINDOW), db)
+    customers = 4 * CONCURRENCY  # four chunks
+    for n in range(customers):
+        share.note(f"c{n}", [f"e{n}"], 0.0)
+    for node in nats_cluster.nodes:
+        nats_cluster.freeze(node.name)
+    try:
+        started = asyncio.get_running_loop().time()
+        await share.flush(within=1.0)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        for node in nats_cluster.nodes:
+            node.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            node.frozen = False
+        nats_cluster.wait_ready(30)
+        await nc.close()
+        await db.close()
+    assert share.waiting == customers and share.flushed == 0
+    # One chunk (its reads time out after 5 s), not four.
+    assert took < 2 * 5.0 + 1.0, f"the flush took {took:.1f} s"

@@ -50,6 +50,8 @@ MAX_MARKS = 5000
 """Marks kept per customer, the newest: about 250 KB for long ids."""
 CONCURRENCY = 64
 """Customers whose marks are written at a time."""
+STOP_FLUSH = 10.0
+"""Seconds a stop or a hand-back spends writing marks, at most (plus one chunk)."""
 ATTEMPTS = 5
 TIMEOUT = 5.0
 
@@ -110,7 +112,12 @@ class MarkShare:
 
     async def stop(self) -> None:
         await self._job.stop()
-        await self.flush()
+        await self.flush(within=STOP_FLUSH)
+
+    @property
+    def waiting(self) -> int:
+        """Customers whose noted marks are not written yet."""
+        return len(self._noted)
 
     def note(self, customer: str, event_ids: Sequence[str], now: float) -> None:
         if event_ids:
@@ -122,11 +129,22 @@ class MarkShare:
         await self.flush()
         return {"customers": self.flushed - before}
 
-    async def flush(self) -> None:
+    async def flush(self, within: float | None = None) -> None:
+        """Writes what was noted, ``CONCURRENCY`` customers at a time. ``within``: seconds
+        after which no further chunk starts (a stop or a hand-back must not wait on a
+        cluster that does not answer); what is left stays noted, and is counted in the
+        warning."""
+        deadline = None if within is None else time.monotonic() + within
         async with self._flushing:
             items, self._noted = list(self._noted.items()), {}
             failed, error = 0, ""
             while items:
+                if deadline is not None and time.monotonic() > deadline:
+                    for customer, marks in items:
+                        self._keep(customer, marks)
+                    failed += len(items)
+                    error = error or f"not written within {within:g} s"
+                    break
                 chunk = items[:CONCURRENCY]
                 try:
                     results = await asyncio.gather(

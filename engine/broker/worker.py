@@ -68,7 +68,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
-from engine.broker.marks import Marks, MarkShare, merge_into_seen
+from engine.broker.marks import STOP_FLUSH, Marks, MarkShare, merge_into_seen
 from engine.broker.publish import config_revision, decode_event
 from engine.broker.replay import decode_replay, is_replay
 from engine.broker.streams import (
@@ -396,8 +396,8 @@ class PartitionWorker:
                 await asyncio.sleep(ACK_INTERVAL)
             # The acks are on their way; the server has them before the lease goes.
             await self._nc.flush(timeout=2)
-            if self._marks is not None:  # the next owner reads the marks when it meets
-                await self._marks.flush()  # a customer: they must be there first
+            if self._marks is not None:  # the next owner reads a customer's marks when
+                await self._marks.flush(within=STOP_FLUSH)  # it meets them: put them first
         except Exception as exc:  # unacked events go to the next owner, as on a kill
             log.warning("broker_hand_back_failed", error=f"{type(exc).__name__}: {exc}"[:200])
         await self._drop(n, reason, release=True)
