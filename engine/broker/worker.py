@@ -708,15 +708,13 @@ class PartitionWorker:
 
         def put(c: sqlite3.Connection) -> None:
             for customer, (profile, marks) in zip(customers, loaded, strict=True):
-                if not wanted[customer]:
-                    pass
-                elif profile:
+                if wanted[customer] and profile:
                     c.execute(
                         "INSERT OR REPLACE INTO profiles (customer_id, attributes, update_time)"
                         " VALUES (?,?,?)",
                         (customer, profile.decode(), now),
                     )
-                else:
+                elif wanted[customer]:
                     c.execute("DELETE FROM profiles WHERE customer_id = ?", (customer,))
                 if marks:
                     merge_into_seen(c, marks)
